@@ -1,0 +1,281 @@
+"""``rib``: every stage from the command line.
+
+Exit codes scripts can rely on: 0 success, 2 bad usage (argparse), 3 bad input (a manifest,
+checkpoint, image or config that cannot be used; the message says what to fix), 1 anything else.
+Stage settings come from the stage's config object: ``--config file.json`` and/or ``--set
+key=value`` (dotted keys for nested settings, JSON values), e.g. ``--set iterations=5 --set
+pooling=gap``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from rib_core.checkpoints import CheckpointError
+from rib_core.datasets import ImageError, ManifestError
+
+EXIT_INPUT = 3
+C = TypeVar("C", bound=BaseModel)
+
+
+def build_config(cls: type[C], args: argparse.Namespace) -> C:
+    """The stage config from ``--config`` then ``--set`` overrides."""
+    data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cls.model_validate(data)
+
+
+def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", help="JSON file with the stage's settings")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
+    return p
+
+
+def _device(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _dev(args: argparse.Namespace) -> str:
+    from rib_core.pipeline import resolve_device
+
+    return str(resolve_device(args.device))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from rib_core.demo_job import DemoJobConfig, run_demo
+
+    summary = run_demo(args.out, build_config(DemoJobConfig, args), _dev(args), not args.quiet)
+    for m in summary["metrics"]:
+        print(f"{m['method']:<24} mIoU {100 * m['miou']:5.1f}")
+    print(f"report: {Path(args.out) / 'report.html'}")
+
+
+def cmd_demo_data(args: argparse.Namespace) -> None:
+    from rib_core.demo_data import DemoDataConfig, make_demo_dataset
+
+    d = make_demo_dataset(args.out, build_config(DemoDataConfig, args))
+    print(f"{len(d.train)} train and {len(d.val)} val images: {d.root / 'train.jsonl'}, {d.root / 'val.jsonl'}")
+
+
+def cmd_import_voc(args: argparse.Namespace) -> None:
+    from rib_core.importers import import_voc
+
+    m = import_voc(args.devkit, args.ids, args.out, args.cls_labels)
+    print(f"{len(m)} images -> {args.out}")
+
+
+def cmd_import_coco(args: argparse.Namespace) -> None:
+    from rib_core.importers import import_coco
+
+    m = import_coco(args.images, args.annotations, args.out, args.masks_dir)
+    print(f"{len(m)} images -> {args.out}")
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> None:
+    from rib_core.datasets import load_manifest
+    from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
+
+    path = train_classifier(load_manifest(args.manifest), args.out, build_config(ClassifierTrainConfig, args),
+                            _dev(args), resume=not args.restart, progress=not args.quiet)
+    print(path)
+
+
+def _classifier_and_manifest(args: argparse.Namespace) -> tuple[Any, Any]:
+    from rib_core.checkpoints import load_classifier
+    from rib_core.datasets import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    model, _, _ = load_classifier(args.classifier, manifest.classes)
+    return model, manifest
+
+
+def cmd_cam(args: argparse.Namespace) -> None:
+    from rib_core.cam import CamConfig, run_cam
+
+    model, manifest = _classifier_and_manifest(args)
+    print(run_cam(model, manifest, args.out, build_config(CamConfig, args), _dev(args), not args.quiet))
+
+
+def cmd_rib(args: argparse.Namespace) -> None:
+    from rib_core.companions import CompanionPool
+    from rib_core.datasets import load_manifest
+    from rib_core.rib import run_rib
+    from rib_core.rib_config import RibConfig
+
+    model, manifest = _classifier_and_manifest(args)
+    companions = load_manifest(args.companions) if args.companions else manifest
+    pool = CompanionPool.from_manifest(companions, progress=not args.quiet)
+    print(run_rib(model, manifest, pool, args.out, build_config(RibConfig, args), _dev(args), not args.quiet))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from rib_core.cam import LocalizationMap
+    from rib_core.datasets import load_manifest, load_mask
+    from rib_core.evaluation import EvalConfig, sweep_seeds, write_report
+
+    manifest = load_manifest(args.manifest)
+    maps = Path(args.maps)
+    records = [r for r in manifest.records if r.mask is not None and (maps / f"{r.id}.npz").exists()]
+    if not records:
+        raise ManifestError([(0, f"no image of {args.manifest} has both a mask and a map in {maps}")])
+    pairs = ((LocalizationMap.load(maps / f"{r.id}.npz"), load_mask(manifest.mask_uri(r))) for r in records)
+    report = sweep_seeds(pairs, len(manifest.classes), build_config(EvalConfig, args), manifest.classes)
+    if args.report:
+        write_report(report, args.report)
+    b = report["best"]
+    print(f"{report['images']} images: best threshold {report['best_threshold']:.2f} mIoU {100 * b['miou']:.1f} "
+          f"precision {100 * b['precision']:.1f} recall {100 * b['recall']:.1f} F1 {100 * b['f1']:.1f}")
+
+
+def cmd_refine(args: argparse.Namespace) -> None:
+    from rib_core.refine import RefineConfig, refine_maps
+
+    report = refine_maps(args.maps, args.manifest, args.out, build_config(RefineConfig, args), args.irn,
+                         args.saliency, _dev(args), not args.quiet)
+    for key in ("seeds_crf", "ir_labels", "masks"):
+        if key in report:
+            print(f"{key:<10} mIoU {100 * report[key]['miou']:.1f}")
+    print(Path(args.out) / "report.json")
+
+
+def cmd_toy(args: argparse.Namespace) -> None:
+    from rib_core.toy import ToyConfig, run_toy_experiment
+
+    result = run_toy_experiment(args.out, build_config(ToyConfig, args))
+    print(json.dumps(result.get("trends", {}), indent=2))
+
+
+def cmd_compare_pooling(args: argparse.Namespace) -> None:
+    from rib_core.seed_quality import SeedQualityConfig, compare_pooling
+
+    report = compare_pooling(args.classifier, args.manifest, args.out, build_config(SeedQualityConfig, args),
+                             _dev(args), not args.quiet)
+    for row in report["rows"]:
+        print(f"{row['method']:<22} seed mIoU {100 * row['miou']:.1f} (threshold {row['threshold']:.2f})")
+
+
+def cmd_deeplab(args: argparse.Namespace) -> None:
+    from rib_core.train_deeplab import run_training_job
+
+    overrides = build_config(_AnyConfig, args).model_dump()
+    spec = {"kind": args.action, "manifest": args.manifest, "output": args.out, "config": overrides,
+            "checkpoint": args.checkpoint, "device": _dev(args)}
+    print(json.dumps(run_training_job({k: v for k, v in spec.items() if v is not None}), indent=2, default=str))
+
+
+class _AnyConfig(BaseModel, extra="allow"):
+    """Free-form overrides, validated by the DeepLab config inside the job."""
+
+
+def _exec(argv: list[str]) -> None:
+    os.execvp(argv[0], argv)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    _exec(["uvicorn", "service.main:app", "--host", args.host, "--port", str(args.port)])
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    queue = "rib.training" if args.training else "rib.images"
+    _exec(["celery", "-A", "worker.celery_app", "worker", "-Q", queue, "--concurrency", "1",
+           "--prefetch-multiplier", "1", "--loglevel", "INFO"])
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="rib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = _device(_with_config(add("demo", cmd_demo, "the main job on the demo data: classifier, CAM, RIB, "
+                                 "refinement, report.html (local files, no broker or S3)")))
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); reruns resume")
+    p = _with_config(add("demo-data", cmd_demo_data, "write the MNIST-scenes demo dataset (train/val manifests)"))
+    p.add_argument("out")
+    p = add("import-voc", cmd_import_voc, "manifest from a PASCAL VOC 2012 devkit (+ SBD lists)")
+    p.add_argument("--devkit", required=True, help="the VOC2012 folder (JPEGImages, Annotations, ...)")
+    p.add_argument("--ids", required=True, help="id list, e.g. IRN's voc12/train_aug.txt")
+    p.add_argument("--cls-labels", help="IRN's cls_labels.npy instead of the Annotations XML (trusted files only)")
+    p.add_argument("--out", required=True)
+    p = add("import-coco", cmd_import_coco, "manifest from COCO 2014 instances annotations")
+    p.add_argument("--images", required=True)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--masks-dir", help="render ground-truth masks here")
+    p.add_argument("--out", required=True)
+    p = _device(_with_config(add("train-classifier", cmd_train_classifier, "train the initial classifier "
+                                 "(IRN train_cam recipe)")))
+    p.add_argument("manifest")
+    p.add_argument("out")
+    p.add_argument("--restart", action="store_true", help="ignore a saved training state")
+    for name, fn, help_ in (("cam", cmd_cam, "multi-scale CAMs (<id>.npz per image)"),
+                            ("rib", cmd_rib, "RIB maps M (<id>.npz per image)"),
+                            ("compare-pooling", cmd_compare_pooling,
+                             "seed quality of CAM vs RIB-GAP vs RIB-GNDRP (paper Table 5c)")):
+        p = _device(_with_config(add(name, fn, help_)))
+        p.add_argument("classifier", help="checkpoint path or s3:// URI (ours or IRN's res50_cam.pth)")
+        p.add_argument("manifest")
+        p.add_argument("out")
+        if name == "rib":
+            p.add_argument("--companions", help="manifest of the companion pool (default: the same manifest)")
+    p = _with_config(add("eval", cmd_eval, "seed mIoU / P / R / F1 of a maps folder over a threshold sweep"))
+    p.add_argument("maps")
+    p.add_argument("manifest")
+    p.add_argument("--report", help="write the JSON report here")
+    p = _device(_with_config(add("refine", cmd_refine, "maps + manifest -> CRF and IRN pseudo-masks and a report")))
+    p.add_argument("maps")
+    p.add_argument("manifest")
+    p.add_argument("out")
+    p.add_argument("--irn", help="trained IRN checkpoint (default: train IRN on these maps)")
+    p.add_argument("--saliency", help="folder of <id>.png saliency maps (RIB-Sal)")
+    p = _device(_with_config(add("deeplab", cmd_deeplab, "DeepLab on pseudo-masks: train, eval or predict")))
+    p.add_argument("action", choices=["train", "evaluate", "predict"])
+    p.add_argument("manifest")
+    p.add_argument("out")
+    p.add_argument("--checkpoint", help="DeepLab checkpoint for evaluate/predict")
+    p = _with_config(add("toy", cmd_toy, "the paper's toy experiment (Figures 1c and 2b) on MNIST 2 vs 8"))
+    p.add_argument("out")
+    p = add("serve", cmd_serve, "run the API (uvicorn service.main:app)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p = add("worker", cmd_worker, "run a Celery worker (image queue, or --training)")
+    p.add_argument("--training", action="store_true")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ManifestError, CheckpointError, ImageError, ValidationError, FileNotFoundError, ValueError) as e:
+        print(f"rib {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

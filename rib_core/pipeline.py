@@ -1,0 +1,112 @@
+"""Image in, pseudo-masks out: what a worker does for each image, usable from a notebook too.
+
+One :class:`PseudoMaskPipeline` holds the shared classifier, the companion pool and (optionally)
+a trained IRN, loaded once; :meth:`PseudoMaskPipeline.process` runs RIB on one image, then
+refinement (seed + CRF, and IRN's random walk when an IRN model is given), and
+:meth:`ImageResult.artifacts` turns the result into the files users download.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from rib_core.cam import LocalizationMap
+from rib_core.checkpoints import load_classifier
+from rib_core.companions import CompanionPool
+from rib_core.datasets import load_manifest
+from rib_core.irn import IrnNet, load_irn
+from rib_core.networks import CamNet
+from rib_core.refine import RefineConfig, refine_one
+from rib_core.rib import RibRunner
+from rib_core.rib_config import RibConfig
+from rib_core.visualize import label_png, map_overlay, mask_overlay, png_bytes
+
+
+class PipelineConfig(BaseModel):
+    """RIB and refinement settings of one run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rib: RibConfig = Field(default_factory=RibConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class ImageResult:
+    image_id: str
+    classes: list[str]          # the labels of this image, in class-list order
+    map: LocalizationMap        # RIB's M
+    masks: dict[str, np.ndarray]  # "seed", "crf", optionally "irn", and "mask" (the final one)
+    stats: dict[str, Any]
+
+    def artifacts(self, image: np.ndarray) -> dict[str, tuple[bytes, str]]:
+        """Files for users: the map (npz and a picture), the pseudo-masks and their overlays."""
+        score = self.map.high_res.max(0) if len(self.map.keys) else np.zeros(image.shape[:2], np.float32)
+        out = {
+            "map.npz": (self.map.to_bytes(), "application/octet-stream"),
+            "map.png": (png_bytes(map_overlay(image, score)), "image/png"),
+            "crf_mask.png": (label_png(self.masks["crf"]), "image/png"),
+            "crf_overlay.png": (png_bytes(mask_overlay(image, self.masks["crf"])), "image/png"),
+        }
+        if "irn" in self.masks:
+            out["irn_mask.png"] = (label_png(self.masks["irn"]), "image/png")
+            out["irn_overlay.png"] = (png_bytes(mask_overlay(image, self.masks["irn"])), "image/png")
+        meta = {"image_id": self.image_id, "classes": self.classes, "keys": self.map.keys.tolist(),
+                "size": list(image.shape[:2]), "stats": self.stats}
+        out["meta.json"] = (json.dumps(meta, indent=2).encode(), "application/json")
+        return out
+
+
+class PseudoMaskPipeline:
+    """The shared state of a worker process and the per-image work on top of it."""
+
+    def __init__(self, model: CamNet, classes: Sequence[str], pool: CompanionPool, irn: IrnNet | None = None,
+                 device: str = "auto", config: PipelineConfig | None = None) -> None:
+        self.device = resolve_device(device)
+        self.classes = list(classes)
+        if pool.classes != self.classes:
+            raise ValueError("the companion manifest's class list differs from the classifier's: "
+                             f"{pool.classes} vs {self.classes}")
+        self.config = config or PipelineConfig()
+        self.model = model.eval()
+        self.runner = RibRunner(model, pool, self.config.rib, self.device)
+        self.irn = irn.to(self.device).eval() if irn is not None else None
+
+    @classmethod
+    def load(cls, classifier_uri: str, companion_manifest_uri: str, irn_uri: str | None = None,
+             device: str = "auto", config: PipelineConfig | None = None, companion_limit: int | None = None,
+             ) -> PseudoMaskPipeline:
+        """Load the classifier, decode the companion pool and the IRN from paths or s3:// URIs."""
+        companions = load_manifest(companion_manifest_uri, verify_files=False)
+        model, classes, _ = load_classifier(classifier_uri, companions.classes)
+        pool = CompanionPool.from_manifest(companions, limit=companion_limit)
+        irn = load_irn(irn_uri)[0] if irn_uri else None
+        return cls(model, classes, pool, irn, device, config)
+
+    def keys_for(self, labels: Sequence[str]) -> list[int]:
+        unknown = sorted(set(labels) - set(self.classes))
+        if unknown or not labels:
+            raise ValueError(f"labels must be a non-empty subset of {self.classes}; unknown: {unknown}")
+        return sorted({self.classes.index(c) for c in labels})
+
+    def process(self, image: np.ndarray, labels: Sequence[str], rib: RibConfig | None = None,
+                image_id: str = "", seed: int | None = None) -> ImageResult:
+        keys = self.keys_for(labels)
+        outcome = self.runner.run(image, keys, rib or self.config.rib, seed=seed)
+        masks = refine_one(image, outcome.map, self.irn, self.config.refine, device=self.device)
+        return ImageResult(image_id, [self.classes[k] for k in keys], outcome.map, masks,
+                           {**outcome.stats(), "device": str(self.device)})

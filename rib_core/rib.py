@@ -1,0 +1,196 @@
+"""The RIB process (paper section 3.2) with the official ``obtain_RIB_CAM.py`` behaviour.
+
+For one image x with classes c in t, start from the shared classifier theta_0 and take K SGD steps
+on L_RIB = -sum_c y^c, the raw logits without a sigmoid, over a batch of x (scales 1.0, 1.5 and
+2.0, each with its mirror) and companion crops whose classes are disjoint from x's. Pooling is GAP
+or GNDRP, which leaves out pixels whose CAM already exceeds tau so that the non-discriminative
+regions gain. The map M sums the CAMs (over scales 1.0, 0.5, 1.5, 2.0 and flips) of the
+iterates, then is normalised per class and stored like a CAM.
+
+Stopping follows the code: after the step on which the target's summed logits exceed the margin m,
+or before a step whose CAM covers more than 70% of the image ("explosion").
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rib_core.augment import multiscale_flip_batches
+from rib_core.cam import LocalizationMap, assemble_map, flip_fused, normalise_per_class
+from rib_core.companions import CompanionPool
+from rib_core.datasets import Manifest, load_image
+from rib_core.networks import CamNet
+from rib_core.optim import PolySGD, irn_param_groups
+from rib_core.rib_config import RibConfig
+
+
+def gap(raw: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, C] global average pooling."""
+    return raw.mean(dim=(2, 3))
+
+
+def gndrp(raw: torch.Tensor, labels: torch.Tensor, tau: float, denominator: str = "all") -> torch.Tensor:
+    """Global non-discriminative region pooling (paper Eq. 3), for a whole batch at once.
+
+    For each labelled class, pixels whose CAM, divided by its (detached) maximum, is at or above
+    ``tau`` are left out; unlabelled classes keep every pixel (their pooling is GAP). The official
+    ``gndp2d`` zeroes the left-out pixels and still divides by all pixels (``"all"``); Eq. 3 divides
+    by the kept pixels (``"kept"``).
+    """
+    detached = raw.detach()
+    norm = detached / detached.amax(dim=(2, 3), keepdim=True)
+    labelled = labels.bool()[:, :, None, None]
+    keep = torch.where(labelled, norm < tau, torch.ones_like(norm, dtype=torch.bool))
+    kept = raw * keep
+    if denominator == "all":
+        return kept.mean(dim=(2, 3))
+    return kept.sum(dim=(2, 3)) / keep.sum(dim=(2, 3)).clamp_min(1)
+
+
+def pool(raw: torch.Tensor, labels: torch.Tensor, cfg: RibConfig) -> torch.Tensor:
+    if cfg.pooling == "gap":
+        return gap(raw)
+    return gndrp(raw, labels, cfg.tau, cfg.gndrp_denominator)
+
+
+def explosion(fused: torch.Tensor, keys: Sequence[int], cfg: RibConfig) -> bool:
+    """True when the target's classes together cover more than ``explode_ratio`` of the map."""
+    norm = normalise_per_class(fused[list(keys)])
+    covered = (norm > cfg.explode_threshold).any(dim=0)
+    return covered.float().mean().item() > cfg.explode_ratio
+
+
+@dataclass
+class RibOutcome:
+    map: LocalizationMap
+    steps: int                       # updates taken
+    stop_reason: str                 # "iterations", "margin" or "explosion"
+    target_logit_sums: list[float] = field(default_factory=list)  # per step, for the margin rule
+    seconds: float = 0.0
+
+    def stats(self) -> dict[str, object]:
+        return {"steps": self.steps, "stop_reason": self.stop_reason,
+                "target_logit_sums": self.target_logit_sums, "seconds": round(self.seconds, 3)}
+
+
+class RibRunner:
+    """Runs RIB image after image against one shared classifier.
+
+    The shared model is read only: each image starts from a fresh copy of its weights in a working
+    model, so no image's fine-tuning leaks into another's.
+    """
+
+    def __init__(self, model: CamNet, pool: CompanionPool, cfg: RibConfig | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.shared = model
+        self.shared_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.work = copy.deepcopy(model).to(self.device)
+        self.work.set_bn_frozen(True)
+        self.pool = pool
+        self.cfg = cfg or RibConfig()
+
+    def _optimizer(self, cfg: RibConfig) -> PolySGD:
+        backbone, head = self.work.param_groups()
+        return PolySGD(irn_param_groups(backbone, head, cfg.lr, cfg.weight_decay),
+                       max_step=cfg.iterations, power=cfg.poly_power, momentum=cfg.momentum)
+
+    def run(self, image: np.ndarray, keys: Sequence[int], cfg: RibConfig | None = None,
+            seed: int | None = None) -> RibOutcome:
+        """RIB for one uint8 RGB image with its class indices ``keys``."""
+        cfg = cfg or self.cfg
+        if not len(keys):
+            raise ValueError("RIB needs at least one class for the image")
+        started = time.perf_counter()
+        keys = sorted(int(k) for k in keys)
+        self.work.load_state_dict(self.shared_state)
+        self.work.train()
+        optimizer = self._optimizer(cfg)
+        rng = random.Random(cfg.seed if seed is None else seed)
+        companions = self.pool.batches(keys, cfg.companions, cfg.crop_size, cfg.resize_long, rng)
+        scales = list(cfg.map_scales)
+        inputs = [b.to(self.device) for b in multiscale_flip_batches(image, tuple(scales))]
+        loss_rows = [scales.index(s) for s in cfg.loss_scales]
+        target = torch.zeros(len(self.pool.classes), device=self.device)
+        target[keys] = 1.0
+        sums: list[torch.Tensor] = [torch.zeros(0)] * len(scales)
+        target_sums: list[float] = []
+        stop_reason, steps = "iterations", 0
+        for step in range(cfg.iterations):
+            pooled, labels = [], []
+            exploded = False
+            for i, x in enumerate(inputs):
+                raw = self.work.cam(x)
+                fused = flip_fused(raw.detach())
+                sums[i] = fused if step == 0 else sums[i] + fused
+                # The official check runs after scale 1.0 was added to M, before the other scales.
+                if step > 0 and i == 0 and explosion(fused, keys, cfg):
+                    exploded = True
+                    break
+                if i in loss_rows:
+                    rows = target.expand(2, -1)
+                    pooled.append(pool(raw, rows, cfg))
+                    labels.append(rows)
+            if exploded:
+                stop_reason = "explosion"
+                break
+            comp_x, comp_y = next(companions)
+            if len(comp_x):
+                comp_y = comp_y.to(self.device)
+                pooled.append(pool(self.work.cam(comp_x.to(self.device)), comp_y, cfg))
+                labels.append(comp_y)
+            logits, labels_t = torch.cat(pooled), torch.cat(labels)
+            if cfg.margin_mode == "clamp":
+                logits = logits.clamp(max=cfg.margin)
+            loss = -(logits * labels_t).sum()
+            target_sum = (logits[: 2 * len(loss_rows)] * labels_t[: 2 * len(loss_rows)]).sum().item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            target_sums.append(target_sum)
+            if cfg.margin_mode == "stop" and abs(target_sum) > cfg.margin:
+                stop_reason = "margin"
+                break
+        if cfg.map_iterates == "all_iterates" and stop_reason != "explosion":
+            with torch.no_grad():
+                for i, x in enumerate(inputs):
+                    sums[i] = sums[i] + flip_fused(self.work.cam(x))
+        lmap = assemble_map([s.cpu() for s in sums], image.shape[:2], keys)
+        return RibOutcome(lmap, steps, stop_reason, target_sums, time.perf_counter() - started)
+
+
+def run_rib(model: CamNet, manifest: Manifest, pool: CompanionPool, out_dir: str | os.PathLike[str],
+            cfg: RibConfig | None = None, device: torch.device | str = "cpu", progress: bool = True,
+            ) -> Path:
+    """RIB maps M for every image of ``manifest`` as ``out_dir/<id>.npz``; existing files are kept.
+
+    Each image's sampling seed is derived from ``cfg.seed`` and its position, so a rerun or a
+    resumed run gives the same maps.
+    """
+    cfg = cfg or RibConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runner = RibRunner(model, pool, cfg, device)
+    bar = tqdm(manifest.records, desc=f"rib-{cfg.pooling}", disable=not progress, unit="img")
+    for n, r in enumerate(bar):
+        path = out / f"{r.id}.npz"
+        if path.exists():
+            continue
+        seed = cfg.seed * 1_000_003 + n
+        outcome = runner.run(load_image(manifest.image_uri(r)), manifest.label_indices(r), seed=seed)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(outcome.map.to_bytes())
+        os.replace(tmp, path)
+        bar.set_postfix(stop=outcome.stop_reason, steps=outcome.steps)
+    return out

@@ -1,0 +1,43 @@
+"""Configuration of the RIB process (paper section 3.2 and 4.1, ``obtain_RIB_CAM.py``).
+
+Where the paper and the official code differ, the code's behaviour is the default and the paper's
+variant is an option; ``docs/FIDELITY.md`` lists each such choice.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RibConfig(BaseModel):
+    """Per-image RIB fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int = Field(10, ge=1, le=100)             # K: paper 4.1; --RIB_iter 10
+    lr: float = Field(8e-6, gt=0, le=1e-2)                # lambda: paper 4.1; --RIB_lr 0.000008 (x10 classifier)
+    weight_decay: float = Field(1e-4, ge=0)               # --cam_weight_decay, passed to PolyOptimizer
+    momentum: float = Field(1e-4, ge=0)                   # PolyOptimizer hands weight_decay to SGD as momentum
+    poly_power: float = Field(0.9, gt=0)                  # PolyOptimizer's "momentum" attribute is the exponent
+    companions: int = Field(20, ge=0, le=256)             # --RIB_batch 20 crops per step (paper: B - 1 = 19)
+    pooling: Literal["gndrp", "gap"] = "gndrp"            # --pooling gndp
+    tau: float = Field(0.4, gt=0, le=1)                   # --score_th 0.4 (paper 4.1)
+    # Official gndp2d zeroes pixels above tau but divides by all pixels |U|; the paper's Eq. 3
+    # divides by |U_tau|. "all" = code (default), "kept" = paper.
+    gndrp_denominator: Literal["all", "kept"] = "all"
+    margin: float = Field(600, gt=0)                      # m: paper 4.1; --stop_th 600
+    # Code: no min(m, y) in the loss; stop after the step where |sum of target logits| > m.
+    # Paper: L = -sum min(m, y_c), run all K steps.
+    margin_mode: Literal["stop", "clamp"] = "stop"
+    explode_threshold: float = Field(0.3, gt=0, le=1)     # --explode_th 0.3
+    explode_ratio: float = Field(0.7, gt=0, le=1)         # --explode_ratio 0.7; 1.0 disables the check
+    loss_scales: tuple[float, ...] = (1.0, 1.5, 2.0)      # obtain_RIB_CAM.py skips scale 0.5 in the loss
+    map_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)  # --cam_scales, all used for M
+    # Code sums the CAMs computed before each update (theta_0 .. theta_{K-1}); the paper sums
+    # theta_0 .. theta_K. "before_updates" = code (default), "all_iterates" = paper.
+    map_iterates: Literal["before_updates", "all_iterates"] = "before_updates"
+    crop_size: int = Field(512, ge=16)                    # companion crops: VOC12RIBDataset crop_size=512
+    resize_long: tuple[int, int] = (320, 640)             # companion resize_long=(320, 640)
+    seed: int = 0

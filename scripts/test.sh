@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it. Extra arguments go to pytest (e.g. -k rib).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/pytest -q -p no:cacheprovider "$@"
+status=$?
+if [ $status -eq 5 ]; then
+  echo "pytest collected no tests: treated as a failure" >&2
+  exit 1
+fi
+exit $status

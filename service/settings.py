@@ -1,0 +1,100 @@
+"""Every setting of the API and the workers, in one place, read from ``RIB_*`` environment variables.
+
+The API and both kinds of worker read the same variables, so one ``.env`` (or one compose
+``environment:`` block) configures the whole service. ``docs/SERVICE.md`` has the table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cache
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from rib_core.rib_config import RibConfig
+from rib_core.storage import Storage, is_s3_uri, open_storage, s3_client
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Service settings. Lists are comma-separated; ``rib_defaults`` is JSON or ``RIB_RIB_DEFAULTS__<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="RIB_", env_nested_delimiter="__", extra="ignore")
+
+    # Celery broker and result backend; job bookkeeping lives in ``state_url`` (the broker's Redis by default).
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    state_url: str | None = None
+    # Results: s3://bucket/prefix, or a local folder for a single-machine setup.
+    storage_uri: str = "rib-results"
+    s3_endpoint_url: str | None = None         # MinIO / moto; unset = AWS
+    s3_public_endpoint_url: str | None = None  # host users reach in presigned URLs; unset = s3_endpoint_url
+    presign_expires_s: int = Field(3600, ge=60, le=7 * 24 * 3600)  # S3's SigV4 maximum is 7 days
+    # The model every worker loads once: the shared classifier, the companion pool, optionally IRN.
+    classifier_uri: str | None = None
+    companion_manifest_uri: str | None = None
+    irn_uri: str | None = None
+    device: str = "auto"
+    # Access and input limits.
+    api_keys: CommaList = Field(default_factory=list)
+    max_upload_bytes: int = Field(20 * 2**20, ge=1024)
+    max_image_pixels: int = Field(4_000_000, ge=64 * 64)  # RIB runs the image at 2x scale: 16 M pixels
+    max_crop_size: int = Field(1024, ge=16)               # bound on the per-request companion crop
+    max_job_images: int = Field(100_000, ge=1)
+    input_prefixes: CommaList = Field(default_factory=lambda: ["s3://"])  # where job inputs may be read from
+    # Queues and delivery.
+    image_queue: str = "rib.images"
+    training_queue: str = "rib.training"
+    chunk_size: int = Field(8, ge=1, le=1000)
+    visibility_timeout_s: int = Field(3600, ge=5)  # Redis redelivers a task unacked for this long
+    chunk_time_limit_s: int = Field(1800, ge=1)    # hard limit of one chunk task; below the visibility timeout
+    job_ttl_s: int = Field(7 * 24 * 3600, ge=60)   # job bookkeeping expires from Redis after this
+    # Default RIB parameters of every request; a request overrides single fields.
+    rib_defaults: RibConfig = Field(default_factory=RibConfig)
+
+    @field_validator("api_keys", "input_prefixes", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.chunk_time_limit_s >= self.visibility_timeout_s:
+            raise ValueError("RIB_CHUNK_TIME_LIMIT_S must be below RIB_VISIBILITY_TIMEOUT_S, or Redis "
+                             "redelivers chunks that are still running")
+        return self
+
+    @property
+    def state_redis_url(self) -> str:
+        return self.state_url or self.broker_url
+
+    def export_s3_endpoint(self) -> None:
+        """Point rib_core's S3 reads (models, manifests, images) at the configured endpoint."""
+        if self.s3_endpoint_url:
+            os.environ.setdefault("AWS_ENDPOINT_URL", self.s3_endpoint_url)
+
+    def storage(self) -> Storage:
+        """The results store, with presigned URLs naming the public endpoint."""
+        if not is_s3_uri(self.storage_uri):
+            return open_storage(self.storage_uri)
+        client = s3_client(self.s3_endpoint_url)
+        public = s3_client(self.s3_public_endpoint_url) if self.s3_public_endpoint_url else client
+        return open_storage(self.storage_uri, client=client, public_client=public)
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()

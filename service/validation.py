@@ -1,0 +1,154 @@
+"""Input checks of the API: bad input is refused here with a message that says what to fix.
+
+Nothing that fails these checks is stored or queued. Manifest and record checks are
+``rib_core.datasets``' own (the same rules as the offline tools); the service adds what matters
+for a shared deployment: ids that are safe storage keys, inputs only from allowed locations, and
+bounds on the per-request RIB parameters so that one request cannot exhaust a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from rib_core.datasets import ImageError, ManifestError, decode_image, parse_manifest, parse_records
+from rib_core.rib_config import RibConfig
+from rib_core.storage import is_s3_uri
+from service.jobs import JobItem
+
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+MAX_SCALE = 4.0  # twice the paper's largest map scale (2.0, paper 4.1)
+
+
+class InputError(ValueError):
+    """A request the service refuses: HTTP status, a message, and per-line/per-item details."""
+
+    def __init__(self, status: int, message: str, errors: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.errors = list(errors)
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.message, "errors": self.errors}
+
+
+def id_error(image_id: Any) -> str | None:
+    if isinstance(image_id, str) and SAFE_ID.fullmatch(image_id):
+        return None
+    return (f"id {image_id!r} is not a safe result key: use 1-200 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/', no '..')")
+
+
+def uri_error(uri: str, prefixes: Sequence[str]) -> str | None:
+    """Inputs are read only from the configured locations, and never through '..'."""
+    path = uri.split("://", 1)[1] if is_s3_uri(uri) else uri
+    if ".." in PurePosixPath(path).parts:
+        return f"{uri!r} contains '..'; give the location without it"
+    if not any(uri.startswith(p) for p in prefixes):
+        return f"{uri!r} is outside the allowed input locations {list(prefixes)}"
+    return None
+
+
+def parse_labels(values: Sequence[str]) -> list[str]:
+    """Form fields may repeat ``labels`` or give one comma-separated list."""
+    return list(dict.fromkeys(part.strip() for v in values for part in v.split(",") if part.strip()))
+
+
+def check_upload(image_id: str, labels: Sequence[str], classes: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """The id and class names of an uploaded image, checked like a manifest line."""
+    if err := id_error(image_id):
+        raise InputError(422, err)
+    records, errors = parse_records([{"id": image_id, "image": "upload", "labels": list(labels)}], classes, 1)
+    if errors:
+        raise InputError(422, errors[0][1])
+    return records[0].id, records[0].labels
+
+
+def decode_upload(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
+    if len(data) > max_bytes:
+        raise InputError(413, f"the upload is {len(data)} bytes; the limit is {max_bytes} (RIB_MAX_UPLOAD_BYTES)")
+    if not data:
+        raise InputError(422, "the uploaded file is empty")
+    try:
+        return decode_image(data, max_pixels)
+    except ImageError as e:
+        raise InputError(422, f"{e}; upload a PNG or JPEG image within the limits") from e
+
+
+def rib_params(overrides: dict[str, Any] | str | None, defaults: RibConfig, max_crop: int) -> RibConfig:
+    """The request's RIB parameters: the service defaults with the given fields replaced."""
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides) if overrides.strip() else {}
+        except json.JSONDecodeError as e:
+            raise InputError(422, f"rib must be a JSON object ({e.msg} at column {e.colno})") from e
+    if not isinstance(overrides, dict | None):
+        raise InputError(422, "rib must be a JSON object of RIB parameters")
+    try:
+        cfg = RibConfig.model_validate({**defaults.model_dump(), **(overrides or {})})
+    except ValidationError as e:
+        raise InputError(422, "invalid RIB parameters",
+                         [{"field": ".".join(map(str, err["loc"])), "error": err["msg"]} for err in e.errors()]) from e
+    if cfg.crop_size > max_crop or max(cfg.resize_long) > max_crop:
+        raise InputError(422, f"crop_size and resize_long must be at most {max_crop} (RIB_MAX_CROP_SIZE)")
+    if max(*cfg.map_scales, *cfg.loss_scales) > MAX_SCALE or min(*cfg.map_scales, *cfg.loss_scales) <= 0:
+        raise InputError(422, f"scales must lie in (0, {MAX_SCALE}]")
+    if not set(cfg.loss_scales) <= set(cfg.map_scales):
+        raise InputError(422, "every loss scale must be one of the map scales")
+    return cfg
+
+
+def _check_items(records: Sequence[Any], uris: Sequence[str], where: Sequence[dict[str, Any]],
+                 classes: Sequence[str], prefixes: Sequence[str]) -> list[JobItem]:
+    known = set(classes)
+    errors = []
+    for record, uri, loc in zip(records, uris, where, strict=True):
+        unknown = sorted(set(record.labels) - known)
+        problem = (id_error(record.id) or uri_error(uri, prefixes)
+                   or (f"{record.id!r} has class(es) {unknown} the model does not know; known: {list(classes)}"
+                       if unknown else None))
+        if problem:
+            errors.append({**loc, "error": problem})
+    if errors:
+        raise InputError(422, f"{len(errors)} invalid image record(s); fix them and resubmit", errors)
+    return [JobItem(r.id, uri, r.labels) for r, uri in zip(records, uris, strict=True)]
+
+
+def manifest_items(text: str, base: str, classes: Sequence[str], prefixes: Sequence[str]) -> list[JobItem]:
+    """Every image of a manifest, or an InputError listing every bad line."""
+    try:
+        manifest = parse_manifest(text, base=base, classes=classes)
+    except ManifestError as e:
+        raise InputError(422, "invalid manifest; fix the listed lines and resubmit",
+                         [{"line": n, "error": m} for n, m in e.errors]) from e
+    lines = [n for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+    if "classes" in json.loads(text.splitlines()[lines[0] - 1]):
+        lines = lines[1:]
+    return _check_items(manifest.records, [manifest.image_uri(r) for r in manifest.records],
+                        [{"line": n} for n in lines], classes, prefixes)
+
+
+def inline_items(items: Sequence[Any], classes: Sequence[str], prefixes: Sequence[str]) -> list[JobItem]:
+    """Records given in the request body (``item`` numbers count from 1)."""
+    if not items:
+        raise InputError(422, "images is empty; give at least one {id, image, labels} record")
+    records, errors = parse_records(items, classes, first_line=1)
+    if errors:
+        raise InputError(422, f"{len(errors)} invalid image record(s); fix them and resubmit",
+                         [{"item": n, "error": m} for n, m in errors])
+    return _check_items(records, [r.image for r in records], [{"item": n} for n in range(1, len(records) + 1)],
+                        classes, prefixes)
+
+
+def default_image_id(filename: str | None) -> str:
+    """An upload without an ``image_id`` is named after its file, made safe as a key."""
+    stem = PurePosixPath((filename or "").replace("\\", "/")).stem
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-")[:200]
+    return safe or "image"

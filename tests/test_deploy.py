@@ -1,0 +1,228 @@
+"""What can be checked of the Docker set-up without a Docker engine: the compose file's structure,
+that its settings are the service's settings, that the Dockerfiles copy what exists and run what
+compose runs, that the containers' commands and healthchecks work here, outside Docker, and that
+CI fails on an empty or failing suite."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+APP_SERVICES = ("api", "worker", "training-worker", "flower")
+BRIEF_ENV = {"RIB_BROKER_URL", "RIB_RESULT_BACKEND", "RIB_STORAGE_URI", "RIB_S3_ENDPOINT_URL",
+             "RIB_S3_PUBLIC_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+             "RIB_CLASSIFIER_URI", "RIB_COMPANION_MANIFEST_URI", "RIB_IRN_URI", "RIB_API_KEYS", "RIB_DEVICE"}
+
+
+def _interpolate(value: object) -> str:
+    """Compose's ``${VAR:-default}`` with nothing set: the default (the only form the file uses)."""
+    text = str(value)
+    assert re.fullmatch(r"[^$]*(\$\{\w+:-[^}]*\}[^$]*)*", text), text
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+
+
+def _dockerfile(name: str) -> str:
+    return (ROOT / "docker" / name).read_text()
+
+
+def _cmd(dockerfile: str) -> list[str]:
+    (cmd,) = re.findall(r"^CMD (\[.+\])$", dockerfile, flags=re.M)
+    return json.loads(cmd)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _serving(cmd: list[str], env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a container's command as a real process here; stop it on exit."""
+    log = (tmp_path / f"{Path(cmd[0]).name}.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _healthy(test: list[str], port: int, internal_port: int, env: dict[str, str],
+             proc: subprocess.Popen[bytes]) -> bool:
+    """Run a compose ``CMD`` healthcheck here, with the host port in place of the container's,
+    retrying while the process starts (as compose does); False at once if the process died."""
+    assert test[0] == "CMD" and test[1] == "python", test
+    argv = [sys.executable, *[arg.replace(f":{internal_port}/", f":{port}/") for arg in test[2:]]]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_compose_names_every_service_with_health_and_order():
+    assert {"redis", "minio", "createbucket", *APP_SERVICES} <= set(SERVICES)
+    for name in ("redis", "minio", "api", "flower"):
+        assert "healthcheck" in SERVICES[name], name
+    for name in ("api", "worker", "training-worker"):
+        deps = SERVICES[name]["depends_on"]
+        assert deps["redis"]["condition"] == "service_healthy"
+        assert deps["minio"]["condition"] == "service_healthy"
+        assert deps["createbucket"]["condition"] == "service_completed_successfully"
+    assert SERVICES["createbucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing local/rib" in " ".join(SERVICES["createbucket"]["entrypoint"])
+    for name in ("worker", "training-worker"):
+        (device,) = SERVICES[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert ":8000/healthz" in SERVICES["api"]["healthcheck"]["test"][-1]
+    assert ":5555/healthcheck" in SERVICES["flower"]["healthcheck"]["test"][-1]
+
+
+def test_compose_settings_are_service_settings(monkeypatch):
+    fields = {f"RIB_{name.upper()}" for name in Settings.model_fields}
+    for name in APP_SERVICES:
+        env = SERVICES[name]["environment"]
+        unknown = [k for k in env if not k.startswith("AWS_") and k not in fields]
+        assert not unknown, (name, unknown)
+        assert BRIEF_ENV <= set(env), (name, BRIEF_ENV - set(env))
+    env = {k: _interpolate(v) for k, v in SERVICES["api"]["environment"].items()}
+    assert env["RIB_STORAGE_URI"].startswith("s3://rib/")  # the bucket createbucket makes
+    for key in [k for k in os.environ if k.startswith("RIB_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s = Settings()  # the compose defaults are valid settings
+    assert (s.broker_url, s.device, s.api_keys) == ("redis://redis:6379/0", "cuda", ["dev-key"])
+    assert not s.irn_uri  # an empty RIB_IRN_URI means no IRN
+
+
+def test_dockerfiles_copy_what_exists_and_run_the_compose_commands():
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()]
+    for name in ("api.Dockerfile", "worker.Dockerfile"):
+        text = _dockerfile(name)
+        for line in re.findall(r"^COPY (?!--from)(.+)$", text, flags=re.M):
+            *sources, _ = line.split()
+            for src in sources:
+                assert (ROOT / src).exists(), (name, src)
+                assert not any(fnmatch.fnmatch(src.removeprefix("./"), pat) for pat in ignored), (name, src)
+        assert re.search(r"^USER rib$", text, flags=re.M), name
+    for name, service in (("api.Dockerfile", "api"), ("worker.Dockerfile", "worker")):
+        assert SERVICES[service]["build"]["dockerfile"] == f"docker/{name}"
+        assert _cmd(_dockerfile(name)) == SERVICES[service]["command"]
+    assert "torch==2.14.1 torchvision==0.29.1" in _dockerfile("worker.Dockerfile")
+    assert "'.[api]'" in _dockerfile("api.Dockerfile") and "'.[worker]'" in _dockerfile("worker.Dockerfile")
+
+
+def test_worker_commands_name_real_queues_tasks_and_options(tmp_path):
+    env = {**os.environ, "RIB_STORAGE_URI": str(tmp_path), "RIB_API_KEYS": "k"}
+    s = Settings()
+    help_text = subprocess.run([str(BIN / "celery"), "-A", "worker.celery_app", "worker", "--help"],
+                               capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=True).stdout
+    for name, queue in (("worker", s.image_queue), ("training-worker", s.training_queue)):
+        cmd = SERVICES[name]["command"]
+        assert cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
+        assert cmd[cmd.index("-Q") + 1] == queue
+        assert cmd[cmd.index("--concurrency") + 1] == "1" and cmd[cmd.index("--prefetch-multiplier") + 1] == "1"
+        for option in (arg for arg in cmd if arg.startswith("-")):
+            assert option in help_text, (name, option)
+    # The Celery app the containers name loads and registers the tasks the API sends.
+    check = ("from worker.celery_app import app, PROCESS_CHUNK, TRAINING_JOB; app.loader.import_default_modules(); "
+             "assert PROCESS_CHUNK in app.tasks and TRAINING_JOB in app.tasks")
+    subprocess.run([sys.executable, "-c", check], check=True, env=env, cwd=ROOT, timeout=120)
+
+
+def test_redis_healthcheck_answers_here():
+    test = SERVICES["redis"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "redis-cli"]
+    out = subprocess.run(test[1:], capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "PONG"
+
+
+def test_api_command_serves_and_passes_its_healthcheck(tmp_path):
+    cmd = SERVICES["api"]["command"]
+    assert cmd[:2] == ["uvicorn", "service.main:app"] and cmd[cmd.index("--port") + 1] == "8000"
+    port = _free_port()
+    here = [str(BIN / "uvicorn"), *cmd[1:]]
+    here[here.index("--host") + 1], here[here.index("--port") + 1] = "127.0.0.1", str(port)
+    env = {**os.environ, "RIB_STORAGE_URI": str(tmp_path / "results"), "RIB_API_KEYS": "k"}
+    with _serving(here, env, tmp_path) as proc:
+        healthy = _healthy(SERVICES["api"]["healthcheck"]["test"], port, 8000, env, proc)
+        assert healthy, (tmp_path / "uvicorn.log").read_text()
+
+
+def test_flower_command_serves_and_passes_its_healthcheck(tmp_path):
+    cmd = SERVICES["flower"]["command"]
+    assert cmd[:4] == ["celery", "-A", "worker.celery_app", "flower"] and "--port=5555" in cmd
+    port = _free_port()
+    here = [str(BIN / "celery"), *[f"--port={port}" if a == "--port=5555" else a for a in cmd[1:]]]
+    here.append("--address=127.0.0.1")
+    env = {**os.environ, "RIB_STORAGE_URI": str(tmp_path / "results")}
+    with _serving(here, env, tmp_path) as proc:
+        healthy = _healthy(SERVICES["flower"]["healthcheck"]["test"], port, 5555, env, proc)
+        assert healthy, (tmp_path / "celery.log").read_text()
+
+
+def _ci_clone(tmp_path: Path) -> Path:
+    """A project holding only the CI scripts and pyproject.toml, whose .venv runs this one's tools.
+    Its set-up stamp matches, so the real setup.sh only checks Redis and Chromium there."""
+    clone = tmp_path / "clone"
+    for rel in (".ci/run", "scripts/setup.sh", "scripts/test.sh", "pyproject.toml"):
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, clone / rel)
+    (clone / ".venv" / "bin").mkdir(parents=True)
+    for tool in ("python", "ruff", "pytest"):
+        wrapper = clone / ".venv" / "bin" / tool
+        wrapper.write_text(f'#!/bin/sh\nexec "{BIN / tool}" "$@"\n')
+        wrapper.chmod(0o755)
+    digest = subprocess.run(["sha256sum", "pyproject.toml"], cwd=clone, capture_output=True, text=True, check=True)
+    (clone / ".venv" / ".rib-setup-stamp").write_text(digest.stdout.split()[0] + "\n")
+    (clone / "tests").mkdir()
+    return clone
+
+
+def _ci(clone: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(clone / ".ci" / "run")], capture_output=True, text=True, timeout=300)
+
+
+def test_setup_and_ci_scripts():
+    for script in ("scripts/setup.sh", "scripts/test.sh", ".ci/run"):
+        subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "scripts/setup.sh" in ci and "ruff check" in ci and "scripts/test.sh" in ci
+
+
+def test_ci_fails_on_an_empty_or_failing_suite_and_passes_a_passing_one(tmp_path):
+    clone = _ci_clone(tmp_path)
+    empty = _ci(clone)
+    assert empty.returncode != 0 and "collected no tests" in empty.stderr, empty.stdout + empty.stderr
+    (clone / "tests" / "test_one.py").write_text("def test_sum():\n    assert sum([1, 2]) == 3\n")
+    passing = _ci(clone)
+    assert passing.returncode == 0 and "1 passed" in passing.stdout, passing.stdout + passing.stderr
+    (clone / "tests" / "test_two.py").write_text("def test_sum():\n    assert sum([1, 2]) == 4\n")
+    failing = _ci(clone)
+    assert failing.returncode != 0 and "1 failed" in failing.stdout, failing.stdout + failing.stderr

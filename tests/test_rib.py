@@ -1,0 +1,118 @@
+"""RIB: loss, pooling, stopping, disjoint companions, weight isolation, and parity with a plain
+reference of the official loop — on real demo images through a trained ResNet-18."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rib_core.augment import multiscale_flip_batches
+from rib_core.checkpoints import load_classifier
+from rib_core.companions import CompanionPool
+from rib_core.datasets import load_image
+from rib_core.rib import RibRunner, gap, gndrp
+from rib_core.rib_config import RibConfig
+from tests.rib_reference import gndp2d, reference_rib
+
+SMALL = dict(crop_size=64, resize_long=(48, 96), companions=3)
+
+
+@pytest.fixture(scope="module")
+def setup(demo, classifier_path):
+    model, _, _ = load_classifier(classifier_path)
+    pool = CompanionPool.from_manifest(demo.train, limit=40)
+    record = next(r for r in demo.val.records if len(r.labels) >= 2)
+    image = load_image(demo.val.image_uri(record))
+    return model, pool, image, demo.val.label_indices(record)
+
+
+def test_gndrp_matches_official_loop_and_drops_discriminative_pixels():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 6, 7)
+    labels = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.float32)
+    ours = gndrp(x, labels, tau=0.4)
+    assert torch.allclose(ours, gndp2d(x, labels, 0.4, per_image=True), atol=1e-6)
+    assert torch.allclose(ours[:, 3], gap(x)[:, 3], atol=1e-6)  # class 3 is labelled nowhere: plain GAP
+    # The paper's variant divides by the kept pixels only.
+    kept = gndrp(x, labels, tau=0.4, denominator="kept")
+    norm = x / x.amax(dim=(2, 3), keepdim=True)
+    mask = norm[0, 0] < 0.4
+    assert torch.isclose(kept[0, 0], x[0, 0][mask].mean(), atol=1e-6)
+
+
+def test_loss_is_minus_the_raw_target_logits_over_loss_scales(setup):
+    model, pool, image, keys = setup
+    cfg = RibConfig(iterations=1, pooling="gap", companions=0, crop_size=64, resize_long=(48, 96))
+    outcome = RibRunner(model, pool, cfg).run(image, keys)
+    with torch.no_grad():
+        batches = multiscale_flip_batches(image, (1.0, 1.5, 2.0))
+        expected = sum(model.logits(b)[:, keys].sum() for b in batches).item()
+    # no sigmoid, both flips, scales 1.0/1.5/2.0 (0.5 left out), labelled classes only
+    assert outcome.target_logit_sums[0] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    assert outcome.steps == 1
+
+
+def test_rib_raises_target_logits(setup):
+    model, pool, image, keys = setup
+    cfg = RibConfig(iterations=3, lr=1e-4, pooling="gap", margin=1e9, explode_ratio=1.0, **SMALL)
+    sums = RibRunner(model, pool, cfg).run(image, keys).target_logit_sums
+    assert len(sums) == 3 and sums[2] > sums[0]
+
+
+def test_margin_and_explosion_stop_early(setup):
+    model, pool, image, keys = setup
+    runner = RibRunner(model, pool, RibConfig(iterations=5, **SMALL))
+    by_margin = runner.run(image, keys, RibConfig(iterations=5, margin=1e-3, **SMALL))
+    assert (by_margin.stop_reason, by_margin.steps) == ("margin", 1)
+    by_explosion = runner.run(image, keys, RibConfig(iterations=5, explode_ratio=1e-3, margin=1e9, **SMALL))
+    assert (by_explosion.stop_reason, by_explosion.steps) == ("explosion", 1)
+    full = runner.run(image, keys, RibConfig(iterations=4, margin=1e9, explode_ratio=1.0, **SMALL))
+    assert (full.stop_reason, full.steps) == ("iterations", 4)
+
+
+def test_companions_share_no_class_with_the_target(demo):
+    pool = CompanionPool.from_manifest(demo.train)
+    keys = [0, 3]
+    allowed = pool.disjoint_indices(keys)
+    assert len(allowed) and not pool.labels[allowed][:, keys].any()
+    batches = pool.batches(keys, 8, 32, (24, 48), random.Random(1))
+    for _ in range(4):
+        imgs, labels = next(batches)
+        assert imgs.shape == (8, 3, 32, 32)
+        assert labels.shape == (8, len(pool.classes)) and not labels[:, keys].any()
+        assert labels.sum(1).min() >= 1
+
+
+def test_shared_weights_are_never_mutated_and_images_are_independent(setup, demo):
+    model, pool, image, keys = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = RibConfig(iterations=2, lr=1e-3, margin=1e9, explode_ratio=1.0, **SMALL)
+    runner = RibRunner(model, pool, cfg)
+    other = demo.val.records[0]
+    alone = runner.run(image, keys, seed=7).map.high_res
+    runner.run(load_image(demo.val.image_uri(other)), demo.val.label_indices(other), seed=3)
+    after_other = runner.run(image, keys, seed=7).map.high_res
+    np.testing.assert_array_equal(alone, after_other)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"shared weight {k} changed"
+    assert any(not torch.equal(v, before[k]) for k, v in runner.work.state_dict().items())
+
+
+@pytest.mark.parametrize("pooling", ["gap", "gndrp"])
+@pytest.mark.parametrize("stop", ["none", "margin", "explosion"])
+def test_parity_with_official_structure(setup, pooling, stop):
+    model, pool, image, keys = setup
+    extra = {"none": dict(margin=1e9, explode_ratio=1.0), "margin": dict(margin=1e-3),
+             "explosion": dict(margin=1e9, explode_ratio=1e-3)}[stop]
+    cfg = RibConfig(iterations=3, lr=1e-3, pooling=pooling, **SMALL, **extra)
+    ours = RibRunner(model, pool, cfg).run(image, keys, seed=11)
+    ref = reference_rib(model, pool, image, keys, cfg, seed=11)
+    assert ours.stop_reason == ("iterations" if stop == "none" else stop)
+    np.testing.assert_allclose(ours.map.high_res, ref["high_res"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours.map.cam, ref["cam"], rtol=1e-4, atol=1e-5)
+    if stop == "none":  # the maps really moved away from the CAM of theta_0
+        cam0 = RibRunner(model, pool, cfg).run(image, keys, RibConfig(iterations=1, margin=1e-9, **SMALL))
+        assert not np.allclose(cam0.map.high_res, ours.map.high_res, atol=1e-3)

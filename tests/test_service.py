@@ -1,0 +1,400 @@
+"""The service on the real stack: uvicorn + a Celery worker + a private redis-server + moto's S3 server.
+
+Images go through the real RIB code (the session's ResNet-18, companions = the demo train split on
+S3, small RIB settings) and results are read back from S3 with boto3. A worker is killed with
+SIGKILL in the middle of a bulk job and a new one finishes it; cancellation and every kind of bad
+input are checked against the running processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from rib_core.cam import LocalizationMap
+from rib_core.datasets import Manifest, ManifestRecord
+from tests.service_stack import Process, moto_s3, redis_server, s3, start_api, start_worker, upload_dataset, wait_for
+
+API_KEY = "test-key"
+AUTH = {"X-API-Key": API_KEY}
+BUCKET = "rib"
+# Small RIB settings for 2 CPU cores (the paper's are the defaults): 2 steps, 2 companions, 64 px crops.
+SMALL_RIB = {"iterations": 2, "companions": 2, "crop_size": 64, "resize_long": [48, 96],
+             "map_scales": [1.0], "loss_scales": [1.0]}
+MAX_UPLOAD = 300_000
+MAX_PIXELS = 250_000
+CRF_ARTIFACTS = {"map.npz", "map.png", "crf_mask.png", "crf_overlay.png", "meta.json"}
+
+
+@dataclass
+class Stack:
+    url: str
+    s3: Any
+    redis_url: str
+    env: dict[str, str]
+    logs: Path
+    api: Process
+    worker: Process
+    train: Manifest
+    val: Manifest
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=AUTH, timeout=120)
+
+    def new_worker(self, name: str) -> Process:
+        self.worker = start_worker(self.env, self.logs / f"{name}.log", "rib.images", name)
+        return self.worker
+
+    def objects(self, prefix: str) -> list[str]:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def get(self, key: str) -> bytes:
+        return self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+@pytest.fixture(scope="module")
+def stack(demo: Any, classifier_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    logs = tmp_path_factory.mktemp("service-logs")
+    with redis_server(logs) as redis_url, moto_s3() as endpoint:
+        client = s3(endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        client.put_object(Bucket=BUCKET, Key="models/classifier.pth", Body=classifier_path.read_bytes())
+        companions = upload_dataset(client, BUCKET, "companions", demo.train)
+        env = {
+            **os.environ,
+            "RIB_BROKER_URL": f"{redis_url}/0", "RIB_RESULT_BACKEND": f"{redis_url}/1",
+            "RIB_STORAGE_URI": f"s3://{BUCKET}/results", "RIB_S3_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "RIB_CLASSIFIER_URI": f"s3://{BUCKET}/models/classifier.pth",
+            "RIB_COMPANION_MANIFEST_URI": companions, "RIB_API_KEYS": f"other-key,{API_KEY}", "RIB_DEVICE": "cpu",
+            "RIB_RIB_DEFAULTS": json.dumps(SMALL_RIB), "RIB_CHUNK_SIZE": "2",
+            "RIB_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "RIB_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
+            # Short enough that the test sees a killed worker's chunk redelivered, longer than any chunk.
+            "RIB_VISIBILITY_TIMEOUT_S": "20", "RIB_CHUNK_TIME_LIMIT_S": "15",
+            "OMP_NUM_THREADS": "1",
+        }
+        api, url = start_api(env, logs / "api.log")
+        worker = start_worker(env, logs / "worker-1.log", "rib.images", "worker-1")
+        stack = Stack(url, client, redis_url, env, logs, api, worker, demo.train, demo.val)
+        try:
+            yield stack
+        finally:
+            stack.worker.stop()
+            api.stop()
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def size_of(manifest: Manifest, record: ManifestRecord) -> tuple[int, int]:
+    with Image.open(manifest.image_uri(record)) as im:
+        return im.height, im.width
+
+
+def wait_finished(c: httpx.Client, job_id: str, timeout: float = 240) -> dict[str, Any]:
+    def finished() -> dict[str, Any] | None:
+        status = c.get(f"/v1/jobs/{job_id}").json()
+        return status if status["state"] in ("done", "failed", "cancelled") else None
+
+    return wait_for(finished, timeout, f"job {job_id}", every=0.5)
+
+
+def all_results(c: httpx.Client, job_id: str, limit: int) -> list[dict[str, Any]]:
+    items, offset = [], 0
+    while offset is not None:
+        page = c.get(f"/v1/jobs/{job_id}/results", params={"offset": offset, "limit": limit}).json()
+        assert len(page["items"]) <= limit
+        items += page["items"]
+        offset = page["next_offset"]
+    return items
+
+
+def check_artifacts(stack: Stack, item: dict[str, Any], labels: list[str], size: tuple[int, int]) -> None:
+    """The files of one finished image, read back from S3: complete, consistent, the right shapes."""
+    keys = {name: f["uri"].removeprefix(f"s3://{BUCKET}/") for name, f in item["artifacts"].items()}
+    assert set(keys) == CRF_ARTIFACTS
+    folder = keys["meta.json"].rsplit("/", 1)[0]
+    assert sorted(stack.objects(folder + "/")) == sorted(keys.values())
+    classes = stack.train.classes
+    mask = np.asarray(Image.open(io.BytesIO(stack.get(keys["crf_mask.png"]))))
+    assert mask.shape == size
+    assert set(np.unique(mask).tolist()) <= {0} | {classes.index(c) + 1 for c in labels}
+    lmap = LocalizationMap.from_bytes(stack.get(keys["map.npz"]))
+    assert sorted(lmap.keys.tolist()) == sorted(classes.index(c) for c in labels)
+    assert lmap.high_res.shape[1:] == size
+    meta = json.loads(stack.get(keys["meta.json"]))
+    assert meta["classes"] == labels and meta["size"] == list(size)
+    assert meta["stats"]["steps"] <= SMALL_RIB["iterations"]
+
+
+def test_health_docs_metrics_and_api_keys(stack: Stack) -> None:
+    assert httpx.get(f"{stack.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{stack.url}/readyz")
+    assert ready.status_code == 200, ready.text
+    assert set(ready.json()["checks"]) == {"redis", "broker", "storage", "classifier_uri", "companion_manifest_uri"}
+    assert httpx.get(f"{stack.url}/docs").status_code == 200
+    spec = httpx.get(f"{stack.url}/openapi.json").json()
+    assert {"/v1/images", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/results",
+            "/v1/training-jobs"} <= set(spec["paths"])
+    assert "rib_queue_length" in httpx.get(f"{stack.url}/metrics").text
+    for headers, message in (({}, "missing API key"), ({"X-API-Key": "nope"}, "wrong API key")):
+        for method, path in (("GET", "/v1/jobs/0123"), ("POST", "/v1/jobs"), ("POST", "/v1/images"),
+                             ("DELETE", "/v1/jobs/0123"), ("GET", "/v1/training-jobs/0123")):
+            r = httpx.request(method, f"{stack.url}{path}", headers=headers)
+            assert r.status_code == 401 and message in r.json()["detail"], (method, path, r.text)
+    with stack.client() as c:
+        assert c.get("/v1/jobs/0123456789abcdef0123456789abcdef").status_code == 404
+        # The first key of the comma-separated list works too.
+        assert c.get("/v1/jobs/x", headers={"X-API-Key": "other-key"}).status_code == 404
+
+
+def test_upload_goes_through_rib_to_s3(stack: Stack) -> None:
+    record = max(stack.val.records, key=lambda r: len(r.labels))
+    data = Path(stack.val.image_uri(record)).read_bytes()
+    with stack.client() as c:
+        # Without wait: 202 and a job to poll (this also warms the worker up: it loads the model once).
+        r = c.post("/v1/images", files={"file": ("first.png", data, "image/png")},
+                   data={"labels": list(record.labels)[:1], "rib": json.dumps({"iterations": 1})})
+        assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['job_id']}", r.text
+        assert r.json()["image_id"] == "first"
+        status = wait_finished(c, r.json()["job_id"])
+        assert status["state"] == "done" and status["rib"]["iterations"] == 1  # the request's override
+        assert status["timing"]["finished_at"] >= status["timing"]["started_at"] >= status["timing"]["created_at"]
+        # With wait: the result inline.
+        r = c.post("/v1/images", params={"wait": 60}, files={"file": ("scene.png", data, "image/png")},
+                   data={"labels": ",".join(record.labels), "image_id": record.id})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["state"] == "done" and body["counts"]["done"] == 1 and body["kind"] == "upload"
+        assert body["rib"]["iterations"] == SMALL_RIB["iterations"]  # the service defaults apply
+        item = body["results"]["items"][0]
+        assert item["id"] == record.id and item["status"] == "done" and item["attempts"] == 1
+        check_artifacts(stack, item, list(record.labels), size_of(stack.val, record))
+        # The presigned URL serves the same bytes as S3 itself.
+        assert httpx.get(item["mask"]["url"]).content == stack.get(item["mask"]["uri"].split("/", 3)[3])
+        job_id = body["job_id"]
+        index = json.loads(stack.get(f"results/jobs/{job_id}/index.json"))
+        assert index["state"] == "done" and [i["id"] for i in index["images"]] == [record.id]
+        assert stack.get(f"results/jobs/{job_id}/uploads/{record.id}") == data
+        # A finished job cannot be cancelled.
+        assert c.delete(f"/v1/jobs/{job_id}").status_code == 409
+
+
+BOUNDARY = "rib-test-boundary"
+
+
+def streamed_form(payload: bytes) -> Iterator[bytes]:
+    """A multipart upload sent in chunks without a Content-Length, as a streaming client does."""
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="labels"\r\n\r\ndigit1\r\n--{BOUNDARY}\r\n'
+            f'Content-Disposition: form-data; name="file"; filename="f.png"\r\nContent-Type: image/png\r\n\r\n')
+    body = head.encode() + payload + f"\r\n--{BOUNDARY}--\r\n".encode()
+    for start in range(0, len(body), 65536):
+        yield body[start:start + 65536]
+
+
+def _job_keys(stack: Stack) -> int:
+    return len(list(redis.Redis.from_url(f"{stack.redis_url}/0").scan_iter("rib:job:*")))
+
+
+def test_bad_input_gets_a_4xx_and_never_reaches_a_worker(stack: Stack) -> None:
+    record = stack.val.records[0]
+    good = Path(stack.val.image_uri(record)).read_bytes()
+    labels = {"labels": list(record.labels)}
+    bad_manifest = "\n".join([
+        json.dumps({"format": "rib-manifest", "version": 1, "classes": stack.train.classes}),
+        json.dumps({"id": "a", "image": "images/a.png", "labels": ["digit1"]}),
+        "{not json",
+        json.dumps({"id": "b", "image": "images/b.png"}),
+        json.dumps({"id": "a", "image": "images/c.png", "labels": ["digit1"]}),
+        json.dumps({"id": "d", "image": "images/d.png", "labels": ["cat"]}),
+    ]) + "\n"
+    escaping = "\n".join([
+        *bad_manifest.splitlines()[:2],
+        json.dumps({"id": "e", "image": "../../secrets/e.png", "labels": ["digit2"]}),
+        json.dumps({"id": "f", "image": "/etc/passwd", "labels": ["digit2"]})])
+    stack.s3.put_object(Bucket=BUCKET, Key="inputs/bad.jsonl", Body=bad_manifest.encode())
+    stack.s3.put_object(Bucket=BUCKET, Key="inputs/escaping.jsonl", Body=escaping.encode())
+    before = _job_keys(stack)
+    with stack.client() as c:
+        def upload(content: bytes, data: dict[str, Any] = labels) -> httpx.Response:
+            return c.post("/v1/images", files={"file": ("f.png", content, "image/png")}, data=data)
+
+        cases = {
+            "not an image": (upload(b"hello, I am text"), 422, "not a readable image"),
+            "truncated": (upload(good[: len(good) // 2]), 422, "not a readable image"),
+            "empty file": (upload(b""), 422, "empty"),
+            "decompression bomb": (upload(png(np.zeros((1000, 1000), bool))), 422, f"the limit is {MAX_PIXELS}"),
+            "oversize (header)": (upload(os.urandom(MAX_UPLOAD + 70_000)), 413, "RIB_MAX_UPLOAD_BYTES"),
+            "oversize (file)": (upload(os.urandom(MAX_UPLOAD + 10)), 413, "RIB_MAX_UPLOAD_BYTES"),
+            "oversize (streamed)": (c.post("/v1/images", content=streamed_form(os.urandom(MAX_UPLOAD + 70_000)),
+                                           headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}),
+                                    413, "RIB_MAX_UPLOAD_BYTES"),
+            "unknown class": (upload(good, {"labels": ["digit1", "cat"]}), 422, "unknown class"),
+            "empty labels": (upload(good, {"labels": " , "}), 422, "empty label set"),
+            "escaping id": (upload(good, {**labels, "image_id": "../other-job/x"}), 422, "not a safe result key"),
+            "bad rib": (upload(good, {**labels, "rib": '{"iterations": 0}'}), 422, "invalid RIB parameters"),
+            "huge crop": (upload(good, {**labels, "rib": '{"crop_size": 100000}'}), 422, "RIB_MAX_CROP_SIZE"),
+            "rib not json": (upload(good, {**labels, "rib": "{iterations"}), 422, "JSON object"),
+            "manifest lines": (c.post("/v1/jobs", json={"manifest_uri": f"s3://{BUCKET}/inputs/bad.jsonl"}),
+                               422, "invalid manifest"),
+            "manifest escaping": (c.post("/v1/jobs", json={"manifest_uri": f"s3://{BUCKET}/inputs/escaping.jsonl"}),
+                                  422, "2 invalid"),
+            "no manifest": (c.post("/v1/jobs", json={"manifest_uri": f"s3://{BUCKET}/inputs/none.jsonl"}),
+                            422, "no manifest at"),
+            "manifest elsewhere": (c.post("/v1/jobs", json={"manifest_uri": "/etc/passwd"}), 422, "outside"),
+            "neither": (c.post("/v1/jobs", json={}), 422, "exactly one of"),
+            "duplicate ids": (c.post("/v1/jobs", json={"images": [
+                {"id": "a", "image": f"s3://{BUCKET}/a.png", "labels": ["digit1"]},
+                {"id": "a", "image": f"s3://{BUCKET}/b.png", "labels": ["digit2"]}]}), 422, "1 invalid"),
+            "escaping inline": (c.post("/v1/jobs", json={"images": [
+                {"id": "ok", "image": f"s3://{BUCKET}/jobs/../../x.png", "labels": ["digit1"]},
+                {"id": "x..y", "image": "/etc/passwd", "labels": ["digit1"]},
+                {"id": "-x", "image": f"s3://{BUCKET}/x.png", "labels": ["digit1"]}]}), 422, "3 invalid"),
+            "empty list": (c.post("/v1/jobs", json={"images": []}), 422, "images is empty"),
+            "training kind": (c.post("/v1/training-jobs", json={"kind": "fly", "manifest": "s3://rib/m",
+                                                                "output": "s3://rib/o"}), 422, "kind"),
+            "training location": (c.post("/v1/training-jobs", json={"kind": "train", "manifest": "/etc/m",
+                                                                    "output": "s3://rib/o"}), 422, "outside"),
+        }
+        for name, (response, status, message) in cases.items():
+            assert response.status_code == status, (name, response.text)
+            assert message in response.text, (name, response.text)
+        errors = cases["manifest lines"][0].json()["errors"]
+        assert [e["line"] for e in errors] == [3, 4, 5, 6]
+        assert "duplicate id 'a'" in errors[2]["error"] and "cat" in errors[3]["error"]
+        errors = cases["manifest escaping"][0].json()["errors"]
+        assert [e["line"] for e in errors] == [3, 4]
+        assert "'..'" in errors[0]["error"] and "outside" in errors[1]["error"]
+        assert cases["duplicate ids"][0].json()["errors"] == [{"item": 2, "error": "duplicate id 'a'"}]
+        assert [e["item"] for e in cases["escaping inline"][0].json()["errors"]] == [1, 2, 3]
+    assert _job_keys(stack) == before  # nothing was recorded, so nothing was queued
+    assert not [k for k in stack.objects("results/jobs/") if k.endswith("/uploads/f")]  # no upload was stored
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert 'rib_requests_rejected_total{status="422"}' in metrics and 'status="413"' in metrics
+
+
+def test_per_image_errors_are_reported_and_the_rest_finishes(stack: Stack) -> None:
+    record = stack.train.records[0]
+    with stack.client() as c:
+        r = c.post("/v1/jobs", json={"images": [
+            {"id": "fine", "image": f"s3://{BUCKET}/companions/{record.image}", "labels": list(record.labels)},
+            {"id": "gone", "image": f"s3://{BUCKET}/companions/images/missing.png", "labels": ["digit3"]}]})
+        assert r.status_code == 202, r.text
+        status = wait_finished(c, r.json()["job_id"])
+        assert status["state"] == "done" and status["counts"] == {
+            "queued": 0, "running": 0, "done": 1, "failed": 1, "skipped": 0}
+        assert status["errors"][0]["id"] == "gone" and "not found" in status["errors"][0]["error"]
+        items = {i["id"]: i for i in all_results(c, r.json()["job_id"], 10)}
+        assert items["gone"]["status"] == "failed" and items["gone"]["artifacts"] == {}
+        assert items["fine"]["status"] == "done"
+
+
+def test_cancel_skips_images_not_started_and_leaves_nothing_half_written(stack: Stack) -> None:
+    images = [{"id": r.id, "image": f"s3://{BUCKET}/companions/{r.image}", "labels": list(r.labels)}
+              for r in stack.train.records[20:32]]
+    with stack.client() as c:
+        r = c.post("/v1/jobs", json={"images": images})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        cancelled = c.delete(f"/v1/jobs/{job_id}")
+        assert cancelled.status_code == 200 and cancelled.json()["state"] in ("cancelling", "cancelled")
+        status = wait_finished(c, job_id)
+        counts = status["counts"]
+        assert status["state"] == "cancelled" and counts["queued"] == counts["running"] == 0
+        assert counts["skipped"] >= 1 and counts["done"] + counts["skipped"] + counts["failed"] == len(images)
+        assert c.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"  # idempotent
+        for item in all_results(c, job_id, 5):
+            written = stack.objects(f"results/jobs/{job_id}/images/{item['id']}/")
+            if item["status"] == "skipped":
+                assert written == [] and item["attempts"] == 0
+            else:
+                assert item["status"] == "done" and {k.rsplit("/", 1)[1] for k in written} == CRF_ARTIFACTS
+        index = json.loads(stack.get(f"results/jobs/{job_id}/index.json"))
+        assert index["state"] == "cancelled" and index["counts"] == counts
+
+
+@pytest.mark.slow
+def test_bulk_job_survives_a_worker_killed_mid_job(stack: Stack) -> None:
+    records = stack.train.records[:20]
+    manifest_uri = upload_dataset(stack.s3, BUCKET, "companions", stack.train, name="bulk20.jsonl", records=20)
+    with stack.client() as c:
+        r = c.post("/v1/jobs", json={"manifest_uri": manifest_uri})
+        assert r.status_code == 202 and r.json()["total"] == 20, r.text
+        job_id = r.json()["job_id"]
+
+        def progressed() -> dict[str, Any] | None:
+            status = c.get(f"/v1/jobs/{job_id}").json()
+            return status if status["counts"]["done"] >= 4 else None
+
+        status = wait_for(progressed, 240, "the first images of the bulk job", every=0.2)
+        stack.worker.kill()  # SIGKILL mid-job: its chunk stays unacknowledged in Redis
+        done_at_kill = c.get(f"/v1/jobs/{job_id}").json()["counts"]["done"]
+        assert status["state"] == "running" and done_at_kill < 20
+        stack.new_worker("worker-2")
+        status = wait_finished(c, job_id, timeout=300)
+        assert status["state"] == "done", stack.worker.tail()
+        assert status["counts"] == {"queued": 0, "running": 0, "done": 20, "failed": 0, "skipped": 0}
+        items = all_results(c, job_id, 7)
+    assert [i["id"] for i in items] == [r.id for r in records]
+    # Only images a dead worker had started are redone: at most one per killed worker.
+    assert 20 <= sum(i["attempts"] for i in items) <= 21
+    for item, record in zip(items, records, strict=True):
+        check_artifacts(stack, item, list(record.labels), size_of(stack.train, record))
+    keys = stack.objects(f"results/jobs/{job_id}/images/")
+    assert len(keys) == len(set(keys)) == 20 * len(CRF_ARTIFACTS)
+    index = json.loads(stack.get(f"results/jobs/{job_id}/index.json"))
+    assert index["counts"]["done"] == 20 and sorted(i["id"] for i in index["images"]) == sorted(r.id for r in records)
+    assert "rib_worker_images_total" in httpx.get(f"{stack.url}/metrics").text
+
+
+@pytest.mark.slow
+def test_training_jobs_run_on_the_training_queue(stack: Stack) -> None:
+    """A DeepLab train job, then an evaluate job with its checkpoint, through a training worker."""
+    manifest_uri = upload_dataset(stack.s3, BUCKET, "deeplab-data", stack.train, records=8, masks=True)
+    # A training worker's visibility timeout must exceed its longest job (the image workers' 20 s would not).
+    env = {**stack.env, "RIB_VISIBILITY_TIMEOUT_S": "3600", "RIB_CHUNK_TIME_LIMIT_S": "1800"}
+    trainer = start_worker(env, stack.logs / "trainer.log", "rib.training", "trainer")
+    tiny = {"arch": "resnet18", "iterations": 3, "batch_size": 2, "crop_size": 64, "retrain": False,
+            "checkpoint_every": 2, "scales": [1.0]}
+    try:
+        with stack.client() as c:
+            def run(spec: dict[str, Any]) -> dict[str, Any]:
+                r = c.post("/v1/training-jobs", json=spec)
+                assert r.status_code == 202, r.text
+                url = r.headers["location"]
+                assert c.get(url).json()["state"] in ("queued", "running")
+                return wait_for(lambda: (s := c.get(url).json())["state"] in ("done", "failed") and s,
+                                300, "the training job", every=1)
+
+            trained = run({"kind": "train", "manifest": manifest_uri, "output": f"s3://{BUCKET}/deeplab/run",
+                           "config": tiny})
+            assert trained["state"] == "done", (trained, trainer.tail())
+            checkpoint = trained["result"]["checkpoint"]
+            assert checkpoint == f"s3://{BUCKET}/deeplab/run/deeplab.pth" and stack.objects("deeplab/run/deeplab.pth")
+            assert trained["result"]["steps"] == 3 and trained["spec"]["config"] == tiny
+            scored = run({"kind": "evaluate", "manifest": manifest_uri, "output": f"s3://{BUCKET}/deeplab/eval",
+                          "checkpoint": checkpoint, "config": tiny})
+            assert scored["state"] == "done", (scored, trainer.tail())
+            report = json.loads(stack.get("deeplab/eval/report.json"))
+            assert report["miou"] == scored["result"]["miou"] and 0 <= report["miou"] <= 1
+            assert c.get("/v1/training-jobs/0123456789abcdef0123456789abcdef").status_code == 404
+            missing = run({"kind": "evaluate", "manifest": manifest_uri, "output": f"s3://{BUCKET}/deeplab/x",
+                           "checkpoint": f"s3://{BUCKET}/deeplab/none.pth"})
+            assert missing["state"] == "failed" and "none.pth" in missing["error"]
+    finally:
+        trainer.stop()

@@ -1,0 +1,145 @@
+"""Job bookkeeping on a real (private) redis-server, input validation and settings, without workers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from rib_core.rib_config import RibConfig
+from rib_core.storage import LocalStorage
+from service.jobs import JobItem, JobStore, image_key
+from service.settings import Settings
+from service.validation import InputError, default_image_id, manifest_items, parse_labels, rib_params
+from tests.service_stack import redis_server
+
+CLASSES = ["cat", "dog", "bird"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobStore]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield JobStore.from_url(f"{url}/0", ttl_s=600)
+
+
+def items(*ids: str) -> list[JobItem]:
+    return [JobItem(i, f"s3://b/{i}.png", ("cat",)) for i in ids]
+
+
+def job(store: JobStore, n: int) -> tuple[str, list[JobItem]]:
+    job_id = f"{n:032x}"
+    its = items(*[f"img{i}" for i in range(n)])
+    store.create(job_id, "bulk", its, {"iterations": 2})
+    return job_id, its
+
+
+def test_counts_stay_exact_when_a_chunk_runs_twice(store: JobStore, tmp_path: Path) -> None:
+    job_id, _ = job(store, 3)
+    assert store.status(job_id)["state"] == "queued"
+    assert store.begin(job_id, "img0") == "run"
+    store.mark_done(job_id, "img0", ["meta.json", "map.npz"], 1.5)
+    assert store.begin(job_id, "img1") == "run"  # ... and its worker dies here
+    assert store.status(job_id)["counts"] == {"running": 1, "done": 1, "failed": 0, "skipped": 0, "queued": 1}
+    # The chunk is delivered again: img0 is not redone, img1 is, img2 runs for the first time.
+    assert store.begin(job_id, "img0") == "finished"
+    assert store.begin(job_id, "img1") == "run"
+    store.mark_done(job_id, "img1", ["meta.json"], None)  # its results were already written
+    assert store.begin(job_id, "img2") == "run"
+    store.mark_failed(job_id, "img2", "cannot read s3://b/img2.png")
+    store.mark_failed(job_id, "img2", "cannot read s3://b/img2.png")  # a rerun reports it again
+    status = store.status(job_id)
+    assert status["counts"] == {"running": 0, "done": 2, "failed": 1, "skipped": 0, "queued": 0}
+    assert status["state"] == "done" and status["timing"]["mean_image_s"] == 0.75
+    assert status["errors"] == [{"id": "img2", "error": "cannot read s3://b/img2.png"}]
+    assert [(i["id"], i["status"], i["attempts"]) for i in store.items(job_id)] == [
+        ("img0", "done", 1), ("img1", "done", 2), ("img2", "failed", 1)]
+    assert [i["id"] for i in store.items(job_id, 1, 1)] == ["img1"]
+    storage = LocalStorage(tmp_path)
+    assert store.finalize(job_id, storage)
+    index = json.loads(storage.get(f"jobs/{job_id}/index.json"))
+    assert index["counts"] == status["counts"] and index["rib"] == {"iterations": 2}
+    assert index["images"][0]["artifacts"] == {"map.npz": image_key(job_id, "img0", "map.npz"),
+                                               "meta.json": image_key(job_id, "img0", "meta.json")}
+
+
+def test_cancel_skips_only_images_not_started(store: JobStore, tmp_path: Path) -> None:
+    job_id, _ = job(store, 4)
+    assert store.begin(job_id, "img0") == "run"
+    assert store.begin(job_id, "img1") == "run"
+    store.mark_done(job_id, "img1", ["meta.json"], 1.0)
+    assert store.finalize(job_id, LocalStorage(tmp_path)) is False  # not finished: no index yet
+    assert store.cancel(job_id) == 2
+    assert store.status(job_id)["state"] == "cancelling"  # img0 is still running
+    assert store.begin(job_id, "img2") == "finished"      # skipped already: the worker does nothing
+    assert store.begin(job_id, "img0") == "run"           # started before the cancel: finished whole
+    store.mark_done(job_id, "img0", ["meta.json"], 1.0)
+    status = store.status(job_id)
+    assert status["state"] == "cancelled"
+    assert status["counts"] == {"running": 0, "done": 2, "failed": 0, "skipped": 2, "queued": 0}
+    assert store.cancel(job_id) == 0  # idempotent
+    assert store.begin("f" * 32, "img0") == "missing"
+    assert store.cancel("f" * 32) == -1
+
+
+def test_all_failed_is_a_failed_job(store: JobStore) -> None:
+    job_id, _ = job(store, 1)
+    store.begin(job_id, "img0")
+    store.mark_failed(job_id, "img0", "bad")
+    assert store.status(job_id)["state"] == "failed"
+    assert store.stats()["images_failed"] >= 1
+
+
+def test_manifest_lines_and_service_rules() -> None:
+    header = json.dumps({"format": "rib-manifest", "version": 1, "classes": ["cat", "dog", "bird", "fish"]})
+    text = "\n".join([header, "", json.dumps({"id": "a", "image": "a.png", "labels": ["cat"]}), "",
+                      json.dumps({"id": "b", "image": "b.png", "labels": ["fish"]}),
+                      json.dumps({"id": "c", "image": "/tmp/c.png", "labels": ["dog"]})])
+    with pytest.raises(InputError) as e:
+        manifest_items(text, "s3://bucket/data", CLASSES, ["s3://bucket/"])
+    assert e.value.status == 422
+    assert [(x["line"], x["error"].split()[0]) for x in e.value.errors] == [(5, "'b'"), (6, "'/tmp/c.png'")]
+    good = manifest_items("\n".join(text.splitlines()[:4]), "s3://bucket/data", CLASSES, ["s3://bucket/"])
+    assert good == [JobItem("a", "s3://bucket/data/a.png", ("cat",))]
+    # Without a header line the model's classes apply.
+    plain = json.dumps({"id": "x", "image": "x.png", "labels": ["dog"]})
+    assert manifest_items(plain, "s3://bucket", CLASSES, ["s3://"])[0].labels == ("dog",)
+
+
+def test_rib_parameters_override_the_defaults_within_bounds() -> None:
+    defaults = RibConfig(iterations=3, companions=4)
+    cfg = rib_params('{"tau": 0.5}', defaults, 1024)
+    assert (cfg.iterations, cfg.companions, cfg.tau) == (3, 4, 0.5)
+    assert rib_params(None, defaults, 1024) == defaults
+    for bad, message in (({"pooling": "max"}, "invalid RIB"), ({"map_scales": [1.0, 9.0]}, "scales"),
+                         ({"loss_scales": [3.0]}, "loss scale"), ([1, 2], "JSON object"),
+                         ({"resize_long": [320, 4096]}, "RIB_MAX_CROP_SIZE"), ({"unknown": 1}, "invalid RIB")):
+        with pytest.raises(InputError, match=message):
+            rib_params(bad, defaults, 1024)
+
+
+def test_small_helpers() -> None:
+    assert parse_labels(["cat, dog", "bird", "cat", " "]) == ["cat", "dog", "bird"]
+    assert default_image_id("../../My Photo (1).JPG") == "My_Photo__1_"
+    assert default_image_id(".hidden") == "hidden"
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RIB_API_KEYS", "a, b ,")
+    monkeypatch.setenv("RIB_INPUT_PREFIXES", "s3://data/,/mnt/data/")
+    monkeypatch.setenv("RIB_RIB_DEFAULTS", '{"iterations": 4}')
+    monkeypatch.setenv("RIB_RIB_DEFAULTS__CROP_SIZE", "256")
+    s = Settings()
+    assert s.api_keys == ["a", "b"] and s.input_prefixes == ["s3://data/", "/mnt/data/"]
+    assert (s.rib_defaults.iterations, s.rib_defaults.crop_size, s.rib_defaults.tau) == (4, 256, 0.4)
+    assert s.state_redis_url == s.broker_url
+    monkeypatch.setenv("RIB_VISIBILITY_TIMEOUT_S", "60")
+    monkeypatch.setenv("RIB_CHUNK_TIME_LIMIT_S", "120")
+    with pytest.raises(ValidationError, match="below RIB_VISIBILITY_TIMEOUT_S"):
+        Settings()
+    monkeypatch.setenv("RIB_CHUNK_TIME_LIMIT_S", "30")
+    monkeypatch.setenv("RIB_DEVICE", "gpu")
+    with pytest.raises(ValidationError, match="device"):
+        Settings()
