@@ -46,7 +46,7 @@ class DemoJobConfig(BaseModel):
     cam: CamConfig = Field(default_factory=CamConfig)
     rib: RibConfig = Field(default_factory=_demo_rib)
     refine: RefineConfig = Field(default_factory=lambda: RefineConfig(
-        irn=IrnTrainConfig(arch="resnet18", crop_size=64, batch_size=8, epochs=3)))
+        irn=IrnTrainConfig(arch="resnet18", crop_size=64, batch_size=8, epochs=3, radius=5)))
     n_images: int = Field(40, ge=1, description="train images that get RIB maps and pseudo-masks (paper: all)")
     report_rows: int = Field(12, ge=0)
 

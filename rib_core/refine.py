@@ -23,7 +23,8 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from rib_core.checkpoints import FORMAT as CAM_FORMAT
 from rib_core.checkpoints import _read, is_official_layout, load_classifier
 from rib_core.classes import IGNORE_INDEX
 from rib_core.crf import CrfConfig, crf_seed
-from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
+from rib_core.datasets import Manifest, ManifestRecord, load_image, load_manifest, load_mask
 from rib_core.evaluation import EvalConfig, confusion, scores, seed_from_map, sweep_seeds, write_report
 from rib_core.irn import IrnNet, PathIndex, boundary_map, irn_loss, load_irn, save_irn
 from rib_core.optim import PolySGD, irn_param_groups
@@ -88,6 +89,14 @@ class IrnTrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _crop_fits_radius(self) -> IrnTrainConfig:
+        side = self.crop_size // 4  # the networks' stride-4 map
+        if side <= 2 * (self.radius - 1):
+            raise ValueError(f"crop_size {self.crop_size} gives a {side}x{side} map, too small for radius "
+                             f"{self.radius}: use radius <= {side // 2} or a larger crop")
+        return self
+
 
 class RandomWalkConfig(BaseModel):
     """Random walk on IRN's affinities (``step/make_sem_seg_labels.py``, ``misc/indexing.py``)."""
@@ -99,6 +108,16 @@ class RandomWalkConfig(BaseModel):
     radius: int = Field(5, ge=2, le=10)           # propagate_to_edge(radius=5)
     power: float = Field(1.3, gt=0)               # RIB run_sample.py --np_power 1.3 (IRN: 1.0)
     bg_threshold: float = Field(0.27, gt=0, lt=1)  # --sem_seg_bg_thres 0.27
+    # DeepLab re-training labels (paper appendix A.1): walk value > 0.3 foreground, < 0.2
+    # background, 255 between. Not in the public code (which stops at the masks).
+    retrain_fg_threshold: float = Field(0.3, gt=0, lt=1)
+    retrain_bg_threshold: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RandomWalkConfig:
+        if self.retrain_bg_threshold >= self.retrain_fg_threshold:
+            raise ValueError("retrain_bg_threshold must be below retrain_fg_threshold")
+        return self
 
 
 class RefineConfig(BaseModel):
@@ -204,7 +223,6 @@ def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: st
     if cfg.init_weights:
         _init_backbone(model, cfg.init_weights)
     index = PathIndex(cfg.radius)
-    index.source_shape((cfg.crop_size // 4, cfg.crop_size // 4))  # fail early on a crop too small for the radius
     dataset = IrnDataset(manifest, label_dir, cfg, index)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -283,25 +301,52 @@ def propagate(x: torch.Tensor, transition: torch.Tensor, steps: int) -> torch.Te
     return z.T.reshape(c, h, w)
 
 
-def random_walk(lmap: LocalizationMap, boundary: torch.Tensor, cfg: RandomWalkConfig | None = None) -> np.ndarray:
-    """Semantic pseudo-mask of one image from its map and IRN boundary map (stride 4): uint8 labels."""
+def walk_scores(lmap: LocalizationMap, boundary: torch.Tensor, cfg: RandomWalkConfig | None = None) -> np.ndarray:
+    """The random walk's [K, H, W] values for the image's classes (``lmap.keys``), at full size and
+    divided by the image's peak, as IRN's ``make_sem_seg_labels`` computes them before thresholding."""
     cfg = cfg or RandomWalkConfig()
     size = lmap.high_res.shape[1:]
-    keys = np.asarray(lmap.keys, np.int64)
-    if len(keys) == 0:
-        return np.zeros(size, np.uint8)
     cam = torch.from_numpy(lmap.cam).to(boundary.device, torch.float32)
+    if len(lmap.keys) == 0:
+        return np.zeros((0, *size), np.float32)
     if cam.shape[-2:] != boundary.shape:
         raise ValueError(f"map is {tuple(cam.shape[-2:])} at stride 4 but the boundary map is {tuple(boundary.shape)}")
     transition = transition_matrix(boundary, cfg.radius, cfg.beta)
     walked = propagate(cam.clamp_min(0) ** cfg.power * (1 - boundary), transition, 2 ** cfg.exp_times)
     up = F.interpolate(walked[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :size[0], :size[1]]
     peak = up.max()
-    if peak <= 0:
-        return np.zeros(size, np.uint8)
-    scores_ = torch.cat([torch.full_like(up[:1], cfg.bg_threshold), up / peak])
-    labels = np.concatenate([[0], keys + 1]).astype(np.uint8)
-    return labels[scores_.argmax(0).cpu().numpy()]
+    return (up / peak if peak > 0 else torch.zeros_like(up)).cpu().numpy()
+
+
+def mask_from_scores(scores_: np.ndarray, keys: Sequence[int], bg_threshold: float) -> np.ndarray:
+    """IRN's labels: the best class where its walk value beats the constant background score."""
+    if len(keys) == 0:
+        return np.zeros(scores_.shape[1:], np.uint8)
+    labels = np.concatenate([[0], np.asarray(keys, np.int64) + 1]).astype(np.uint8)
+    best = np.concatenate([np.full_like(scores_[:1], bg_threshold), scores_]).argmax(0)
+    return labels[best]
+
+
+def three_way_labels(scores_: np.ndarray, keys: Sequence[int], fg_threshold: float = 0.3,
+                     bg_threshold: float = 0.2) -> np.ndarray:
+    """Labels for DeepLab's first round of re-training (appendix A.1): where the best walk value is
+    above ``fg_threshold`` that class, below ``bg_threshold`` background, 255 (ignore) in between."""
+    if scores_.shape[0] != len(keys):
+        raise ValueError(f"scores must be [len(keys), H, W] = [{len(keys)}, H, W], got {scores_.shape}")
+    if len(keys) == 0:
+        return np.zeros(scores_.shape[1:], np.uint8)
+    best = scores_.max(0)
+    out = np.full(best.shape, IGNORE_INDEX, np.uint8)
+    fg = best > fg_threshold
+    out[fg] = (np.asarray(keys, np.int64) + 1)[scores_.argmax(0)][fg]
+    out[best < bg_threshold] = 0
+    return out
+
+
+def random_walk(lmap: LocalizationMap, boundary: torch.Tensor, cfg: RandomWalkConfig | None = None) -> np.ndarray:
+    """Semantic pseudo-mask of one image from its map and IRN boundary map (stride 4): uint8 labels."""
+    cfg = cfg or RandomWalkConfig()
+    return mask_from_scores(walk_scores(lmap, boundary, cfg), lmap.keys, cfg.bg_threshold)
 
 
 def irn_mask(model: IrnNet, image_uint8: np.ndarray, lmap: LocalizationMap, cfg: RandomWalkConfig | None = None,
@@ -450,10 +495,16 @@ def refine_maps(maps_dir: str | os.PathLike[str], manifest: Manifest | str | os.
     started = time.perf_counter()
     mask_score = _Scorer(len(classes), classes)
     raw_score = _Scorer(len(classes), classes)
+    if model is not None:
+        (out / "retrain_labels").mkdir(exist_ok=True)
     for r in tqdm(records, desc="masks", disable=not progress, unit="img"):
         image, lmap = load_image(manifest.image_uri(r)), lmap_of(r.id)
         if model is not None:
-            mask = irn_mask(model, image, lmap, cfg.walk, device)
+            walked = walk_scores(lmap, boundary_map(model, image, device), cfg.walk)
+            mask = mask_from_scores(walked, lmap.keys, cfg.walk.bg_threshold)
+            three_way = three_way_labels(walked, lmap.keys, cfg.walk.retrain_fg_threshold,
+                                         cfg.walk.retrain_bg_threshold)
+            (out / "retrain_labels" / f"{r.id}.png").write_bytes(label_png(three_way))
         else:
             mask = np.asarray(Image.open(out / "crf" / f"{r.id}.png"))
         raw = mask
@@ -470,7 +521,18 @@ def refine_maps(maps_dir: str | os.PathLike[str], manifest: Manifest | str | os.
         report["masks"] = mask_score.report()
         if saliency_uri:
             report["masks_without_saliency"] = raw_score.report()
+    report["manifests"] = {"pseudo_masks": str(_mask_manifest(manifest, records, out, "masks"))}
+    if model is not None:
+        report["manifests"]["retrain_labels"] = str(_mask_manifest(manifest, records, out, "retrain_labels"))
     report["timing"] = {k: round(v, 2) for k, v in timing.items()}
     report["config"] = cfg.model_dump()
     write_report(report, out / "report.json")
     return report
+
+
+def _mask_manifest(manifest: Manifest, records: list[ManifestRecord], out: Path, folder: str) -> Path:
+    """``<folder>.jsonl``: the images with ``out/<folder>/<id>.png`` as their masks, for DeepLab."""
+    path = out / f"{folder}.jsonl"
+    Manifest(manifest.classes, [replace(r, image=manifest.image_uri(r), mask=f"{folder}/{r.id}.png") for r in records],
+             str(out)).save(path)
+    return path

@@ -95,9 +95,8 @@ class DeepLabTrainConfig(BaseModel):
     log_every: int = Field(20, ge=1)                # voc12.yaml AVERAGE_LOSS 20 (moving-average window)
     # Re-training (appendix A.1): train on labels whose uncertain pixels are 255, fill those from the
     # first network's predictions, train again. VOC only ("not for the MS COCO dataset").
+    # Train it on refine_maps' retrain_labels.jsonl (walk value > 0.3 foreground, < 0.2 background).
     retrain: bool = True
-    retrain_fg_threshold: float = Field(0.3, gt=0, lt=1)  # appendix A.1: random-walk value > 0.3 is foreground
-    retrain_bg_threshold: float = Field(0.2, gt=0, lt=1)  # appendix A.1: < 0.2 is background
     # "train the network again": the paper does not say from which weights; we restart from
     # init_weights ("initial"); "first_round" continues from the first network.
     retrain_init: Literal["initial", "first_round"] = "initial"
@@ -122,8 +121,6 @@ class DeepLabTrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> DeepLabTrainConfig:
-        if self.retrain_bg_threshold >= self.retrain_fg_threshold:
-            raise ValueError("retrain_bg_threshold must be below retrain_fg_threshold")
         if not self.scales or not self.test_scales:
             raise ValueError("scales and test_scales need at least one value")
         return self
@@ -451,36 +448,6 @@ def predict_to(model: DeepLab, manifest: Manifest, storage: Storage, cfg: DeepLa
 
 
 # ----------------------------------------------------------------------------- re-training (appendix A.1)
-
-def three_way_labels(scores: np.ndarray, keys: np.ndarray | list[int], fg_threshold: float = 0.3,
-                     bg_threshold: float = 0.2) -> np.ndarray:
-    """First-round labels from a random-walk score map (appendix A.1).
-
-    ``scores`` is [K + 1, H, W] as IRN's ``make_sem_seg_labels`` builds it: channel 0 background
-    (IRN fills it with a constant threshold, unused here), channel k the walk's value for class
-    ``keys[k - 1]`` (0-based), normalised by the image's maximum. Where the best class value is
-    above ``fg_threshold`` the pixel takes that class (i + 1), below ``bg_threshold`` background
-    (0), and 255 in between.
-    """
-    keys = np.asarray(keys, np.int64)
-    if scores.ndim != 3 or scores.shape[0] != len(keys) + 1:
-        raise ValueError(f"scores must be [len(keys) + 1, H, W] = [{len(keys) + 1}, H, W], got {scores.shape}")
-    if len(keys) == 0:
-        return np.zeros(scores.shape[1:], np.uint8)
-    fg = scores[1:]
-    best = fg.max(0)
-    out = np.full(best.shape, IGNORE_INDEX, np.uint8)
-    out[best > fg_threshold] = (keys + 1)[fg.argmax(0)][best > fg_threshold]
-    out[best < bg_threshold] = 0
-    return out
-
-
-def three_way_label_png(scores: np.ndarray, keys: np.ndarray | list[int],
-                        cfg: DeepLabTrainConfig | None = None) -> bytes:
-    """:func:`three_way_labels` with the configured thresholds, as a label PNG for a manifest."""
-    cfg = cfg or DeepLabTrainConfig()
-    return label_png(three_way_labels(scores, keys, cfg.retrain_fg_threshold, cfg.retrain_bg_threshold))
-
 
 def fill_ignored(labels: np.ndarray, prediction: np.ndarray) -> np.ndarray:
     """Second-round labels: the ignored (255) pixels take the first network's prediction."""

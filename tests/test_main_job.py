@@ -28,7 +28,7 @@ def demo_run(classifier_path, tmp_path_factory) -> Path:
     cfg = DemoJobConfig(
         data=SMALL_DEMO, classifier=SMALL_CLASSIFIER, n_images=6, report_rows=3,
         rib=RibConfig(iterations=3, companions=2, crop_size=64, resize_long=(48, 80)),
-        refine=RefineConfig(irn=IrnTrainConfig(arch="resnet18", crop_size=64, batch_size=4, epochs=1)),
+        refine=RefineConfig(irn=IrnTrainConfig(arch="resnet18", crop_size=64, batch_size=4, epochs=1, radius=5)),
     )
     summary = run_demo(out, cfg, progress=False)
     assert [m["method"] for m in summary["metrics"]][:3] == ["all background", "CAM seed", "RIB seed (M)"]

@@ -187,8 +187,8 @@ def test_train_irn_refuses_bad_settings(subset: Manifest, tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_irn(subset, tmp_path, tmp_path, IrnTrainConfig(arch="resnet18", batch_size=N_IMAGES + 1, crop_size=64,
                                                             radius=5))
-    with pytest.raises(ValueError, match="too small"):
-        train_irn(subset, tmp_path, tmp_path, IrnTrainConfig(arch="resnet18", crop_size=64, radius=10))
+    with pytest.raises(ValueError, match="too small for radius 10: use radius <= 8"):
+        IrnTrainConfig(arch="resnet18", crop_size=64, radius=10)
 
 
 @pytest.mark.slow

@@ -24,9 +24,16 @@ SMALL = dict(crop_size=64, resize_long=(48, 96), companions=3)
 def setup(demo, classifier_path):
     model, _, _ = load_classifier(classifier_path)
     pool = CompanionPool.from_manifest(demo.train, limit=40)
-    record = next(r for r in demo.val.records if len(r.labels) >= 2)
-    image = load_image(demo.val.image_uri(record))
-    return model, pool, image, demo.val.label_indices(record)
+    # Two-digit scenes are rare at 64 px (13 of 192 train images, none of the 16 val images). Take
+    # one where the classifier's CAM is positive somewhere for both digits, so the stopping rules
+    # have a map to look at.
+    for record in (r for r in demo.train.records if len(r.labels) >= 2):
+        image, keys = load_image(demo.train.image_uri(record)), demo.train.label_indices(record)
+        with torch.no_grad():
+            cam = model.cam(multiscale_flip_batches(image, (1.0,))[0])[0]
+        if all(cam[k].max() > 0 for k in keys):
+            return model, pool, image, keys
+    raise AssertionError("the fixture classifier localises no two-digit training scene")
 
 
 def test_gndrp_matches_official_loop_and_drops_discriminative_pixels():
@@ -107,7 +114,7 @@ def test_parity_with_official_structure(setup, pooling, stop):
     model, pool, image, keys = setup
     extra = {"none": dict(margin=1e9, explode_ratio=1.0), "margin": dict(margin=1e-3),
              "explosion": dict(margin=1e9, explode_ratio=1e-3)}[stop]
-    cfg = RibConfig(iterations=3, lr=1e-3, pooling=pooling, **SMALL, **extra)
+    cfg = RibConfig(iterations=3, lr=1e-4, pooling=pooling, **SMALL, **extra)  # 1e-3 overflows this net
     ours = RibRunner(model, pool, cfg).run(image, keys, seed=11)
     ref = reference_rib(model, pool, image, keys, cfg, seed=11)
     assert ours.stop_reason == ("iterations" if stop == "none" else stop)

@@ -28,7 +28,7 @@ from rib_core.toy import (
 
 torch.set_num_threads(2)
 
-SMALL = ToyConfig(channels=(8, 16, 16, 32, 32), epochs=5, batch_size=32, n_analysis=12, rib_iterations=3,
+SMALL = ToyConfig(channels=(8, 16, 16, 32, 32), epochs=10, batch_size=32, n_analysis=12, rib_iterations=3,
                   rib_batch=4)
 
 
