@@ -38,6 +38,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's (for the figures' records)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--arch", default="resnet18")
@@ -79,7 +84,7 @@ def main() -> None:
     ours = float(np.mean(ours_t))
     ref = float(np.mean(ref_t)) if ref_t else float("nan")
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "threads": torch.get_num_threads(), "config": vars(args),
         "ours_s_per_image": round(ours, 3), "ours_images_per_s": round(1 / ours, 3),
         "reference_s_per_image": round(ref, 3), "reference_images_per_s": round(1 / ref, 3),

@@ -177,16 +177,13 @@ def cmd_compare_pooling(args: argparse.Namespace) -> None:
 
 
 def cmd_deeplab(args: argparse.Namespace) -> None:
-    from rib_core.train_deeplab import run_training_job
+    from rib_core.train_deeplab import DeepLabTrainConfig, run_training_job
 
-    overrides = build_config(_AnyConfig, args).model_dump()
-    spec = {"kind": args.action, "manifest": args.manifest, "output": args.out, "config": overrides,
-            "checkpoint": args.checkpoint, "device": _dev(args)}
-    print(json.dumps(run_training_job({k: v for k, v in spec.items() if v is not None}), indent=2, default=str))
-
-
-class _AnyConfig(BaseModel, extra="allow"):
-    """Free-form overrides, validated by the DeepLab config inside the job."""
+    spec = {"kind": args.action, "manifest": args.manifest, "output": args.out,
+            "config": build_config(DeepLabTrainConfig, args).model_dump(), "checkpoint": args.checkpoint,
+            "evaluate_on": args.evaluate_on, "device": _dev(args), "progress": not args.quiet}
+    summary = run_training_job({k: v for k, v in spec.items() if v is not None})
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))
 
 
 def _exec(argv: list[str]) -> None:
@@ -257,6 +254,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("manifest")
     p.add_argument("out")
     p.add_argument("--checkpoint", help="DeepLab checkpoint for evaluate/predict")
+    p.add_argument("--evaluate-on", help="train: then evaluate on this manifest (with ground truth) and predict it")
     p = _with_config(add("toy", cmd_toy, "the paper's toy experiment (Figures 1c and 2b) on MNIST 2 vs 8"))
     p.add_argument("out")
     p = add("serve", cmd_serve, "run the API (uvicorn service.main:app)")

@@ -93,7 +93,13 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     stage("rib_s", t)
 
     t = time.perf_counter()
-    refined = refine_maps(out / "rib", subset, out / "refined", cfg.refine, device=device, progress=progress)
+    refine_cfg = cfg.refine
+    if refine_cfg.use_irn and refine_cfg.irn.init_weights is None:
+        # IRN's frozen backbone is ImageNet ResNet-50 in the paper; with no ImageNet weights here,
+        # the demo classifier's backbone stands in for it (a random frozen backbone learns nothing).
+        irn = refine_cfg.irn.model_copy(update={"init_weights": str(ckpt)})
+        refine_cfg = refine_cfg.model_copy(update={"irn": irn})
+    refined = refine_maps(out / "rib", subset, out / "refined", refine_cfg, device=device, progress=progress)
     stage("refine_s", t)
 
     cam_seed = _seed_metrics(out / "cam", subset, cfg)

@@ -38,6 +38,12 @@ def confusion(pred: np.ndarray, gt: np.ndarray, n_labels: int) -> np.ndarray:
     return np.bincount(idx, minlength=n_labels * n_labels).reshape(n_labels, n_labels)
 
 
+def _mean_defined(values: np.ndarray) -> float:
+    """Mean over the defined (non-NaN) entries; NaN when there are none (e.g. nothing predicted)."""
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if len(defined) else float("nan")
+
+
 def scores(conf: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """mIoU, per-class IoU and foreground precision / recall / F1 from a confusion matrix."""
     conf = conf.astype(np.float64)
@@ -48,8 +54,7 @@ def scores(conf: np.ndarray, class_names: Sequence[str] | None = None) -> dict[s
         iou = tp / (gt + pr - tp)
         precision = tp / pr
         recall = tp / gt
-    p = float(np.nanmean(precision[1:])) if len(tp) > 1 else float("nan")
-    r = float(np.nanmean(recall[1:])) if len(tp) > 1 else float("nan")
+    p, r = _mean_defined(precision[1:]), _mean_defined(recall[1:])
     names = ["background", *(class_names or [str(i) for i in range(1, len(tp))])]
     return {
         "miou": float(np.nanmean(iou)),

@@ -519,9 +519,10 @@ def run_training_job(spec: dict[str, Any]) -> dict[str, Any]:
     ``spec``: ``kind`` ("train" | "evaluate" | "predict"), ``manifest`` (path or s3:// URI),
     ``output`` (local folder or s3:// prefix), ``config`` (DeepLabTrainConfig overrides, ``preset``
     included), ``checkpoint`` (a DeepLab checkpoint; evaluate and predict), ``device`` (default cpu),
-    ``progress`` (default false). A train job with the same output resumes where it stopped.
-    Returns a JSON-able summary; ``report.json`` (evaluate) and ``train_report.json`` (train) are
-    written to the output too.
+    ``progress`` (default false), and for train jobs ``evaluate_on`` (a manifest with ground truth:
+    the trained network is then evaluated on it and its masks predicted, as one job). A train job
+    with the same output resumes where it stopped. Returns a JSON-able summary; ``report.json``
+    (evaluate), ``train_report.json`` (train) and ``predictions/<id>.png`` are written to the output.
     """
     kind = spec.get("kind")
     if kind not in ("train", "evaluate", "predict"):
@@ -537,20 +538,41 @@ def run_training_job(spec: dict[str, Any]) -> dict[str, Any]:
     storage = open_storage(spec["output"])
     manifest = load_manifest(spec["manifest"])
     _, rank, _ = dist_env()
+    evaluate_on = load_manifest(spec["evaluate_on"]) if kind == "train" and spec.get("evaluate_on") else None
+    if evaluate_on is not None and evaluate_on.classes != manifest.classes:
+        raise ValueError(f"evaluate_on's classes {evaluate_on.classes} differ from the manifest's {manifest.classes}")
     if kind == "train":
-        return _train_job(spec["output"], storage, manifest, cfg, device, progress, rank)
+        summary = _train_job(spec["output"], storage, manifest, cfg, device, progress, rank)
+        if evaluate_on is None or rank != 0:
+            return summary
+        model, _, _ = load_deeplab(_work_dir(spec["output"], storage) / "deeplab.pth")
+        evaluation = _evaluate_job(model, evaluate_on, storage, "evaluation/", cfg, device, progress)
+        predictions = _predict_job(model, evaluate_on, storage, "evaluation/masks", cfg, device, progress)
+        summary = {**summary, "evaluation": {**evaluation, **predictions}}
+        storage.put("train_report.json", json.dumps(summary, indent=2).encode(), "application/json")
+        return summary
     if rank != 0:  # inference runs in one process; other torchrun ranks have nothing to do
         return {"kind": kind, "rank": rank}
     model, classes, _ = load_deeplab(spec["checkpoint"])
     if classes != manifest.classes:
         raise ValueError(f"the checkpoint's classes {classes} differ from the manifest's {manifest.classes}")
     if kind == "evaluate":
-        report = evaluate(model, manifest, cfg, device, progress)
-        storage.put("report.json", json.dumps(report, indent=2).encode(), "application/json")
-        return {"kind": kind, "report": storage.uri("report.json"), "miou": report["miou"],
-                "all_background_miou": report["all_background_miou"], "images": report["images"]}
-    keys = predict_to(model, manifest, storage, cfg, device, progress=progress)
-    return {"kind": kind, "images": len(keys), "masks": storage.uri("masks")}
+        return {"kind": kind, **_evaluate_job(model, manifest, storage, "", cfg, device, progress)}
+    return {"kind": kind, **_predict_job(model, manifest, storage, "masks", cfg, device, progress)}
+
+
+def _evaluate_job(model: DeepLab, manifest: Manifest, storage: Storage, prefix: str, cfg: DeepLabTrainConfig,
+                  device: torch.device, progress: bool) -> dict[str, Any]:
+    report = evaluate(model, manifest, cfg, device, progress)
+    storage.put(f"{prefix}report.json", json.dumps(report, indent=2).encode(), "application/json")
+    return {"report": storage.uri(f"{prefix}report.json"), "miou": report["miou"],
+            "all_background_miou": report["all_background_miou"], "images": report["images"]}
+
+
+def _predict_job(model: DeepLab, manifest: Manifest, storage: Storage, prefix: str, cfg: DeepLabTrainConfig,
+                 device: torch.device, progress: bool) -> dict[str, Any]:
+    keys = predict_to(model, manifest, storage, cfg, device, prefix, progress)
+    return {"predicted": len(keys), "masks": storage.uri(prefix)}
 
 
 def _train_job(output: str, storage: Storage, manifest: Manifest, cfg: DeepLabTrainConfig, device: torch.device,

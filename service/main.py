@@ -30,6 +30,7 @@ from rib_core import __version__
 from rib_core.datasets import load_manifest
 from rib_core.rib_config import RibConfig
 from rib_core.storage import Storage, parent_uri, read_bytes, uri_exists
+from rib_core.train_deeplab import DeepLabTrainConfig
 from service.jobs import JobItem, JobStore, image_key, upload_key
 from service.metrics import LATENCY, REGISTRY, REJECTED, REQUESTS, SUBMITTED, RedisStatsCollector
 from service.settings import Settings, get_settings
@@ -373,14 +374,17 @@ class TrainingJobRequest(BaseModel):
     manifest: str = Field(description="s3:// URI of a manifest (pseudo-masks to train on, or images to score)")
     output: str = Field(description="s3:// prefix for checkpoints, reports or predictions")
     checkpoint: str | None = Field(None, description="DeepLab checkpoint for evaluate and predict")
-    config: dict[str, Any] = Field(default_factory=dict, description="DeepLab settings to override")
+    evaluate_on: str | None = Field(None, description="train: s3:// manifest with ground truth to evaluate and "
+                                                      "predict once trained")
+    config: DeepLabTrainConfig = Field(default_factory=DeepLabTrainConfig,
+                                       description="DeepLab settings (rib_core.train_deeplab.DeepLabTrainConfig)")
 
 
 @v1.post("/training-jobs", status_code=202, tags=["training"])
 def submit_training(req: TrainingJobRequest) -> JSONResponse:
     svc = service()
     prefixes = svc.settings.input_prefixes
-    errors = [{"field": name, "error": err} for name in ("manifest", "output", "checkpoint")
+    errors = [{"field": name, "error": err} for name in ("manifest", "output", "checkpoint", "evaluate_on")
               if (uri := getattr(req, name)) is not None and (err := uri_error(uri, prefixes))]
     if errors:
         raise InputError(422, "invalid locations", errors)

@@ -270,6 +270,9 @@ def test_bad_input_gets_a_4xx_and_never_reaches_a_worker(stack: Stack) -> None:
                                                                 "output": "s3://rib/o"}), 422, "kind"),
             "training location": (c.post("/v1/training-jobs", json={"kind": "train", "manifest": "/etc/m",
                                                                     "output": "s3://rib/o"}), 422, "outside"),
+            "training config": (c.post("/v1/training-jobs", json={
+                "kind": "train", "manifest": f"s3://{BUCKET}/m", "output": f"s3://{BUCKET}/o",
+                "config": {"lr": -1, "arch": "resnet18"}}), 422, "greater than 0"),
         }
         for name, (response, status, message) in cases.items():
             assert response.status_code == status, (name, response.text)
@@ -382,11 +385,16 @@ def test_training_jobs_run_on_the_training_queue(stack: Stack) -> None:
                                 300, "the training job", every=1)
 
             trained = run({"kind": "train", "manifest": manifest_uri, "output": f"s3://{BUCKET}/deeplab/run",
-                           "config": tiny})
+                           "config": tiny, "evaluate_on": manifest_uri})
             assert trained["state"] == "done", (trained, trainer.tail())
             checkpoint = trained["result"]["checkpoint"]
             assert checkpoint == f"s3://{BUCKET}/deeplab/run/deeplab.pth" and stack.objects("deeplab/run/deeplab.pth")
-            assert trained["result"]["steps"] == 3 and trained["spec"]["config"] == tiny
+            assert trained["result"]["steps"] == 3 and {k: trained["spec"]["config"][k] for k in tiny} == tiny
+            # evaluate_on: the same job scored the trained network and predicted the manifest's images.
+            evaluation = trained["result"]["evaluation"]
+            assert evaluation["images"] == evaluation["predicted"] == 8
+            assert json.loads(stack.get("deeplab/run/evaluation/report.json"))["miou"] == evaluation["miou"]
+            assert len(stack.objects("deeplab/run/evaluation/masks/")) == 8
             scored = run({"kind": "evaluate", "manifest": manifest_uri, "output": f"s3://{BUCKET}/deeplab/eval",
                           "checkpoint": checkpoint, "config": tiny})
             assert scored["state"] == "done", (scored, trainer.tail())

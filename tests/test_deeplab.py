@@ -1,5 +1,3 @@
-# NOT COLLECTED: these DeepLab tests were written at the end of the session and not all were run
-# (issue 6 is open). Rename back to test_deeplab.py once `pytest` passes on it.
 """DeepLab on pseudo-masks: networks, training, resume, DDP, re-training, evaluation and jobs.
 
 All on the real demo dataset with a ResNet-18 backbone and tiny crops on the CPU. DDP runs as a real
@@ -31,16 +29,16 @@ from rib_core.deeplab import DeepLab, load_deeplab, load_initial_weights, save_d
 from rib_core.demo_data import DemoDataset
 from rib_core.evaluation import all_background_miou
 from rib_core.networks import BACKBONES
+from rib_core.refine import RandomWalkConfig, three_way_labels
 from rib_core.train_deeplab import (
     DeepLabTrainConfig,
     fill_ignored,
     run_training_job,
     segmentation_loss,
-    three_way_label_png,
-    three_way_labels,
     train_deeplab,
     train_with_retraining,
 )
+from rib_core.visualize import label_png
 from tests.service_stack import moto_s3
 
 # Tiny runs: ResNet-18, 64 px crops (the demo images' size), no MSC unless a test needs it.
@@ -95,8 +93,8 @@ def test_config_presets_and_checks() -> None:
     assert DeepLabTrainConfig(preset="coco", crop_size=400).crop_size == 400  # explicit values win
     with pytest.raises(ValueError, match="preset"):
         DeepLabTrainConfig(preset="ade")
-    with pytest.raises(ValueError, match="below"):
-        DeepLabTrainConfig(retrain_fg_threshold=0.2, retrain_bg_threshold=0.3)
+    with pytest.raises(ValueError, match="below"):  # the re-training labels' thresholds live with the walk
+        RandomWalkConfig(retrain_fg_threshold=0.2, retrain_bg_threshold=0.3)
     with pytest.raises(ValueError):
         DeepLabTrainConfig(learning_rate=0.1)
 
@@ -135,15 +133,14 @@ def test_initial_weights_kinds_and_refusals(classifier_path: Path, tmp_path: Pat
 
 
 def test_three_way_labels_and_fill() -> None:
-    scores = np.zeros((3, 2, 4), np.float32)
-    scores[0] = 0.27  # IRN's constant background channel: not used by the thresholds
-    scores[1] = [[0.9, 0.25, 0.1, 0.0], [0.31, 0.0, 0.0, 0.19]]
-    scores[2] = [[0.1, 0.1, 0.5, 0.0], [0.0, 0.29, 0.0, 0.0]]
-    labels = three_way_labels(scores, keys=[3, 0])  # channel 1 is class 3 (label 4), channel 2 class 0 (label 1)
+    scores = np.zeros((2, 2, 4), np.float32)
+    scores[0] = [[0.9, 0.25, 0.1, 0.0], [0.31, 0.0, 0.0, 0.19]]
+    scores[1] = [[0.1, 0.1, 0.5, 0.0], [0.0, 0.29, 0.0, 0.0]]
+    labels = three_way_labels(scores, keys=[3, 0])  # channel 0 is class 3 (label 4), channel 1 class 0 (label 1)
     assert labels.tolist() == [[4, 255, 1, 0], [4, 255, 0, 0]]
-    with pytest.raises(ValueError, match="len\\(keys\\) \\+ 1"):
+    with pytest.raises(ValueError, match="len\\(keys\\)"):
         three_way_labels(scores, keys=[1])
-    assert three_way_labels(np.ones((1, 2, 2)), keys=[]).tolist() == [[0, 0], [0, 0]]
+    assert three_way_labels(np.ones((0, 2, 2)), keys=[]).tolist() == [[0, 0], [0, 0]]
     prediction = np.full((2, 4), 2, np.uint8)
     assert fill_ignored(labels, prediction).tolist() == [[4, 2, 1, 0], [4, 2, 0, 0]]
 
@@ -158,27 +155,36 @@ def test_train_evaluate_predict_jobs_on_demo(demo: DemoDataset, tmp_path: Path) 
     torch.set_num_threads(2)
     cfg = {**TINY, "iterations": 100, "lr": 2e-3, "freeze_bn": False}
     trained = run_training_job({"kind": "train", "manifest": str(demo.root / "train.jsonl"),
-                                "output": str(tmp_path / "train"), "config": cfg})
+                                "output": str(tmp_path / "train"), "config": cfg,
+                                "evaluate_on": str(demo.root / "val.jsonl")})
     print("deeplab demo loss", [round(h["loss"], 3) for h in trained["history"]])
     assert trained["steps"] == 100 and trained["rounds"] == 1
     assert trained["loss_last"] < 0.6 * trained["loss_first"]
     assert json.loads((tmp_path / "train" / "train_report.json").read_text())["loss_last"] == trained["loss_last"]
     report = run_training_job({"kind": "evaluate", "manifest": str(demo.root / "val.jsonl"), "config": cfg,
                                "output": str(tmp_path / "eval"), "checkpoint": trained["checkpoint"]})
+    # The train job's own evaluation (evaluate_on) is the same as a separate evaluate job.
+    assert trained["evaluation"]["miou"] == report["miou"] and trained["evaluation"]["predicted"] == len(demo.val)
+    assert len(list((tmp_path / "train" / "evaluation" / "masks").glob("*.png"))) == len(demo.val)
     floor = all_background_miou([load_mask(demo.val.mask_uri(r)) for r in demo.val.records], len(demo.val.classes))
     print(f"deeplab demo val mIoU {report['miou']:.3f}, all-background {floor:.3f}")
     assert report["all_background_miou"] == pytest.approx(floor)
     assert report["miou"] > floor + 0.03
     saved = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert saved["miou"] == report["miou"] and saved["images"] == len(demo.val)
-    # Test-time flip and scales, and the dense CRF, give valid reports too.
+    # Test-time flip and scales help; the dense CRF gives a valid report (on a network this weak it
+    # can wash every digit out, so its score is not asserted).
     tta = run_training_job({"kind": "evaluate", "manifest": str(demo.root / "val.jsonl"),
-                            "config": {**cfg, "test_scales": [1.0, 1.5], "test_flip": True, "use_crf": True},
+                            "config": {**cfg, "test_scales": [1.0, 1.5], "test_flip": True},
                             "output": str(tmp_path / "eval_tta"), "checkpoint": trained["checkpoint"]})
     assert tta["miou"] > floor
+    crf = run_training_job({"kind": "evaluate", "manifest": str(demo.root / "val.jsonl"),
+                            "config": {**cfg, "use_crf": True},
+                            "output": str(tmp_path / "eval_crf"), "checkpoint": trained["checkpoint"]})
+    assert crf["images"] == len(demo.val) and 0 < crf["miou"] <= 1 and crf["miou"] != report["miou"]
     predicted = run_training_job({"kind": "predict", "manifest": str(demo.root / "val.jsonl"), "config": cfg,
                                   "output": str(tmp_path / "pred"), "checkpoint": trained["checkpoint"]})
-    assert predicted["images"] == len(demo.val)
+    assert predicted["predicted"] == len(demo.val)
     mask = Image.open(tmp_path / "pred" / "masks" / f"{demo.val[0].id}.png")
     assert mask.mode == "P" and mask.size == (64, 64)
     assert set(np.unique(np.asarray(mask))) <= set(range(len(demo.val.classes) + 1))
@@ -247,8 +253,7 @@ def test_retraining_fills_ignored_pixels_and_trains_again(demo: DemoDataset, tmp
         onehot = np.stack([(gt == k + 1).astype(np.float32) for k in keys])
         soft = np.maximum(onehot, 0.25 * np.stack([np.roll(o, s, a) for o in onehot for s in (1, 2) for a in (0, 1)]
                                                   ).reshape(len(keys), 4, *gt.shape).max(1))
-        scores = np.concatenate([np.full((1, *gt.shape), 0.27, np.float32), soft])
-        (tmp_path / "labels" / f"{r.id}.png").write_bytes(three_way_label_png(scores, keys))
+        (tmp_path / "labels" / f"{r.id}.png").write_bytes(label_png(three_way_labels(soft, keys)))
         label_path = str(tmp_path / "labels" / f"{r.id}.png")
         records.append(ManifestRecord(r.id, demo.train.image_uri(r), r.labels, label_path))
     manifest = Manifest(demo.train.classes, records, str(tmp_path))
@@ -305,7 +310,7 @@ def test_jobs_with_s3_resume_and_bad_specs(demo: DemoDataset, classifier_path: P
         assert stored["miou"] == report["miou"] and stored["images"] == 2
         predicted = run_training_job({"kind": "predict", "manifest": str(tmp_path / "val.jsonl"),
                                       "output": "s3://jobs/pred", "checkpoint": trained["checkpoint"]})
-        assert predicted == {"kind": "predict", "images": 2, "masks": "s3://jobs/pred/masks"}
+        assert predicted == {"kind": "predict", "predicted": 2, "masks": "s3://jobs/pred/masks"}
         body = client.get_object(Bucket="jobs", Key=f"pred/masks/{val[0].id}.png")["Body"].read()
         assert body[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="needs a 'checkpoint'"):
