@@ -36,12 +36,19 @@ def save_classifier(model: CamNet, classes: Sequence[str], path: str | os.PathLi
         "format": FORMAT, "version": FORMAT_VERSION, "arch": model.arch, "classes": list(classes),
         "state_dict": model.state_dict(), "extra": dict(extra or {}),
     }
+    save_atomically(payload, path)
+
+
+def save_atomically(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` through a temporary file and a rename: a crash never leaves half a file."""
     tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def _read(uri: str | os.PathLike[str]) -> Any:
+def read_checkpoint(uri: str | os.PathLike[str]) -> Any:
+    """A PyTorch file (tensors and plain data only) from a path or s3:// URI, with errors that
+    say what is wrong with it."""
     try:
         raw = read_bytes(uri)
     except FileNotFoundError as e:
@@ -100,7 +107,7 @@ def load_classifier(uri: str | os.PathLike[str], classes: Sequence[str] | None =
     Returns ``(model, class_names, extra)``. The official file has no class names: 20 classes are
     taken as VOC's, 80 as COCO's, unless ``classes`` says otherwise.
     """
-    obj = _read(uri)
+    obj = read_checkpoint(uri)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{uri} holds a {type(obj).__name__}, not a state dict or a checkpoint")
     if obj.get("format") == FORMAT:

@@ -12,7 +12,6 @@ path or s3:// URI the user gives (:func:`load_initial_weights`), nothing is down
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -24,9 +23,8 @@ from torchvision.models import segmentation
 from torchvision.models._utils import IntermediateLayerGetter
 
 from rib_core.checkpoints import FORMAT as CAM_FORMAT
-from rib_core.checkpoints import CheckpointError, is_official_layout, load_classifier
+from rib_core.checkpoints import CheckpointError, is_official_layout, load_classifier, read_checkpoint, save_atomically
 from rib_core.networks import BACKBONES, feature_channels
-from rib_core.storage import read_bytes
 
 DEEPLAB_FORMAT = "rib-deeplab"
 DEEPLAB_VERSION = 1
@@ -177,26 +175,13 @@ def save_deeplab(model: DeepLab, classes: Sequence[str], path: str | os.PathLike
     """Write a trained network in our format, atomically."""
     payload = {"format": DEEPLAB_FORMAT, "version": DEEPLAB_VERSION, **model.describe(), "classes": list(classes),
                "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "extra": dict(extra or {})}
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def _read(uri: str | os.PathLike[str]) -> Any:
-    try:
-        raw = read_bytes(uri)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"weights not found: {uri}") from e
-    try:
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for garbage bytes
-        raise CheckpointError(f"{uri} is not a readable PyTorch file ({type(e).__name__})") from e
+    save_atomically(payload, path)
 
 
 def load_deeplab(uri: str | os.PathLike[str]) -> tuple[DeepLab, list[str], dict[str, Any]]:
     """A network written by :func:`save_deeplab`, from a path or s3:// URI: (model, classes, extra),
     in eval mode."""
-    obj = _read(uri)
+    obj = read_checkpoint(uri)
     if not isinstance(obj, Mapping) or obj.get("format") != DEEPLAB_FORMAT:
         raise CheckpointError(f"{uri} is not a {DEEPLAB_FORMAT} checkpoint")
     if obj.get("version") != DEEPLAB_VERSION:
@@ -213,7 +198,7 @@ def load_initial_weights(model: DeepLab, uri: str | os.PathLike[str]) -> str:
     (ours or IRN/RIB's ``res50_cam.pth``: its backbone) or a torchvision ResNet state dict such
     as ImageNet weights (the paper's initialisation, section 4.1; ``fc.*`` is dropped).
     """
-    obj = _read(uri)
+    obj = read_checkpoint(uri)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{uri} holds a {type(obj).__name__}, not a state dict or a checkpoint")
     if obj.get("format") == DEEPLAB_FORMAT:

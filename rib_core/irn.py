@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rib_core.augment import normalize, strided_size, to_chw
-from rib_core.checkpoints import CheckpointError, _read
+from rib_core.checkpoints import CheckpointError, read_checkpoint, save_atomically
 from rib_core.classes import IGNORE_INDEX
 from rib_core.networks import build_resnet
 
@@ -217,14 +217,12 @@ def save_irn(model: IrnNet, path: str | os.PathLike[str], extra: Mapping[str, An
     """Write ``model`` in our format, atomically."""
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "arch": model.arch, "crop_size": model.crop_size,
                "state_dict": model.state_dict(), "extra": dict(extra or {})}
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_atomically(payload, path)
 
 
 def load_irn(uri: str | os.PathLike[str]) -> tuple[IrnNet, dict[str, Any]]:
     """An IRN checkpoint in our format from a path or s3:// URI -> (model in eval mode, extra)."""
-    obj = _read(uri)
+    obj = read_checkpoint(uri)
     if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{uri} is not a {FORMAT} checkpoint")
     if obj.get("version") != FORMAT_VERSION:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from rib_core import augment
 from rib_core.cam import LocalizationMap
 from rib_core.checkpoints import FORMAT as CAM_FORMAT
-from rib_core.checkpoints import _read, is_official_layout, load_classifier
+from rib_core.checkpoints import is_official_layout, load_classifier, read_checkpoint
 from rib_core.classes import IGNORE_INDEX
 from rib_core.crf import CrfConfig, crf_seed
 from rib_core.datasets import Manifest, ManifestRecord, load_image, load_manifest, load_mask
@@ -188,7 +188,7 @@ class IrnDataset(Dataset):
 
 def _init_backbone(model: IrnNet, uri: str) -> None:
     """Backbone weights from a classifier checkpoint (ours or IRN's) or a torchvision state dict."""
-    obj = _read(uri)
+    obj = read_checkpoint(uri)
     if isinstance(obj, Mapping) and (obj.get("format") == CAM_FORMAT or is_official_layout(obj)):
         classifier, _, _ = load_classifier(uri)
         if classifier.arch != model.arch:

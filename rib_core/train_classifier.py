@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from rib_core.checkpoints import save_classifier
+from rib_core.checkpoints import save_atomically, save_classifier
 from rib_core.datasets import ClassificationDataset, Manifest
 from rib_core.networks import CamNet
 from rib_core.optim import PolySGD, irn_param_groups
@@ -108,9 +108,8 @@ def train_classifier(manifest: Manifest, out_dir: str | os.PathLike[str],
             total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}")
         history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch})
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}, tmp)
-        os.replace(tmp, state_path)
+        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1},
+                        state_path)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
             return state_path
     model.set_from_scratch(False)  # CAM and RIB always run in IRN's layout

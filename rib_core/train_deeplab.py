@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from rib_core import augment
+from rib_core.checkpoints import save_atomically
 from rib_core.classes import IGNORE_INDEX
 from rib_core.crf import CrfConfig, crf_probabilities
 from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
@@ -363,11 +364,9 @@ def _save_state(out: Path, model: DeepLab, optimizer: PolySGD, scaler: torch.amp
         return
     path = out / "checkpoints" / f"step_{step:08d}.pth"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "history": history, "window": window, "rng": rngs, "world_size": world,
-                "config": cfg.model_dump()}, tmp)
-    os.replace(tmp, path)
+    save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "step": step, "history": history, "window": window, "rng": rngs, "world_size": world,
+                     "config": cfg.model_dump()}, path)
     for old in _checkpoints(out)[:-cfg.keep_checkpoints]:
         old.unlink()
     if on_checkpoint is not None:

@@ -103,6 +103,17 @@ def test_compose_names_every_service_with_health_and_order():
     assert ":5555/healthcheck" in SERVICES["flower"]["healthcheck"]["test"][-1]
 
 
+def test_readme_documents_every_setting_and_the_compose_services():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Service settings"):readme.index("## What is reproduced here")]
+    documented = set(re.findall(r"^\| `(RIB_\w+)`", table, flags=re.M))
+    assert documented == {f"RIB_{name.upper()}" for name in Settings.model_fields}
+    docker = readme[readme.index("### Full stack with Docker"):readme.index("## Configuration")]
+    for mentioned, service in (("Redis", "redis"), ("MinIO", "minio"), ("the API", "api"), ("GPU worker", "worker"),
+                               ("training worker", "training-worker"), ("Flower", "flower")):
+        assert mentioned in docker and service in SERVICES, (mentioned, service)
+
+
 def test_compose_settings_are_service_settings(monkeypatch):
     fields = {f"RIB_{name.upper()}" for name in Settings.model_fields}
     for name in APP_SERVICES:
