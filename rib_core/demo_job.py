@@ -134,7 +134,8 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     write_html_report(out / "report.html", "RIB on MNIST scenes (demo)", metrics,
                       ["input", "CAM", "RIB map M", "pseudo-mask", "ground truth"], rows,
                       notes=[f"{len(subset)} training images; classifier trained from scratch (no ImageNet "
-                             f"weights here); timings (s): {timing}",
+                             f"weights here); timings of this run (s; a stage whose output already existed is "
+                             f"skipped): {timing}",
                              "Seeds: the best background threshold of the sweep, as the paper reports them "
                              "(section 4.2.1). Pseudo-mask pixels of value 255 (ignore) are left out of its scores."])
     return summary
