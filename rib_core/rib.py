@@ -93,6 +93,8 @@ class RibRunner:
     def __init__(self, model: CamNet, pool: CompanionPool, cfg: RibConfig | None = None,
                  device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda":  # each image repeats its input shapes K times: let cuDNN pick kernels
+            torch.backends.cudnn.benchmark = True
         self.shared = model
         self.shared_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.work = copy.deepcopy(model).to(self.device)
@@ -119,7 +121,12 @@ class RibRunner:
         rng = random.Random(cfg.seed if seed is None else seed)
         companions = self.pool.batches(keys, cfg.companions, cfg.crop_size, cfg.resize_long, rng)
         scales = list(cfg.map_scales)
-        inputs = [b.to(self.device) for b in multiscale_flip_batches(image, tuple(scales))]
+        fast = cfg.uses_bf16(str(self.device))
+        layout = torch.channels_last if fast else torch.contiguous_format
+        self.work.to(memory_format=layout)
+        inputs = [b.to(self.device).contiguous(memory_format=layout)
+                  for b in multiscale_flip_batches(image, tuple(scales))]
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=fast)
         loss_rows = [scales.index(s) for s in cfg.loss_scales]
         target = torch.zeros(len(self.pool.classes), device=self.device)
         target[keys] = 1.0
@@ -130,7 +137,8 @@ class RibRunner:
             pooled, labels = [], []
             exploded = False
             for i, x in enumerate(inputs):
-                raw = self.work.cam(x)
+                with autocast:
+                    raw = self.work.cam(x).float()
                 fused = flip_fused(raw.detach())
                 sums[i] = fused if step == 0 else sums[i] + fused
                 # The official check runs after scale 1.0 was added to M, before the other scales.
@@ -147,7 +155,9 @@ class RibRunner:
             comp_x, comp_y = next(companions)
             if len(comp_x):
                 comp_y = comp_y.to(self.device)
-                pooled.append(pool(self.work.cam(comp_x.to(self.device)), comp_y, cfg))
+                with autocast:
+                    comp_raw = self.work.cam(comp_x.to(self.device).contiguous(memory_format=layout)).float()
+                pooled.append(pool(comp_raw, comp_y, cfg))
                 labels.append(comp_y)
             logits, labels_t = torch.cat(pooled), torch.cat(labels)
             if cfg.margin_mode == "clamp":
@@ -163,9 +173,9 @@ class RibRunner:
                 stop_reason = "margin"
                 break
         if cfg.map_iterates == "all_iterates" and stop_reason != "explosion":
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 for i, x in enumerate(inputs):
-                    sums[i] = sums[i] + flip_fused(self.work.cam(x))
+                    sums[i] = sums[i] + flip_fused(self.work.cam(x).float())
         lmap = assemble_map([s.cpu() for s in sums], image.shape[:2], keys)
         return RibOutcome(lmap, steps, stop_reason, target_sums, time.perf_counter() - started)
 

@@ -41,3 +41,10 @@ class RibConfig(BaseModel):
     crop_size: int = Field(512, ge=16)                    # companion crops: VOC12RIBDataset crop_size=512
     resize_long: tuple[int, int] = (320, 640)             # companion resize_long=(320, 640)
     seed: int = 0
+    # Speed, not in the paper or the code (which run float32): "auto" = bfloat16 autocast and
+    # channels_last on CUDA, plain float32 on the CPU. M is accumulated in float32 either way.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+    def uses_bf16(self, device: str) -> bool:
+        """Whether RIB on ``device`` ("cpu", "cuda", "cuda:1", ...) runs under bfloat16 autocast."""
+        return self.precision == "bf16" or (self.precision == "auto" and device.startswith("cuda"))

@@ -12,7 +12,8 @@ import torch
 from rib_core.augment import multiscale_flip_batches
 from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
-from rib_core.datasets import load_image
+from rib_core.datasets import load_image, load_mask
+from rib_core.evaluation import EvalConfig, sweep_seeds
 from rib_core.rib import RibRunner, gap, gndrp
 from rib_core.rib_config import RibConfig
 from tests.rib_reference import gndp2d, reference_rib
@@ -123,3 +124,27 @@ def test_parity_with_official_structure(setup, pooling, stop):
     if stop == "none":  # the maps really moved away from the CAM of theta_0
         cam0 = RibRunner(model, pool, cfg).run(image, keys, RibConfig(iterations=1, margin=1e-9, **SMALL))
         assert not np.allclose(cam0.map.high_res, ours.map.high_res, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_bf16_path_keeps_the_maps_and_the_seed_score(demo, classifier_path):
+    """The mixed-precision path (bfloat16 autocast, channels_last; the default on CUDA, forced here
+    on the CPU) against float32: M within 0.05 per pixel, seed mIoU within 0.3 points."""
+    model, _, _ = load_classifier(classifier_path)
+    pool = CompanionPool.from_manifest(demo.train, limit=40)
+    records = demo.train.records[:8]
+    cfg = RibConfig(iterations=3, **SMALL)
+    assert not cfg.uses_bf16("cpu") and cfg.uses_bf16("cuda:0")  # "auto"
+    maps = {}
+    for precision in ("fp32", "bf16"):
+        runner = RibRunner(model, pool, cfg.model_copy(update={"precision": precision}))
+        maps[precision] = [runner.run(load_image(demo.train.image_uri(r)), demo.train.label_indices(r), seed=i).map
+                           for i, r in enumerate(records)]
+    gts = [load_mask(demo.train.mask_uri(r)) for r in records]
+    for a, b in zip(maps["fp32"], maps["bf16"], strict=True):
+        np.testing.assert_allclose(a.high_res, b.high_res, atol=0.05)
+    assert not all(np.array_equal(a.high_res, b.high_res) for a, b in zip(maps["fp32"], maps["bf16"], strict=True))
+    miou = {p: sweep_seeds(zip(ms, gts, strict=True), len(demo.train.classes), EvalConfig())["best"]["miou"]
+            for p, ms in maps.items()}
+    print(f"\nseed mIoU on {len(records)} images: fp32 {100 * miou['fp32']:.2f}, bf16 {100 * miou['bf16']:.2f}")
+    assert abs(miou["fp32"] - miou["bf16"]) <= 0.003
