@@ -180,6 +180,139 @@ class RibRunner:
         return RibOutcome(lmap, steps, stop_reason, target_sums, time.perf_counter() - started)
 
 
+    def run_many(self, images: Sequence[np.ndarray], keys_list: Sequence[Sequence[int]],
+                 cfg: RibConfig | None = None, seeds: Sequence[int] | None = None) -> list[RibOutcome]:
+        """RIB for several images of one size in one batched step each: the same maps as :meth:`run`
+        image by image, within float tolerance.
+
+        Stages 1-2 never change (their output is detached), so their features are computed once
+        for all images and scales, without autograd. Stages 3-4 and the classifier get one copy of
+        their weights per image, stacked, and run through ``torch.func.vmap``: the sum of the
+        images' losses gives each copy its own image's gradient, and the optimiser's update is
+        elementwise, so every image's fine-tuning stays independent. An image that stops (margin or
+        explosion) keeps its weights from then on while the others go on.
+        """
+        cfg = cfg or self.cfg
+        n = len(images)
+        if n == 0 or len(keys_list) != n or (seeds is not None and len(seeds) != n):
+            raise ValueError("run_many needs one key list (and one seed) per image")
+        if len({im.shape for im in images}) != 1:
+            raise ValueError("run_many needs images of one size: group them by size")
+        keys_list = [sorted(int(k) for k in keys) for keys in keys_list]
+        if not all(keys_list):
+            raise ValueError("RIB needs at least one class for every image")
+        started = time.perf_counter()
+        self.work.load_state_dict(self.shared_state)
+        self.work.train()
+        head = _TrainablePart(self.work)
+        stacked = {name: p.detach().unsqueeze(0).repeat(n, *[1] * p.dim()).requires_grad_()
+                   for name, p in head.named_parameters() if p.requires_grad}
+        classifier = {name for name in stacked if name.startswith("classifier.")}
+        optimizer = PolySGD(irn_param_groups([p for k, p in stacked.items() if k not in classifier],
+                                             [p for k, p in stacked.items() if k in classifier], cfg.lr,
+                                             cfg.weight_decay),
+                            max_step=cfg.iterations, power=cfg.poly_power, momentum=cfg.momentum)
+        batched_head = torch.func.vmap(lambda params, low: torch.func.functional_call(head, params, (low,)))
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.uses_bf16(str(self.device)))
+
+        def cams(low: torch.Tensor) -> torch.Tensor:
+            """[N, B, c, h, w] stage-2 features -> [N, B, C, h', w'] raw CAMs, each image its own weights."""
+            with autocast:
+                return batched_head(stacked, low).float()
+
+        def low_features(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), autocast:
+                return self.work.low_features(x.flatten(0, 1).to(self.device)).unflatten(0, x.shape[:2])
+
+        scales = list(cfg.map_scales)
+        lows = [low_features(torch.stack(per_image)) for per_image in
+                zip(*(multiscale_flip_batches(im, tuple(scales)) for im in images), strict=True)]
+        loss_rows = [scales.index(s) for s in cfg.loss_scales]
+        targets = torch.zeros(n, len(self.pool.classes), device=self.device)
+        for j, keys in enumerate(keys_list):
+            targets[j, keys] = 1.0
+        companions = [self.pool.batches(keys, cfg.companions, cfg.crop_size, cfg.resize_long,
+                                        random.Random(cfg.seed if seeds is None else seeds[j]))
+                      for j, keys in enumerate(keys_list)]
+        sums: list[torch.Tensor] = [torch.zeros(0)] * len(lows)
+        active = [True] * n
+        steps, reasons = [0] * n, ["iterations"] * n
+        target_sums: list[list[float]] = [[] for _ in range(n)]
+        for step in range(cfg.iterations):
+            before = [j for j in range(n) if active[j]]
+            rows: list[torch.Tensor] = []
+            for i, low in enumerate(lows):
+                raw = cams(low)  # [N, 2, C, h, w]
+                fused = torch.stack([flip_fused(r) for r in raw.detach()])
+                if step == 0:
+                    sums[i] = torch.zeros_like(fused)
+                for j in range(n):
+                    if active[j]:
+                        sums[i][j] += fused[j]
+                # The official check runs after scale 1.0 was added to M, before the other scales.
+                if step > 0 and i == 0:
+                    for j in before:
+                        if explosion(fused[j], keys_list[j], cfg):
+                            active[j], reasons[j] = False, "explosion"
+                if i in loss_rows:
+                    rows.append(pool(raw.flatten(0, 1), targets.repeat_interleave(2, 0), cfg).unflatten(0, (n, 2)))
+            if not any(active):
+                break
+            labels = [targets[:, None].expand(-1, 2 * len(loss_rows), -1)]
+            comp = [next(g) for g in companions]  # a stopped image's draws are never used
+            if len({len(x) for x, _ in comp}) > 1:
+                raise ValueError("some images have no companion with disjoint classes: run them one by one")
+            if len(comp[0][0]):
+                comp_y = torch.stack([y for _, y in comp]).to(self.device)
+                comp_raw = cams(low_features(torch.stack([x for x, _ in comp])))
+                rows.append(pool(comp_raw.flatten(0, 1), comp_y.flatten(0, 1), cfg).unflatten(0, comp_y.shape[:2]))
+                labels.append(comp_y)
+            logits, labels_t = torch.cat(rows, dim=1), torch.cat(labels, dim=1)
+            if cfg.margin_mode == "clamp":
+                logits = logits.clamp(max=cfg.margin)
+            mask = torch.tensor(active, device=self.device, dtype=logits.dtype)[:, None, None]
+            loss = -(logits * labels_t * mask).sum()
+            n_target = 2 * len(loss_rows)
+            per_image = (logits[:, :n_target] * labels_t[:, :n_target]).sum(dim=(1, 2)).tolist()
+            frozen = [j for j in range(n) if not active[j]]
+            kept = {k: p.detach()[frozen].clone() for k, p in stacked.items()} if frozen else {}
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for k, value in kept.items():
+                    stacked[k][frozen] = value
+            for j in range(n):
+                if active[j]:
+                    steps[j] += 1
+                    target_sums[j].append(per_image[j])
+                    if cfg.margin_mode == "stop" and abs(per_image[j]) > cfg.margin:
+                        active[j], reasons[j] = False, "margin"
+            if not any(active):
+                break
+        if cfg.map_iterates == "all_iterates":
+            with torch.no_grad():
+                for i, low in enumerate(lows):
+                    fused = torch.stack([flip_fused(r) for r in cams(low)])
+                    for j in range(n):
+                        if reasons[j] != "explosion":
+                            sums[i][j] += fused[j]
+        elapsed = (time.perf_counter() - started) / n
+        return [RibOutcome(assemble_map([s[j].cpu() for s in sums], images[j].shape[:2], keys_list[j]), steps[j],
+                           reasons[j], target_sums[j], elapsed) for j in range(n)]
+
+
+class _TrainablePart(torch.nn.Module):
+    """Stages 3-4 and the classifier of a :class:`CamNet` as one module (what RIB fine-tunes)."""
+
+    def __init__(self, model: CamNet) -> None:
+        super().__init__()
+        self.layer3, self.layer4, self.classifier = model.backbone.layer3, model.backbone.layer4, model.classifier
+
+    def forward(self, low: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.layer4(self.layer3(low)))
+
+
 def run_rib(model: CamNet, manifest: Manifest, pool: CompanionPool, out_dir: str | os.PathLike[str],
             cfg: RibConfig | None = None, device: torch.device | str = "cpu", progress: bool = True,
             ) -> Path:

@@ -148,3 +148,31 @@ def test_bf16_path_keeps_the_maps_and_the_seed_score(demo, classifier_path):
             for p, ms in maps.items()}
     print(f"\nseed mIoU on {len(records)} images: fp32 {100 * miou['fp32']:.2f}, bf16 {100 * miou['bf16']:.2f}")
     assert abs(miou["fp32"] - miou["bf16"]) <= 0.003
+
+
+def test_run_many_equals_run_image_by_image(demo, classifier_path):
+    """The batched path (stacked weights through torch.func.vmap) gives every image the map, the
+    stop and the logit sums it gets alone, also when the images stop at different steps."""
+    model, _, _ = load_classifier(classifier_path)
+    pool = CompanionPool.from_manifest(demo.train, limit=40)
+    records = demo.train.records[:3]
+    images = [load_image(demo.train.image_uri(r)) for r in records]
+    keys = [demo.train.label_indices(r) for r in records]
+    free = RibConfig(iterations=3, lr=1e-4, margin=1e9, explode_ratio=1.0, **SMALL)
+    runner = RibRunner(model, pool, free)
+    pairs = list(zip(images, keys, strict=True))
+    first = sorted(abs(runner.run(im, k, seed=j).target_logit_sums[0]) for j, (im, k) in enumerate(pairs))
+    margin = (first[0] + first[1]) / 2  # two of the three images stop after step 1, one runs on
+    for cfg in (free, free.model_copy(update={"margin": margin}),
+                free.model_copy(update={"explode_ratio": 0.05, "map_iterates": "all_iterates", "pooling": "gap"})):
+        alone = [runner.run(im, k, cfg, seed=j) for j, (im, k) in enumerate(pairs)]
+        together = runner.run_many(images, keys, cfg, seeds=[0, 1, 2])
+        if cfg.margin == margin:
+            assert len({(o.stop_reason, o.steps) for o in alone}) > 1  # by construction of the margin
+        for a, b in zip(alone, together, strict=True):
+            assert (a.stop_reason, a.steps) == (b.stop_reason, b.steps)
+            np.testing.assert_allclose(a.target_logit_sums, b.target_logit_sums, rtol=1e-4)
+            np.testing.assert_allclose(a.map.high_res, b.map.high_res, atol=1e-5)
+            np.testing.assert_allclose(a.map.cam, b.map.cam, atol=1e-5)
+    with pytest.raises(ValueError, match="one size"):
+        runner.run_many([images[0], images[0][:40]], keys[:2])
