@@ -61,9 +61,9 @@ class LocalizationMap:
 
 
 def flip_fused(raw: torch.Tensor) -> torch.Tensor:
-    """[2, C, h, w] raw CAMs of an image and its mirror -> ReLU, un-mirror, sum: [C, h, w]."""
+    """[..., 2, C, h, w] raw CAMs of an image and its mirror -> ReLU, un-mirror, sum: [..., C, h, w]."""
     cams = F.relu(raw)
-    return cams[0] + cams[1].flip(-1)
+    return cams[..., 0, :, :, :] + cams[..., 1, :, :, :].flip(-1)
 
 
 def normalise_per_class(x: torch.Tensor) -> torch.Tensor:

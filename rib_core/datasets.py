@@ -274,10 +274,4 @@ class ClassificationDataset(Dataset):
 def augment_crop(img: np.ndarray, crop_size: int, resize_long: tuple[int, int] | None,
                  hflip: bool, rng: random.Random) -> torch.Tensor:
     """IRN's training augmentation for one uint8 image -> normalised CHW crop."""
-    if resize_long:
-        img = augment.random_resize_long(img, resize_long[0], resize_long[1], rng)
-    x = augment.normalize(img)
-    if hflip:
-        (x,) = augment.random_lr_flip((x,), rng)
-    (x,) = augment.crop((x,), crop_size, (0.0,), rng)
-    return augment.to_chw(x)
+    return augment.apply_crop(img, augment.draw_crop(img.shape[:2], crop_size, resize_long, hflip, rng))

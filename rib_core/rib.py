@@ -17,8 +17,9 @@ import copy
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from rib_core.augment import multiscale_flip_batches
 from rib_core.cam import LocalizationMap, assemble_map, flip_fused, normalise_per_class
-from rib_core.companions import CompanionPool
+from rib_core.companions import CompanionPool, DeviceCompanions
 from rib_core.datasets import Manifest, load_image
 from rib_core.networks import CamNet
 from rib_core.optim import PolySGD, irn_param_groups
@@ -63,11 +64,12 @@ def pool(raw: torch.Tensor, labels: torch.Tensor, cfg: RibConfig) -> torch.Tenso
     return gndrp(raw, labels, cfg.tau, cfg.gndrp_denominator)
 
 
-def explosion(fused: torch.Tensor, keys: Sequence[int], cfg: RibConfig) -> bool:
-    """True when the target's classes together cover more than ``explode_ratio`` of the map."""
-    norm = normalise_per_class(fused[list(keys)])
-    covered = (norm > cfg.explode_threshold).any(dim=0)
-    return covered.float().mean().item() > cfg.explode_ratio
+def exploded(fused: torch.Tensor, key_mask: torch.Tensor, cfg: RibConfig) -> torch.Tensor:
+    """[N, C, h, w] maps, [N, C] bool target classes -> [N] bool: the target's classes together
+    cover more than ``explode_ratio`` of the map."""
+    norm = normalise_per_class(fused)
+    covered = ((norm > cfg.explode_threshold) & key_mask[:, :, None, None]).any(dim=1)
+    return covered.float().mean(dim=(1, 2)) > cfg.explode_ratio
 
 
 @dataclass
@@ -83,11 +85,17 @@ class RibOutcome:
                 "target_logit_sums": self.target_logit_sums, "seconds": round(self.seconds, 3)}
 
 
-class RibRunner:
-    """Runs RIB image after image against one shared classifier.
+STOP_REASONS = ("iterations", "margin", "explosion")
 
-    The shared model is read only: each image starts from a fresh copy of its weights in a working
-    model, so no image's fine-tuning leaks into another's.
+
+class RibRunner:
+    """Runs RIB against one shared classifier: image by image (:meth:`run`, the official loop's
+    structure) or several images in one batched step (:meth:`run_many`, the fast path).
+
+    The shared model is read only: each image starts from a fresh copy of its weights, so no
+    image's fine-tuning leaks into another's. Stages 1-2 never change during RIB (their output is
+    detached and their BN statistics are frozen), so both paths compute their features without
+    autograd, and the target's only once.
     """
 
     def __init__(self, model: CamNet, pool: CompanionPool, cfg: RibConfig | None = None,
@@ -99,11 +107,34 @@ class RibRunner:
         self.shared_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.work = copy.deepcopy(model).to(self.device)
         self.work.set_bn_frozen(True)
+        self.head = _TrainablePart(self.work)
         self.pool = pool
         self.cfg = cfg or RibConfig()
+        self._batched_head = torch.func.vmap(
+            lambda params, low: torch.func.functional_call(self.head, params, (low,)))
+        self._compiled_head: Callable[..., torch.Tensor] | None = None
 
-    def _optimizer(self, cfg: RibConfig) -> PolySGD:
-        backbone, head = self.work.param_groups()
+    @cached_property
+    def device_pool(self) -> DeviceCompanions:
+        """The companion pool in device memory, made on the batched path's first use. On CUDA it
+        takes at most a quarter of the free memory; a larger pool stays in pinned host memory."""
+        budget = torch.cuda.mem_get_info(self.device)[0] // 4 if self.device.type == "cuda" else None
+        return DeviceCompanions(self.pool, self.device, budget)
+
+    def _start(self, cfg: RibConfig) -> tuple[torch.autocast, torch.memory_format]:
+        """Reset the working model to the shared weights; the precision and layout of this run."""
+        self.work.load_state_dict(self.shared_state)
+        self.work.train()
+        fast = cfg.uses_bf16(str(self.device))
+        layout = torch.channels_last if fast else torch.contiguous_format
+        self.work.to(memory_format=layout)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=fast), layout
+
+    def _low(self, x: torch.Tensor, autocast: torch.autocast, layout: torch.memory_format) -> torch.Tensor:
+        with torch.no_grad(), autocast:
+            return self.work.low_features(x.to(self.device).contiguous(memory_format=layout))
+
+    def _optimizer(self, cfg: RibConfig, backbone: list[torch.Tensor], head: list[torch.Tensor]) -> PolySGD:
         return PolySGD(irn_param_groups(backbone, head, cfg.lr, cfg.weight_decay),
                        max_step=cfg.iterations, power=cfg.poly_power, momentum=cfg.momentum)
 
@@ -115,18 +146,12 @@ class RibRunner:
             raise ValueError("RIB needs at least one class for the image")
         started = time.perf_counter()
         keys = sorted(int(k) for k in keys)
-        self.work.load_state_dict(self.shared_state)
-        self.work.train()
-        optimizer = self._optimizer(cfg)
+        autocast, layout = self._start(cfg)
+        optimizer = self._optimizer(cfg, *self.work.param_groups())
         rng = random.Random(cfg.seed if seed is None else seed)
         companions = self.pool.batches(keys, cfg.companions, cfg.crop_size, cfg.resize_long, rng)
         scales = list(cfg.map_scales)
-        fast = cfg.uses_bf16(str(self.device))
-        layout = torch.channels_last if fast else torch.contiguous_format
-        self.work.to(memory_format=layout)
-        inputs = [b.to(self.device).contiguous(memory_format=layout)
-                  for b in multiscale_flip_batches(image, tuple(scales))]
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=fast)
+        lows = [self._low(b, autocast, layout) for b in multiscale_flip_batches(image, tuple(scales))]
         loss_rows = [scales.index(s) for s in cfg.loss_scales]
         target = torch.zeros(len(self.pool.classes), device=self.device)
         target[keys] = 1.0
@@ -135,30 +160,29 @@ class RibRunner:
         stop_reason, steps = "iterations", 0
         for step in range(cfg.iterations):
             pooled, labels = [], []
-            exploded = False
-            for i, x in enumerate(inputs):
+            exploding = False
+            for i, low in enumerate(lows):
                 with autocast:
-                    raw = self.work.cam(x).float()
+                    raw = self.head(low).float()
                 fused = flip_fused(raw.detach())
                 sums[i] = fused if step == 0 else sums[i] + fused
                 # The official check runs after scale 1.0 was added to M, before the other scales.
-                if step > 0 and i == 0 and explosion(fused, keys, cfg):
-                    exploded = True
+                if step > 0 and i == 0 and exploded(fused[None], target[None].bool(), cfg).item():
+                    exploding = True
                     break
                 if i in loss_rows:
                     rows = target.expand(2, -1)
                     pooled.append(pool(raw, rows, cfg))
                     labels.append(rows)
-            if exploded:
+            if exploding:
                 stop_reason = "explosion"
                 break
             comp_x, comp_y = next(companions)
             if len(comp_x):
-                comp_y = comp_y.to(self.device)
                 with autocast:
-                    comp_raw = self.work.cam(comp_x.to(self.device).contiguous(memory_format=layout)).float()
-                pooled.append(pool(comp_raw, comp_y, cfg))
-                labels.append(comp_y)
+                    comp_raw = self.head(self._low(comp_x, autocast, layout)).float()
+                pooled.append(pool(comp_raw, comp_y.to(self.device), cfg))
+                labels.append(comp_y.to(self.device))
             logits, labels_t = torch.cat(pooled), torch.cat(labels)
             if cfg.margin_mode == "clamp":
                 logits = logits.clamp(max=cfg.margin)
@@ -174,23 +198,24 @@ class RibRunner:
                 break
         if cfg.map_iterates == "all_iterates" and stop_reason != "explosion":
             with torch.no_grad(), autocast:
-                for i, x in enumerate(inputs):
-                    sums[i] = sums[i] + flip_fused(self.work.cam(x).float())
-        lmap = assemble_map([s.cpu() for s in sums], image.shape[:2], keys)
+                for i, low in enumerate(lows):
+                    sums[i] = sums[i] + flip_fused(self.head(low).float())
+        lmap = assemble_map(sums, image.shape[:2], keys)
         return RibOutcome(lmap, steps, stop_reason, target_sums, time.perf_counter() - started)
 
-
     def run_many(self, images: Sequence[np.ndarray], keys_list: Sequence[Sequence[int]],
-                 cfg: RibConfig | None = None, seeds: Sequence[int] | None = None) -> list[RibOutcome]:
-        """RIB for several images of one size in one batched step each: the same maps as :meth:`run`
-        image by image, within float tolerance.
+                 cfg: RibConfig | None = None, seeds: Sequence[int] | None = None,
+                 device_crops: bool = True) -> list[RibOutcome]:
+        """RIB for several images of one size in one batched step each.
 
-        Stages 1-2 never change (their output is detached), so their features are computed once
-        for all images and scales, without autograd. Stages 3-4 and the classifier get one copy of
-        their weights per image, stacked, and run through ``torch.func.vmap``: the sum of the
-        images' losses gives each copy its own image's gradient, and the optimiser's update is
-        elementwise, so every image's fine-tuning stays independent. An image that stops (margin or
-        explosion) keeps its weights from then on while the others go on.
+        Stages 3-4 and the classifier get one copy of their weights per image, stacked, and run
+        through ``torch.func.vmap``: the sum of the images' losses gives each copy its own image's
+        gradient, and the optimiser's update is elementwise, so every image's fine-tuning stays
+        independent. An image that stops (margin or explosion) keeps its weights from then on
+        while the others go on; M, the stops and the logit sums stay on the device until the end.
+        The companion crops are made on the device in one call (:class:`DeviceCompanions`);
+        ``device_crops=False`` makes them on the host as :meth:`run` does, and then every image
+        gets the map it gets from :meth:`run`, within float tolerance.
         """
         cfg = cfg or self.cfg
         n = len(images)
@@ -202,79 +227,63 @@ class RibRunner:
         if not all(keys_list):
             raise ValueError("RIB needs at least one class for every image")
         started = time.perf_counter()
-        self.work.load_state_dict(self.shared_state)
-        self.work.train()
-        head = _TrainablePart(self.work)
+        autocast, layout = self._start(cfg)
         stacked = {name: p.detach().unsqueeze(0).repeat(n, *[1] * p.dim()).requires_grad_()
-                   for name, p in head.named_parameters() if p.requires_grad}
-        classifier = {name for name in stacked if name.startswith("classifier.")}
-        optimizer = PolySGD(irn_param_groups([p for k, p in stacked.items() if k not in classifier],
-                                             [p for k, p in stacked.items() if k in classifier], cfg.lr,
-                                             cfg.weight_decay),
-                            max_step=cfg.iterations, power=cfg.poly_power, momentum=cfg.momentum)
-        batched_head = torch.func.vmap(lambda params, low: torch.func.functional_call(head, params, (low,)))
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.uses_bf16(str(self.device)))
+                   for name, p in self.head.named_parameters() if p.requires_grad}
+        optimizer = self._optimizer(cfg, [p for k, p in stacked.items() if not k.startswith("classifier.")],
+                                    [p for k, p in stacked.items() if k.startswith("classifier.")])
+        head = self._head_function(cfg)
 
         def cams(low: torch.Tensor) -> torch.Tensor:
-            """[N, B, c, h, w] stage-2 features -> [N, B, C, h', w'] raw CAMs, each image its own weights."""
+            """[n, B, c, h, w] stage-2 features -> [n, B, C, h', w'] raw CAMs, each image its own weights."""
             with autocast:
-                return batched_head(stacked, low).float()
+                return head(stacked, low).float()
 
         def low_features(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad(), autocast:
-                return self.work.low_features(x.flatten(0, 1).to(self.device)).unflatten(0, x.shape[:2])
+            return self._low(x.flatten(0, 1), autocast, layout).unflatten(0, x.shape[:2])
 
         scales = list(cfg.map_scales)
         lows = [low_features(torch.stack(per_image)) for per_image in
                 zip(*(multiscale_flip_batches(im, tuple(scales)) for im in images), strict=True)]
         loss_rows = [scales.index(s) for s in cfg.loss_scales]
+        n_target = 2 * len(loss_rows)
         targets = torch.zeros(n, len(self.pool.classes), device=self.device)
         for j, keys in enumerate(keys_list):
             targets[j, keys] = 1.0
-        companions = [self.pool.batches(keys, cfg.companions, cfg.crop_size, cfg.resize_long,
-                                        random.Random(cfg.seed if seeds is None else seeds[j]))
-                      for j, keys in enumerate(keys_list)]
+        companion_steps = self._companion_steps(keys_list, cfg, seeds, device_crops)
         sums: list[torch.Tensor] = [torch.zeros(0)] * len(lows)
-        active = [True] * n
-        steps, reasons = [0] * n, ["iterations"] * n
-        target_sums: list[list[float]] = [[] for _ in range(n)]
+        active = torch.ones(n, dtype=torch.bool, device=self.device)
+        reason = torch.zeros(n, dtype=torch.long, device=self.device)  # index into STOP_REASONS
+        steps = torch.zeros(n, dtype=torch.long, device=self.device)
+        logit_sums = torch.zeros(cfg.iterations, n, device=self.device)
         for step in range(cfg.iterations):
-            before = [j for j in range(n) if active[j]]
             rows: list[torch.Tensor] = []
             for i, low in enumerate(lows):
-                raw = cams(low)  # [N, 2, C, h, w]
-                fused = torch.stack([flip_fused(r) for r in raw.detach()])
-                if step == 0:
-                    sums[i] = torch.zeros_like(fused)
-                for j in range(n):
-                    if active[j]:
-                        sums[i][j] += fused[j]
+                raw = cams(low)  # [n, 2, C, h, w]
+                fused = flip_fused(raw.detach()) * active[:, None, None, None]
+                sums[i] = fused if step == 0 else sums[i] + fused
                 # The official check runs after scale 1.0 was added to M, before the other scales.
                 if step > 0 and i == 0:
-                    for j in before:
-                        if explosion(fused[j], keys_list[j], cfg):
-                            active[j], reasons[j] = False, "explosion"
+                    boom = active & exploded(fused, targets.bool(), cfg)
+                    reason = torch.where(boom, STOP_REASONS.index("explosion"), reason)
+                    active = active & ~boom
                 if i in loss_rows:
                     rows.append(pool(raw.flatten(0, 1), targets.repeat_interleave(2, 0), cfg).unflatten(0, (n, 2)))
-            if not any(active):
+            running = active.tolist()  # one small copy per step: who still trains
+            if not any(running):
                 break
-            labels = [targets[:, None].expand(-1, 2 * len(loss_rows), -1)]
-            comp = [next(g) for g in companions]  # a stopped image's draws are never used
-            if len({len(x) for x, _ in comp}) > 1:
-                raise ValueError("some images have no companion with disjoint classes: run them one by one")
-            if len(comp[0][0]):
-                comp_y = torch.stack([y for _, y in comp]).to(self.device)
-                comp_raw = cams(low_features(torch.stack([x for x, _ in comp])))
-                rows.append(pool(comp_raw.flatten(0, 1), comp_y.flatten(0, 1), cfg).unflatten(0, comp_y.shape[:2]))
+            labels = [targets[:, None].expand(-1, n_target, -1)]
+            companions = next(companion_steps)
+            if companions is not None:
+                comp_x, comp_y = companions
+                rows.append(pool(cams(low_features(comp_x)).flatten(0, 1), comp_y.flatten(0, 1), cfg)
+                            .unflatten(0, comp_y.shape[:2]))
                 labels.append(comp_y)
             logits, labels_t = torch.cat(rows, dim=1), torch.cat(labels, dim=1)
             if cfg.margin_mode == "clamp":
                 logits = logits.clamp(max=cfg.margin)
-            mask = torch.tensor(active, device=self.device, dtype=logits.dtype)[:, None, None]
-            loss = -(logits * labels_t * mask).sum()
-            n_target = 2 * len(loss_rows)
-            per_image = (logits[:, :n_target] * labels_t[:, :n_target]).sum(dim=(1, 2)).tolist()
-            frozen = [j for j in range(n) if not active[j]]
+            loss = -(logits * labels_t * active[:, None, None]).sum()
+            frozen = [j for j, on in enumerate(running) if not on]
             kept = {k: p.detach()[frozen].clone() for k, p in stacked.items()} if frozen else {}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -282,24 +291,56 @@ class RibRunner:
             with torch.no_grad():
                 for k, value in kept.items():
                     stacked[k][frozen] = value
-            for j in range(n):
-                if active[j]:
-                    steps[j] += 1
-                    target_sums[j].append(per_image[j])
-                    if cfg.margin_mode == "stop" and abs(per_image[j]) > cfg.margin:
-                        active[j], reasons[j] = False, "margin"
-            if not any(active):
-                break
+            per_image = (logits[:, :n_target] * labels_t[:, :n_target]).detach().sum(dim=(1, 2))
+            logit_sums[step] = per_image
+            steps += active
+            if cfg.margin_mode == "stop":
+                hit = active & (per_image.abs() > cfg.margin)
+                reason = torch.where(hit, STOP_REASONS.index("margin"), reason)
+                active = active & ~hit
         if cfg.map_iterates == "all_iterates":
+            kept_maps = (reason != STOP_REASONS.index("explosion"))[:, None, None, None]
             with torch.no_grad():
                 for i, low in enumerate(lows):
-                    fused = torch.stack([flip_fused(r) for r in cams(low)])
-                    for j in range(n):
-                        if reasons[j] != "explosion":
-                            sums[i][j] += fused[j]
+                    sums[i] = sums[i] + flip_fused(cams(low)) * kept_maps
         elapsed = (time.perf_counter() - started) / n
-        return [RibOutcome(assemble_map([s[j].cpu() for s in sums], images[j].shape[:2], keys_list[j]), steps[j],
-                           reasons[j], target_sums[j], elapsed) for j in range(n)]
+        steps_h, reasons_h, sums_h = steps.tolist(), reason.tolist(), logit_sums.T.tolist()
+        return [RibOutcome(assemble_map([s[j] for s in sums], images[j].shape[:2], keys_list[j]), steps_h[j],
+                           STOP_REASONS[reasons_h[j]], sums_h[j][: steps_h[j]], elapsed) for j in range(n)]
+
+    def _head_function(self, cfg: RibConfig) -> Callable[..., torch.Tensor]:
+        """The vmapped stage 3-4 + classifier call, compiled once per runner when ``cfg.compile``."""
+        if not cfg.compile:
+            return self._batched_head
+        if self._compiled_head is None:
+            self._compiled_head = torch.compile(self._batched_head)
+        return self._compiled_head
+
+    def _companion_steps(self, keys_list: list[list[int]], cfg: RibConfig, seeds: Sequence[int] | None,
+                         on_device: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each step's companions of every image, ([n, k, 3, crop, crop], [n, k, C]) on the device,
+        or None when there are none. Each image draws from its own ``random.Random(seed)`` in the
+        order :meth:`run` draws."""
+        rngs = [random.Random(cfg.seed if seeds is None else seeds[j]) for j in range(len(keys_list))]
+        per_image = [(keys, cfg.companions, cfg.crop_size, cfg.resize_long, rng)
+                     for keys, rng in zip(keys_list, rngs, strict=True)]
+        if on_device:
+            for step in zip(*(self.pool.draws(*args) for args in per_image), strict=True):
+                chosen, crops = [c for c, _ in step], [d for _, d in step]
+                yield self.device_pool.crops(chosen, crops) if _any_companions(chosen) else None
+        else:
+            for step in zip(*(self.pool.batches(*args) for args in per_image), strict=True):
+                if _any_companions([x for x, _ in step]):
+                    yield (torch.stack([x for x, _ in step]).to(self.device),
+                           torch.stack([y for _, y in step]).to(self.device))
+                else:
+                    yield None
+
+
+def _any_companions(per_image: Sequence[Sized]) -> bool:
+    if len({len(c) for c in per_image}) > 1:
+        raise ValueError("some images have no companion with disjoint classes: run them one by one")
+    return bool(len(per_image[0]))
 
 
 class _TrainablePart(torch.nn.Module):

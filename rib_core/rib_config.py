@@ -44,7 +44,19 @@ class RibConfig(BaseModel):
     # Speed, not in the paper or the code (which run float32): "auto" = bfloat16 autocast and
     # channels_last on CUDA, plain float32 on the CPU. M is accumulated in float32 either way.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # How images are run: "plain" one at a time in the official loop's structure, "batched" several
+    # images per step (RibRunner.run_many, companions cropped on the device), "auto" = batched on
+    # CUDA, plain on the CPU (where batching does not pay: benchmarks/bench_rib.py).
+    engine: Literal["auto", "batched", "plain"] = "auto"
+    # Images per batched step; 0 = as many as the free device memory holds (measured on the first
+    # batch of each image size), 1 on the CPU.
+    max_images_per_batch: int = Field(0, ge=0, le=64)
+    compile: bool = False                                 # torch.compile the batched stages 3-4 + classifier
 
     def uses_bf16(self, device: str) -> bool:
         """Whether RIB on ``device`` ("cpu", "cuda", "cuda:1", ...) runs under bfloat16 autocast."""
         return self.precision == "bf16" or (self.precision == "auto" and device.startswith("cuda"))
+
+    def batched(self, device: str) -> bool:
+        """Whether RIB on ``device`` runs several images per step (:meth:`RibRunner.run_many`)."""
+        return self.engine == "batched" or (self.engine == "auto" and device.startswith("cuda"))
