@@ -1,11 +1,21 @@
-"""RIB speed: our ``RibRunner`` against the plain reference of the official loop, in one run.
+"""RIB's speed in one command: FLOPs, time per image for each path, the device's peak, and ratios.
 
-Prints seconds per image and images per second for both, and their ratio, for one configuration.
-Both run every one of the K steps (no early stop) on the same images with the same companions.
-It also times ``RibRunner.run_many`` on all the images at once (one batched step for all).
-Usage: ``python -m benchmarks.bench_rib --arch resnet18 --images 4`` (CPU, small), or on a GPU
-``python -m benchmarks.bench_rib --arch resnet50 --size 500 --crop 512 --companions 20 --device cuda``
-(the paper's settings).
+Everything comes from one run on one device:
+- FLOPs per RIB step and per image, counted by PyTorch's ``FlopCounterMode`` on a real run of the
+  plain path (forward of the target's scales and flips and of the companion crops, backward
+  through stages 3-4 and the classifier). The batched path does the same arithmetic.
+- Seconds per image of: the plain reference of the official loop (``tests/rib_reference.py``), our
+  plain path (``RibRunner.run``, float32), the batched path (``RibBatcher`` over
+  ``RibRunner.run_many``: several images per step, companions cropped on the device, bfloat16 on
+  CUDA), and the default path, which is what the workers run on this device (``RibConfig()``'s
+  engine and precision: batched + bf16 on CUDA, plain + fp32 on the CPU).
+- The peak: a large matrix product (float32 on the CPU, bfloat16 on CUDA); the fraction of peak
+  is the default path's achieved FLOP/s over it; the projection is for the 10,582 VOC images.
+
+Every path runs all K steps (no early stop) on the same images with the same companion draws.
+Usage: ``python -m benchmarks.bench_rib`` (CPU, small), or at the paper's settings on a GPU:
+``python -m benchmarks.bench_rib --arch resnet50 --size 500 375 --crop 512 --companions 20
+--images 16 --device cuda``.
 """
 
 from __future__ import annotations
@@ -18,12 +28,16 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from rib_core.batching import RibBatcher
 from rib_core.companions import CompanionPool
 from rib_core.networks import CamNet
 from rib_core.rib import RibRunner
 from rib_core.rib_config import RibConfig
 from tests.rib_reference import reference_rib
+
+VOC_TRAIN_AUG = 10_582  # images the paper's VOC maps are made for
 
 
 def synthetic_pool(n: int, size: int, classes: int, rng: np.random.Generator) -> CompanionPool:
@@ -45,15 +59,33 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
+def matmul_peak(device: torch.device, n: int, repeats: int = 5) -> float:
+    """FLOP/s of an n x n matrix product: bfloat16 on CUDA, float32 on the CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - started)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--size", type=int, default=96, help="target image side (px)")
+    p.add_argument("--size", type=int, nargs=2, default=[96, 72], metavar=("WIDTH", "HEIGHT"))
     p.add_argument("--crop", type=int, default=96, help="companion crop (px)")
     p.add_argument("--companions", type=int, default=8)
     p.add_argument("--iterations", type=int, default=10)
-    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--images", type=int, default=4, help="images timed per path (after a warm-up)")
+    p.add_argument("--batch", type=int, default=0, help="images per batched step (0: from free memory "
+                   "on CUDA; on the CPU all --images)")
     p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--compile", action="store_true", help="torch.compile the batched path")
+    p.add_argument("--no-reference", action="store_true", help="skip the official-structure loop")
+    p.add_argument("--matmul", type=int, default=0, help="matrix side for the peak (default: 2048 CPU, 8192 CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = p.parse_args()
@@ -63,38 +95,63 @@ def main() -> None:
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = CamNet(args.classes, args.arch).to(device).eval()
-    pool = synthetic_pool(64, args.size, args.classes, rng)
-    cfg = RibConfig(iterations=args.iterations, companions=args.companions, crop_size=args.crop,
-                    resize_long=(int(args.crop * 0.625), int(args.crop * 1.25)), margin=1e12, explode_ratio=1.0)
-    targets = [(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8), [0]) for _ in range(args.images)]
-    runner = RibRunner(model, pool, cfg, device)
-    runner.run(*targets[0], seed=0)  # warm-up (allocator, cudnn)
+    width, height = args.size
+    pool = synthetic_pool(64, max(args.size), args.classes, rng)
+    default = RibConfig(iterations=args.iterations, companions=args.companions, crop_size=args.crop,
+                        resize_long=(int(args.crop * 0.625), int(args.crop * 1.25)), margin=1e12, explode_ratio=1.0,
+                        max_images_per_batch=args.batch or (0 if device.type == "cuda" else args.images),
+                        compile=args.compile)
+    plain = default.model_copy(update={"engine": "plain", "precision": "fp32"})
+    batched = default.model_copy(update={"engine": "batched"})
+    runner = RibRunner(model, pool, plain, device)
+    batcher = RibBatcher(runner)
+    images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(args.images)]
+    keys = [[j % args.classes] for j in range(args.images)]
+    seeds = list(range(args.images))
 
-    def timed(fn: Callable[..., object], *args: object) -> float:
-        sync(device)
-        start = time.perf_counter()
-        fn(*args)
-        sync(device)
-        return time.perf_counter() - start
+    with FlopCounterMode(display=False) as counter:
+        runner.run(images[0], keys[0], plain.model_copy(update={"iterations": 1}), seed=0)
+    flops_step = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        runner.run(images[0], keys[0], plain, seed=0)  # also the plain path's warm-up
+    flops_image = counter.get_total_flops()
 
-    # Interleaved, image by image, so that a change in machine load hits both the same way.
-    ours_t, ref_t = [], []
-    for i, (img, keys) in enumerate(targets):
-        ours_t.append(timed(lambda im, k, j: runner.run(im, k, seed=j), img, keys, i))
-        if device.type == "cpu":  # the reference keeps the official loop's host-side tensors
-            ref_t.append(timed(lambda im, k, j: reference_rib(model, pool, im, k, cfg, seed=j), img, keys, i))
-    ours = float(np.mean(ours_t))
-    ref = float(np.mean(ref_t)) if ref_t else float("nan")
-    images, keys = [t[0] for t in targets], [t[1] for t in targets]
-    batched = timed(lambda ims, ks, _: runner.run_many(ims, ks, seeds=list(range(len(ims)))), images, keys, 0)
-    batched /= len(targets)
+    def per_image(fn: Callable[[], object], count: int = args.images) -> float:
+        sync(device)
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        return (time.perf_counter() - started) / count
+
+    paths: dict[str, Callable[[], object]] = {
+        "plain": lambda: [runner.run(im, k, plain, s) for im, k, s in zip(images, keys, seeds, strict=True)],
+        "batched": lambda: batcher.run_all(images, keys, batched, seeds),
+        "default": lambda: batcher.run_all(images, keys, default, seeds),
+    }
+    if not args.no_reference:
+        paths["reference"] = lambda: [reference_rib(model, pool, im, k, plain, s, device)
+                                      for im, k, s in zip(images, keys, seeds, strict=True)]
+    batcher.run_all(images[:1], keys[:1], batched, seeds[:1])  # warm-up: kernels, memory measurement
+    batcher.run_all(images, keys, batched, seeds)              # (and compilation with --compile)
+    seconds = {name: per_image(fn) for name, fn in paths.items()}
+    peak = matmul_peak(device, args.matmul or (8192 if device.type == "cuda" else 2048))
+    fast = seconds["default"]
     result = {
-        "device": device_name(device),
-        "threads": torch.get_num_threads(), "config": vars(args),
-        "ours_s_per_image": round(ours, 3), "ours_images_per_s": round(1 / ours, 3),
-        "reference_s_per_image": round(ref, 3), "reference_images_per_s": round(1 / ref, 3),
-        "speedup_vs_reference": round(ref / ours, 2),
-        "batched_s_per_image": round(batched, 3), "batched_speedup_vs_one_by_one": round(ours / batched, 2),
+        "device": device_name(device), "threads": torch.get_num_threads(), "config": vars(args),
+        "default_path": ("batched" if default.batched(str(device)) else "plain")
+                        + (", bf16" if default.uses_bf16(str(device)) else ", fp32"),
+        "images_per_batched_step": batcher.images_per_batch((height, width, 3), batched, args.images),
+        "tflop_per_step": round(flops_step / 1e12, 4), "tflop_per_image": round(flops_image / 1e12, 4),
+        "seconds_per_image": {name: round(s, 4) for name, s in seconds.items()},
+        "images_per_hour": {name: round(3600 / s, 1) for name, s in seconds.items()},
+        "speedup_default_vs_reference": round(seconds["reference"] / fast, 2) if "reference" in seconds else None,
+        "speedup_default_vs_plain": round(seconds["plain"] / fast, 2),
+        "speedup_batched_vs_plain": round(seconds["plain"] / seconds["batched"], 2),
+        "achieved_tflop_per_s": round(flops_image / fast / 1e12, 4),
+        "peak_tflop_per_s_matmul": round(peak / 1e12, 4), "peak_dtype": "bf16" if device.type == "cuda" else "fp32",
+        "fraction_of_peak": round(flops_image / fast / peak, 4),
+        "floor_seconds_per_image_at_peak": round(flops_image / peak, 4),
+        "projected_hours_for_voc_train_aug": round(VOC_TRAIN_AUG * fast / 3600, 2),
     }
     print(json.dumps(result, indent=2))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -112,19 +111,17 @@ class DeviceCompanions:
         self.pixels = flat.to(home)                                    # [sum of h*w, 3] uint8
         self.home = home
         self.offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(pixels)[:-1]])).to(home)
-        self.sizes = torch.from_numpy(sizes).to(home)                  # [N, 2] (h, w)
+        self.host_sizes = sizes                                        # [N, 2] (h, w), read without a sync
+        self.sizes = torch.from_numpy(sizes).to(home)
         self.labels = torch.from_numpy(pool.labels.astype(np.float32)).to(device)
-
-    @cached_property
-    def nbytes(self) -> int:
-        return self.pixels.numel()
 
     def crops(self, chosen: list[list[int]], draws: list[list[CropDraw]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One step's companions for n targets: ([n, k, 3, crop, crop] float, [n, k, C] labels)."""
         n, k = len(chosen), len(chosen[0])
-        index = torch.tensor([i for row in chosen for i in row], dtype=torch.long)
+        ids = [i for row in chosen for i in row]
+        index = torch.tensor(ids, dtype=torch.long)
         sizes = self.sizes[index.to(self.home)]
-        height, width = (int(v) for v in sizes.amax(dim=0).tolist())
+        height, width = (int(v) for v in self.host_sizes[ids].max(axis=0))
         ys = torch.arange(height, device=self.home)[None, :, None].minimum(sizes[:, 0, None, None] - 1)
         xs = torch.arange(width, device=self.home)[None, None, :].minimum(sizes[:, 1, None, None] - 1)
         flat = self.offsets[index.to(self.home), None, None] + ys * sizes[:, 1, None, None] + xs

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from rib_core.batching import RibBatcher
 from rib_core.cam import LocalizationMap
 from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
@@ -84,6 +85,7 @@ class PseudoMaskPipeline:
         self.config = config or PipelineConfig()
         self.model = model.eval()
         self.runner = RibRunner(model, pool, self.config.rib, self.device)
+        self.batcher = RibBatcher(self.runner)
         self.irn = irn.to(self.device).eval() if irn is not None else None
 
     @classmethod
@@ -105,8 +107,40 @@ class PseudoMaskPipeline:
 
     def process(self, image: np.ndarray, labels: Sequence[str], rib: RibConfig | None = None,
                 image_id: str = "", seed: int | None = None) -> ImageResult:
-        keys = self.keys_for(labels)
-        outcome = self.runner.run(image, keys, rib or self.config.rib, seed=seed)
-        masks = refine_one(image, outcome.map, self.irn, self.config.refine, device=self.device)
-        return ImageResult(image_id, [self.classes[k] for k in keys], outcome.map, masks,
-                           {**outcome.stats(), "device": str(self.device)})
+        """RIB and refinement for one image; raises what fails."""
+        seeds = None if seed is None else [seed]
+        result = self.process_many([image], [labels], rib, [image_id], seeds)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def process_many(self, images: Sequence[np.ndarray], labels: Sequence[Sequence[str]],
+                     rib: RibConfig | None = None, image_ids: Sequence[str] | None = None,
+                     seeds: Sequence[int] | None = None) -> list[ImageResult | Exception]:
+        """RIB (batched where ``rib.engine`` says so: by default on CUDA) and refinement for several
+        images. A failing image gets its exception in place of a result; the others go on."""
+        cfg = rib or self.config.rib
+        ids = list(image_ids) if image_ids is not None else [""] * len(images)
+        results: dict[int, ImageResult | Exception] = {}
+        keys: dict[int, list[int]] = {}
+        for j, names in enumerate(labels):
+            try:
+                keys[j] = self.keys_for(names)
+            except ValueError as e:
+                results[j] = e
+        todo = sorted(keys)
+        outcomes = self.batcher.run_all([images[j] for j in todo], [keys[j] for j in todo], cfg,
+                                        None if seeds is None else [seeds[j] for j in todo])
+        for j, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                results[j] = outcome
+                continue
+            try:
+                masks = refine_one(images[j], outcome.map, self.irn, self.config.refine, device=self.device)
+            except Exception as e:  # one image's refinement failing must not lose the others
+                results[j] = e.with_traceback(None)
+                continue
+            results[j] = ImageResult(ids[j], [self.classes[k] for k in keys[j]], outcome.map, masks,
+                                     {**outcome.stats(), "device": str(self.device),
+                                      "engine": "batched" if cfg.batched(str(self.device)) else "plain"})
+        return [results[j] for j in range(len(images))]

@@ -78,11 +78,12 @@ class RibOutcome:
     steps: int                       # updates taken
     stop_reason: str                 # "iterations", "margin" or "explosion"
     target_logit_sums: list[float] = field(default_factory=list)  # per step, for the margin rule
-    seconds: float = 0.0
+    seconds: float = 0.0             # the image's share of the run's time
+    images_in_step: int = 1          # images fine-tuned together (RibRunner.run_many)
 
     def stats(self) -> dict[str, object]:
-        return {"steps": self.steps, "stop_reason": self.stop_reason,
-                "target_logit_sums": self.target_logit_sums, "seconds": round(self.seconds, 3)}
+        return {"steps": self.steps, "stop_reason": self.stop_reason, "target_logit_sums": self.target_logit_sums,
+                "seconds": round(self.seconds, 3), "images_in_step": self.images_in_step}
 
 
 STOP_REASONS = ("iterations", "margin", "explosion")
@@ -111,7 +112,8 @@ class RibRunner:
         self.pool = pool
         self.cfg = cfg or RibConfig()
         self._batched_head = torch.func.vmap(
-            lambda params, low: torch.func.functional_call(self.head, params, (low,)))
+            lambda params, fixed, low: torch.func.functional_call(self.head, (params, fixed), (low,)),
+            in_dims=(0, None, 0))
         self._compiled_head: Callable[..., torch.Tensor] | None = None
 
     @cached_property
@@ -233,11 +235,15 @@ class RibRunner:
         optimizer = self._optimizer(cfg, [p for k, p in stacked.items() if not k.startswith("classifier.")],
                                     [p for k, p in stacked.items() if k.startswith("classifier.")])
         head = self._head_function(cfg)
+        # Autocast does not reach inside vmap, so the bf16 path casts explicitly: bf16 copies of the
+        # weights and features for the convolutions, float32 master weights for the updates.
+        dtype = torch.bfloat16 if cfg.uses_bf16(str(self.device)) else torch.float32
+        fixed = {k: v.to(dtype) if v.is_floating_point() else v
+                 for k, v in [*self.head.named_parameters(), *self.head.named_buffers()] if k not in stacked}
 
         def cams(low: torch.Tensor) -> torch.Tensor:
             """[n, B, c, h, w] stage-2 features -> [n, B, C, h', w'] raw CAMs, each image its own weights."""
-            with autocast:
-                return head(stacked, low).float()
+            return head({k: p.to(dtype) for k, p in stacked.items()}, fixed, low.to(dtype)).float()
 
         def low_features(x: torch.Tensor) -> torch.Tensor:
             return self._low(x.flatten(0, 1), autocast, layout).unflatten(0, x.shape[:2])
@@ -306,7 +312,7 @@ class RibRunner:
         elapsed = (time.perf_counter() - started) / n
         steps_h, reasons_h, sums_h = steps.tolist(), reason.tolist(), logit_sums.T.tolist()
         return [RibOutcome(assemble_map([s[j] for s in sums], images[j].shape[:2], keys_list[j]), steps_h[j],
-                           STOP_REASONS[reasons_h[j]], sums_h[j][: steps_h[j]], elapsed) for j in range(n)]
+                           STOP_REASONS[reasons_h[j]], sums_h[j][: steps_h[j]], elapsed, n) for j in range(n)]
 
     def _head_function(self, cfg: RibConfig) -> Callable[..., torch.Tensor]:
         """The vmapped stage 3-4 + classifier call, compiled once per runner when ``cfg.compile``."""

@@ -57,9 +57,9 @@ def gndp2d(x, valid_cat, score_th, per_image):
 
 
 def reference_rib(shared: CamNet, pool: CompanionPool, image: np.ndarray, keys: list[int],
-                  cfg: RibConfig, seed: int) -> dict[str, np.ndarray]:
+                  cfg: RibConfig, seed: int, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Returns ``{"cam": strided map, "high_res": full map}`` as ``save_npy`` computes them."""
-    model = copy.deepcopy(shared)
+    model = copy.deepcopy(shared).to(device)
     model.load_state_dict(shared.state_dict(), strict=True)
     model.set_bn_frozen(True)
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
@@ -67,14 +67,14 @@ def reference_rib(shared: CamNet, pool: CompanionPool, image: np.ndarray, keys: 
         {"params": backbone, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": list(model.classifier.parameters()), "lr": 10 * cfg.lr, "weight_decay": cfg.weight_decay},
     ], lr=cfg.lr, weight_decay=cfg.weight_decay, max_step=cfg.iterations)
-    img = multiscale_flip_batches(image, (1.0, 0.5, 1.5, 2.0))
-    label = torch.zeros(1, len(pool.classes))
+    img = [x.to(device) for x in multiscale_flip_batches(image, (1.0, 0.5, 1.5, 2.0))]
+    label = torch.zeros(1, len(pool.classes), device=device)
     label[0, keys] = 1
     loader = pool.batches(keys, cfg.companions, cfg.crop_size, cfg.resize_long, random.Random(seed))
     outputs_cam: list[torch.Tensor] = []
 
     for rib_step in range(cfg.iterations):
-        img_rib, label_rib = next(loader)
+        img_rib, label_rib = (t.to(device) for t in next(loader))
         # ---- RIB_learn ----
         logits_total, labels_total = [], []
         stop = False

@@ -126,28 +126,34 @@ def test_parity_with_official_structure(setup, pooling, stop):
         assert not np.allclose(cam0.map.high_res, ours.map.high_res, atol=1e-3)
 
 
-@pytest.mark.slow
-def test_bf16_path_keeps_the_maps_and_the_seed_score(demo, classifier_path):
-    """The mixed-precision path (bfloat16 autocast, channels_last; the default on CUDA, forced here
-    on the CPU) against float32: M within 0.05 per pixel, seed mIoU within 0.3 points."""
+def test_fast_path_keeps_the_maps_and_the_seed_score(demo, classifier_path):
+    """The fast path (several images per step through vmap, companions cropped on the device,
+    bfloat16; the default on CUDA, forced here on the CPU) against the plain float32 path, image by
+    image, on 16 demo images: M within 0.2 per pixel and 0.01 on average, seed mIoU within 0.3 points.
+    bf16 alone makes the gap (device crops in fp32 stay within 1e-3): a few pixels of an image whose
+    fine-tuning drifts apart in 3 steps, as it does with bf16 autocast on the plain path."""
     model, _, _ = load_classifier(classifier_path)
     pool = CompanionPool.from_manifest(demo.train, limit=40)
-    records = demo.train.records[:8]
-    cfg = RibConfig(iterations=3, **SMALL)
-    assert not cfg.uses_bf16("cpu") and cfg.uses_bf16("cuda:0")  # "auto"
-    maps = {}
-    for precision in ("fp32", "bf16"):
-        runner = RibRunner(model, pool, cfg.model_copy(update={"precision": precision}))
-        maps[precision] = [runner.run(load_image(demo.train.image_uri(r)), demo.train.label_indices(r), seed=i).map
-                           for i, r in enumerate(records)]
+    records = demo.train.records[40:56]
+    images = [load_image(demo.train.image_uri(r)) for r in records]
+    keys = [demo.train.label_indices(r) for r in records]
+    plain = RibConfig(iterations=3, precision="fp32", engine="plain", **SMALL)
+    fast = plain.model_copy(update={"precision": "auto", "engine": "auto"})
+    assert not fast.uses_bf16("cpu") and fast.uses_bf16("cuda:0") and fast.batched("cuda") and not fast.batched("cpu")
+    runner = RibRunner(model, pool, plain)
+    maps = {"plain": [runner.run(im, k, seed=j).map for j, (im, k) in enumerate(zip(images, keys, strict=True))],
+            "fast": [o.map for o in runner.run_many(images, keys, fast.model_copy(update={"precision": "bf16"}),
+                                                    seeds=list(range(len(images))))]}
+    gaps = np.concatenate([np.abs(a.high_res - b.high_res).ravel()
+                           for a, b in zip(maps["plain"], maps["fast"], strict=True)])
+    tail = np.quantile(gaps, 0.999)
+    print(f"\n|M fast - M plain|: max {gaps.max():.4f}, 99.9th percentile {tail:.4f}, mean {gaps.mean():.5f}")
+    assert 0 < gaps.max() <= 0.2 and gaps.mean() <= 0.01
     gts = [load_mask(demo.train.mask_uri(r)) for r in records]
-    for a, b in zip(maps["fp32"], maps["bf16"], strict=True):
-        np.testing.assert_allclose(a.high_res, b.high_res, atol=0.05)
-    assert not all(np.array_equal(a.high_res, b.high_res) for a, b in zip(maps["fp32"], maps["bf16"], strict=True))
     miou = {p: sweep_seeds(zip(ms, gts, strict=True), len(demo.train.classes), EvalConfig())["best"]["miou"]
             for p, ms in maps.items()}
-    print(f"\nseed mIoU on {len(records)} images: fp32 {100 * miou['fp32']:.2f}, bf16 {100 * miou['bf16']:.2f}")
-    assert abs(miou["fp32"] - miou["bf16"]) <= 0.003
+    print(f"seed mIoU on {len(records)} images: plain {100 * miou['plain']:.2f}, fast {100 * miou['fast']:.2f}")
+    assert abs(miou["plain"] - miou["fast"]) <= 0.003
 
 
 def test_run_many_equals_run_image_by_image(demo, classifier_path):
@@ -174,5 +180,8 @@ def test_run_many_equals_run_image_by_image(demo, classifier_path):
             np.testing.assert_allclose(a.target_logit_sums, b.target_logit_sums, rtol=1e-4)
             np.testing.assert_allclose(a.map.high_res, b.map.high_res, atol=1e-4)
             np.testing.assert_allclose(a.map.cam, b.map.cam, atol=1e-4)
+    on_device = runner.run_many(images, keys, free, seeds=[0, 1, 2])  # companions cropped on the device
+    for j, (im, k) in enumerate(pairs):  # the same draws, resized by torch, not PIL
+        np.testing.assert_allclose(runner.run(im, k, free, seed=j).map.high_res, on_device[j].map.high_res, atol=5e-3)
     with pytest.raises(ValueError, match="one size"):
         runner.run_many([images[0], images[0][:40]], keys[:2])

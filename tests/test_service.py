@@ -307,6 +307,26 @@ def test_per_image_errors_are_reported_and_the_rest_finishes(stack: Stack) -> No
         assert items["fine"]["status"] == "done"
 
 
+def test_bulk_job_on_the_batched_engine(stack: Stack) -> None:
+    """The engine CUDA workers use by default, forced on this CPU worker: a chunk's two images of
+    one size are fine-tuned in one batched step; a missing image fails alone."""
+    records = stack.train.records[20:22]
+    batched = {"engine": "batched", "max_images_per_batch": 2}
+    with stack.client() as c:
+        r = c.post("/v1/jobs", json={"rib": batched, "images": [
+            *({"id": rec.id, "image": f"s3://{BUCKET}/companions/{rec.image}", "labels": list(rec.labels)}
+              for rec in records),
+            {"id": "gone", "image": f"s3://{BUCKET}/companions/images/missing.png", "labels": ["digit3"]}]})
+        assert r.status_code == 202, r.text
+        status = wait_finished(c, r.json()["job_id"])
+        assert status["counts"]["done"] == 2 and status["counts"]["failed"] == 1, status
+        items = {i["id"]: i for i in all_results(c, r.json()["job_id"], 10)}
+    for record in records:
+        check_artifacts(stack, items[record.id], list(record.labels), size_of(stack.train, record))
+        meta = json.loads(stack.get(items[record.id]["artifacts"]["meta.json"]["uri"].split("/", 3)[3]))
+        assert meta["stats"]["engine"] == "batched" and meta["stats"]["images_in_step"] == 2
+
+
 def test_cancel_skips_images_not_started_and_leaves_nothing_half_written(stack: Stack) -> None:
     images = [{"id": r.id, "image": f"s3://{BUCKET}/companions/{r.image}", "labels": list(r.labels)}
               for r in stack.train.records[20:32]]

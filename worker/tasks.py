@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+import numpy as np
 from botocore.exceptions import ClientError, EndpointConnectionError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -56,50 +57,72 @@ def pipeline() -> PseudoMaskPipeline:
     return pipe
 
 
-def process_image(rt: Runtime, job_id: str, item: JobItem, rib: RibConfig) -> None:
-    """RIB and refinement for one image; every artifact is written before the marker."""
+def process_items(rt: Runtime, job_id: str, items: list[JobItem], rib: RibConfig) -> None:
+    """RIB and refinement for a chunk's images, batched where ``rib.engine`` says (by default on
+    CUDA); each image's artifacts are all written before its marker."""
     try:
         pipe = pipeline()
-    except Exception as e:  # any load failure is reported on the image, not hidden in a worker log
-        rt.store.mark_failed(job_id, item.id, f"the worker cannot load the model: {type(e).__name__}: {e}")
+    except Exception as e:  # any load failure is reported on the images, not hidden in a worker log
+        for item in items:
+            rt.store.mark_failed(job_id, item.id, f"the worker cannot load the model: {type(e).__name__}: {e}")
         return
-    started = time.perf_counter()  # the image's own time, without the one-off model load
-    try:
-        image = decode_image(read_bytes(item.image), rt.settings.max_image_pixels)
-    except FileNotFoundError:
-        rt.store.mark_failed(job_id, item.id, f"image not found: {item.image}")
-        return
-    except _INPUT_ERRORS as e:
-        rt.store.mark_failed(job_id, item.id, f"cannot use {item.image}: {e}")
-        return
-    try:
-        artifacts = pipe.process(image, item.labels, rib, image_id=item.id).artifacts(image)
-    except Exception as e:  # one image's failure (bad labels, out of memory) must not stop the chunk
-        log.exception("image %s of job %s failed", item.id, job_id)
-        rt.store.mark_failed(job_id, item.id, f"{type(e).__name__}: {e}")
-        return
-    for name in sorted(artifacts, key=lambda n: n == MARKER):
-        data, content_type = artifacts[name]
-        rt.storage.put(image_key(job_id, item.id, name), data, content_type)
-    rt.store.mark_done(job_id, item.id, artifacts, time.perf_counter() - started)
+    started = time.perf_counter()  # the images' own time, without the one-off model load
+    ready: list[tuple[JobItem, np.ndarray]] = []
+    for item in items:
+        try:
+            ready.append((item, decode_image(read_bytes(item.image), rt.settings.max_image_pixels)))
+        except FileNotFoundError:
+            rt.store.mark_failed(job_id, item.id, f"image not found: {item.image}")
+        except _INPUT_ERRORS as e:
+            rt.store.mark_failed(job_id, item.id, f"cannot use {item.image}: {e}")
+    results = pipe.process_many([image for _, image in ready], [item.labels for item, _ in ready], rib,
+                                [item.id for item, _ in ready])
+    seconds = (time.perf_counter() - started) / max(len(ready), 1)
+    for (item, image), result in zip(ready, results, strict=True):
+        image_started = time.perf_counter()
+        try:
+            if isinstance(result, Exception):  # one image's failure (bad labels, out of memory) stops no other
+                raise result
+            artifacts = result.artifacts(image)
+        except Exception as e:
+            log.error("image %s of job %s failed: %s: %s", item.id, job_id, type(e).__name__, e)
+            rt.store.mark_failed(job_id, item.id, f"{type(e).__name__}: {e}")
+            continue
+        for name in sorted(artifacts, key=lambda n: n == MARKER):
+            data, content_type = artifacts[name]
+            rt.storage.put(image_key(job_id, item.id, name), data, content_type)
+        rt.store.mark_done(job_id, item.id, artifacts, seconds + time.perf_counter() - image_started)
 
 
 @app.task(name=PROCESS_CHUNK, ignore_result=True, time_limit=get_settings().chunk_time_limit_s,
           autoretry_for=(RedisConnectionError, EndpointConnectionError), retry_backoff=True, max_retries=5)
 def process_chunk(job_id: str, items: list[dict[str, Any]], rib: dict[str, Any]) -> None:
-    """Images of one job, in order. Safe to run again: finished images are not redone."""
+    """Images of one job. Safe to run again: finished images are not redone.
+
+    The plain engine claims and finishes one image at a time, so a killed worker leaves at most one
+    image to redo; the batched engine claims the whole chunk, which then runs together.
+    """
     rt = runtime()
     cfg = RibConfig.model_validate(rib)
-    for raw in items:
-        item = JobItem.from_json(raw)
-        if rt.store.begin(job_id, item.id) != "run":
-            continue
-        if rt.storage.exists(image_key(job_id, item.id, MARKER)):  # an earlier attempt wrote it all
-            names = [key.rsplit("/", 1)[1] for key in rt.storage.list(image_key(job_id, item.id))]
-            rt.store.mark_done(job_id, item.id, names, None)
-            continue
-        process_image(rt, job_id, item, cfg)
+    chunk = [JobItem.from_json(raw) for raw in items]
+    group = len(chunk) if cfg.batched(str(resolve_device(rt.settings.device))) else 1
+    for start in range(0, len(chunk), group):
+        todo = [item for item in chunk[start:start + group] if claim(rt, job_id, item)]
+        if todo:
+            process_items(rt, job_id, todo, cfg)
     rt.store.finalize(job_id, rt.storage)
+
+
+def claim(rt: Runtime, job_id: str, item: JobItem) -> bool:
+    """Mark the image running; False when there is nothing to do (cancelled, already accounted, or
+    an earlier attempt wrote every file, which is then recorded as done)."""
+    if rt.store.begin(job_id, item.id) != "run":
+        return False
+    if rt.storage.exists(image_key(job_id, item.id, MARKER)):
+        names = [key.rsplit("/", 1)[1] for key in rt.storage.list(image_key(job_id, item.id))]
+        rt.store.mark_done(job_id, item.id, names, None)
+        return False
+    return True
 
 
 @app.task(name=TRAINING_JOB, bind=True)
