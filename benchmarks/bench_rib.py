@@ -9,8 +9,10 @@ Everything comes from one run on one device:
   ``RibRunner.run_many``: several images per step, companions cropped on the device, bfloat16 on
   CUDA), and the default path, which is what the workers run on this device (``RibConfig()``'s
   engine and precision: batched + bf16 on CUDA, plain + fp32 on the CPU).
-- The peak: a large matrix product (float32 on the CPU, bfloat16 on CUDA); the fraction of peak
-  is the default path's achieved FLOP/s over it; the projection is for the 10,582 VOC images.
+- Times are medians over ``--rounds`` rounds that interleave the paths.
+- The peak: the best of three runs of a large matrix product (float32 on the CPU, bfloat16 on
+  CUDA); the fraction of peak is the default path's achieved FLOP/s over it; the projection is
+  for the 10,582 VOC images.
 
 Every path runs all K steps (no early stop) on the same images with the same companion draws.
 Usage: ``python -m benchmarks.bench_rib`` (CPU, small), or at the paper's settings on a GPU:
@@ -80,6 +82,7 @@ def main() -> None:
     p.add_argument("--companions", type=int, default=8)
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--images", type=int, default=4, help="images timed per path (after a warm-up)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per path (median reported)")
     p.add_argument("--batch", type=int, default=0, help="images per batched step (0: from free memory "
                    "on CUDA; on the CPU all --images)")
     p.add_argument("--classes", type=int, default=20)
@@ -111,10 +114,13 @@ def main() -> None:
 
     with FlopCounterMode(display=False) as counter:
         runner.run(images[0], keys[0], plain.model_copy(update={"iterations": 1}), seed=0)
-    flops_step = counter.get_total_flops()
+    flops_one_step = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         runner.run(images[0], keys[0], plain, seed=0)  # also the plain path's warm-up
     flops_image = counter.get_total_flops()
+    # a step = the target's CAM at every scale + companions, forward and backward; the rest of an
+    # image's count is one-off (stage 1-2 features of the target)
+    flops_step = (flops_image - flops_one_step) / (args.iterations - 1) if args.iterations > 1 else flops_one_step
 
     def per_image(fn: Callable[[], object], count: int = args.images) -> float:
         sync(device)
@@ -123,25 +129,35 @@ def main() -> None:
         sync(device)
         return (time.perf_counter() - started) / count
 
+    same_as_plain = not default.batched(str(device)) and not default.uses_bf16(str(device))
     paths: dict[str, Callable[[], object]] = {
         "plain": lambda: [runner.run(im, k, plain, s) for im, k, s in zip(images, keys, seeds, strict=True)],
         "batched": lambda: batcher.run_all(images, keys, batched, seeds),
-        "default": lambda: batcher.run_all(images, keys, default, seeds),
     }
+    if not same_as_plain:  # on the CPU the default is the plain path: timed once
+        paths["default"] = lambda: batcher.run_all(images, keys, default, seeds)
     if not args.no_reference:
         paths["reference"] = lambda: [reference_rib(model, pool, im, k, plain, s, device)
                                       for im, k, s in zip(images, keys, seeds, strict=True)]
     batcher.run_all(images[:1], keys[:1], batched, seeds[:1])  # warm-up: kernels, memory measurement
     batcher.run_all(images, keys, batched, seeds)              # (and compilation with --compile)
-    seconds = {name: per_image(fn) for name, fn in paths.items()}
-    peak = matmul_peak(device, args.matmul or (8192 if device.type == "cuda" else 2048))
+    rounds: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(args.rounds):  # interleaved, so a slow spell of the machine hits every path
+        for name, fn in paths.items():
+            rounds[name].append(per_image(fn))
+    seconds = {name: float(np.median(times)) for name, times in rounds.items()}
+    if same_as_plain:
+        seconds["default"] = seconds["plain"]
+    peak = max(matmul_peak(device, args.matmul or (8192 if device.type == "cuda" else 2048)) for _ in range(3))
     fast = seconds["default"]
     result = {
         "device": device_name(device), "threads": torch.get_num_threads(), "config": vars(args),
         "default_path": ("batched" if default.batched(str(device)) else "plain")
-                        + (", bf16" if default.uses_bf16(str(device)) else ", fp32"),
+                        + (", bf16" if default.uses_bf16(str(device)) else ", fp32")
+                        + (" (the plain path's figures)" if same_as_plain else ""),
         "images_per_batched_step": batcher.images_per_batch((height, width, 3), batched, args.images),
         "tflop_per_step": round(flops_step / 1e12, 4), "tflop_per_image": round(flops_image / 1e12, 4),
+        "tflop_one_off_per_image": round((flops_image - args.iterations * flops_step) / 1e12, 4),
         "seconds_per_image": {name: round(s, 4) for name, s in seconds.items()},
         "images_per_hour": {name: round(3600 / s, 1) for name, s in seconds.items()},
         "speedup_default_vs_reference": round(seconds["reference"] / fast, 2) if "reference" in seconds else None,

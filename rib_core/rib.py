@@ -87,6 +87,7 @@ class RibOutcome:
 
 
 STOP_REASONS = ("iterations", "margin", "explosion")
+COMPILED_SHAPES = 64  # input shapes the compiled batched head is compiled for (RibRunner._head_function)
 
 
 class RibRunner:
@@ -315,11 +316,23 @@ class RibRunner:
                            STOP_REASONS[reasons_h[j]], sums_h[j][: steps_h[j]], elapsed, n) for j in range(n)]
 
     def _head_function(self, cfg: RibConfig) -> Callable[..., torch.Tensor]:
-        """The vmapped stage 3-4 + classifier call, compiled once per runner when ``cfg.compile``."""
+        """The vmapped stage 3-4 + classifier call, compiled when ``cfg.compile``.
+
+        Dynamo specialises the vmapped call on its input shapes even with ``dynamic=True``, so it
+        compiles once per shape: each target size x scale, the companion crop, and each number of
+        images still running. Past ``COMPILED_SHAPES`` of them new shapes run eagerly. Worth it for
+        datasets of few image sizes; hence off by default.
+        """
         if not cfg.compile:
             return self._batched_head
         if self._compiled_head is None:
-            self._compiled_head = torch.compile(self._batched_head)
+            compiled = torch.compile(self._batched_head, dynamic=False)
+
+            def head(*args: object) -> torch.Tensor:
+                with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
+                    return compiled(*args)
+
+            self._compiled_head = head
         return self._compiled_head
 
     def _companion_steps(self, keys_list: list[list[int]], cfg: RibConfig, seeds: Sequence[int] | None,
