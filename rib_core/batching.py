@@ -5,16 +5,23 @@ by size. How many go into one step is set by the free device memory: the first b
 runs one image and measures its peak memory, later batches take as many as fit in 90% of what is
 free. An out-of-memory batch is retried at half the size, so no image is lost to a bad estimate;
 any other failure of a batch is retried image by image, so that one bad image fails alone.
+:func:`run_rib` runs a whole manifest this way (the CLI's ``rib rib`` and the demo job).
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from rib_core.companions import CompanionPool
+from rib_core.datasets import Manifest, load_image
+from rib_core.networks import CamNet
 from rib_core.rib import RibOutcome, RibRunner
 from rib_core.rib_config import RibConfig
 
@@ -91,6 +98,48 @@ class RibBatcher:
         per_image = -(-(torch.cuda.max_memory_allocated(self.device) - base) // len(images))
         self.bytes_per_image[key] = max(self.bytes_per_image.get(key, 1), per_image)
         return outcomes
+
+
+def run_rib(model: CamNet, manifest: Manifest, pool: CompanionPool, out_dir: str | os.PathLike[str],
+            cfg: RibConfig | None = None, device: torch.device | str = "cpu", progress: bool = True,
+            ) -> Path:
+    """RIB maps M for every image of ``manifest`` as ``out_dir/<id>.npz``; existing files are kept.
+
+    Each image's sampling seed is derived from ``cfg.seed`` and its position, so a rerun or a
+    resumed run gives the same maps. With the batched engine (by default on CUDA) up to
+    ``MAX_IMAGES_PER_BATCH`` images are loaded at a time and share steps; otherwise one at a time.
+    Every map that succeeds is written; then the first failure, if any, is raised.
+    """
+    cfg = cfg or RibConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    batcher = RibBatcher(RibRunner(model, pool, cfg, device))
+    block = MAX_IMAGES_PER_BATCH if cfg.batched(str(batcher.device)) else 1
+    todo = [(n, r) for n, r in enumerate(manifest.records) if not (out / f"{r.id}.npz").exists()]
+    bar = tqdm(total=len(manifest.records), initial=len(manifest.records) - len(todo), desc=f"rib-{cfg.pooling}",
+               disable=not progress, unit="img")
+    failures: list[tuple[str, Exception]] = []
+    for start in range(0, len(todo), block):
+        part = todo[start:start + block]
+        outcomes = batcher.run_all([load_image(manifest.image_uri(r)) for _, r in part],
+                                   [manifest.label_indices(r) for _, r in part], cfg,
+                                   [cfg.seed * 1_000_003 + n for n, _ in part])
+        for (_, r), outcome in zip(part, outcomes, strict=True):
+            bar.update(1)
+            if isinstance(outcome, Exception):
+                failures.append((r.id, outcome))
+                continue
+            path = out / f"{r.id}.npz"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(outcome.map.to_bytes())
+            os.replace(tmp, path)
+            bar.set_postfix(stop=outcome.stop_reason, steps=outcome.steps)
+    bar.close()
+    if failures:
+        image_id, error = failures[0]
+        raise RuntimeError(f"RIB failed on {len(failures)} image(s), first {image_id}: "
+                           f"{type(error).__name__}: {error}") from error
+    return out
 
 
 def _memory_key(shape: tuple[int, ...], cfg: RibConfig) -> tuple:

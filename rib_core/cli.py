@@ -119,9 +119,9 @@ def cmd_cam(args: argparse.Namespace) -> None:
 
 
 def cmd_rib(args: argparse.Namespace) -> None:
+    from rib_core.batching import run_rib
     from rib_core.companions import CompanionPool
     from rib_core.datasets import load_manifest
-    from rib_core.rib import run_rib
     from rib_core.rib_config import RibConfig
 
     model, manifest = _classifier_and_manifest(args)

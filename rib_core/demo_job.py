@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rib_core.batching import run_rib
 from rib_core.cam import CamConfig, LocalizationMap, run_cam
 from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
@@ -22,7 +23,6 @@ from rib_core.demo_data import DemoDataConfig, make_demo_dataset
 from rib_core.evaluation import all_background_miou, sweep_seeds
 from rib_core.refine import IrnTrainConfig, RefineConfig, refine_maps
 from rib_core.report import write_html_report
-from rib_core.rib import run_rib
 from rib_core.rib_config import RibConfig
 from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
 from rib_core.visualize import label_png, map_overlay, png_bytes

@@ -14,22 +14,18 @@ or before a step whose CAM covers more than 70% of the image ("explosion").
 from __future__ import annotations
 
 import copy
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from rib_core.augment import multiscale_flip_batches
 from rib_core.cam import LocalizationMap, assemble_map, flip_fused, normalise_per_class
 from rib_core.companions import CompanionPool, DeviceCompanions
-from rib_core.datasets import Manifest, load_image
 from rib_core.networks import CamNet
 from rib_core.optim import PolySGD, irn_param_groups
 from rib_core.rib_config import RibConfig
@@ -371,29 +367,3 @@ class _TrainablePart(torch.nn.Module):
 
     def forward(self, low: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.layer4(self.layer3(low)))
-
-
-def run_rib(model: CamNet, manifest: Manifest, pool: CompanionPool, out_dir: str | os.PathLike[str],
-            cfg: RibConfig | None = None, device: torch.device | str = "cpu", progress: bool = True,
-            ) -> Path:
-    """RIB maps M for every image of ``manifest`` as ``out_dir/<id>.npz``; existing files are kept.
-
-    Each image's sampling seed is derived from ``cfg.seed`` and its position, so a rerun or a
-    resumed run gives the same maps.
-    """
-    cfg = cfg or RibConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runner = RibRunner(model, pool, cfg, device)
-    bar = tqdm(manifest.records, desc=f"rib-{cfg.pooling}", disable=not progress, unit="img")
-    for n, r in enumerate(bar):
-        path = out / f"{r.id}.npz"
-        if path.exists():
-            continue
-        seed = cfg.seed * 1_000_003 + n
-        outcome = runner.run(load_image(manifest.image_uri(r)), manifest.label_indices(r), seed=seed)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(outcome.map.to_bytes())
-        os.replace(tmp, path)
-        bar.set_postfix(stop=outcome.stop_reason, steps=outcome.steps)
-    return out

@@ -8,12 +8,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rib_core.batching import run_rib
 from rib_core.cam import CamConfig, LocalizationMap, run_cam
 from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
 from rib_core.datasets import load_manifest, load_mask
 from rib_core.evaluation import EvalConfig, all_background_miou, sweep_seeds, write_report
-from rib_core.rib import run_rib
 from rib_core.rib_config import RibConfig
 
 

@@ -2,7 +2,7 @@
 # The whole test suite, as CI runs it. Extra arguments go to pytest (e.g. -k rib).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/pytest -q -p no:cacheprovider "$@"
+.venv/bin/pytest -q -p no:cacheprovider --durations=10 "$@"
 status=$?
 if [ $status -eq 5 ]; then
   echo "pytest collected no tests: treated as a failure" >&2
