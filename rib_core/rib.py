@@ -315,8 +315,8 @@ class RibRunner:
         """The vmapped stage 3-4 + classifier call, compiled when ``cfg.compile``.
 
         Dynamo specialises the vmapped call on its input shapes even with ``dynamic=True``, so it
-        compiles once per shape: each target size x scale, the companion crop, and each number of
-        images still running. Past ``COMPILED_SHAPES`` of them new shapes run eagerly. Worth it for
+        compiles once per shape: each target size x scale and the companion crop, for each number of
+        images in a batch. Past ``COMPILED_SHAPES`` of them new shapes run eagerly. Worth it for
         datasets of few image sizes; hence off by default.
         """
         if not cfg.compile:
