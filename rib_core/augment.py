@@ -38,22 +38,18 @@ def resize(img: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.
     return np.asarray(Image.fromarray(img).resize((size[1], size[0]), resample))
 
 
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(h, w) times ``scale``, rounded to whole pixels."""
+    return int(np.round(size[0] * scale)), int(np.round(size[1] * scale))
+
+
 def rescale(img: np.ndarray, scale: float, nearest: bool = False) -> np.ndarray:
-    h, w = img.shape[:2]
-    return resize(img, (int(np.round(h * scale)), int(np.round(w * scale))), nearest)
+    return resize(img, scaled_size(img.shape[:2], scale), nearest)
 
 
 def long_side_size(size: tuple[int, int], long: int) -> tuple[int, int]:
-    """(h, w) scaled so that the longer side is ``long`` (rounded as ``rescale`` rounds)."""
-    h, w = size
-    s = long / (h if w < h else w)
-    return int(np.round(h * s)), int(np.round(w * s))
-
-
-def random_resize_long(img: np.ndarray, min_long: int, max_long: int, rng: random.Random,
-                       ) -> np.ndarray:
-    """Scale so that the longer side is a random length in [min_long, max_long]."""
-    return resize(img, long_side_size(img.shape[:2], rng.randint(min_long, max_long)))
+    """(h, w) scaled so that the longer side is ``long`` (IRN's random resize-long)."""
+    return scaled_size(size, long / max(size))
 
 
 def random_scale(arrays: tuple[np.ndarray, ...], scale_range: tuple[float, float],

@@ -23,9 +23,8 @@ from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest, load_image
 from rib_core.networks import CamNet
 from rib_core.rib import RibOutcome, RibRunner
-from rib_core.rib_config import RibConfig
+from rib_core.rib_config import MAX_IMAGES_PER_BATCH, RibConfig
 
-MAX_IMAGES_PER_BATCH = 64   # RibConfig.max_images_per_batch's bound
 FREE_MEMORY_SHARE = 0.9     # of the free device memory a batch may plan to use
 
 

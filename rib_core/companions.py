@@ -119,12 +119,12 @@ class DeviceCompanions:
         """One step's companions for n targets: ([n, k, 3, crop, crop] float, [n, k, C] labels)."""
         n, k = len(chosen), len(chosen[0])
         ids = [i for row in chosen for i in row]
-        index = torch.tensor(ids, dtype=torch.long)
-        sizes = self.sizes[index.to(self.home)]
+        index = torch.tensor(ids, dtype=torch.long, device=self.home)
+        sizes = self.sizes[index]
         height, width = (int(v) for v in self.host_sizes[ids].max(axis=0))
         ys = torch.arange(height, device=self.home)[None, :, None].minimum(sizes[:, 0, None, None] - 1)
         xs = torch.arange(width, device=self.home)[None, None, :].minimum(sizes[:, 1, None, None] - 1)
-        flat = self.offsets[index.to(self.home), None, None] + ys * sizes[:, 1, None, None] + xs
+        flat = self.offsets[index, None, None] + ys * sizes[:, 1, None, None] + xs
         batch = self.pixels[flat].to(self.device, non_blocking=True)  # [n*k, H, W, 3], edges repeated
         x = crops_on_device(batch, sizes.to(self.device), [d for row in draws for d in row])
         return x.unflatten(0, (n, k)), self.labels[index.to(self.device)].unflatten(0, (n, k))

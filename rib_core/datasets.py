@@ -267,11 +267,6 @@ class ClassificationDataset(Dataset):
         r = self.manifest[i]
         rng = random.Random(hash((self.seed, self.epoch, i)))
         img = load_image(self.manifest.image_uri(r))
-        return {"id": r.id, "img": augment_crop(img, self.crop_size, self.resize_long, self.hflip, rng),
-                "label": self.manifest.label_vector(r)}
+        draw = augment.draw_crop(img.shape[:2], self.crop_size, self.resize_long, self.hflip, rng)
+        return {"id": r.id, "img": augment.apply_crop(img, draw), "label": self.manifest.label_vector(r)}
 
-
-def augment_crop(img: np.ndarray, crop_size: int, resize_long: tuple[int, int] | None,
-                 hflip: bool, rng: random.Random) -> torch.Tensor:
-    """IRN's training augmentation for one uint8 image -> normalised CHW crop."""
-    return augment.apply_crop(img, augment.draw_crop(img.shape[:2], crop_size, resize_long, hflip, rng))

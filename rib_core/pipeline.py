@@ -128,6 +128,7 @@ class PseudoMaskPipeline:
                 keys[j] = self.keys_for(names)
             except ValueError as e:
                 results[j] = e
+        engine = "batched" if cfg.batched(str(self.device)) else "plain"
         todo = sorted(keys)
         outcomes = self.batcher.run_all([images[j] for j in todo], [keys[j] for j in todo], cfg,
                                         None if seeds is None else [seeds[j] for j in todo])
@@ -142,5 +143,5 @@ class PseudoMaskPipeline:
                 continue
             results[j] = ImageResult(ids[j], [self.classes[k] for k in keys[j]], outcome.map, masks,
                                      {**outcome.stats(), "device": str(self.device),
-                                      "engine": "batched" if cfg.batched(str(self.device)) else "plain"})
+                                      "engine": engine})
         return [results[j] for j in range(len(images))]

@@ -180,8 +180,9 @@ class RibRunner:
             if len(comp_x):
                 with autocast:
                     comp_raw = self.head(self._low(comp_x, autocast, layout)).float()
-                pooled.append(pool(comp_raw, comp_y.to(self.device), cfg))
-                labels.append(comp_y.to(self.device))
+                comp_y = comp_y.to(self.device)
+                pooled.append(pool(comp_raw, comp_y, cfg))
+                labels.append(comp_y)
             logits, labels_t = torch.cat(pooled), torch.cat(labels)
             if cfg.margin_mode == "clamp":
                 logits = logits.clamp(max=cfg.margin)
@@ -239,7 +240,8 @@ class RibRunner:
                  for k, v in [*self.head.named_parameters(), *self.head.named_buffers()] if k not in stacked}
 
         def cams(low: torch.Tensor) -> torch.Tensor:
-            """[n, B, c, h, w] stage-2 features -> [n, B, C, h', w'] raw CAMs, each image its own weights."""
+            """[n, B, c, h, w] stage-2 features -> [n, B, C, h', w'] raw CAMs, each image its own weights.
+            Each call casts the weights anew, so their gradients are summed in float32."""
             return head({k: p.to(dtype) for k, p in stacked.items()}, fixed, low.to(dtype)).float()
 
         def low_features(x: torch.Tensor) -> torch.Tensor:
@@ -253,6 +255,7 @@ class RibRunner:
         targets = torch.zeros(n, len(self.pool.classes), device=self.device)
         for j, keys in enumerate(keys_list):
             targets[j, keys] = 1.0
+        key_mask = targets.bool()
         companion_steps = self._companion_steps(keys_list, cfg, seeds, device_crops)
         sums: list[torch.Tensor] = [torch.zeros(0)] * len(lows)
         active = torch.ones(n, dtype=torch.bool, device=self.device)
@@ -267,7 +270,7 @@ class RibRunner:
                 sums[i] = fused if step == 0 else sums[i] + fused
                 # The official check runs after scale 1.0 was added to M, before the other scales.
                 if step > 0 and i == 0:
-                    boom = active & exploded(fused, targets.bool(), cfg)
+                    boom = active & exploded(fused, key_mask, cfg)
                     reason = torch.where(boom, STOP_REASONS.index("explosion"), reason)
                     active = active & ~boom
                 if i in loss_rows:

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_IMAGES_PER_BATCH = 64  # bound of max_images_per_batch, and the block rib_core.batching.run_rib loads
+
 
 class RibConfig(BaseModel):
     """Per-image RIB fine-tuning."""
@@ -50,7 +52,7 @@ class RibConfig(BaseModel):
     engine: Literal["auto", "batched", "plain"] = "auto"
     # Images per batched step; 0 = as many as the free device memory holds (measured on the first
     # batch of each image size), 1 on the CPU.
-    max_images_per_batch: int = Field(0, ge=0, le=64)
+    max_images_per_batch: int = Field(0, ge=0, le=MAX_IMAGES_PER_BATCH)
     compile: bool = False                                 # torch.compile the batched stages 3-4 + classifier
 
     def uses_bf16(self, device: str) -> bool:
