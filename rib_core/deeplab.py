@@ -29,6 +29,7 @@ from rib_core.networks import BACKBONES, feature_channels
 DEEPLAB_FORMAT = "rib-deeplab"
 DEEPLAB_VERSION = 1
 ModelKind = Literal["deeplabv2", "deeplabv3"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]  # the keys of networks.BACKBONES
 
 
 def dilated_resnet(arch: str) -> nn.Module:

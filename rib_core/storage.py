@@ -82,6 +82,18 @@ def uri_exists(uri: str, client: Any = None) -> bool:
     return Path(uri).exists()
 
 
+def bucket_exists(bucket: str, client: Any = None) -> bool:
+    """Whether the bucket is there (and ours to read); connection failures raise."""
+    from botocore.exceptions import ClientError
+
+    client = client or s3_client()
+    try:
+        client.head_bucket(Bucket=bucket)
+        return True
+    except ClientError:
+        return False
+
+
 class Storage(ABC):
     """Keyed blob store for results. Keys are relative, '/'-separated and never leave the root."""
 

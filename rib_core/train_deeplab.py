@@ -36,11 +36,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from rib_core import augment
-from rib_core.checkpoints import save_atomically
+from rib_core.checkpoints import CheckpointError, read_checkpoint, save_atomically
 from rib_core.classes import IGNORE_INDEX
 from rib_core.crf import CrfConfig, crf_probabilities
 from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
-from rib_core.deeplab import DeepLab, ModelKind, load_deeplab, load_initial_weights, save_deeplab
+from rib_core.deeplab import Backbone, DeepLab, ModelKind, load_deeplab, load_initial_weights, save_deeplab
 from rib_core.evaluation import confusion, evaluate_masks, scores
 from rib_core.optim import PolySGD
 from rib_core.storage import LocalStorage, Storage, open_storage
@@ -71,7 +71,7 @@ class DeepLabTrainConfig(BaseModel):
 
     preset: Literal["voc", "coco"] = "voc"
     model: ModelKind = "deeplabv2"                  # paper 4.1: DeepLab-v2-ResNet101 of [42]
-    arch: str = "resnet101"                         # paper 4.1 (resnet18/34/50 for tests and small jobs)
+    arch: Backbone = "resnet101"                    # paper 4.1 (resnet18/34/50 for tests and small jobs)
     atrous_rates: list[int] = Field(default_factory=lambda: [6, 12, 18, 24])  # voc12.yaml ATROUS_RATES
     msc_scales: list[float] = Field(default_factory=lambda: [0.5, 0.75])      # DeepLabV2_ResNet101_MSC scales
     freeze_bn: bool = True                          # main.py: model.module.base.freeze_bn()
@@ -257,6 +257,18 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step_*.pth"))
 
 
+def _training_state(path: Path) -> dict[str, Any]:
+    """A training state to resume from, read as tensors and plain data only: the file may have come
+    from a shared output location, and unpickling arbitrary objects would run code."""
+    try:
+        state = read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"refusing to resume from {path}: {e}; delete it or use another output") from e
+    if not isinstance(state, dict) or not {"config", "model", "step"} <= set(state):
+        raise CheckpointError(f"refusing to resume from {path}: it is not a training state of this program")
+    return state
+
+
 def train_deeplab(manifest: Manifest, out_dir: str | os.PathLike[str], cfg: DeepLabTrainConfig | None = None,
                   device: str | torch.device = "cpu", resume: bool = True, progress: bool = True,
                   on_checkpoint: Callable[[Path], None] | None = None) -> dict[str, Any]:
@@ -289,7 +301,7 @@ def train_deeplab(manifest: Manifest, out_dir: str | os.PathLike[str], cfg: Deep
         step, history, window = 0, [], [0.0, 0]
         states = _checkpoints(out) if resume else []
         if states:
-            state = torch.load(states[-1], map_location="cpu", weights_only=False)
+            state = _training_state(states[-1])
             changed = [k for k in RUN_FIELDS if state["config"].get(k) != getattr(cfg, k)]
             if changed:
                 raise ValueError(f"{states[-1]} belongs to a run with other settings ({', '.join(changed)}); "
@@ -345,7 +357,8 @@ def train_deeplab(manifest: Manifest, out_dir: str | os.PathLike[str], cfg: Deep
         final = out / "deeplab.pth"
         if rank == 0:
             save_deeplab(model, manifest.classes, final,
-                         extra={"config": cfg.model_dump(), "history": history, "steps": step, "world_size": world})
+                         extra={"config": cfg.model_dump(mode="json"), "history": history, "steps": step,
+                                "world_size": world})
         _barrier()
     return {"checkpoint": str(final), "steps": step, "world_size": world, "history": history}
 
@@ -366,7 +379,7 @@ def _save_state(out: Path, model: DeepLab, optimizer: PolySGD, scaler: torch.amp
     path.parent.mkdir(parents=True, exist_ok=True)
     save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "step": step, "history": history, "window": window, "rng": rngs, "world_size": world,
-                     "config": cfg.model_dump()}, path)
+                     "config": cfg.model_dump(mode="json")}, path)
     for old in _checkpoints(out)[:-cfg.keep_checkpoints]:
         old.unlink()
     if on_checkpoint is not None:

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rib_core import __version__
 from rib_core.datasets import load_manifest
 from rib_core.rib_config import RibConfig
-from rib_core.storage import Storage, parent_uri, read_bytes, uri_exists
+from rib_core.storage import Storage, bucket_exists, is_s3_uri, parent_uri, read_bytes, split_s3_uri, uri_exists
 from rib_core.train_deeplab import DeepLabTrainConfig
 from service.jobs import JobItem, JobStore, image_key, upload_key
 from service.metrics import LATENCY, REGISTRY, REJECTED, REQUESTS, SUBMITTED, RedisStatsCollector
@@ -380,14 +380,33 @@ class TrainingJobRequest(BaseModel):
                                        description="DeepLab settings (rib_core.train_deeplab.DeepLabTrainConfig)")
 
 
+def _location_errors(req: TrainingJobRequest, s: Settings) -> list[dict[str, str]]:
+    """Inputs from RIB_INPUT_PREFIXES, the output inside RIB_OUTPUT_PREFIXES (kept apart: a worker
+    resumes from what lies under its output), initial weights never a worker-local path by default."""
+    checks = [(name, uri, s.input_prefixes, "RIB_INPUT_PREFIXES")
+              for name in ("manifest", "checkpoint", "evaluate_on") if (uri := getattr(req, name)) is not None]
+    checks.append(("output", req.output, s.output_prefixes, "RIB_OUTPUT_PREFIXES"))
+    init = req.config.init_weights
+    if init is not None and not (s.allow_local_init_weights and not is_s3_uri(init)):
+        checks.append(("config.init_weights", init, s.input_prefixes,
+                       "RIB_INPUT_PREFIXES, or RIB_ALLOW_LOCAL_INIT_WEIGHTS for a path on the worker"))
+    return [{"field": name, "error": err} for name, uri, prefixes, setting in checks
+            if (err := uri_error(uri, prefixes, setting))]
+
+
 @v1.post("/training-jobs", status_code=202, tags=["training"])
 def submit_training(req: TrainingJobRequest) -> JSONResponse:
     svc = service()
-    prefixes = svc.settings.input_prefixes
-    errors = [{"field": name, "error": err} for name in ("manifest", "output", "checkpoint", "evaluate_on")
-              if (uri := getattr(req, name)) is not None and (err := uri_error(uri, prefixes))]
-    if errors:
+    if errors := _location_errors(req, svc.settings):
         raise InputError(422, "invalid locations", errors)
+    uris = [req.manifest, req.output, req.checkpoint, req.evaluate_on, req.config.init_weights]
+    buckets = sorted({split_s3_uri(u)[0] for u in uris if u is not None and is_s3_uri(u)})
+    try:
+        missing = [b for b in buckets if not bucket_exists(b)]
+    except BotoCoreError as e:
+        raise HTTPException(503, f"the object store is unreachable ({type(e).__name__}); retry later") from e
+    if missing:
+        raise InputError(422, f"no bucket named {', '.join(missing)}: create it or give another location")
     if req.kind != "train" and req.checkpoint is None:
         raise InputError(422, f"a {req.kind} job needs a checkpoint")
     job_id = uuid.uuid4().hex

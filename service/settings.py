@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import re
 from functools import cache
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rib_core.rib_config import RibConfig
-from rib_core.storage import Storage, is_s3_uri, open_storage, s3_client
+from rib_core.storage import Storage, is_s3_uri, open_storage, s3_client, split_s3_uri
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -45,7 +46,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4_000_000, ge=64 * 64)  # RIB runs the image at 2x scale: 16 M pixels
     max_crop_size: int = Field(1024, ge=16)               # bound on the per-request companion crop
     max_job_images: int = Field(100_000, ge=1)
-    input_prefixes: CommaList = Field(default_factory=lambda: ["s3://"])  # where job inputs may be read from
+    # Where job inputs may be read from (manifests, images, checkpoints, initial weights); empty: the
+    # bucket of an s3:// storage_uri, and nothing for a local one. Never "every bucket" by default.
+    input_prefixes: CommaList = Field(default_factory=list)
+    # Where training jobs may write (their checkpoints are read back on resume); empty: inside storage_uri.
+    output_prefixes: CommaList = Field(default_factory=list)
+    allow_local_init_weights: bool = False  # training init_weights may name a path on the worker
     # Queues and delivery.
     image_queue: str = "rib.images"
     training_queue: str = "rib.training"
@@ -56,7 +62,7 @@ class Settings(BaseSettings):
     # Default RIB parameters of every request; a request overrides single fields.
     rib_defaults: RibConfig = Field(default_factory=RibConfig)
 
-    @field_validator("api_keys", "input_prefixes", mode="before")
+    @field_validator("api_keys", "input_prefixes", "output_prefixes", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -75,6 +81,15 @@ class Settings(BaseSettings):
         if self.chunk_time_limit_s >= self.visibility_timeout_s:
             raise ValueError("RIB_CHUNK_TIME_LIMIT_S must be below RIB_VISIBILITY_TIMEOUT_S, or Redis "
                              "redelivers chunks that are still running")
+        return self
+
+    @model_validator(mode="after")
+    def _default_locations(self) -> Settings:
+        if not self.input_prefixes and is_s3_uri(self.storage_uri):
+            self.input_prefixes = [f"s3://{split_s3_uri(self.storage_uri)[0]}/"]
+        if not self.output_prefixes:
+            root = self.storage_uri if is_s3_uri(self.storage_uri) else str(Path(self.storage_uri).resolve())
+            self.output_prefixes = [root.rstrip("/") + "/"]
         return self
 
     @property

@@ -46,13 +46,13 @@ def id_error(image_id: Any) -> str | None:
             "starting with a letter or digit (no '/', no '..')")
 
 
-def uri_error(uri: str, prefixes: Sequence[str]) -> str | None:
-    """Inputs are read only from the configured locations, and never through '..'."""
+def uri_error(uri: str, prefixes: Sequence[str], setting: str = "RIB_INPUT_PREFIXES") -> str | None:
+    """Locations are only the configured ones (``setting`` names where), and never through '..'."""
     path = uri.split("://", 1)[1] if is_s3_uri(uri) else uri
     if ".." in PurePosixPath(path).parts:
         return f"{uri!r} contains '..'; give the location without it"
     if not any(uri.startswith(p) for p in prefixes):
-        return f"{uri!r} is outside the allowed input locations {list(prefixes)}"
+        return f"{uri!r} is outside the allowed locations {list(prefixes)}; use one of them or change {setting}"
     return None
 
 

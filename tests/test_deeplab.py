@@ -234,7 +234,7 @@ def test_ddp_with_torchrun_matches_one_process(demo: DemoDataset, tmp_path: Path
     for key, value in one_model.state_dict().items():
         torch.testing.assert_close(ddp_model.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert [h["loss"] for h in extra["history"]] == pytest.approx([h["loss"] for h in single["history"]], rel=1e-4)
-    state = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000003.pth", weights_only=False)
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000003.pth", weights_only=True)
     assert len(state["rng"]) == 2 and state["world_size"] == 2
 
 

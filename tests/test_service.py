@@ -76,6 +76,7 @@ def stack(demo: Any, classifier_path: Path, tmp_path_factory: pytest.TempPathFac
             **os.environ,
             "RIB_BROKER_URL": f"{redis_url}/0", "RIB_RESULT_BACKEND": f"{redis_url}/1",
             "RIB_STORAGE_URI": f"s3://{BUCKET}/results", "RIB_S3_ENDPOINT_URL": endpoint,
+            "RIB_OUTPUT_PREFIXES": f"s3://{BUCKET}/deeplab/",  # the training test writes there
             "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
             "RIB_CLASSIFIER_URI": f"s3://{BUCKET}/models/classifier.pth",
             "RIB_COMPANION_MANIFEST_URI": companions, "RIB_API_KEYS": f"other-key,{API_KEY}", "RIB_DEVICE": "cpu",
