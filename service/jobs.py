@@ -13,6 +13,8 @@ job index in ``jobs/<job>/index.json``, written once every image is accounted fo
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import time
@@ -67,6 +69,11 @@ end
 redis.call('HINCRBY', KEYS[7], 'images_skipped', n)
 return n
 """
+
+
+def owner_of(api_key: str) -> str:
+    """What a job stores of the key that made it: a SHA-256 digest, never the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
 
 
 def image_key(job_id: str, image_id: str, name: str = "") -> str:
@@ -133,10 +140,14 @@ class JobStore:
             pipe.expire(key, self.ttl_s)
 
     # ---------------------------------------------------------------- lifecycle
-    def create(self, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any]) -> None:
+    def create(self, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any],
+               owner: str = "") -> None:
+        """``owner``: :func:`owner_of` the API key that submits the job; only that key sees it (no key
+        sees a job without one)."""
         k = self._keys(job_id)
         with self.r.pipeline() as pipe:
-            pipe.hset(k["job"], mapping={"id": job_id, "kind": kind, "total": len(items), "cancelled": "0",
+            pipe.hset(k["job"], mapping={"id": job_id, "kind": kind, "owner": owner, "total": len(items),
+                                         "cancelled": "0",
                                          "created_at": time.time(), "rib": json.dumps(rib), "seconds_sum": 0})
             for start in range(0, len(items), 1000):
                 batch = items[start:start + 1000]
@@ -146,8 +157,13 @@ class JobStore:
             pipe.hincrby(STATS_KEY, f"jobs_{kind}", 1)
             pipe.execute()
 
-    def exists(self, job_id: str) -> bool:
-        return bool(JOB_ID.fullmatch(job_id)) and bool(self.r.exists(self._keys(job_id)["job"]))
+    def exists(self, job_id: str, owner: str | None = None) -> bool:
+        """Whether the job is known (and, given an ``owner``, belongs to it: a job without one belongs to nobody)."""
+        if not JOB_ID.fullmatch(job_id):
+            return False
+        if owner is None:
+            return bool(self.r.exists(self._keys(job_id)["job"]))
+        return bool(owner) and hmac.compare_digest(self.r.hget(self._keys(job_id)["job"], "owner") or "", owner)
 
     def begin(self, job_id: str, image_id: str) -> str:
         """``run`` (now marked running), ``skipped`` (job cancelled), ``finished`` (already accounted)
@@ -262,14 +278,17 @@ class JobStore:
         return True
 
     # ---------------------------------------------------------------- offline training jobs
-    def create_training(self, job_id: str, spec: dict[str, Any]) -> None:
+    def create_training(self, job_id: str, spec: dict[str, Any], owner: str = "") -> None:
         key = f"rib:training:{job_id}"
-        self.r.hset(key, mapping={"spec": json.dumps(spec), "created_at": time.time()})
+        self.r.hset(key, mapping={"spec": json.dumps(spec), "created_at": time.time(), "owner": owner})
         self.r.expire(key, self.ttl_s)
 
-    def training(self, job_id: str) -> dict[str, Any] | None:
+    def training(self, job_id: str, owner: str) -> dict[str, Any] | None:
+        """The training job's record, or None when unknown or not ``owner``'s."""
         found = self.r.hgetall(f"rib:training:{job_id}") if JOB_ID.fullmatch(job_id) else {}
-        return {"spec": json.loads(found["spec"]), "created_at": float(found["created_at"])} if found else None
+        if not found or not owner or not hmac.compare_digest(found.get("owner", ""), owner):
+            return None
+        return {"spec": json.loads(found["spec"]), "created_at": float(found["created_at"])}
 
     def stats(self) -> dict[str, float]:
         return {key: float(v) for key, v in self.r.hgetall(STATS_KEY).items()}

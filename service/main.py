@@ -7,6 +7,7 @@ that says what to fix, so that nothing invalid is stored or reaches a worker.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 import uuid
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,7 +33,7 @@ from rib_core.datasets import load_manifest
 from rib_core.rib_config import RibConfig
 from rib_core.storage import Storage, bucket_exists, is_s3_uri, parent_uri, read_bytes, split_s3_uri, uri_exists
 from rib_core.train_deeplab import DeepLabTrainConfig
-from service.jobs import JobItem, JobStore, image_key, upload_key
+from service.jobs import JobItem, JobStore, image_key, owner_of, upload_key
 from service.metrics import LATENCY, REGISTRY, REJECTED, REQUESTS, SUBMITTED, RedisStatsCollector
 from service.settings import Settings, get_settings
 from service.validation import (
@@ -76,10 +78,12 @@ class Service:
                 raise HTTPException(503, f"the service cannot read its companion manifest {uri}: {e}") from e
         return self._classes
 
-    def submit(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig) -> None:
-        """Record the job, then queue it in chunks; a broker failure cancels the job instead of half-queueing it."""
+    def record(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, owner: str) -> None:
+        self.store.create(job_id, kind, items, rib.model_dump(mode="json"), owner)
+
+    def queue(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig) -> None:
+        """Queue a recorded job in chunks; a broker failure cancels the job instead of half-queueing it."""
         params = rib.model_dump(mode="json")
-        self.store.create(job_id, kind, items, params)
         size = self.settings.chunk_size
         try:
             for n, start in enumerate(range(0, len(items), size)):
@@ -91,6 +95,21 @@ class Service:
             raise HTTPException(503, f"the task queue is unreachable ({type(e).__name__}); the job was "
                                      "cancelled, resubmit it later") from e
         SUBMITTED.labels(kind).inc(len(items))
+
+    def submit_upload(self, job_id: str, image_id: str, labels: tuple[str, ...], data: bytes, rib: RibConfig,
+                      owner: str) -> None:
+        """Record the job first, then store the image, then queue it: with Redis down nothing is
+        stored; with storage down the job ends failed with the reason instead of waiting forever."""
+        key = upload_key(job_id, image_id)
+        item = JobItem(image_id, self.storage.uri(key), labels)
+        self.record(job_id, "upload", [item], rib, owner)
+        try:
+            self.storage.put(key, data)  # stored as opaque bytes, whatever type the client claimed
+        except (OSError, BotoCoreError, ClientError) as e:
+            self.store.mark_failed(job_id, image_id, f"the upload could not be stored ({type(e).__name__})")
+            raise HTTPException(503, f"the results store is unreachable ({type(e).__name__}); job {job_id} "
+                                     "is marked failed, upload again later") from e
+        self.queue(job_id, "upload", [item], rib)
 
     def link(self, key: str) -> dict[str, str]:
         return {"key": key, "uri": self.storage.uri(key),
@@ -166,7 +185,8 @@ app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHE
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="one of RIB_API_KEYS")
 
 
-def require_api_key(key: Annotated[str | None, Depends(api_key_header)]) -> None:
+def require_api_key(key: Annotated[str | None, Depends(api_key_header)]) -> str:
+    """The caller's identity: the digest of its key (jobs are stored with it, never with the key)."""
     keys = service().settings.api_keys
     if not keys:
         raise HTTPException(401, "this server has no API keys configured (set RIB_API_KEYS)")
@@ -174,6 +194,10 @@ def require_api_key(key: Annotated[str | None, Depends(api_key_header)]) -> None
         raise HTTPException(401, "missing API key: send it in the X-API-Key header")
     if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
         raise HTTPException(401, "wrong API key")
+    return owner_of(key)
+
+
+Owner = Annotated[str, Depends(require_api_key)]
 
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -207,7 +231,7 @@ async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
 
 
 @app.get("/healthz", tags=["health"])
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
@@ -251,9 +275,10 @@ def _accepted(job_id: str, extra: dict[str, Any] | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
-def _job_or_404(job_id: str) -> Service:
+def _job_or_404(job_id: str, owner: str) -> Service:
+    """Another key's job is as unknown as one that never was: 404 either way."""
     svc = service()
-    if not svc.store.exists(job_id):
+    if not svc.store.exists(job_id, owner):
         raise HTTPException(404, f"no job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
     return svc
 
@@ -261,32 +286,37 @@ def _job_or_404(job_id: str) -> Service:
 @v1.post("/images", status_code=202, tags=["jobs"],
          responses={200: {"description": "finished within `wait`: the status and the results"},
                     202: {"description": "queued: poll the status link"}})
-def submit_image(
+async def submit_image(
     file: Annotated[UploadFile, File(description="the image (PNG, JPEG, ...)")],
     labels: Annotated[list[str], Form(description="class names: repeat the field or separate them by commas")],
+    owner: Owner,
     image_id: Annotated[str | None, Form(description="result folder name; default: the file name")] = None,
     rib: Annotated[str | None, Form(description="JSON object of RIB parameters overriding the defaults")] = None,
     wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for the result")] = 0,
 ) -> JSONResponse:
-    """One image and its class names; returns a job id, or the result itself when it is ready within ``wait``."""
+    """One image and its class names; returns a job id, or the result itself when it is ready within ``wait``.
+
+    Async: a client waiting for its result holds no thread, so waiting uploads never stall the API.
+    Blocking work (decoding, Redis, storage) runs in the thread pool.
+    """
     svc = service()
     s = svc.settings
-    data = file.file.read(s.max_upload_bytes + 1)
-    image_id, names = check_upload(image_id or default_image_id(file.filename), parse_labels(labels), svc.classes())
+    data = await file.read(s.max_upload_bytes + 1)
+    classes = await run_in_threadpool(svc.classes)
+    image_id, names = check_upload(image_id or default_image_id(file.filename), parse_labels(labels), classes)
     params = rib_params(rib, s.rib_defaults, s.max_crop_size)
-    decode_upload(data, s.max_upload_bytes, s.max_image_pixels)
+    await run_in_threadpool(decode_upload, data, s.max_upload_bytes, s.max_image_pixels)
     job_id = uuid.uuid4().hex
-    key = upload_key(job_id, image_id)
-    svc.storage.put(key, data)  # stored as opaque bytes, whatever type the client claimed
-    svc.submit(job_id, "upload", [JobItem(image_id, svc.storage.uri(key), names)], params)
+    await run_in_threadpool(svc.submit_upload, job_id, image_id, names, data, params, owner)
     deadline = time.monotonic() + wait
     while wait:
-        status = svc.store.status(job_id)
+        status = await run_in_threadpool(svc.store.status, job_id)
         if status["state"] in FINISHED:
-            return JSONResponse({**status, "results": svc.results(job_id, 0, 1)}, status_code=200)
+            results = await run_in_threadpool(svc.results, job_id, 0, 1)
+            return JSONResponse({**status, "results": results}, status_code=200)
         if time.monotonic() >= deadline:
             break
-        time.sleep(0.2)
+        await asyncio.sleep(0.2)
     return _accepted(job_id, {"image_id": image_id})
 
 
@@ -317,7 +347,7 @@ def _read_manifest(uri: str, prefixes: Sequence[str]) -> str:
 
 
 @v1.post("/jobs", status_code=202, tags=["jobs"])
-def submit_job(req: JobRequest) -> JSONResponse:
+def submit_job(req: JobRequest, owner: Owner) -> JSONResponse:
     """Many images at once; they are processed in chunks by every worker on the image queue."""
     svc = service()
     s = svc.settings
@@ -333,27 +363,28 @@ def submit_job(req: JobRequest) -> JSONResponse:
         raise InputError(422, f"the job has {len(items)} images; the limit is {s.max_job_images} "
                               "(RIB_MAX_JOB_IMAGES): split it")
     job_id = uuid.uuid4().hex
-    svc.submit(job_id, "bulk", items, params)
+    svc.record(job_id, "bulk", items, params, owner)
+    svc.queue(job_id, "bulk", items, params)
     return _accepted(job_id, {"total": len(items)})
 
 
 @v1.get("/jobs/{job_id}", tags=["jobs"])
-def job_status(job_id: str) -> dict[str, Any]:
+def job_status(job_id: str, owner: Owner) -> dict[str, Any]:
     """State, counts (queued, running, done, failed, skipped), per-image errors and timing."""
-    return _job_or_404(job_id).store.status(job_id)
+    return _job_or_404(job_id, owner).store.status(job_id)
 
 
 @v1.get("/jobs/{job_id}/results", tags=["jobs"])
-def job_results(job_id: str, offset: Annotated[int, Query(ge=0)] = 0,
+def job_results(job_id: str, owner: Owner, offset: Annotated[int, Query(ge=0)] = 0,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     """Per image: status, storage keys and presigned URLs of the map, the pseudo-mask, the overlay and the rest."""
-    return _job_or_404(job_id).results(job_id, offset, limit)
+    return _job_or_404(job_id, owner).results(job_id, offset, limit)
 
 
 @v1.delete("/jobs/{job_id}", tags=["jobs"])
-def cancel_job(job_id: str) -> dict[str, Any]:
+def cancel_job(job_id: str, owner: Owner) -> dict[str, Any]:
     """Skip every image not started yet; images already running finish and are kept whole."""
-    svc = _job_or_404(job_id)
+    svc = _job_or_404(job_id, owner)
     state = svc.store.status(job_id)["state"]
     if state in ("done", "failed"):
         raise HTTPException(409, f"job {job_id} already finished ({state}); nothing to cancel")
@@ -395,7 +426,7 @@ def _location_errors(req: TrainingJobRequest, s: Settings) -> list[dict[str, str
 
 
 @v1.post("/training-jobs", status_code=202, tags=["training"])
-def submit_training(req: TrainingJobRequest) -> JSONResponse:
+def submit_training(req: TrainingJobRequest, owner: Owner) -> JSONResponse:
     svc = service()
     if errors := _location_errors(req, svc.settings):
         raise InputError(422, "invalid locations", errors)
@@ -411,15 +442,15 @@ def submit_training(req: TrainingJobRequest) -> JSONResponse:
         raise InputError(422, f"a {req.kind} job needs a checkpoint")
     job_id = uuid.uuid4().hex
     spec = req.model_dump(exclude_none=True)
-    svc.store.create_training(job_id, spec)
+    svc.store.create_training(job_id, spec, owner)
     celery_app.send_task(TRAINING_JOB, args=[spec], queue=svc.settings.training_queue, task_id=job_id)
     return JSONResponse({"job_id": job_id, "state": "queued", "links": {"status": f"/v1/training-jobs/{job_id}"}},
                         status_code=202, headers={"Location": f"/v1/training-jobs/{job_id}"})
 
 
 @v1.get("/training-jobs/{job_id}", tags=["training"])
-def training_status(job_id: str) -> dict[str, Any]:
-    record = service().store.training(job_id)
+def training_status(job_id: str, owner: Owner) -> dict[str, Any]:
+    record = service().store.training(job_id, owner)
     if record is None:
         raise HTTPException(404, f"no training job {job_id!r}")
     result = AsyncResult(job_id, app=celery_app)

@@ -7,6 +7,8 @@ In-process: the FastAPI app under Starlette's TestClient, the real Redis on a pr
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,14 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import redis
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from rib_core.checkpoints import CheckpointError
 from rib_core.datasets import Manifest, ManifestRecord
+from rib_core.storage import open_storage
 from rib_core.train_deeplab import DeepLabTrainConfig, train_deeplab
-from tests.service_stack import moto_s3, redis_server, s3
+from service.jobs import JobStore, image_key
+from tests.service_stack import free_port, moto_s3, redis_server, s3
 
 
 class _RunsCode:
@@ -59,6 +66,7 @@ CLASSES = ["cat", "dog", "bird"]
 class Api:
     client: TestClient
     s3: Any
+    endpoint: str
     redis_url: str
     settings: Any
 
@@ -102,7 +110,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         celery_app.conf.update(broker_url=f"{redis_url}/0", result_backend=f"{redis_url}/1")
         try:
             with TestClient(main.app, raise_server_exceptions=False) as tc:
-                yield Api(tc, client, redis_url, main.service().settings)
+                yield Api(tc, client, endpoint, redis_url, main.service().settings)
         finally:
             main.service.cache_clear()
             get_settings.cache_clear()
@@ -141,3 +149,74 @@ def test_training_locations_are_checked_against_their_own_allow_lists(api: Api) 
     # Inputs of image jobs too: the configured bucket only, not every bucket.
     r = api.post("/v1/jobs", json={"images": [{"id": "a", "image": "s3://attacker/a.png", "labels": ["cat"]}]})
     assert r.status_code == 422 and "RIB_INPUT_PREFIXES" in r.json()["errors"][0]["error"], r.text
+
+
+def png(size: tuple[int, int] = (32, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((*size, 3), 120, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def upload(api: Api, key: str = API_KEY, **params: Any) -> httpx.Response:
+    return api.post("/v1/images", key, params=params, files={"file": ("scene.png", png(), "image/png")},
+                    data={"labels": "cat"})
+
+
+def test_jobs_belong_to_the_key_that_made_them(api: Api) -> None:
+    r = upload(api)
+    assert r.status_code == 202, r.text
+    image_job = r.json()["job_id"]
+    r = api.post("/v1/jobs", json={"images": [{"id": "a", "image": f"s3://{BUCKET}/a.png", "labels": ["cat"]}]})
+    assert r.status_code == 202, r.text
+    bulk_job = r.json()["job_id"]
+    r = api.post("/v1/training-jobs", json={"kind": "train", "manifest": f"s3://{BUCKET}/data/m.jsonl",
+                                            "output": f"s3://{BUCKET}/results/t", "config": {"arch": "resnet18"}})
+    assert r.status_code == 202, r.text
+    training_job = r.json()["job_id"]
+    for job_id in (image_job, bulk_job):
+        for method, path in (("get", f"/v1/jobs/{job_id}"), ("get", f"/v1/jobs/{job_id}/results"),
+                             ("delete", f"/v1/jobs/{job_id}")):
+            theirs = getattr(api, method)(path, OTHER_KEY)
+            assert theirs.status_code == 404 and "no job" in theirs.json()["detail"], (method, path, theirs.text)
+        assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"  # untouched by the other key
+        assert api.get(f"/v1/jobs/{job_id}/results").status_code == 200
+    assert api.get(f"/v1/training-jobs/{training_job}", OTHER_KEY).status_code == 404
+    assert api.get(f"/v1/training-jobs/{training_job}").json()["state"] == "queued"
+    assert api.delete(f"/v1/jobs/{bulk_job}").json()["state"] == "cancelled"  # the owner can cancel
+    # Redis holds the key's digest, never the key.
+    r = redis.Redis.from_url(f"{api.redis_url}/0", decode_responses=True)
+    stored = [r.hgetall(f"rib:job:{image_job}"), r.hgetall(f"rib:training:{training_job}")]
+    assert [d["owner"] for d in stored] == [hashlib.sha256(API_KEY.encode()).hexdigest()] * 2
+    assert not [k for k in r.scan_iter() if r.type(k) == "hash" and API_KEY in json.dumps(r.hgetall(k))]
+
+
+def test_upload_is_stored_only_once_its_job_is_recorded(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import main
+
+    def uploads() -> list[str]:
+        pages = api.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="results/jobs/")
+        return [o["Key"] for page in pages for o in page.get("Contents", []) if "/uploads/" in o["Key"]]
+
+    svc = main.service()
+    before = uploads()
+    monkeypatch.setattr(svc, "store", JobStore.from_url(f"redis://127.0.0.1:{free_port()}/0"))  # nothing listens
+    r = upload(api)
+    assert r.status_code == 503 and "job store is unavailable" in r.json()["detail"], r.text
+    assert uploads() == before  # no orphan
+    monkeypatch.undo()
+    monkeypatch.setattr(svc, "storage", open_storage("s3://no-such-bucket/results", client=s3(api.endpoint)))
+    r = upload(api)
+    assert r.status_code == 503 and "results store is unreachable" in r.json()["detail"], r.text
+    job_id = r.json()["detail"].split("job ")[1].split()[0]
+    monkeypatch.undo()
+    status = api.get(f"/v1/jobs/{job_id}").json()
+    assert status["state"] == "failed" and "could not be stored" in status["errors"][0]["error"], status
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_listing_an_image_folder_lists_only_that_image(api: Api, tmp_path: Path, where: str) -> None:
+    storage = (open_storage(f"s3://{BUCKET}/listing-{tmp_path.name}", client=s3(api.endpoint)) if where == "s3"
+               else open_storage(str(tmp_path)))
+    for image_id in ("d00", "d000", "d009"):
+        storage.put(image_key("j" * 32, image_id, "meta.json"), b"{}")
+    assert list(storage.list(image_key("j" * 32, "d00"))) == [f"jobs/{'j' * 32}/images/d00/meta.json"]
