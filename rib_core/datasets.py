@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from rib_core import augment
@@ -47,6 +47,10 @@ class ManifestError(ValueError):
 
 class ImageError(ValueError):
     """An image file that cannot be decoded, or is too large to decode safely."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image over the pixel limit (a decompression bomb, or just too big)."""
 
 
 @dataclass(frozen=True)
@@ -109,12 +113,14 @@ class Manifest:
 
 
 def parse_records(items: Sequence[Any], classes: Sequence[str], first_line: int = 2,
-                  ) -> tuple[list[ManifestRecord], list[tuple[int, str]]]:
-    """Validate decoded record objects; returns the good records and per-line errors."""
+                  line_numbers: Sequence[int] | None = None) -> tuple[list[ManifestRecord], list[tuple[int, str]]]:
+    """Validate decoded record objects in one pass (linear in their number); returns the good records
+    and per-line errors. Lines count from ``first_line``, or are ``line_numbers``, one per item."""
     known = set(classes)
     seen: set[str] = set()
     records, errors = [], []
-    for n, item in enumerate(items, start=first_line):
+    numbers = line_numbers if line_numbers is not None else range(first_line, first_line + len(items))
+    for n, item in zip(numbers, items, strict=True):
         if not isinstance(item, dict):
             errors.append((n, "expected a JSON object with id, image and labels"))
             continue
@@ -170,14 +176,8 @@ def parse_manifest(text: str, base: str = ".", classes: Sequence[str] | None = N
         raise ManifestError([*errors, (1, f"no class list: the first line must be {header_hint}")])
     if len(set(classes)) != len(classes):
         errors.append((1, "the class list has duplicates"))
-    records: list[ManifestRecord] = []
-    for n, item in decoded:
-        good, bad = parse_records([item], classes, first_line=n)
-        if good and good[0].id in {r.id for r in records}:
-            bad = [(n, f"duplicate id {good[0].id!r}")]
-            good = []
-        records += good
-        errors += bad
+    records, bad = parse_records([item for _, item in decoded], classes, line_numbers=[n for n, _ in decoded])
+    errors += bad
     if not records and not errors:
         errors.append((1, "the manifest lists no images"))
     if errors:
@@ -217,13 +217,15 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+                raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
             im.load()
             return np.asarray(im.convert("RGB"))
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image is too large to decode safely ({e})") from e
+    except Image.DecompressionBombError as e:  # Pillow's own, far larger limit, hit before the size is known
+        raise ImageTooLargeError(f"image is over {max_pixels} pixels, the limit") from e
+    except UnidentifiedImageError as e:  # its message names the BytesIO object, not the data
+        raise ImageError("not a readable image (no image format recognised)") from e
     except Exception as e:
         raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from e
 

@@ -70,6 +70,22 @@ def read_bytes(uri: str | os.PathLike[str], client: Any = None) -> bytes:
     return Path(uri).read_bytes()
 
 
+def uri_size(uri: str, client: Any = None) -> int:
+    """Bytes at a local path or an s3:// URI, without reading them; FileNotFoundError when absent."""
+    if is_s3_uri(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        client = client or s3_client()
+        try:
+            return int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"no object at {uri}") from e
+            raise
+    return Path(uri).stat().st_size
+
+
 def uri_exists(uri: str, client: Any = None) -> bool:
     if is_s3_uri(uri):
         bucket, key = split_s3_uri(uri)

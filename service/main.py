@@ -13,13 +13,16 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from typing import Annotated, Any, Literal
 
+import anyio
+import anyio.to_thread
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery.result import AsyncResult
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile, params
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,7 +34,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rib_core import __version__
 from rib_core.datasets import load_manifest
 from rib_core.rib_config import RibConfig
-from rib_core.storage import Storage, bucket_exists, is_s3_uri, parent_uri, read_bytes, split_s3_uri, uri_exists
+from rib_core.storage import (
+    Storage,
+    bucket_exists,
+    is_s3_uri,
+    parent_uri,
+    read_bytes,
+    split_s3_uri,
+    uri_exists,
+    uri_size,
+)
 from rib_core.train_deeplab import DeepLabTrainConfig
 from service.jobs import JobItem, JobStore, image_key, owner_of, upload_key
 from service.metrics import LATENCY, REGISTRY, REJECTED, REQUESTS, SUBMITTED, RedisStatsCollector
@@ -51,6 +63,8 @@ from worker.celery_app import PROCESS_CHUNK, TRAINING_JOB
 from worker.celery_app import app as celery_app
 
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around the uploaded file
+READY_TIMEOUT_S = 2.0  # /readyz: each check answers within this or counts as failing
+MAX_OFFSET = 2**62     # results paging: Redis list indexes are 64-bit
 FINISHED = ("done", "failed", "cancelled")
 TRAINING_STATES = {"PENDING": "queued", "RECEIVED": "queued", "RETRY": "queued", "STARTED": "running",
                    "SUCCESS": "done", "FAILURE": "failed", "REVOKED": "cancelled"}
@@ -185,6 +199,10 @@ app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHE
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="one of RIB_API_KEYS")
 
 
+def _known_key(key: str | None, keys: Sequence[str]) -> bool:
+    return bool(key) and any(hmac.compare_digest(key.encode(), k.encode()) for k in keys)
+
+
 def require_api_key(key: Annotated[str | None, Depends(api_key_header)]) -> str:
     """The caller's identity: the digest of its key (jobs are stored with it, never with the key)."""
     keys = service().settings.api_keys
@@ -192,7 +210,7 @@ def require_api_key(key: Annotated[str | None, Depends(api_key_header)]) -> str:
         raise HTTPException(401, "this server has no API keys configured (set RIB_API_KEYS)")
     if not key:
         raise HTTPException(401, "missing API key: send it in the X-API-Key header")
-    if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
+    if not _known_key(key, keys):
         raise HTTPException(401, "wrong API key")
     return owner_of(key)
 
@@ -221,10 +239,35 @@ async def input_error(request: Request, exc: InputError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-@app.exception_handler(redis.RedisError)
+@app.exception_handler(redis.ConnectionError)
+@app.exception_handler(redis.TimeoutError)
 async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+    """Only a Redis that cannot be reached is a 503; any other Redis error is a bug, and a 500."""
     return JSONResponse({"detail": f"the job store is unavailable ({type(exc).__name__}); retry later"},
                         status_code=503)
+
+
+def _expected_body(request: Request) -> str | None:
+    """The media type the matched route reads its body as, if it has a body."""
+    route = request.scope.get("route")
+    body = getattr(route, "body_field", None)
+    if body is None:
+        return None
+    return "multipart/form-data" if isinstance(body.field_info, params.Form) else "application/json"
+
+
+@app.exception_handler(RequestValidationError)
+async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own checks answer in the service's shape, and name a body of the wrong media type."""
+    errors = [{"field": ".".join(str(p) for p in err["loc"][1:]) or str(err["loc"][0]), "error": err["msg"]}
+              for err in exc.errors()]
+    expected = _expected_body(request)
+    sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if expected and sent != expected and any(err["loc"][0] == "body" for err in exc.errors()):
+        detail = f"this endpoint reads a {expected} body; the request sent {sent or 'no Content-Type'}"
+    else:
+        detail = "invalid request: " + "; ".join(f"{e['field']}: {e['error']}" for e in errors[:5])
+    return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
 
 # ------------------------------------------------------------------------------------------ health
@@ -236,27 +279,41 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@app.get("/readyz", tags=["health"])
-def readyz() -> JSONResponse:
-    """Redis (jobs and broker), the results store and the model files are reachable."""
-    svc = service()
-    checks: dict[str, str] = {}
-    for name, client in (("redis", svc.store.r), ("broker", svc.broker)):
-        try:
-            client.ping()
-            checks[name] = "ok"
-        except redis.RedisError as e:
-            checks[name] = f"unreachable: {e}"
-    try:
-        next(iter(svc.storage.list("jobs/")), None)
-        checks["storage"] = "ok"
-    except (OSError, BotoCoreError, ClientError) as e:
-        checks["storage"] = f"unreachable: {e}"
+def _ready_checks(svc: Service) -> dict[str, Callable[[], object]]:
+    """Each check raises (or returns False) when its part is not usable."""
+    checks: dict[str, Callable[[], object]] = {
+        "redis": svc.store.r.ping, "broker": svc.broker.ping,
+        "storage": lambda: next(iter(svc.storage.list("jobs/")), True)}
     for name in ("classifier_uri", "companion_manifest_uri"):
         uri = getattr(svc.settings, name)
-        checks[name] = "ok" if uri and uri_exists(uri) else f"not found: {uri!r}"
-    ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        checks[name] = partial(lambda u: bool(u) and uri_exists(u), uri)
+    return checks
+
+
+async def _check(fn: Callable[[], object], name: str, svc: Service) -> str:
+    try:
+        with anyio.fail_after(READY_TIMEOUT_S):  # the thread is abandoned, not waited for
+            found = await anyio.to_thread.run_sync(fn, abandon_on_cancel=True)
+    except TimeoutError:
+        return f"no answer within {READY_TIMEOUT_S} s"
+    except Exception as e:
+        return f"unreachable: {type(e).__name__}: {e}"
+    return "ok" if found else f"not found: {getattr(svc.settings, name, None)!r}"
+
+
+@app.get("/readyz", tags=["health"])
+async def readyz(key: Annotated[str | None, Depends(api_key_header)] = None) -> JSONResponse:
+    """Redis (jobs and broker), the results store and the model files are reachable; each check
+    gives up after READY_TIMEOUT_S. Why a check fails (addresses, URIs) is shown only with an API key."""
+    svc = service()
+    checks = _ready_checks(svc)
+    results = await asyncio.gather(*(_check(fn, name, svc) for name, fn in checks.items()))
+    ready = all(r == "ok" for r in results)
+    if _known_key(key, svc.settings.api_keys):
+        shown = dict(zip(checks, results, strict=True))
+    else:
+        shown = {name: "ok" if r == "ok" else "failing" for name, r in zip(checks, results, strict=True)}
+    return JSONResponse({"ready": ready, "checks": shown}, status_code=200 if ready else 503)
 
 
 @app.get("/metrics", tags=["health"], response_class=Response)
@@ -331,10 +388,15 @@ class JobRequest(BaseModel):
     rib: dict[str, Any] = Field(default_factory=dict, description="RIB parameters overriding the defaults")
 
 
-def _read_manifest(uri: str, prefixes: Sequence[str]) -> str:
-    if err := uri_error(uri, prefixes):
+def _read_manifest(uri: str, s: Settings) -> str:
+    """The manifest's text, its size checked before it is downloaded."""
+    if err := uri_error(uri, s.input_prefixes):
         raise InputError(422, f"manifest_uri: {err}")
     try:
+        size = uri_size(uri)
+        if size > s.max_manifest_bytes:
+            raise InputError(422, f"the manifest at {uri} is {size} bytes; the limit is {s.max_manifest_bytes} "
+                                  "(RIB_MAX_MANIFEST_BYTES): split the job")
         return read_bytes(uri).decode("utf-8")
     except FileNotFoundError as e:
         raise InputError(422, f"no manifest at {uri}") from e
@@ -355,13 +417,10 @@ def submit_job(req: JobRequest, owner: Owner) -> JSONResponse:
         raise InputError(422, "give exactly one of manifest_uri and images")
     params = rib_params(req.rib, s.rib_defaults, s.max_crop_size)
     if req.manifest_uri is not None:
-        text = _read_manifest(req.manifest_uri, s.input_prefixes)
-        items = manifest_items(text, parent_uri(req.manifest_uri), svc.classes(), s.input_prefixes)
+        text = _read_manifest(req.manifest_uri, s)
+        items = manifest_items(text, parent_uri(req.manifest_uri), svc.classes(), s.input_prefixes, s.max_job_images)
     else:
-        items = inline_items(req.images or [], svc.classes(), s.input_prefixes)
-    if len(items) > s.max_job_images:
-        raise InputError(422, f"the job has {len(items)} images; the limit is {s.max_job_images} "
-                              "(RIB_MAX_JOB_IMAGES): split it")
+        items = inline_items(req.images or [], svc.classes(), s.input_prefixes, s.max_job_images)
     job_id = uuid.uuid4().hex
     svc.record(job_id, "bulk", items, params, owner)
     svc.queue(job_id, "bulk", items, params)
@@ -375,7 +434,7 @@ def job_status(job_id: str, owner: Owner) -> dict[str, Any]:
 
 
 @v1.get("/jobs/{job_id}/results", tags=["jobs"])
-def job_results(job_id: str, owner: Owner, offset: Annotated[int, Query(ge=0)] = 0,
+def job_results(job_id: str, owner: Owner, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     """Per image: status, storage keys and presigned URLs of the map, the pseudo-mask, the overlay and the rest."""
     return _job_or_404(job_id, owner).results(job_id, offset, limit)

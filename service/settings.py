@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 2**20, ge=1024)
     max_image_pixels: int = Field(4_000_000, ge=64 * 64)  # RIB runs the image at 2x scale: 16 M pixels
     max_crop_size: int = Field(1024, ge=16)               # bound on the per-request companion crop
-    max_job_images: int = Field(100_000, ge=1)
+    max_job_images: int = Field(100_000, ge=1)    # images per bulk job, and lines per manifest (+ its header)
+    max_manifest_bytes: int = Field(50 * 2**20, ge=1024)  # a manifest's size, checked before it is read
     # Where job inputs may be read from (manifests, images, checkpoints, initial weights); empty: the
     # bucket of an s3:// storage_uri, and nothing for a local one. Never "every bucket" by default.
     input_prefixes: CommaList = Field(default_factory=list)

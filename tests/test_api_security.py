@@ -10,11 +10,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import socket
+import struct
+import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import numpy as np
 import pytest
@@ -28,7 +33,7 @@ from rib_core.datasets import Manifest, ManifestRecord
 from rib_core.storage import open_storage
 from rib_core.train_deeplab import DeepLabTrainConfig, train_deeplab
 from service.jobs import JobStore, image_key
-from tests.service_stack import free_port, moto_s3, redis_server, s3
+from tests.service_stack import free_port, moto_s3, redis_server, s3, wait_for
 
 
 class _RunsCode:
@@ -98,7 +103,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
             "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "RIB_API_KEYS": f"{API_KEY},{OTHER_KEY}",
             "RIB_COMPANION_MANIFEST_URI": f"s3://{BUCKET}/companions/manifest.jsonl",
-            "RIB_MAX_MANIFEST_BYTES": "20000", "RIB_MAX_MANIFEST_LINES": "100",
+            "RIB_MAX_MANIFEST_BYTES": "20000", "RIB_MAX_JOB_IMAGES": "100",
         }.items():
             mp.setenv(name, value)
         get_settings.cache_clear()
@@ -220,3 +225,116 @@ def test_listing_an_image_folder_lists_only_that_image(api: Api, tmp_path: Path,
     for image_id in ("d00", "d000", "d009"):
         storage.put(image_key("j" * 32, image_id, "meta.json"), b"{}")
     assert list(storage.list(image_key("j" * 32, "d00"))) == [f"jobs/{'j' * 32}/images/d00/meta.json"]
+
+
+def test_waiting_uploads_hold_no_thread(api: Api) -> None:
+    """With one worker thread for the whole API, /healthz still answers while an upload waits."""
+    portal = api.client.portal
+    assert portal is not None
+
+    async def thread_tokens(n: float | None) -> float:
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        old = limiter.total_tokens
+        if n is not None:
+            limiter.total_tokens = n
+        return old
+
+    jobs = redis.Redis.from_url(f"{api.redis_url}/0")
+    before = len(list(jobs.scan_iter("rib:job:*:order")))
+    old = portal.call(thread_tokens, 1)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(upload, api, wait=6)  # no worker runs: it waits all 6 s
+            wait_for(lambda: len(list(jobs.scan_iter("rib:job:*:order"))) > before, 30, "the upload's job")
+            assert api.client.get("/healthz").json() == {"status": "ok"}
+            assert not waiting.done()  # /healthz answered while the upload was still waiting
+            assert waiting.result().status_code == 202
+    finally:
+        portal.call(thread_tokens, old)
+
+
+def test_oversize_manifests_are_refused_before_parsing(api: Api) -> None:
+    header = json.dumps({"format": "rib-manifest", "version": 1, "classes": CLASSES})
+    api.s3.put_object(Bucket=BUCKET, Key="inputs/long.jsonl", Body="\n".join([header] + ["{not json"] * 101).encode())
+    api.s3.put_object(Bucket=BUCKET, Key="inputs/big.jsonl", Body=(header + "\n" + " " * 20_000).encode())
+    cases = [
+        ({"manifest_uri": f"s3://{BUCKET}/inputs/long.jsonl"}, "RIB_MAX_JOB_IMAGES"),
+        ({"manifest_uri": f"s3://{BUCKET}/inputs/big.jsonl"}, "RIB_MAX_MANIFEST_BYTES"),
+        ({"images": [{"id": f"i{n}", "image": f"s3://{BUCKET}/i.png", "labels": ["cat"]} for n in range(101)]},
+         "RIB_MAX_JOB_IMAGES"),
+    ]
+    for body, setting in cases:
+        r = api.post("/v1/jobs", json=body)
+        assert r.status_code == 422 and setting in r.json()["detail"], r.text
+        assert not r.json()["errors"], r.text  # refused as a whole: no line was parsed
+
+
+def test_results_offset_out_of_range_is_a_422(api: Api) -> None:
+    job_id = upload(api).json()["job_id"]
+    for offset in (10**30, "1e30", -1):
+        r = api.get(f"/v1/jobs/{job_id}/results", params={"offset": offset})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "offset", (offset, r.text)
+    assert api.get(f"/v1/jobs/{job_id}/results", params={"offset": 10**6}).json()["items"] == []
+
+
+def test_training_jobs_check_arch_and_buckets(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = {"kind": "train", "manifest": f"s3://{BUCKET}/data/m.jsonl", "output": f"s3://{BUCKET}/results/r"}
+    r = api.post("/v1/training-jobs", json={**base, "config": {"arch": "resnet9000"}})
+    assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["config.arch"], r.text
+    assert "resnet101" in r.json()["errors"][0]["error"]
+    monkeypatch.setattr(api.settings, "input_prefixes", [f"s3://{BUCKET}/", "s3://missing-data/"])
+    r = api.post("/v1/training-jobs", json={**base, "manifest": "s3://missing-data/m.jsonl"})
+    assert r.status_code == 422 and "no bucket named missing-data" in r.json()["detail"], r.text
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds nothing: what a decompression bomb looks like to Image.open."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+
+
+def test_messages_name_the_setting_and_the_media_type(api: Api) -> None:
+    def send(data: bytes) -> httpx.Response:
+        return api.post("/v1/images", files={"file": ("f.png", data, "image/png")}, data={"labels": "cat"})
+
+    bomb = send(png_header(20_000, 20_000))  # over Pillow's own limit: Image.open refuses it
+    assert bomb.status_code == 422 and "RIB_MAX_IMAGE_PIXELS" in bomb.json()["detail"], bomb.text
+    assert "DOS" not in bomb.text and str(Image.MAX_IMAGE_PIXELS) not in bomb.text
+    text = send(b"hello, I am text")
+    assert text.status_code == 422 and "not a readable image" in text.json()["detail"], text.text
+    assert "object at 0x" not in text.text
+    r = api.post("/v1/images", json={"labels": ["cat"]})
+    assert r.status_code == 422 and "multipart/form-data" in r.json()["detail"], r.text
+    assert "application/json" in r.json()["detail"]
+    r = api.post("/v1/jobs", data={"manifest_uri": f"s3://{BUCKET}/m.jsonl"})
+    assert r.status_code == 422 and "reads a application/json body" in r.json()["detail"], r.text
+    # FastAPI's own checks answer in the service's shape.
+    r = api.post("/v1/training-jobs", json={"kind": "train", "manifest": f"s3://{BUCKET}/m", "output": "x",
+                                            "config": {"lr": -1}})
+    body = r.json()
+    assert r.status_code == 422 and isinstance(body["detail"], str), r.text
+    assert body["errors"] == [{"field": "config.lr", "error": "Input should be greater than 0"}]
+
+
+def test_readyz_times_out_and_hides_internals_without_a_key(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import main
+
+    svc = main.service()
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    monkeypatch.setattr(svc, "store", JobStore.from_url(f"redis://127.0.0.1:{silent.getsockname()[1]}/0"))
+    monkeypatch.setattr(svc, "broker", redis.Redis(port=free_port()))  # nothing listens
+    try:
+        anonymous = api.client.get("/readyz")
+        detailed = api.client.get("/readyz", headers={"X-API-Key": API_KEY})
+    finally:
+        silent.close()
+    assert anonymous.status_code == detailed.status_code == 503
+    assert anonymous.json()["checks"] == {"redis": "failing", "broker": "failing", "storage": "ok",
+                                          "classifier_uri": "failing", "companion_manifest_uri": "ok"}
+    assert "127.0.0.1" not in anonymous.text and "s3://" not in anonymous.text
+    checks = detailed.json()["checks"]
+    assert checks["redis"].startswith("no answer within") and checks["broker"] not in ("ok", "failing"), checks
+    assert checks["classifier_uri"] == "not found: None"

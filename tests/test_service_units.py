@@ -98,14 +98,14 @@ def test_manifest_lines_and_service_rules() -> None:
                       json.dumps({"id": "b", "image": "b.png", "labels": ["fish"]}),
                       json.dumps({"id": "c", "image": "/tmp/c.png", "labels": ["dog"]})])
     with pytest.raises(InputError) as e:
-        manifest_items(text, "s3://bucket/data", CLASSES, ["s3://bucket/"])
+        manifest_items(text, "s3://bucket/data", CLASSES, ["s3://bucket/"], 100)
     assert e.value.status == 422
     assert [(x["line"], x["error"].split()[0]) for x in e.value.errors] == [(5, "'b'"), (6, "'/tmp/c.png'")]
-    good = manifest_items("\n".join(text.splitlines()[:4]), "s3://bucket/data", CLASSES, ["s3://bucket/"])
+    good = manifest_items("\n".join(text.splitlines()[:4]), "s3://bucket/data", CLASSES, ["s3://bucket/"], 100)
     assert good == [JobItem("a", "s3://bucket/data/a.png", ("cat",))]
     # Without a header line the model's classes apply.
     plain = json.dumps({"id": "x", "image": "x.png", "labels": ["dog"]})
-    assert manifest_items(plain, "s3://bucket", CLASSES, ["s3://"])[0].labels == ("dog",)
+    assert manifest_items(plain, "s3://bucket", CLASSES, ["s3://"], 100)[0].labels == ("dog",)
 
 
 def test_rib_parameters_override_the_defaults_within_bounds() -> None:
