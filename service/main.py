@@ -31,7 +31,7 @@ from rib_core.datasets import load_manifest
 from rib_core.rib_config import RibConfig
 from rib_core.storage import Storage, parent_uri, read_bytes, uri_exists
 from rib_core.train_deeplab import DeepLabTrainConfig
-from service.jobs import JobItem, JobStore, image_key, upload_key
+from service.jobs import JobItem, JobStore, image_key, save_request, upload_key
 from service.metrics import LATENCY, REGISTRY, REJECTED, REQUESTS, SUBMITTED, RedisStatsCollector
 from service.settings import Settings, get_settings
 from service.validation import (
@@ -45,7 +45,7 @@ from service.validation import (
     rib_params,
     uri_error,
 )
-from worker.celery_app import PROCESS_CHUNK, TRAINING_JOB
+from worker.celery_app import TRAINING_JOB, send_chunks
 from worker.celery_app import app as celery_app
 
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around the uploaded file
@@ -77,15 +77,13 @@ class Service:
         return self._classes
 
     def submit(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig) -> None:
-        """Record the job, then queue it in chunks; a broker failure cancels the job instead of half-queueing it."""
+        """Keep the request in storage (a job Redis loses is rebuilt from it), record the job, then queue
+        it in chunks; a broker failure cancels the job instead of half-queueing it."""
         params = rib.model_dump(mode="json")
+        save_request(self.storage, job_id, kind, items, params)
         self.store.create(job_id, kind, items, params)
-        size = self.settings.chunk_size
         try:
-            for n, start in enumerate(range(0, len(items), size)):
-                chunk = [it.to_json() for it in items[start:start + size]]
-                celery_app.send_task(PROCESS_CHUNK, args=[job_id, chunk, params], queue=self.settings.image_queue,
-                                     task_id=f"{job_id}-{n}")
+            send_chunks(job_id, items, params)
         except Exception as e:
             self.store.cancel(job_id)
             raise HTTPException(503, f"the task queue is unreachable ({type(e).__name__}); the job was "
@@ -252,9 +250,17 @@ def _accepted(job_id: str, extra: dict[str, Any] | None = None) -> JSONResponse:
 
 
 def _job_or_404(job_id: str) -> Service:
+    """The service, once the job is in Redis: a job Redis lost but storage still holds is rebuilt
+    (its finished images from their files, the rest queued again)."""
     svc = service()
     if not svc.store.exists(job_id):
-        raise HTTPException(404, f"no job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
+        todo = svc.store.restore(job_id, svc.storage)
+        if todo is None:
+            raise HTTPException(404, f"no job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
+        if not svc.store.exists(job_id):
+            raise HTTPException(503, f"job {job_id} is being rebuilt from storage; retry in a moment")
+        send_chunks(job_id, todo, svc.store.rib(job_id))
+        svc.store.finalize(job_id, svc.storage)
     return svc
 
 
