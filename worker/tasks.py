@@ -210,11 +210,12 @@ def start_reaper(**_: Any) -> None:
     threading.Thread(target=loop, name="rib-reaper", daemon=True).start()
 
 
-@signals.task_failure.connect(sender=process_chunk)
-def note_time_limit(args: Sequence[Any] = (), exception: BaseException | None = None, **_: Any) -> None:
+@signals.task_failure.connect
+def note_time_limit(sender: Any = None, args: Sequence[Any] = (), exception: BaseException | None = None,
+                    **_: Any) -> None:
     """In the main process, when Celery killed a chunk at its hard time limit: the image it was on
     is charged with that reason (Celery requeues the chunk; the image's attempts are bounded)."""
-    if isinstance(exception, TimeLimitExceeded) and len(args) == 3:
+    if getattr(sender, "name", None) == PROCESS_CHUNK and isinstance(exception, TimeLimitExceeded):
         job_id, items = args[0], args[1]
         s = get_settings()
         JobStore.from_url(s.state_redis_url, s.job_ttl_s).note_lost(
