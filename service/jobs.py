@@ -304,7 +304,8 @@ class JobStore:
     def reap(self, lease_s: float, max_attempts: int) -> dict[str, list[JobItem]]:
         """Running images whose heartbeat is older than ``lease_s``: each is either handed back (the
         returned items, per job, to queue again; its heartbeat restarts the lease) or, once it has had
-        ``max_attempts`` attempts, failed with the reason. Jobs Redis no longer has leave the scan."""
+        ``max_attempts`` attempts, failed with the reason (its job is then returned with no items, to
+        be finalized). Jobs Redis no longer has leave the scan."""
         now = time.time()
         requeue: dict[str, list[JobItem]] = {}
         for job_id in self.r.smembers(ACTIVE_KEY):
@@ -314,13 +315,15 @@ class JobStore:
                 continue
             beats = self.r.hgetall(k["beat"])
             stale = [i for i in self.r.smembers(k["running"]) if float(beats.get(i, 0)) < now - lease_s]
+            if stale:
+                requeue[job_id] = []
             for image_id in stale:
                 verdict = self._reap(keys=self._attempt_keys(job_id),
                                      args=[image_id, now - lease_s, max_attempts, LOST_REASON, now])
                 if verdict == "requeue":
                     raw = self.r.hget(k["items"], image_id)
                     if raw:
-                        requeue.setdefault(job_id, []).append(JobItem.from_json(json.loads(raw)))
+                        requeue[job_id].append(JobItem.from_json(json.loads(raw)))
         return requeue
 
     def rib(self, job_id: str) -> dict[str, Any]:
