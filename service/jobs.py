@@ -83,8 +83,9 @@ redis.call('SADD', KEYS[10], ARGV[5])
 return 'run'
 """
 
-# reap: hand out again (``requeue``) or fail (``failed``) a running image whose heartbeat is older than
-# ARGV[2]; ``alive`` when it is not stale (any more). Same KEYS as give_up.
+# reap: fail (``failed``) a running image whose heartbeat is older than ARGV[2], or put it back among the
+# queued ones (``requeue``: the caller queues it again; its attempts are kept, so the bound holds);
+# ``alive`` when it is not stale (any more). Same KEYS as give_up.
 _REAP = _GIVE_UP + """
 local id = ARGV[1]
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('SISMEMBER', KEYS[2], id) == 0 then return 'alive' end
@@ -93,7 +94,8 @@ if tonumber(redis.call('HGET', KEYS[7], id) or '0') >= tonumber(ARGV[3]) then
   give_up(id, ARGV[4])
   return 'failed'
 end
-redis.call('HSET', KEYS[4], id, ARGV[5])
+redis.call('SREM', KEYS[2], id)
+redis.call('HDEL', KEYS[4], id)
 return 'requeue'
 """
 
@@ -302,8 +304,8 @@ class JobStore:
                                       args=[image_id, error[:2000], self.ttl_s]))
 
     def reap(self, lease_s: float, max_attempts: int) -> dict[str, list[JobItem]]:
-        """Running images whose heartbeat is older than ``lease_s``: each is either handed back (the
-        returned items, per job, to queue again; its heartbeat restarts the lease) or, once it has had
+        """Running images whose heartbeat is older than ``lease_s``: each is either handed back (queued
+        again in Redis; the returned items, per job, are to be sent to the queue) or, once it has had
         ``max_attempts`` attempts, failed with the reason (its job is then returned with no items, to
         be finalized). Jobs Redis no longer has leave the scan."""
         now = time.time()
@@ -319,7 +321,7 @@ class JobStore:
                 requeue[job_id] = []
             for image_id in stale:
                 verdict = self._reap(keys=self._attempt_keys(job_id),
-                                     args=[image_id, now - lease_s, max_attempts, LOST_REASON, now])
+                                     args=[image_id, now - lease_s, max_attempts, LOST_REASON])
                 if verdict == "requeue":
                     raw = self.r.hget(k["items"], image_id)
                     if raw:
