@@ -164,21 +164,22 @@ def test_rib_serve_and_rib_worker_run_without_the_venv_on_path(tmp_path: Path) -
         rib = [sys.executable, "-m", "rib_core.cli"]
         serve = subprocess.Popen([*rib, "serve", "--port", str(port)], env=env, cwd=tmp_path,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        workers = {q: subprocess.Popen([*rib, "worker", *flag], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True)
-                   for q, flag in (("custom.images", []), ("custom.training", ["--training"]))}
         try:
-            wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200, 60, "rib serve")
-            for queue, proc in workers.items():
-                # Celery's startup banner lists the queues the worker consumes.
-                lines = []
-                wait_for(lambda p=proc, out=lines: out.append(p.stdout.readline()) or "ready." in out[-1], 90,
+            wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200, 300, "rib serve")
+        finally:
+            serve.terminate()
+            serve.wait(30)
+        for queue, flag in (("custom.images", []), ("custom.training", ["--training"])):
+            worker = subprocess.Popen([*rib, "worker", *flag], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+            try:
+                lines: list[str] = []  # Celery's startup banner lists the queues the worker consumes
+                wait_for(lambda w=worker, out=lines: out.append(w.stdout.readline()) or "ready." in out[-1], 300,
                          f"rib worker ({queue})", every=0)
                 assert any(f".> {queue}" in line for line in lines), "".join(lines)
-        finally:
-            for proc in (serve, *workers.values()):
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
+            finally:
+                worker.terminate()
+                worker.wait(30)
 
 
 # ------------------------------------------------------------------------------------ faults on the real stack
