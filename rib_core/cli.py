@@ -4,7 +4,8 @@ Exit codes scripts can rely on: 0 success, 2 bad usage (argparse), 3 bad input (
 checkpoint, image or config that cannot be used; the message says what to fix), 1 anything else.
 Stage settings come from the stage's config object: ``--config file.json`` and/or ``--set
 key=value`` (dotted keys for nested settings, JSON values), e.g. ``--set iterations=5 --set
-pooling=gap``.
+pooling=gap``. Torch computes with ``RIB_TORCH_THREADS`` threads (default: every core this
+process may use, ``os.sched_getaffinity``).
 """
 
 from __future__ import annotations
@@ -186,18 +187,17 @@ def cmd_deeplab(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))
 
 
-def _exec(argv: list[str]) -> None:
-    os.execvp(argv[0], argv)
+def _exec_module(module: str, *args: str) -> None:
+    """Replace this process with ``python -m module``: this interpreter, so no PATH is needed."""
+    os.execv(sys.executable, [sys.executable, "-m", module, *args])
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    _exec(["uvicorn", "service.main:app", "--host", args.host, "--port", str(args.port)])
+    _exec_module("uvicorn", "service.main:app", "--host", args.host, "--port", str(args.port))
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    queue = "rib.training" if args.training else "rib.images"
-    _exec(["celery", "-A", "worker.celery_app", "worker", "-Q", queue, "--concurrency", "1",
-           "--prefetch-multiplier", "1", "--loglevel", "INFO"])
+    _exec_module("worker", *(["--training"] if args.training else []))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -260,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "run the API (uvicorn service.main:app)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p = add("worker", cmd_worker, "run a Celery worker (image queue, or --training)")
+    p = add("worker", cmd_worker, "run a Celery worker on RIB_IMAGE_QUEUE (or RIB_TRAINING_QUEUE with --training)")
     p.add_argument("--training", action="store_true")
     return top
 
@@ -268,6 +268,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.command not in ("serve", "worker"):  # those two set their own, per worker process
+            from rib_core.threads import use_torch_threads
+
+            use_torch_threads(int(os.environ.get("RIB_TORCH_THREADS") or 0) or None)
         args.fn(args)
     except (ManifestError, CheckpointError, ImageError, ValidationError, FileNotFoundError, ValueError) as e:
         print(f"rib {args.command}: error: {e}", file=sys.stderr)

@@ -36,7 +36,10 @@ if ! command -v redis-server >/dev/null; then
   apt_install redis-server
 fi
 if ! redis_up; then
-  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  # Persistence as in every documented stack: jobs and queued tasks survive a restart.
+  mkdir -p .redis
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly yes --appendfsync everysec \
+    --dir "$PWD/.redis"
   for _ in $(seq 50); do redis_up && break; sleep 0.1; done
   redis_up || { echo "redis-server did not answer on 127.0.0.1:6379" >&2; exit 1; }
 fi

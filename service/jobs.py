@@ -3,12 +3,18 @@
 A job is a list of images. Each image is in exactly one of: queued, running, done, failed,
 skipped (cancelled before it started). The states are Redis sets and hashes keyed by image id, so
 a task that runs twice (a worker killed and its chunk redelivered) moves an image into the same
-set again and every count stays exact. The transitions that must not interleave with a
-cancellation are Lua scripts, which Redis runs atomically.
+set again and every count stays exact. Every transition is a Lua script, which Redis runs
+atomically: none interleaves with a cancellation, and none recreates a job Redis has lost.
+
+An image is attempted a bounded number of times. A running image carries a heartbeat; one whose
+heartbeat is older than a lease (its worker died, its chunk was lost) is handed out again by the
+reaper (``JobStore.reap``) or, past the bound, failed with the reason.
 
 Storage: ``jobs/<job>/images/<image_id>/<artifact>`` with ``meta.json`` written last (its
-presence means the image is complete), uploads under ``jobs/<job>/uploads/<image_id>`` and the
-job index in ``jobs/<job>/index.json``, written once every image is accounted for.
+presence means the image is complete), uploads under ``jobs/<job>/uploads/<image_id>``, the
+request in ``jobs/<job>/request.json`` (written before the job is queued: a job Redis lost is
+rebuilt from it) and the job index in ``jobs/<job>/index.json``, written once every image is
+accounted for.
 """
 
 from __future__ import annotations
@@ -31,9 +37,27 @@ JOB_ID = re.compile(r"[0-9a-f]{32}")
 STATS_KEY = "rib:stats"
 _STATUS_SETS = ("running", "done", "skipped")
 
-# begin: skip if the job is cancelled, do nothing if the image already finished, else mark running.
-_BEGIN = """
-local job, running, done, failed, skipped, attempts = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+ACTIVE_KEY = "rib:jobs:active"  # jobs with an image started and not yet finalized: what the reaper scans
+LOST_REASON = "its worker stopped before finishing it (killed, out of memory, or its chunk was lost)"
+
+# give_up(id, reason): fail an image that has used up its attempts (KEYS: job, running, failed, beat,
+# lost, stats, attempts); the reason is the one recorded for its last lost attempt, if any.
+_GIVE_UP = """
+local function give_up(id, default)
+  local reason = redis.call('HGET', KEYS[5], id) or default
+  local n = redis.call('HGET', KEYS[7], id) or '0'
+  redis.call('SREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('HSET', KEYS[3], id, reason .. ' after ' .. n .. ' attempts')
+  redis.call('HINCRBY', KEYS[6], 'images_failed', 1)
+end
+"""
+
+# begin: skip if the job is cancelled, do nothing if the image already finished, fail it if its earlier
+# attempts used up the bound, else mark it running (with a heartbeat).
+_BEGIN = _GIVE_UP + """
+local job, running, failed, beat, attempts = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[7]
+local done, skipped = KEYS[8], KEYS[9]
 local id = ARGV[1]
 if redis.call('EXISTS', job) == 0 then
   return 'missing'
@@ -42,16 +66,91 @@ if redis.call('SISMEMBER', done, id) == 1 or redis.call('HEXISTS', failed, id) =
    or redis.call('SISMEMBER', skipped, id) == 1 then
   return 'finished'
 end
+local started = redis.call('SISMEMBER', running, id) == 1
 -- an image whose earlier attempt died mid-way counts as started: it is redone even after a cancel
-if redis.call('HGET', job, 'cancelled') == '1' and redis.call('SISMEMBER', running, id) == 0 then
+if redis.call('HGET', job, 'cancelled') == '1' and not started then
   redis.call('SADD', skipped, id)
-  redis.call('HINCRBY', KEYS[7], 'images_skipped', 1)
+  redis.call('HINCRBY', KEYS[6], 'images_skipped', 1)
   return 'skipped'
+end
+if started and tonumber(redis.call('HGET', attempts, id) or '0') >= tonumber(ARGV[3]) then
+  give_up(id, ARGV[4])
+  return 'failed'
 end
 redis.call('SADD', running, id)
 redis.call('HINCRBY', attempts, id, 1)
+redis.call('HSET', beat, id, ARGV[2])
 redis.call('HSETNX', job, 'started_at', ARGV[2])
+redis.call('SADD', KEYS[10], ARGV[5])
 return 'run'
+"""
+
+# reap: fail (``failed``) a running image whose heartbeat is older than ARGV[2], or put it back among the
+# queued ones (``requeue``: the caller queues it again; its attempts are kept, so the bound holds);
+# ``alive`` when it is not stale (any more). Same KEYS as give_up.
+_REAP = _GIVE_UP + """
+local id = ARGV[1]
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('SISMEMBER', KEYS[2], id) == 0 then return 'alive' end
+if tonumber(redis.call('HGET', KEYS[4], id) or '0') >= tonumber(ARGV[2]) then return 'alive' end
+if tonumber(redis.call('HGET', KEYS[7], id) or '0') >= tonumber(ARGV[3]) then
+  give_up(id, ARGV[4])
+  return 'failed'
+end
+redis.call('SREM', KEYS[2], id)
+redis.call('HDEL', KEYS[4], id)
+return 'requeue'
+"""
+
+# mark_done / mark_failed: nothing when Redis no longer has the job (it expired or was lost), so no
+# partial job is ever recreated; a failure never overrides a success.
+_MARK_DONE = """
+local job, running, failed, beat, done, results = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+if redis.call('EXISTS', job) == 0 then return 0 end
+local id = ARGV[1]
+redis.call('SREM', running, id)
+redis.call('HDEL', failed, id)
+redis.call('HDEL', beat, id)
+redis.call('SADD', done, id)
+redis.call('HSET', results, id, ARGV[2])
+if ARGV[3] == '' then
+  redis.call('HINCRBY', KEYS[7], 'images_reused', 1)
+else
+  redis.call('HINCRBYFLOAT', job, 'seconds_sum', ARGV[3])
+  redis.call('HINCRBY', KEYS[7], 'images_done', 1)
+  redis.call('HINCRBYFLOAT', KEYS[7], 'image_seconds_sum', ARGV[3])
+end
+for i = 8, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+return 1
+"""
+
+_MARK_FAILED = """
+local job, running, failed, beat, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+if redis.call('EXISTS', job) == 0 or redis.call('SISMEMBER', done, ARGV[1]) == 1 then return 0 end
+redis.call('SREM', running, ARGV[1])
+redis.call('HDEL', beat, ARGV[1])
+redis.call('HSET', failed, ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[6], 'images_failed', 1)
+for i = 7, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+return 1
+"""
+
+# heartbeat: refresh the heartbeat of the listed images that are still running.
+_HEARTBEAT = """
+for _, id in ipairs(ARGV) do
+  if id ~= ARGV[1] and redis.call('SISMEMBER', KEYS[1], id) == 1 then redis.call('HSET', KEYS[2], id, ARGV[1]) end
+end
+"""
+
+# note_lost: record why the running ones of these images stopped (shown if they run out of attempts).
+_NOTE_LOST = """
+for i = 2, #ARGV do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 1 then redis.call('HSET', KEYS[2], ARGV[i], ARGV[1]) end
+end
+"""
+
+# stamp_finished: the end time, only on a job Redis still has.
+_STAMP_FINISHED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[1]) end
 """
 
 # cancel: flag the job and move every image that has not started to skipped, in one step.
@@ -89,6 +188,10 @@ def index_key(job_id: str) -> str:
     return f"jobs/{job_id}/index.json"
 
 
+def request_key(job_id: str) -> str:
+    return f"jobs/{job_id}/request.json"
+
+
 @dataclass(frozen=True)
 class JobItem:
     """One image of a job: where to read it and its class names."""
@@ -103,6 +206,14 @@ class JobItem:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> JobItem:
         return cls(d["id"], d["image"], tuple(d["labels"]))
+
+
+def save_request(storage: Storage, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any],
+                 owner: str = "") -> None:
+    """Keep what a job was asked to do (and whose it is) next to its results, so that a job Redis
+    lost can be rebuilt."""
+    body = {"job_id": job_id, "kind": kind, "owner": owner, "rib": rib, "items": [it.to_json() for it in items]}
+    storage.put(request_key(job_id), json.dumps(body).encode(), "application/json")
 
 
 def job_state(total: int, counts: dict[str, int], cancelled: bool) -> str:
@@ -124,6 +235,12 @@ class JobStore:
         self.ttl_s = ttl_s
         self._begin = client.register_script(_BEGIN)
         self._cancel = client.register_script(_CANCEL)
+        self._reap = client.register_script(_REAP)
+        self._mark_done = client.register_script(_MARK_DONE)
+        self._mark_failed = client.register_script(_MARK_FAILED)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._note_lost = client.register_script(_NOTE_LOST)
+        self._stamp_finished = client.register_script(_STAMP_FINISHED)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 7 * 24 * 3600) -> JobStore:
@@ -132,7 +249,7 @@ class JobStore:
     @staticmethod
     def _keys(job_id: str) -> dict[str, str]:
         base = f"rib:job:{job_id}"
-        names = ("order", "items", "running", "done", "failed", "skipped", "results", "attempts")
+        names = ("order", "items", "running", "done", "failed", "skipped", "results", "attempts", "beat", "lost")
         return {"job": base, **{n: f"{base}:{n}" for n in names}}
 
     def _touch(self, pipe: Any, job_id: str) -> None:
@@ -165,44 +282,100 @@ class JobStore:
             return bool(self.r.exists(self._keys(job_id)["job"]))
         return bool(owner) and hmac.compare_digest(self.r.hget(self._keys(job_id)["job"], "owner") or "", owner)
 
-    def begin(self, job_id: str, image_id: str) -> str:
-        """``run`` (now marked running), ``skipped`` (job cancelled), ``finished`` (already accounted)
-        or ``missing`` (the job expired or never existed)."""
+    def _attempt_keys(self, job_id: str) -> list[str]:
+        """The keys ``_GIVE_UP`` expects, in its order."""
         k = self._keys(job_id)
-        return self._begin(keys=[k["job"], k["running"], k["done"], k["failed"], k["skipped"], k["attempts"],
-                                 STATS_KEY], args=[image_id, time.time()])
+        return [k["job"], k["running"], k["failed"], k["beat"], k["lost"], STATS_KEY, k["attempts"]]
 
-    def mark_done(self, job_id: str, image_id: str, artifacts: Iterable[str], seconds: float | None) -> None:
-        """``seconds`` is None when an earlier attempt had already written the results."""
+    def begin(self, job_id: str, image_id: str, max_attempts: int = 3) -> str:
+        """``run`` (now marked running), ``skipped`` (job cancelled), ``finished`` (already accounted),
+        ``failed`` (its earlier ``max_attempts`` attempts all died) or ``missing`` (the job expired,
+        never existed, or Redis lost it)."""
         k = self._keys(job_id)
-        with self.r.pipeline() as pipe:
-            pipe.srem(k["running"], image_id)
-            pipe.hdel(k["failed"], image_id)
-            pipe.sadd(k["done"], image_id)
-            pipe.hset(k["results"], image_id, json.dumps({"artifacts": sorted(artifacts), "seconds": seconds}))
-            if seconds is None:
-                pipe.hincrby(STATS_KEY, "images_reused", 1)
-            else:
-                pipe.hincrbyfloat(k["job"], "seconds_sum", seconds)
-                pipe.hincrby(STATS_KEY, "images_done", 1)
-                pipe.hincrbyfloat(STATS_KEY, "image_seconds_sum", seconds)
-            self._touch(pipe, job_id)
-            pipe.execute()
+        return self._begin(keys=[*self._attempt_keys(job_id), k["done"], k["skipped"], ACTIVE_KEY],
+                           args=[image_id, time.time(), max_attempts, LOST_REASON, job_id])
 
-    def mark_failed(self, job_id: str, image_id: str, error: str) -> None:
+    def heartbeat(self, job_id: str, image_ids: Sequence[str]) -> None:
+        """Tell the reaper these images (those of them still running) are alive."""
         k = self._keys(job_id)
-        with self.r.pipeline() as pipe:
-            pipe.srem(k["running"], image_id)
-            pipe.hset(k["failed"], image_id, error[:2000])
-            pipe.hincrby(STATS_KEY, "images_failed", 1)
-            self._touch(pipe, job_id)
-            pipe.execute()
+        self._heartbeat(keys=[k["running"], k["beat"]], args=[time.time(), *image_ids])
+
+    def note_lost(self, job_id: str, image_ids: Sequence[str], reason: str) -> None:
+        """Record why the running ones of these images stopped; their final error names it."""
+        k = self._keys(job_id)
+        self._note_lost(keys=[k["running"], k["lost"]], args=[reason[:500], *image_ids])
+
+    def mark_done(self, job_id: str, image_id: str, artifacts: Iterable[str], seconds: float | None) -> bool:
+        """``seconds`` is None when an earlier attempt had already written the results. False (and
+        nothing written) when Redis no longer has the job."""
+        k = self._keys(job_id)
+        result = json.dumps({"artifacts": sorted(artifacts), "seconds": seconds})
+        keys = [k["job"], k["running"], k["failed"], k["beat"], k["done"], k["results"], STATS_KEY]
+        return bool(self._mark_done(keys=keys + list(self._keys(job_id).values()),
+                                    args=[image_id, result, "" if seconds is None else seconds, self.ttl_s]))
+
+    def mark_failed(self, job_id: str, image_id: str, error: str) -> bool:
+        """False (and nothing written) when Redis no longer has the job or the image is already done."""
+        k = self._keys(job_id)
+        keys = [k["job"], k["running"], k["failed"], k["beat"], k["done"], STATS_KEY]
+        return bool(self._mark_failed(keys=keys + list(self._keys(job_id).values()),
+                                      args=[image_id, error[:2000], self.ttl_s]))
+
+    def reap(self, lease_s: float, max_attempts: int) -> dict[str, list[JobItem]]:
+        """Running images whose heartbeat is older than ``lease_s``: each is either handed back (queued
+        again in Redis; the returned items, per job, are to be sent to the queue) or, once it has had
+        ``max_attempts`` attempts, failed with the reason (its job is then returned with no items, to
+        be finalized). Jobs Redis no longer has leave the scan."""
+        now = time.time()
+        requeue: dict[str, list[JobItem]] = {}
+        for job_id in self.r.smembers(ACTIVE_KEY):
+            k = self._keys(job_id)
+            if not self.r.exists(k["job"]):
+                self.r.srem(ACTIVE_KEY, job_id)
+                continue
+            beats = self.r.hgetall(k["beat"])
+            stale = [i for i in self.r.smembers(k["running"]) if float(beats.get(i, 0)) < now - lease_s]
+            if stale:
+                requeue[job_id] = []
+            for image_id in stale:
+                verdict = self._reap(keys=self._attempt_keys(job_id),
+                                     args=[image_id, now - lease_s, max_attempts, LOST_REASON])
+                if verdict == "requeue":
+                    raw = self.r.hget(k["items"], image_id)
+                    if raw:
+                        requeue[job_id].append(JobItem.from_json(json.loads(raw)))
+        return requeue
+
+    def rib(self, job_id: str) -> dict[str, Any]:
+        """The RIB parameters a job was submitted with."""
+        return json.loads(self.r.hget(self._keys(job_id)["job"], "rib") or "{}")
 
     def cancel(self, job_id: str) -> int:
         """Flag the job cancelled and skip every image not started; returns how many were skipped."""
         k = self._keys(job_id)
         return int(self._cancel(keys=[k["job"], k["order"], k["running"], k["done"], k["failed"], k["skipped"],
                                       STATS_KEY]))
+
+    def restore(self, job_id: str, storage: Storage) -> list[JobItem] | None:
+        """Rebuild a job Redis no longer has (a restart without persistence, an eviction) from its
+        ``request.json``: images whose ``meta.json`` is in storage are done (their files reused),
+        the rest are returned, to be queued again. None when storage has no such job; [] while
+        another process is rebuilding it."""
+        if not JOB_ID.fullmatch(job_id) or not storage.exists(request_key(job_id)):
+            return None
+        if not self.r.set(f"rib:restoring:{job_id}", 1, nx=True, ex=60) or self.exists(job_id):
+            return []
+        request = json.loads(storage.get(request_key(job_id)))
+        items = [JobItem.from_json(d) for d in request["items"]]
+        self.create(job_id, request["kind"], items, request["rib"], request.get("owner", ""))
+        files: dict[str, list[str]] = {}
+        for key in storage.list(f"jobs/{job_id}/images/"):
+            image_id, name = key.rsplit("/", 2)[-2:]
+            files.setdefault(image_id, []).append(name)
+        for it in items:
+            if MARKER in files.get(it.id, []):
+                self.mark_done(job_id, it.id, files[it.id], None)
+        return [it for it in items if MARKER not in files.get(it.id, [])]
 
     # ---------------------------------------------------------------- reading
     def status(self, job_id: str, max_errors: int = 50) -> dict[str, Any]:
@@ -266,8 +439,8 @@ class JobStore:
         status = self.status(job_id)
         if status["counts"]["queued"] or status["counts"]["running"]:
             return False
-        k = self._keys(job_id)
-        self.r.hsetnx(k["job"], "finished_at", time.time())
+        self._stamp_finished(keys=[self._keys(job_id)["job"]], args=[time.time()])
+        self.r.srem(ACTIVE_KEY, job_id)
         status = self.status(job_id, max_errors=0)
         images = [{**{f: it[f] for f in ("id", "status", "labels", "error", "attempts")},
                    "artifacts": {a: image_key(job_id, it["id"], a) for a in it["artifacts"]}}

@@ -45,7 +45,7 @@ from rib_core.storage import (
     uri_size,
 )
 from rib_core.train_deeplab import DeepLabTrainConfig
-from service.jobs import JobItem, JobStore, image_key, owner_of, upload_key
+from service.jobs import JobItem, JobStore, image_key, owner_of, save_request, upload_key
 from service.metrics import LATENCY, REGISTRY, REJECTED, REQUESTS, SUBMITTED, RedisStatsCollector
 from service.settings import Settings, get_settings
 from service.validation import (
@@ -59,7 +59,7 @@ from service.validation import (
     rib_params,
     uri_error,
 )
-from worker.celery_app import PROCESS_CHUNK, TRAINING_JOB
+from worker.celery_app import TRAINING_JOB, send_chunks
 from worker.celery_app import app as celery_app
 
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around the uploaded file
@@ -93,17 +93,22 @@ class Service:
         return self._classes
 
     def record(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, owner: str) -> None:
-        self.store.create(job_id, kind, items, rib.model_dump(mode="json"), owner)
+        """Record the job in Redis, then keep the request in storage, so that a job Redis loses can be
+        rebuilt from it; with storage down the job is cancelled and the client told to retry."""
+        params = rib.model_dump(mode="json")
+        self.store.create(job_id, kind, items, params, owner)
+        try:
+            save_request(self.storage, job_id, kind, items, params, owner)
+        except (OSError, BotoCoreError, ClientError) as e:
+            self.store.cancel(job_id)
+            raise HTTPException(503, f"the results store is unreachable ({type(e).__name__}); the job was "
+                                     "cancelled, resubmit it later") from e
 
     def queue(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig) -> None:
         """Queue a recorded job in chunks; a broker failure cancels the job instead of half-queueing it."""
         params = rib.model_dump(mode="json")
-        size = self.settings.chunk_size
         try:
-            for n, start in enumerate(range(0, len(items), size)):
-                chunk = [it.to_json() for it in items[start:start + size]]
-                celery_app.send_task(PROCESS_CHUNK, args=[job_id, chunk, params], queue=self.settings.image_queue,
-                                     task_id=f"{job_id}-{n}")
+            send_chunks(job_id, items, params)
         except Exception as e:
             self.store.cancel(job_id)
             raise HTTPException(503, f"the task queue is unreachable ({type(e).__name__}); the job was "
@@ -333,10 +338,21 @@ def _accepted(job_id: str, extra: dict[str, Any] | None = None) -> JSONResponse:
 
 
 def _job_or_404(job_id: str, owner: str) -> Service:
-    """Another key's job is as unknown as one that never was: 404 either way."""
+    """The service, once the job is in Redis and belongs to ``owner``. A job Redis lost but storage
+    still holds is rebuilt first (its finished images from their files, the rest queued again).
+    Another key's job is as unknown as one that never was: 404 either way."""
     svc = service()
+    unknown = HTTPException(404, f"no job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
+    if not svc.store.exists(job_id):
+        todo = svc.store.restore(job_id, svc.storage)
+        if todo is None:
+            raise unknown
+        if not svc.store.exists(job_id):
+            raise HTTPException(503, f"job {job_id} is being rebuilt from storage; retry in a moment")
+        send_chunks(job_id, todo, svc.store.rib(job_id))
+        svc.store.finalize(job_id, svc.storage)
     if not svc.store.exists(job_id, owner):
-        raise HTTPException(404, f"no job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
+        raise unknown
     return svc
 
 

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(3600, ge=5)  # Redis redelivers a task unacked for this long
     chunk_time_limit_s: int = Field(1800, ge=1)    # hard limit of one chunk task; below the visibility timeout
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)   # job bookkeeping expires from Redis after this
+    # delivery: every image ends done or failed, whatever happens to its worker, its chunk or Redis.
+    max_attempts: int = Field(3, ge=1)  # attempts per image (worker lost, time limit) before it fails with the reason
+    lease_s: int = Field(300, ge=2)     # a running image without a heartbeat this long is handed out again
+    torch_threads: int | None = Field(None, ge=1)  # per worker process; unset: its CPU cores / its concurrency
     # Default RIB parameters of every request; a request overrides single fields.
     rib_defaults: RibConfig = Field(default_factory=RibConfig)
 

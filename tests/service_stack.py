@@ -13,9 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +27,6 @@ import redis
 from rib_core.datasets import Manifest, ManifestRecord
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 T = TypeVar("T")
 
 
@@ -51,18 +51,39 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: fl
         time.sleep(every)
 
 
+class RedisServer:
+    """A private redis-server with the persistence the project documents (an append-only file,
+    fsync every second), on a fixed port so that it can be stopped and started again."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"  # no db number
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                                      "--dir", str(self.workdir)], stdout=subprocess.DEVNULL)
+        wait_for(lambda: redis.Redis(port=self.port).ping(), 20, "redis-server")
+
+    def stop(self) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits, as on a restart."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
 @contextmanager
 def redis_server(workdir: Path) -> Iterator[str]:
-    """A private redis-server without persistence; yields its URL prefix (no db number)."""
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    """A private redis-server (``RedisServer``); yields its URL prefix (no db number)."""
+    server = RedisServer(workdir)
+    server.start()
     try:
-        wait_for(lambda: redis.Redis(port=port).ping(), 20, "redis-server")
-        yield f"redis://127.0.0.1:{port}"
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
 
 
 @contextmanager
@@ -131,14 +152,69 @@ class Process:
 
 def start_api(env: dict[str, str], log: Path) -> tuple[Process, str]:
     port = free_port()
-    proc = Process([str(BIN / "uvicorn"), "service.main:app", "--host", "127.0.0.1", "--port", str(port)], env, log)
+    proc = Process([sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port)],
+                   env, log)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, f"uvicorn ({log})")
     return proc, url
 
 
-def start_worker(env: dict[str, str], log: Path, queue: str, name: str) -> Process:
-    """A Celery worker, solo pool (one process: SIGKILL takes the running task with it)."""
-    return Process([str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", queue, "--pool", "solo",
-                    "--concurrency", "1", "--prefetch-multiplier", "1", "-n", f"{name}@%h", "--loglevel", "INFO",
-                    "--without-gossip", "--without-mingle"], env, log)
+def start_worker(env: dict[str, str], log: Path, queue: str, name: str, pool: str = "solo") -> Process:
+    """A Celery worker running one task at a time. The solo pool is one process (SIGKILL takes the
+    running task with it); the prefork pool has a main process and one child, and enforces
+    ``RIB_CHUNK_TIME_LIMIT_S``."""
+    return Process([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queue,
+                    "--pool", pool, "--concurrency", "1", "--prefetch-multiplier", "1", "-n", f"{name}@%h",
+                    "--loglevel", "INFO", "--without-gossip", "--without-mingle"], env, log)
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+class StallingProxy:
+    """A TCP proxy in front of a server that can stop forwarding bytes: a real stall of that server,
+    as a client sees it (connections open, nothing answers), without touching the server."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                self.flowing.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.flowing.set()
+        self._listener.close()

@@ -12,6 +12,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,16 @@ from PIL import Image
 
 from rib_core.cam import LocalizationMap
 from rib_core.datasets import Manifest, ManifestRecord
-from tests.service_stack import Process, moto_s3, redis_server, s3, start_api, start_worker, upload_dataset, wait_for
+from tests.service_stack import (
+    Process,
+    RedisServer,
+    moto_s3,
+    s3,
+    start_api,
+    start_worker,
+    upload_dataset,
+    wait_for,
+)
 
 API_KEY = "test-key"
 AUTH = {"X-API-Key": API_KEY}
@@ -41,7 +51,8 @@ CRF_ARTIFACTS = {"map.npz", "map.png", "crf_mask.png", "crf_overlay.png", "meta.
 class Stack:
     url: str
     s3: Any
-    redis_url: str
+    endpoint: str
+    redis: RedisServer
     env: dict[str, str]
     logs: Path
     api: Process
@@ -52,8 +63,13 @@ class Stack:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers=AUTH, timeout=120)
 
-    def new_worker(self, name: str) -> Process:
-        self.worker = start_worker(self.env, self.logs / f"{name}.log", "rib.images", name)
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
+
+    def new_worker(self, name: str, pool: str = "solo", **settings: str) -> Process:
+        """Start an image worker (``settings`` override the stack's environment) and make it the stack's."""
+        self.worker = start_worker({**self.env, **settings}, self.logs / f"{name}.log", "rib.images", name, pool)
         return self.worker
 
     def objects(self, prefix: str) -> list[str]:
@@ -64,36 +80,47 @@ class Stack:
         return self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
 
+@contextmanager
+def running_stack(demo: Any, classifier_path: Path, logs: Path, **settings: str) -> Iterator[Stack]:
+    """The service on private processes, with one solo image worker; ``settings`` override variables."""
+    redis = RedisServer(logs)
+    redis.start()
+    try:
+        with moto_s3() as endpoint:
+            client = s3(endpoint)
+            client.create_bucket(Bucket=BUCKET)
+            client.put_object(Bucket=BUCKET, Key="models/classifier.pth", Body=classifier_path.read_bytes())
+            companions = upload_dataset(client, BUCKET, "companions", demo.train)
+            env = {
+                **os.environ,
+                "RIB_BROKER_URL": f"{redis.url}/0", "RIB_RESULT_BACKEND": f"{redis.url}/1",
+                "RIB_STORAGE_URI": f"s3://{BUCKET}/results", "RIB_S3_ENDPOINT_URL": endpoint,
+                "RIB_OUTPUT_PREFIXES": f"s3://{BUCKET}/deeplab/",  # the training test writes there
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "RIB_CLASSIFIER_URI": f"s3://{BUCKET}/models/classifier.pth",
+                "RIB_COMPANION_MANIFEST_URI": companions, "RIB_API_KEYS": f"other-key,{API_KEY}", "RIB_DEVICE": "cpu",
+                "RIB_RIB_DEFAULTS": json.dumps(SMALL_RIB), "RIB_CHUNK_SIZE": "2",
+                "RIB_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "RIB_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
+                # Short enough that the test sees a killed worker's chunk redelivered, longer than any chunk.
+                "RIB_VISIBILITY_TIMEOUT_S": "20", "RIB_CHUNK_TIME_LIMIT_S": "15",
+                "OMP_NUM_THREADS": "1", **settings,
+            }
+            api, url = start_api(env, logs / "api.log")
+            worker = start_worker(env, logs / "worker-1.log", "rib.images", "worker-1")
+            stack = Stack(url, client, endpoint, redis, env, logs, api, worker, demo.train, demo.val)
+            try:
+                yield stack
+            finally:
+                stack.worker.stop()
+                api.stop()
+    finally:
+        redis.stop()
+
+
 @pytest.fixture(scope="module")
 def stack(demo: Any, classifier_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    logs = tmp_path_factory.mktemp("service-logs")
-    with redis_server(logs) as redis_url, moto_s3() as endpoint:
-        client = s3(endpoint)
-        client.create_bucket(Bucket=BUCKET)
-        client.put_object(Bucket=BUCKET, Key="models/classifier.pth", Body=classifier_path.read_bytes())
-        companions = upload_dataset(client, BUCKET, "companions", demo.train)
-        env = {
-            **os.environ,
-            "RIB_BROKER_URL": f"{redis_url}/0", "RIB_RESULT_BACKEND": f"{redis_url}/1",
-            "RIB_STORAGE_URI": f"s3://{BUCKET}/results", "RIB_S3_ENDPOINT_URL": endpoint,
-            "RIB_OUTPUT_PREFIXES": f"s3://{BUCKET}/deeplab/",  # the training test writes there
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-            "RIB_CLASSIFIER_URI": f"s3://{BUCKET}/models/classifier.pth",
-            "RIB_COMPANION_MANIFEST_URI": companions, "RIB_API_KEYS": f"other-key,{API_KEY}", "RIB_DEVICE": "cpu",
-            "RIB_RIB_DEFAULTS": json.dumps(SMALL_RIB), "RIB_CHUNK_SIZE": "2",
-            "RIB_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "RIB_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
-            # Short enough that the test sees a killed worker's chunk redelivered, longer than any chunk.
-            "RIB_VISIBILITY_TIMEOUT_S": "20", "RIB_CHUNK_TIME_LIMIT_S": "15",
-            "OMP_NUM_THREADS": "1",
-        }
-        api, url = start_api(env, logs / "api.log")
-        worker = start_worker(env, logs / "worker-1.log", "rib.images", "worker-1")
-        stack = Stack(url, client, redis_url, env, logs, api, worker, demo.train, demo.val)
-        try:
-            yield stack
-        finally:
-            stack.worker.stop()
-            api.stop()
+    with running_stack(demo, classifier_path, tmp_path_factory.mktemp("service-logs")) as stack:
+        yield stack
 
 
 def png(array: np.ndarray) -> bytes:

@@ -3,30 +3,46 @@
 Both are thin: they read inputs, call rib_core, and store what it returns. The pipeline (shared
 classifier, decoded companion pool, optional IRN) is loaded once per worker process, on its first
 task, and reused for every image after that.
+
+Every worker also keeps jobs moving when a chunk is lost: a running chunk beats a heartbeat for its
+images, and a reaper thread in each worker's main process hands out again (or fails, past
+``RIB_MAX_ATTEMPTS``) the running images whose heartbeat is older than ``RIB_LEASE_S``. A chunk
+that loses Redis or S3 waits for them and carries on; a chunk past its hard time limit is requeued
+by Celery, and the image it was on is charged the attempt with that reason.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import numpy as np
-from botocore.exceptions import ClientError, EndpointConnectionError
+from billiard.exceptions import TimeLimitExceeded
+from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+from celery import signals
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rib_core.datasets import ImageError, decode_image
 from rib_core.pipeline import PseudoMaskPipeline, resolve_device
 from rib_core.rib_config import RibConfig
 from rib_core.storage import Storage, read_bytes
+from rib_core.threads import use_torch_threads
 from service.jobs import MARKER, JobItem, JobStore, image_key
 from service.settings import Settings, get_settings
-from worker.celery_app import PROCESS_CHUNK, TRAINING_JOB, app
+from worker.celery_app import PROCESS_CHUNK, TRAINING_JOB, app, send_chunks
 
 log = logging.getLogger(__name__)
 _INPUT_ERRORS = (ImageError, ValueError, ClientError)
+# Redis or S3 out of reach: the chunk waits for them and carries on (it is idempotent).
+_OUTAGES = (RedisConnectionError, RedisTimeoutError, EndpointConnectionError, ConnectionClosedError,
+            ReadTimeoutError)
 
 
 @dataclass
@@ -94,8 +110,7 @@ def process_items(rt: Runtime, job_id: str, items: list[JobItem], rib: RibConfig
         rt.store.mark_done(job_id, item.id, artifacts, seconds + time.perf_counter() - image_started)
 
 
-@app.task(name=PROCESS_CHUNK, ignore_result=True, time_limit=get_settings().chunk_time_limit_s,
-          autoretry_for=(RedisConnectionError, EndpointConnectionError), retry_backoff=True, max_retries=5)
+@app.task(name=PROCESS_CHUNK, ignore_result=True, time_limit=get_settings().chunk_time_limit_s)
 def process_chunk(job_id: str, items: list[dict[str, Any]], rib: dict[str, Any]) -> None:
     """Images of one job. Safe to run again: finished images are not redone.
 
@@ -106,17 +121,48 @@ def process_chunk(job_id: str, items: list[dict[str, Any]], rib: dict[str, Any])
     cfg = RibConfig.model_validate(rib)
     chunk = [JobItem.from_json(raw) for raw in items]
     group = len(chunk) if cfg.batched(str(resolve_device(rt.settings.device))) else 1
-    for start in range(0, len(chunk), group):
-        todo = [item for item in chunk[start:start + group] if claim(rt, job_id, item)]
-        if todo:
-            process_items(rt, job_id, todo, cfg)
-    rt.store.finalize(job_id, rt.storage)
+    pause = 1.0
+    while True:
+        try:
+            with heartbeat(rt.store, job_id, [item.id for item in chunk], rt.settings.lease_s / 4):
+                for start in range(0, len(chunk), group):
+                    todo = [item for item in chunk[start:start + group] if claim(rt, job_id, item)]
+                    if todo:
+                        process_items(rt, job_id, todo, cfg)
+                rt.store.finalize(job_id, rt.storage)
+            return
+        except _OUTAGES as e:  # the hard time limit bounds this wait
+            log.warning("job %s: %s: %s; carrying on in %.0f s", job_id, type(e).__name__, e, pause)
+            time.sleep(pause)
+            pause = min(2 * pause, 30.0)
+
+
+@contextmanager
+def heartbeat(store: JobStore, job_id: str, image_ids: Sequence[str], every_s: float) -> Iterator[None]:
+    """Beat for the running ones of these images while the block runs, from a thread (the model
+    computes in the main one); a killed process stops beating and the reaper takes over."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                store.heartbeat(job_id, image_ids)
+            except _OUTAGES:
+                pass
+
+    thread = threading.Thread(target=beat, name="rib-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def claim(rt: Runtime, job_id: str, item: JobItem) -> bool:
     """Mark the image running; False when there is nothing to do (cancelled, already accounted, or
     an earlier attempt wrote every file, which is then recorded as done)."""
-    if rt.store.begin(job_id, item.id) != "run":
+    if rt.store.begin(job_id, item.id, rt.settings.max_attempts) != "run":
         return False
     if rt.storage.exists(image_key(job_id, item.id, MARKER)):
         names = [key.rsplit("/", 1)[1] for key in rt.storage.list(image_key(job_id, item.id))]
@@ -132,3 +178,63 @@ def training_job(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
 
     log.info("training job %s: %s", self.request.id, spec)
     return run_training_job({**spec, "device": str(resolve_device(runtime().settings.device))})
+
+
+def reap(store: JobStore, storage: Storage, settings: Settings) -> None:
+    """Hand out again the running images whose heartbeat is older than the lease, fail those past
+    the attempt bound, and finish the jobs that leaves accounted for."""
+    for job_id, items in store.reap(settings.lease_s, settings.max_attempts).items():
+        if items:
+            log.warning("job %s: %d image(s) lost their worker; queued again: %s", job_id, len(items),
+                        [it.id for it in items])
+            send_chunks(job_id, items, store.rib(job_id))
+        store.finalize(job_id, storage)
+
+
+@signals.worker_ready.connect
+def start_reaper(**_: Any) -> None:
+    """A reaper thread in every worker's main process: jobs keep moving with no other process
+    running (no Celery beat needed). Its clients are its own, never shared with pool processes."""
+    settings = get_settings()
+    store = JobStore.from_url(settings.state_redis_url, settings.job_ttl_s)
+    storage = settings.storage()
+
+    def loop() -> None:
+        while True:
+            time.sleep(settings.lease_s / 2)
+            try:
+                reap(store, storage, settings)
+            except Exception:  # an outage or a bug: log it, try again next round
+                log.exception("reaper round failed")
+
+    threading.Thread(target=loop, name="rib-reaper", daemon=True).start()
+
+
+@signals.task_failure.connect
+def note_time_limit(sender: Any = None, args: Sequence[Any] = (), exception: BaseException | None = None,
+                    **_: Any) -> None:
+    """In the main process, when Celery killed a chunk at its hard time limit: the image it was on
+    is charged with that reason (Celery requeues the chunk; the image's attempts are bounded)."""
+    if getattr(sender, "name", None) == PROCESS_CHUNK and isinstance(exception, TimeLimitExceeded):
+        job_id, items = args[0], args[1]
+        s = get_settings()
+        JobStore.from_url(s.state_redis_url, s.job_ttl_s).note_lost(
+            job_id, [raw["id"] for raw in items],
+            f"exceeded the chunk time limit (RIB_CHUNK_TIME_LIMIT_S={s.chunk_time_limit_s} s)")
+
+
+_threads = 1
+
+
+@signals.worker_init.connect
+def set_torch_threads(sender: Any = None, **_: Any) -> None:
+    """Split this machine's cores among the worker's processes (``RIB_TORCH_THREADS`` overrides)."""
+    global _threads
+    _threads = use_torch_threads(get_settings().torch_threads, getattr(sender, "concurrency", 1) or 1)
+    log.info("torch uses %d thread(s) per worker process", _threads)
+
+
+@signals.worker_process_init.connect
+def set_pool_torch_threads(**_: Any) -> None:
+    """Pool processes apply the count their main process worked out."""
+    use_torch_threads(_threads)
