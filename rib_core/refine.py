@@ -54,8 +54,9 @@ class RefineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: Preset = "voc"
-    # Seed threshold for seed + CRF: IRN run_sample.py --cam_eval_thres 0.15. With ground truth,
-    # refine_maps uses the best threshold of the seed sweep instead (paper 4.2.1, following SEAM).
+    # Seed threshold of seed + CRF, this project's baseline (RIB's code has no such step; 0.15 is
+    # the value of --cam_eval_thres, its eval_cam threshold). With ground truth, refine_maps uses the
+    # best threshold of the seed sweep instead (paper 4.2.1, following SEAM).
     seed_threshold: float = Field(0.15, gt=0, lt=1)
     threshold_from_sweep: bool = True
     crf: CrfConfig = Field(default_factory=CrfConfig)

@@ -183,7 +183,7 @@ def test_train_irn_refuses_bad_settings(subset: Manifest, tmp_path: Path) -> Non
         IrnTrainConfig(arch="resnet18", crop_size=64, radius=10)
 
 
-def test_refine_refuses_a_random_irn_backbone(subset: Manifest, cam_dir: Path, tmp_path: Path,
+def test_refine_refuses_a_random_irn_backbone(subset: Manifest, demo: DemoDataset, cam_dir: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """Neither irn.init_weights nor a classifier: refused before any work, in the library and the CLI."""
     cfg = RefineConfig(irn=IrnTrainConfig(arch="resnet18", crop_size=64, batch_size=8, epochs=1, radius=5))
@@ -192,8 +192,7 @@ def test_refine_refuses_a_random_irn_backbone(subset: Manifest, cam_dir: Path, t
     assert not (tmp_path / "lib").exists()
     with pytest.raises(ValueError, match="IRN needs backbone weights"):
         train_irn(subset, tmp_path, tmp_path / "irn", cfg.irn, progress=False)
-    manifest = tmp_path / "subset.jsonl"
-    subset.save(manifest)
+    manifest = demo.root / "train.jsonl"  # maps exist for the subset only
     assert main(["refine", str(cam_dir), str(manifest), str(tmp_path / "cli"), "--quiet"]) == 3
     assert "--classifier" in capsys.readouterr().err and not (tmp_path / "cli").exists()
 
