@@ -1,4 +1,4 @@
-"""Peak memory and time of IRN's random walk (``rib_core.refine.random_walk``) for one image size.
+"""Peak memory and time of IRN's random walk (``rib_core.random_walk.random_walk``) for one image size.
 
 IRN's own walk builds a dense transition matrix over the stride-4 map on the GPU, which is what
 runs users out of memory (reported at 11 GB). Ours is a sparse band at stride 4; this measures its
@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.bench_rib import device_name
 from rib_core.cam import LocalizationMap
-from rib_core.refine import RandomWalkConfig, random_walk
+from rib_core.random_walk import RandomWalkConfig, random_walk
 
 
 def fake_inputs(width: int, height: int, classes: int, device: torch.device,

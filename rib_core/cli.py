@@ -154,7 +154,7 @@ def cmd_refine(args: argparse.Namespace) -> None:
     from rib_core.refine import RefineConfig, refine_maps
 
     report = refine_maps(args.maps, args.manifest, args.out, build_config(RefineConfig, args), args.irn,
-                         args.saliency, _dev(args), not args.quiet)
+                         args.saliency, _dev(args), not args.quiet, classifier=args.classifier)
     for key in ("seeds_crf", "ir_labels", "masks"):
         if key in report:
             print(f"{key:<10} mIoU {100 * report[key]['miou']:.1f}")
@@ -248,6 +248,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("manifest")
     p.add_argument("out")
     p.add_argument("--irn", help="trained IRN checkpoint (default: train IRN on these maps)")
+    p.add_argument("--classifier", help="the classifier checkpoint the maps came from: IRN's frozen backbone "
+                   "when irn.init_weights is not set (training IRN needs one of the two)")
     p.add_argument("--saliency", help="folder of <id>.png saliency maps (RIB-Sal)")
     p = _device(_with_config(add("deeplab", cmd_deeplab, "DeepLab on pseudo-masks: train, eval or predict")))
     p.add_argument("action", choices=["train", "evaluate", "predict"])

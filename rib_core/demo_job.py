@@ -21,7 +21,8 @@ from rib_core.companions import CompanionPool
 from rib_core.datasets import load_image, load_manifest, load_mask
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
 from rib_core.evaluation import all_background_miou, sweep_seeds
-from rib_core.refine import IrnTrainConfig, RefineConfig, refine_maps
+from rib_core.irn_training import IrnTrainConfig
+from rib_core.refine import RefineConfig, refine_maps
 from rib_core.report import write_html_report
 from rib_core.rib_config import RibConfig
 from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
@@ -93,13 +94,9 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     stage("rib_s", t)
 
     t = time.perf_counter()
-    refine_cfg = cfg.refine
-    if refine_cfg.use_irn and refine_cfg.irn.init_weights is None:
-        # IRN's frozen backbone is ImageNet ResNet-50 in the paper; with no ImageNet weights here,
-        # the demo classifier's backbone stands in for it (a random frozen backbone learns nothing).
-        irn = refine_cfg.irn.model_copy(update={"init_weights": str(ckpt)})
-        refine_cfg = refine_cfg.model_copy(update={"irn": irn})
-    refined = refine_maps(out / "rib", subset, out / "refined", refine_cfg, device=device, progress=progress)
+    # No ImageNet weights here: IRN's frozen backbone is the demo classifier's (irn_backbone's rule).
+    refined = refine_maps(out / "rib", subset, out / "refined", cfg.refine, device=device, progress=progress,
+                          classifier=str(ckpt))
     stage("refine_s", t)
 
     cam_seed = _seed_metrics(out / "cam", subset, cfg)

@@ -4,7 +4,7 @@ A frozen ResNet feeds two heads (IRN ``net/resnet50_irn.py``): a class-boundary 
 and a displacement field D. Pairs of pixels within a radius are related through the boundary: their
 affinity is 1 - max(B) over the pixels on the segment that joins them (IRN ``misc/indexing.py``).
 Training pulls affinities of same-label pairs to 1 and of different-label pairs to 0; the
-random walk (``rib_core.refine``) then spreads a map along high affinities.
+random walk (``rib_core.random_walk``) then spreads a map along high affinities.
 
 :class:`PathIndex` is the set of pixel pairs and their segments, written as offsets, so one index
 serves any map size (IRN's flat index tables are tied to one size and grow with it).

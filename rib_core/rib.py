@@ -36,18 +36,22 @@ def gap(raw: torch.Tensor) -> torch.Tensor:
     return raw.mean(dim=(2, 3))
 
 
-def gndrp(raw: torch.Tensor, labels: torch.Tensor, tau: float, denominator: str = "all") -> torch.Tensor:
+def gndrp(raw: torch.Tensor, labels: torch.Tensor, tau: float, denominator: str = "all",
+          classes: int | None = None) -> torch.Tensor:
     """Global non-discriminative region pooling (paper Eq. 3), for a whole batch at once.
 
     For each labelled class, pixels whose CAM, divided by its (detached) maximum, is at or above
     ``tau`` are left out; unlabelled classes keep every pixel (their pooling is GAP). The official
     ``gndp2d`` zeroes the left-out pixels and still divides by all pixels (``"all"``); Eq. 3 divides
-    by the kept pixels (``"kept"``).
+    by the kept pixels (``"kept"``). ``classes`` = n: only channels below n can leave pixels out,
+    the rest pool by GAP (the official COCO run, whose ``gndp2d`` loops over VOC's 20 channels).
     """
     detached = raw.detach()
     norm = detached / detached.amax(dim=(2, 3), keepdim=True)
-    labelled = labels.bool()[:, :, None, None]
-    keep = torch.where(labelled, norm < tau, torch.ones_like(norm, dtype=torch.bool))
+    labelled = labels.bool()
+    if classes is not None:
+        labelled = labelled & (torch.arange(labels.shape[1], device=labels.device) < classes)
+    keep = torch.where(labelled[:, :, None, None], norm < tau, torch.ones_like(norm, dtype=torch.bool))
     kept = raw * keep
     if denominator == "all":
         return kept.mean(dim=(2, 3))
@@ -57,7 +61,7 @@ def gndrp(raw: torch.Tensor, labels: torch.Tensor, tau: float, denominator: str 
 def pool(raw: torch.Tensor, labels: torch.Tensor, cfg: RibConfig) -> torch.Tensor:
     if cfg.pooling == "gap":
         return gap(raw)
-    return gndrp(raw, labels, cfg.tau, cfg.gndrp_denominator)
+    return gndrp(raw, labels, cfg.tau, cfg.gndrp_denominator, cfg.gndrp_classes)
 
 
 def exploded(fused: torch.Tensor, key_mask: torch.Tensor, cfg: RibConfig) -> torch.Tensor:

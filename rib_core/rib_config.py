@@ -6,18 +6,30 @@ variant is an option; ``docs/FIDELITY.md`` lists each such choice.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rib_core.presets import Preset, with_preset
 
 MAX_IMAGES_PER_BATCH = 64  # bound of max_images_per_batch, and the block rib_core.batching.run_rib loads
 
 
+# VOC: the field defaults (obtain_RIB_CAM.py). COCO: obtain_RIB_CAM_coco.py's --RIB_lr 0.000005,
+# --RIB_batch 15, --score_th 0.5, --stop_th 1000, --explode_ratio 0.8; its gndp2d (misc/torchutils.py)
+# normalises only the first 20 channels, so COCO's classes 21-80 pool by GAP (gndrp_classes 20).
+RIB_PRESETS: dict[str, dict[str, Any]] = {
+    "voc": {},
+    "coco": {"lr": 5e-6, "companions": 15, "tau": 0.5, "margin": 1000, "explode_ratio": 0.8, "gndrp_classes": 20},
+}
+
+
 class RibConfig(BaseModel):
-    """Per-image RIB fine-tuning."""
+    """Per-image RIB fine-tuning; ``preset`` fills the data-set-specific values not given."""
 
     model_config = ConfigDict(extra="forbid")
 
+    preset: Preset = "voc"
     iterations: int = Field(10, ge=1, le=100)             # K: paper 4.1; --RIB_iter 10
     lr: float = Field(8e-6, gt=0, le=1e-2)                # lambda: paper 4.1; --RIB_lr 0.000008 (x10 classifier)
     weight_decay: float = Field(1e-4, ge=0)               # --cam_weight_decay, passed to PolyOptimizer
@@ -29,6 +41,9 @@ class RibConfig(BaseModel):
     # Official gndp2d zeroes pixels above tau but divides by all pixels |U|; the paper's Eq. 3
     # divides by |U_tau|. "all" = code (default), "kept" = paper.
     gndrp_denominator: Literal["all", "kept"] = "all"
+    # Official gndp2d loops over channels 0-19 only (VOC's 20 classes): on COCO, classes 20-79 keep
+    # every pixel (GAP) even when labelled. None = GNDRP on every class (paper); 20 = that code.
+    gndrp_classes: int | None = Field(None, ge=0)
     margin: float = Field(600, gt=0)                      # m: paper 4.1; --stop_th 600
     # Code: no min(m, y) in the loss; stop after the step where |sum of target logits| > m.
     # Paper: L = -sum min(m, y_c), run all K steps.
@@ -54,6 +69,11 @@ class RibConfig(BaseModel):
     # batch of each image size), 1 on the CPU.
     max_images_per_batch: int = Field(0, ge=0, le=MAX_IMAGES_PER_BATCH)
     compile: bool = False                                 # torch.compile the batched stages 3-4 + classifier
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return with_preset(data, RIB_PRESETS)
 
     def uses_bf16(self, device: str) -> bool:
         """Whether RIB on ``device`` ("cpu", "cuda", "cuda:1", ...) runs under bfloat16 autocast."""

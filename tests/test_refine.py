@@ -21,23 +21,15 @@ from PIL import Image
 
 from rib_core.cam import LocalizationMap, run_cam
 from rib_core.checkpoints import CheckpointError, load_classifier
+from rib_core.cli import main
+from rib_core.confident_labels import ConfidentLabelConfig, confident_labels
 from rib_core.datasets import Manifest, load_image, load_mask
 from rib_core.demo_data import DemoDataset
 from rib_core.irn import IrnNet, PathIndex, boundary_map, load_irn, save_irn, search_offsets, segment
-from rib_core.refine import (
-    ConfidentLabelConfig,
-    IrnTrainConfig,
-    RandomWalkConfig,
-    RefineConfig,
-    apply_saliency,
-    confident_labels,
-    propagate,
-    random_walk,
-    refine_maps,
-    refine_one,
-    train_irn,
-    transition_matrix,
-)
+from rib_core.irn_training import IrnTrainConfig, train_irn
+from rib_core.random_walk import RandomWalkConfig, propagate, random_walk, transition_matrix
+from rib_core.refine import RefineConfig, refine_maps, refine_one
+from rib_core.saliency import apply_saliency
 from tests.test_crf import coarse_map
 
 N_IMAGES = 16
@@ -189,6 +181,34 @@ def test_train_irn_refuses_bad_settings(subset: Manifest, tmp_path: Path) -> Non
                                                             radius=5))
     with pytest.raises(ValueError, match="too small for radius 10: use radius <= 8"):
         IrnTrainConfig(arch="resnet18", crop_size=64, radius=10)
+
+
+def test_refine_refuses_a_random_irn_backbone(subset: Manifest, demo: DemoDataset, cam_dir: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Neither irn.init_weights nor a classifier: refused before any work, in the library and the CLI."""
+    cfg = RefineConfig(irn=IrnTrainConfig(arch="resnet18", crop_size=64, batch_size=8, epochs=1, radius=5))
+    with pytest.raises(ValueError, match="IRN needs backbone weights"):
+        refine_maps(cam_dir, subset, tmp_path / "lib", cfg, progress=False)
+    assert not (tmp_path / "lib").exists()
+    with pytest.raises(ValueError, match="IRN needs backbone weights"):
+        train_irn(subset, tmp_path, tmp_path / "irn", cfg.irn, progress=False)
+    manifest = demo.root / "train.jsonl"  # maps exist for the subset only
+    assert main(["refine", str(cam_dir), str(manifest), str(tmp_path / "cli"), "--quiet"]) == 3
+    assert "--classifier" in capsys.readouterr().err and not (tmp_path / "cli").exists()
+
+
+def test_refine_trains_irn_on_the_classifier_backbone(subset: Manifest, cam_dir: Path, classifier_path: Path,
+                                                     tmp_path: Path) -> None:
+    eight = subset.subset([r.id for r in subset.records[:8]])
+    cfg = RefineConfig(irn=IrnTrainConfig(arch="resnet18", crop_size=64, batch_size=8, epochs=1, radius=5))
+    report = refine_maps(cam_dir, eight, tmp_path, cfg, progress=False, classifier=str(classifier_path))
+    assert report["irn_backbone"] == str(classifier_path)
+    model, extra = load_irn(tmp_path / "irn.pth")
+    assert extra["backbone"] == str(classifier_path) and extra["steps"] == 1
+    classifier, _, _ = load_classifier(classifier_path)
+    expected = dict(classifier.backbone.named_parameters())
+    for name, weight in model.backbone.named_parameters():
+        assert torch.equal(weight, expected[name]), name
 
 
 @pytest.mark.slow
