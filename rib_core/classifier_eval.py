@@ -46,7 +46,7 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _f1(tp: float, fp: float, fn: float) -> float | None:
-    return None if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    return None if tp + fp + fn == 0 else float(2 * tp / (2 * tp + fp + fn))
 
 
 def classification_scores(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:

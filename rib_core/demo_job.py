@@ -49,14 +49,38 @@ class DemoJobConfig(BaseModel):
 
     data: DemoDataConfig = Field(default_factory=lambda: DemoDataConfig(
         n_train=1500, n_val=100, canvas=DEMO_CANVAS, digit_size=(30, 46), max_per_image=3))
+    # No ImageNet weights here: single-digit pretraining stands in for them (README "Classifier").
+    pretrain: ClassifierTrainConfig | None = Field(default_factory=lambda: ClassifierTrainConfig(
+        recipe="scratch", batch_size=16, epochs=2, crop_size=40, resize_long=(36, 44)))
+    pretrain_images: int = Field(3000, ge=1, description="single-digit images for the pretraining")
     classifier: ClassifierTrainConfig = Field(default_factory=lambda: ClassifierTrainConfig(
-        recipe="scratch", epochs=6, crop_size=80, resize_long=(64, 112)))
+        recipe="scratch", batch_size=8, lr=1e-3, epochs=2, crop_size=64, resize_long=(56, 80)))
     cam: CamConfig = Field(default_factory=CamConfig)
     rib: RibConfig = Field(default_factory=_demo_rib)
     refine: RefineConfig = Field(default_factory=lambda: RefineConfig(
         irn=IrnTrainConfig(arch="resnet18", crop_size=DEMO_CANVAS, batch_size=8, epochs=3, radius=5)))
     n_images: int = Field(24, ge=1, description="train images that get RIB maps and pseudo-masks (paper: all)")
     report_rows: int = Field(12, ge=0)
+
+
+def digit_pretraining(out: Path, data: DemoDataConfig, cfg: ClassifierTrainConfig, images: int,
+                      canvas_ratio: float, device: str = "cpu", progress: bool = True) -> Path:
+    """Pretrain on single digits of ``data``'s training half (the stand-in for ImageNet weights).
+
+    Each image holds one digit on a canvas of the pretraining crop, drawn like the scenes but with
+    the digit scaled by ``canvas_ratio`` (the scene training's crop over its canvas), so that the
+    digits look as large as in the scene crops. Returns the classifier checkpoint to start from.
+    """
+    single = data.model_copy(update={
+        "n_train": images, "n_val": 100, "canvas": cfg.crop_size, "min_per_image": 1, "max_per_image": 1,
+        "digit_size": tuple(round(s * canvas_ratio) for s in data.digit_size)})
+    if not (out / "data" / "val.jsonl").exists():
+        make_demo_dataset(out / "data", single)
+    ckpt = out / "classifier.pth"
+    if not ckpt.exists():
+        train_classifier(load_manifest(out / "data" / "train.jsonl"), out, cfg, device=device, progress=progress,
+                         val_manifest=out / "data" / "val.jsonl")
+    return ckpt
 
 
 def _seed_metrics(maps_dir: Path, manifest: Any, cfg: DemoJobConfig) -> dict[str, Any]:
@@ -86,7 +110,12 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     t = time.perf_counter()
     ckpt = out / "classifier" / "classifier.pth"
     if not ckpt.exists():
-        train_classifier(train, out / "classifier", cfg.classifier, device=device, progress=progress,
+        classifier_cfg = cfg.classifier
+        if cfg.pretrain is not None:
+            start = digit_pretraining(out / "pretrain", cfg.data, cfg.pretrain, cfg.pretrain_images,
+                                      cfg.classifier.crop_size / cfg.data.canvas, device, progress)
+            classifier_cfg = classifier_cfg.model_copy(update={"init_weights": str(start)})
+        train_classifier(train, out / "classifier", classifier_cfg, device=device, progress=progress,
                          val_manifest=data_dir / "val.jsonl")
     model, _, extra = load_classifier(ckpt)
     quality = classifier_quality(extra, checkpoint=str(ckpt))

@@ -64,7 +64,8 @@ class ClassifierTrainConfig(BaseModel):
     # scratch (the demo: no ImageNet weights here) every stage must learn, with batch statistics
     # that are then frozen for CAM and RIB. See CamNet.set_from_scratch.
     from_scratch: bool = False
-    init_weights: str | None = Field(None, description="backbone weights (torchvision ResNet state dict), path or s3://")
+    init_weights: str | None = Field(None, description="backbone weights, path or s3://: a torchvision ResNet "
+                                     "state dict or a classifier checkpoint (ours or IRN's)")
     num_workers: int = Field(0, ge=0)
     seed: int = 0
 
@@ -148,7 +149,9 @@ def train_classifier(manifest: Manifest, out_dir: str | os.PathLike[str],
     torch.manual_seed(cfg.seed)
     model = CamNet(len(manifest.classes), cfg.arch)
     if cfg.init_weights:
-        _load_backbone(model, cfg.init_weights)
+        from rib_core.refine import _init_backbone  # refine imports this module
+
+        _init_backbone(model, cfg.init_weights)
     model.set_from_scratch(cfg.from_scratch)
     dataset = ClassificationDataset(manifest, cfg.crop_size, cfg.resize_long, cfg.hflip, cfg.seed)
     steps_per_epoch = len(dataset) // cfg.batch_size
