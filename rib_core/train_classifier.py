@@ -34,7 +34,7 @@ from rib_core.optim import PolySGD, irn_param_groups
 # several recipes: README "Classifier", benchmarks/classifier_recipes.py). A setting given
 # explicitly wins over these.
 SCRATCH_RECIPE: dict[str, Any] = {
-    "arch": "resnet18", "batch_size": 32, "epochs": 12, "lr": 2e-3, "weight_decay": 0.05,
+    "arch": "resnet18", "batch_size": 8, "epochs": 12, "lr": 1e-3, "weight_decay": 0.05,
     "warmup_epochs": 1, "from_scratch": True, "colour_augment": True,
 }
 
