@@ -208,8 +208,8 @@ def train_classifier(manifest: Manifest, out_dir: str | os.PathLike[str],
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
             return state_path
     extra: dict[str, Any] = {"config": cfg.model_dump(), "history": history}
-    if val is not None and history:
-        last = history[-1]
+    last = history[-1] if history else {}
+    if val is not None and "map" in last:
         extra["validation"] = {"manifest": str(val_manifest), "epoch": last["epoch"], "images": last["images"],
                                "map": last["map"], "f1": last["f1"], "ap": last["ap"]}
     model.set_from_scratch(False)  # CAM and RIB always run in IRN's layout
