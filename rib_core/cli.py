@@ -68,6 +68,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from rib_core.demo_job import DemoJobConfig, run_demo
 
     summary = run_demo(args.out, build_config(DemoJobConfig, args), _dev(args), not args.quiet)
+    print(summary["classifier"]["summary"])
+    if summary["classifier"]["warning"]:
+        print(f"warning: {summary['classifier']['warning']}")
     for m in summary["metrics"]:
         print(f"{m['method']:<24} mIoU {100 * m['miou']:5.1f}")
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -99,8 +102,41 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
     from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
 
     path = train_classifier(load_manifest(args.manifest), args.out, build_config(ClassifierTrainConfig, args),
-                            _dev(args), resume=not args.restart, progress=not args.quiet)
+                            _dev(args), resume=not args.restart, progress=not args.quiet, val_manifest=args.val)
     print(path)
+    if path.name == "classifier.pth":
+        _print_classifier_quality(str(path))
+
+
+def _print_classifier_quality(uri: str, extra: dict[str, Any] | None = None) -> None:
+    """Which classifier a stage starts from and its recorded validation mAP; a warning when weak."""
+    from rib_core.classifier_eval import classifier_quality
+
+    quality = classifier_quality(extra, checkpoint=uri) if extra is not None else classifier_quality(uri)
+    print(quality["summary"], file=sys.stderr)
+    if quality["warning"]:
+        print(f"warning: {quality['warning']}", file=sys.stderr)
+
+
+def cmd_eval_classifier(args: argparse.Namespace) -> None:
+    from rib_core.checkpoints import load_classifier
+    from rib_core.classifier_eval import classifier_quality, evaluate_classifier
+    from rib_core.datasets import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    model, _, extra = load_classifier(args.classifier, manifest.classes)
+    report = {"checkpoint": args.classifier, "manifest": args.manifest,
+              **evaluate_classifier(model.to(_dev(args)), manifest, _dev(args)),
+              "recorded": classifier_quality(extra, checkpoint=args.classifier)}
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2))
+    print(f"{report['images']} images: mAP {100 * report['map']:.1f}  F1 {100 * report['f1']:.1f} (at sigmoid 0.5)  "
+          f"loss {report['loss']:.4f}")
+    for name, ap in report["ap"].items():
+        f1 = report["f1_per_class"][name]
+        print(f"  {name:<16} AP {'-' if ap is None else f'{100 * ap:5.1f}'}  "
+              f"F1 {'-' if f1 is None else f'{100 * f1:5.1f}'}")
+    print(report["recorded"]["summary"])
 
 
 def _classifier_and_manifest(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -108,7 +144,8 @@ def _classifier_and_manifest(args: argparse.Namespace) -> tuple[Any, Any]:
     from rib_core.datasets import load_manifest
 
     manifest = load_manifest(args.manifest)
-    model, _, _ = load_classifier(args.classifier, manifest.classes)
+    model, _, extra = load_classifier(args.classifier, manifest.classes)
+    _print_classifier_quality(args.classifier, extra)
     return model, manifest
 
 
@@ -225,10 +262,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--masks-dir", help="render ground-truth masks here")
     p.add_argument("--out", required=True)
     p = _device(_with_config(add("train-classifier", cmd_train_classifier, "train the initial classifier "
-                                 "(IRN train_cam recipe)")))
+                                 "(IRN train_cam recipe; --set recipe=scratch without ImageNet weights)")))
     p.add_argument("manifest")
     p.add_argument("out")
     p.add_argument("--restart", action="store_true", help="ignore a saved training state")
+    p.add_argument("--val", help="validation manifest: loss, mAP, per-class AP and F1 after every epoch "
+                   "(OUT/train_report.json), recorded in the checkpoint")
+    p = _device(add("eval-classifier", cmd_eval_classifier, "mAP, per-class AP and F1 (sigmoid 0.5) of a "
+                    "classifier on a labelled manifest (ours or IRN's res50_cam.pth)"))
+    p.add_argument("classifier", help="checkpoint path or s3:// URI")
+    p.add_argument("manifest")
+    p.add_argument("--report", help="write the JSON report here")
     for name, fn, help_ in (("cam", cmd_cam, "multi-scale CAMs (<id>.npz per image)"),
                             ("rib", cmd_rib, "RIB maps M (<id>.npz per image)"),
                             ("compare-pooling", cmd_compare_pooling,

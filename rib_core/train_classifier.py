@@ -1,33 +1,53 @@
-"""Train the initial multi-label classifier: IRN's ``step/train_cam.py`` recipe.
+"""Train the initial multi-label classifier: IRN's ``step/train_cam.py`` recipe, or one from scratch.
 
-Multilabel soft-margin loss, poly SGD with 10x learning rate on the classifier, random
-resize-long, flip and crop. Checkpoints after every epoch; ``resume`` continues a run where it
-stopped, with the same optimiser state and data order.
+``recipe="irn"`` (the default, for real data with ImageNet weights): multilabel soft-margin loss,
+poly SGD with 10x learning rate on the classifier, random resize-long, flip and crop.
+``recipe="scratch"`` (no ImageNet weights, e.g. the demo): the same loss and crops, every stage
+trained with batch statistics, AdamW with a linear warm-up then a cosine decay, and colour
+augmentation; its defaults were chosen by measurement (README, benchmarks/classifier_recipes.py).
+Checkpoints after every epoch; ``resume`` continues a run where it stopped, with the same
+optimiser state and data order. With a validation manifest, every epoch is scored
+(:mod:`rib_core.classifier_eval`) into ``train_report.json`` and the final checkpoint records it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rib_core.checkpoints import save_atomically, save_classifier
-from rib_core.datasets import ClassificationDataset, Manifest
+from rib_core.classifier_eval import evaluate_classifier
+from rib_core.datasets import ClassificationDataset, Manifest, load_manifest
 from rib_core.networks import CamNet
 from rib_core.optim import PolySGD, irn_param_groups
 
+# The from-scratch recipe's values where they differ from IRN's (measured on MNIST scenes of
+# several recipes: README "Classifier", benchmarks/classifier_recipes.py). A setting given
+# explicitly wins over these.
+SCRATCH_RECIPE: dict[str, Any] = {
+    "arch": "resnet18", "batch_size": 8, "epochs": 12, "lr": 1e-3, "weight_decay": 0.05,
+    "warmup_epochs": 1, "from_scratch": True, "colour_augment": True,
+}
+
 
 class ClassifierTrainConfig(BaseModel):
-    """Classifier training; defaults are IRN's (``run_sample.py`` and ``step/train_cam.py``)."""
+    """Classifier training; defaults are IRN's (``run_sample.py`` and ``step/train_cam.py``).
+
+    ``recipe="scratch"`` replaces the defaults by :data:`SCRATCH_RECIPE` (explicit settings win).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    recipe: Literal["irn", "scratch"] = "irn"
     arch: str = Field("resnet50", description="backbone: resnet18/34/50/101 (IRN: resnet50)")
     batch_size: int = Field(16, ge=1)        # IRN run_sample.py --cam_batch_size 16
     epochs: int = Field(5, ge=1)             # --cam_num_epoches 5
@@ -35,16 +55,26 @@ class ClassifierTrainConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)  # --cam_weight_decay 1e-4
     momentum: float = Field(1e-4, ge=0)      # what IRN's PolyOptimizer really passes to SGD (optim.py)
     poly_power: float = Field(0.9, gt=0)     # PolyOptimizer's exponent
+    warmup_epochs: float = Field(0, ge=0, description="scratch recipe: linear warm-up before the cosine decay")
     crop_size: int = Field(512, ge=16)       # train_cam.py crop_size=512
     resize_long: tuple[int, int] = (320, 640)  # train_cam.py resize_long=(320, 640)
     hflip: bool = True
+    colour_augment: bool = Field(False, description="random channel order and greyscale (scratch recipe)")
     # IRN fine-tunes ImageNet weights: stem frozen, stage 2 detached, BN statistics frozen. From
     # scratch (the demo: no ImageNet weights here) every stage must learn, with batch statistics
     # that are then frozen for CAM and RIB. See CamNet.set_from_scratch.
     from_scratch: bool = False
-    init_weights: str | None = Field(None, description="backbone weights (torchvision ResNet state dict), path or s3://")
+    init_weights: str | None = Field(None, description="backbone weights, path or s3://: a torchvision ResNet "
+                                     "state dict or a classifier checkpoint (ours or IRN's)")
     num_workers: int = Field(0, ge=0)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("recipe") == "scratch":
+            return {**SCRATCH_RECIPE, **data}
+        return data
 
 
 def _load_backbone(model: CamNet, uri: str) -> None:
@@ -60,58 +90,128 @@ def _load_backbone(model: CamNet, uri: str) -> None:
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+class _WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warm-up over ``warmup`` steps, then a cosine decay to 0 at ``total`` steps."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup: int, total: int) -> None:
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        super().__init__(optimizer, factor)
+
+
+def _optimiser(model: CamNet, cfg: ClassifierTrainConfig, steps_per_epoch: int,
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    backbone, head = model.param_groups()
+    total = steps_per_epoch * cfg.epochs
+    if cfg.recipe == "irn":
+        return PolySGD(irn_param_groups(backbone, head, cfg.lr, cfg.weight_decay), max_step=total,
+                       power=cfg.poly_power, momentum=cfg.momentum), None
+    optimizer = torch.optim.AdamW([*backbone, *head], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer, _WarmupCosine(optimizer, round(cfg.warmup_epochs * steps_per_epoch), total)
+
+
+def colour_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per image: a random order of the colour channels, and greyscale with probability 0.2.
+
+    Scenes differ in colour (grey or coloured digits, any background hue); the digit is in the
+    shape, so the classifier is made blind to hue.
+    """
+    b = x.shape[0]
+    order = torch.argsort(torch.rand(b, 3, generator=generator), dim=1).to(x.device)
+    x = torch.gather(x, 1, order[:, :, None, None].expand_as(x))
+    grey = (torch.rand(b, generator=generator) < 0.2).to(x.device)
+    return torch.where(grey[:, None, None, None], x.mean(1, keepdim=True).expand_as(x), x)
+
+
 def train_classifier(manifest: Manifest, out_dir: str | os.PathLike[str],
                      cfg: ClassifierTrainConfig | None = None, device: str = "cpu",
-                     resume: bool = True, progress: bool = True, stop_after_epoch: int | None = None) -> Path:
+                     resume: bool = True, progress: bool = True, stop_after_epoch: int | None = None,
+                     val_manifest: str | os.PathLike[str] | None = None) -> Path:
     """Train and write ``out_dir/classifier.pth`` (our format). Returns its path.
 
-    ``stop_after_epoch`` ends this call early (a preemptible slot): the training state is saved and
-    its path returned; a later call with ``resume`` continues the same run.
+    ``val_manifest`` (path or s3:// URI of a labelled manifest): scored after every epoch into
+    ``out_dir/train_report.json`` and the progress bar; the checkpoint's ``extra["validation"]``
+    records the last epoch's scores and the manifest. ``stop_after_epoch`` ends this call early (a
+    preemptible slot): the training state is saved and its path returned; a later call with
+    ``resume`` continues the same run.
     """
     cfg = cfg or ClassifierTrainConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    final, state_path = out / "classifier.pth", out / "train_state.pth"
+    final, state_path, report_path = out / "classifier.pth", out / "train_state.pth", out / "train_report.json"
+    val = load_manifest(val_manifest) if val_manifest is not None else None
+    if val is not None and val.classes != manifest.classes:
+        raise ValueError(f"the validation manifest's classes {val.classes} differ from the training "
+                         f"manifest's {manifest.classes}")
     torch.manual_seed(cfg.seed)
     model = CamNet(len(manifest.classes), cfg.arch)
     if cfg.init_weights:
-        _load_backbone(model, cfg.init_weights)
+        from rib_core.refine import _init_backbone  # refine imports this module
+
+        _init_backbone(model, cfg.init_weights)
     model.set_from_scratch(cfg.from_scratch)
     dataset = ClassificationDataset(manifest, cfg.crop_size, cfg.resize_long, cfg.hflip, cfg.seed)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images is fewer than one batch of {cfg.batch_size}")
-    backbone, head = model.param_groups()
-    optimizer = PolySGD(irn_param_groups(backbone, head, cfg.lr, cfg.weight_decay),
-                        max_step=steps_per_epoch * cfg.epochs, power=cfg.poly_power, momentum=cfg.momentum)
-    start_epoch = 0
+    optimizer, scheduler = _optimiser(model, cfg, steps_per_epoch)
+    start_epoch, history = 0, []
     if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"]
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state.get("history", [])
     model.to(device).train()
-    history: list[dict[str, Any]] = []
+    report: dict[str, Any] = {"config": cfg.model_dump(), "val_manifest": None if val is None else str(val_manifest),
+                              "epochs": history}
     for epoch in range(start_epoch, cfg.epochs):
         dataset.epoch = epoch
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                             num_workers=cfg.num_workers,
                             generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        bar = tqdm(loader, desc=f"train classifier {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch")
+        colour_rng = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 1)
         total = 0.0
-        for batch in bar:
-            logits = model.logits(batch["img"].to(device))
-            loss = F.multilabel_soft_margin_loss(logits, batch["label"].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch})
-        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1},
-                        state_path)
+        with tqdm(total=steps_per_epoch, desc=f"train classifier {epoch + 1}/{cfg.epochs}", disable=not progress,
+                  unit="batch") as bar:
+            for batch in loader:
+                x = batch["img"].to(device)
+                if cfg.colour_augment:
+                    x = colour_augment(x, colour_rng)
+                loss = F.multilabel_soft_margin_loss(model.logits(x), batch["label"].to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                total += loss.item()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            row: dict[str, Any] = {"epoch": epoch + 1, "loss": total / steps_per_epoch}
+            if val is not None:
+                scores = evaluate_classifier(model, val, device)
+                row.update(val_loss=scores["loss"], map=scores["map"], f1=scores["f1"], ap=scores["ap"],
+                           f1_per_class=scores["f1_per_class"], images=scores["images"])
+                bar.set_postfix(loss=f"{row['loss']:.4f}", val_mAP=f"{100 * scores['map']:.1f}",
+                                F1=f"{100 * scores['f1']:.1f}")
+        history.append(row)
+        report_path.write_text(json.dumps(report, indent=2))
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "history": history}
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        save_atomically(state, state_path)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
             return state_path
+    extra: dict[str, Any] = {"config": cfg.model_dump(), "history": history}
+    last = history[-1] if history else {}
+    if val is not None and "map" in last:
+        extra["validation"] = {"manifest": str(val_manifest), "epoch": last["epoch"], "images": last["images"],
+                               "map": last["map"], "f1": last["f1"], "ap": last["ap"]}
     model.set_from_scratch(False)  # CAM and RIB always run in IRN's layout
-    save_classifier(model.cpu(), manifest.classes, final, extra={"config": cfg.model_dump(), "history": history})
+    save_classifier(model.cpu(), manifest.classes, final, extra=extra)
     return final
