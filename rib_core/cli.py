@@ -214,6 +214,31 @@ def cmd_compare_pooling(args: argparse.Namespace) -> None:
         print(f"{row['method']:<22} seed mIoU {100 * row['miou']:.1f} (threshold {row['threshold']:.2f})")
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from rib_core.tune import TuneConfig, tune
+
+    report = tune(args.classifier, args.manifest, args.out, build_config(TuneConfig, args), args.companions,
+                  args.score_on, _dev(args), not args.quiet)
+    for row in report["rib_sweep"]:
+        print(f"{row['setting']:<28} seed mIoU {100 * row['seed_miou']:5.1f} (threshold {row['seed_threshold']:.2f})")
+    print(f"chosen: {report['chosen']}, seed threshold {report['seed_threshold']:.2f}"
+          + (f", walk background {report['walk_bg_threshold']:.2f}" if "walk_bg_threshold" in report else ""))
+    if "held_out" in report:
+        held = report["held_out"]
+        print(f"held-out ({held['images']} images) seed mIoU: default {100 * held['default']['seed_miou']:.1f}, "
+              f"tuned {100 * held['tuned']['seed_miou']:.1f}")
+    print(f"settings: {Path(args.out) / 'rib.json'} (rib rib --config), {Path(args.out) / 'refine.json'} "
+          "(rib refine --config)")
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from rib_core.study import StudyConfig, run_study
+
+    summary = run_study(args.out, build_config(StudyConfig, args), _dev(args), not args.quiet)
+    print((Path(args.out) / "study.md").read_text(), end="")
+    print(f"{len(summary['seeds'])} seeds: {Path(args.out) / 'study.json'}")
+
+
 def cmd_deeplab(args: argparse.Namespace) -> None:
     from rib_core.train_deeplab import DeepLabTrainConfig, run_training_job
 
@@ -295,6 +320,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", help="the classifier checkpoint the maps came from: IRN's frozen backbone "
                    "when irn.init_weights is not set (training IRN needs one of the two)")
     p.add_argument("--saliency", help="folder of <id>.png saliency maps (RIB-Sal)")
+    p = _device(_with_config(add("study", cmd_study, "every stage's gain over several seeds on the demo data: "
+                                 "classifier, CAM, RIB-GAP/GNDRP, CRF, IRN, DeepLab vs full supervision")))
+    p.add_argument("--out", default="runs/study", help="output folder (default runs/study); reruns resume")
+    p = _device(_with_config(add("tune", cmd_tune, "choose RIB's lr x iterations x pooling, the seed threshold "
+                                 "and the walk's background threshold on a small labelled subset")))
+    p.add_argument("classifier", help="checkpoint path or s3:// URI")
+    p.add_argument("manifest", help="the tuning subset: tens of images, each with a ground-truth mask")
+    p.add_argument("out", help="folder for rib.json, refine.json and tune_report.json")
+    p.add_argument("--companions", help="manifest of the companion pool (default: the tuning manifest)")
+    p.add_argument("--score-on", help="other images with masks: score the choice there against the defaults")
     p = _device(_with_config(add("deeplab", cmd_deeplab, "DeepLab on pseudo-masks: train, eval or predict")))
     p.add_argument("action", choices=["train", "evaluate", "predict"])
     p.add_argument("manifest")

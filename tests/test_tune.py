@@ -1,0 +1,72 @@
+"""``rib tune``: the sweep runs on a labelled subset and writes settings that the other stages accept."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rib_core.cli import main
+from rib_core.datasets import Manifest
+from rib_core.demo_data import DemoDataset
+from rib_core.refine import IrnTrainConfig, RefineConfig
+from rib_core.rib_config import RibConfig
+from rib_core.tune import TuneConfig, tune
+from service.settings import Settings
+
+TINY_RIB = RibConfig(iterations=2, companions=2, crop_size=64, resize_long=(48, 80))
+
+
+@pytest.fixture(scope="module")
+def tuned(demo: DemoDataset, classifier_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    ids = [r.id for r in demo.train.records]
+    out = tmp_path_factory.mktemp("tune")
+    cfg = TuneConfig(rib=TINY_RIB, lrs=[1e-4, 1e-3], walk_thresholds=[0.2, 0.5],
+                     refine=RefineConfig(irn=IrnTrainConfig(arch="resnet18", crop_size=64, batch_size=4, epochs=1,
+                                                            radius=5, init_weights=str(classifier_path))))
+    report = tune(str(classifier_path), demo.train.subset(ids[:6]), out, cfg, companions=demo.train,
+                  score_on=demo.train.subset(ids[6:9]), progress=False)
+    return out, report
+
+
+def test_tune_scores_every_point_and_keeps_the_best(tuned):
+    out, report = tuned
+    rows = report["rib_sweep"]
+    # the starting setting (lr 8e-6 of TINY_RIB) and the two swept lrs
+    assert sorted(row["lr"] for row in rows) == [8e-6, 1e-4, 1e-3]
+    assert rows[0]["seed_miou"] == max(row["seed_miou"] for row in rows)
+    chosen = RibConfig.model_validate_json((out / "rib.json").read_text())
+    assert (chosen.lr, chosen.pooling, chosen.iterations) == (rows[0]["lr"], rows[0]["pooling"], rows[0]["iterations"])
+    assert chosen.crop_size == TINY_RIB.crop_size  # what is not swept is kept
+    refine = RefineConfig.model_validate_json((out / "refine.json").read_text())
+    assert refine.seed_threshold == rows[0]["seed_threshold"] and not refine.threshold_from_sweep
+    curve = report["walk_curve"]
+    assert set(curve) == {"0.20", "0.50"}
+    assert refine.walk.bg_threshold == max((float(t) for t in curve), key=lambda t: curve[f"{t:.2f}"])
+    held = report["held_out"]
+    assert held["images"] == 3 and 0 <= held["tuned"]["seed_miou"] <= 1
+
+
+def test_tuned_settings_are_accepted_by_rib_refine_and_the_service(tuned, demo, classifier_path, tmp_path,
+                                                                    monkeypatch):
+    out, _ = tuned
+    manifest = tmp_path / "two.jsonl"
+    demo.train.subset([r.id for r in demo.train.records[:2]]).save(manifest)
+    assert main(["rib", str(classifier_path), str(manifest), str(tmp_path / "maps"), "--config",
+                 str(out / "rib.json"), "--quiet", "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "maps").glob("*.npz"))) == 2
+    monkeypatch.setenv("RIB_RIB_DEFAULTS", (out / "rib.json").read_text())
+    assert Settings().rib_defaults == RibConfig.model_validate(json.loads((out / "rib.json").read_text()))
+
+
+def test_tune_refuses_images_without_masks_and_overlapping_held_out_sets(demo, classifier_path, tmp_path):
+    train = demo.train
+    unlabelled = Manifest(train.classes, [replace(r, mask=None) for r in train.records[:3]], train.base)
+    with pytest.raises(ValueError, match="ground-truth mask"):
+        tune(str(classifier_path), unlabelled, tmp_path / "a", TuneConfig(rib=TINY_RIB), progress=False)
+    same = train.subset([r.id for r in train.records[:3]])
+    with pytest.raises(ValueError, match="score_on shares"):
+        tune(str(classifier_path), same, tmp_path / "b", TuneConfig(rib=TINY_RIB, lrs=[1e-4], tune_walk=False),
+             score_on=same, progress=False)
