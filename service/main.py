@@ -100,9 +100,15 @@ class Service:
         try:
             save_request(self.storage, job_id, kind, items, params, owner)
         except (OSError, BotoCoreError, ClientError) as e:
-            self.store.cancel(job_id)
-            raise HTTPException(503, f"the results store is unreachable ({type(e).__name__}); the job was "
-                                     "cancelled, resubmit it later") from e
+            self.fail_unstored(job_id, [it.id for it in items], e)
+
+    def fail_unstored(self, job_id: str, image_ids: Sequence[str], error: Exception) -> None:
+        """Storage refused a recorded job's input: its images end failed with the reason (a terminal
+        state, never a job that waits forever), and the client is told to submit again."""
+        for image_id in image_ids:
+            self.store.mark_failed(job_id, image_id, f"the job's input could not be stored ({type(error).__name__})")
+        raise HTTPException(503, f"the results store is unreachable ({type(error).__name__}); job {job_id} "
+                                 "is marked failed, submit it again later") from error
 
     def queue(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig) -> None:
         """Queue a recorded job in chunks; a broker failure cancels the job instead of half-queueing it."""
@@ -125,9 +131,7 @@ class Service:
         try:
             self.storage.put(key, data)  # stored as opaque bytes, whatever type the client claimed
         except (OSError, BotoCoreError, ClientError) as e:
-            self.store.mark_failed(job_id, image_id, f"the upload could not be stored ({type(e).__name__})")
-            raise HTTPException(503, f"the results store is unreachable ({type(e).__name__}); job {job_id} "
-                                     "is marked failed, upload again later") from e
+            self.fail_unstored(job_id, [image_id], e)
         self.queue(job_id, "upload", [item], rib)
 
     def link(self, key: str) -> dict[str, str]:
