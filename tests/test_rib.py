@@ -21,6 +21,9 @@ from rib_core.rib_config import RibConfig
 from tests.rib_reference import gndp2d, reference_rib
 
 SMALL = dict(crop_size=64, resize_long=(48, 96), companions=3)
+# The paper's settings (K 10, lr 8e-6, 20 companions, GNDRP, margin 600 and the explosion rule)
+# on the fixture's 64 px scenes, with small companion crops to keep it cheap.
+PAPER = RibConfig(crop_size=32, resize_long=(32, 64))
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +129,45 @@ def test_parity_with_official_structure(setup, pooling, stop):
     if stop == "none":  # the maps really moved away from the CAM of theta_0
         cam0 = RibRunner(model, pool, cfg).run(image, keys, RibConfig(iterations=1, margin=1e-9, **SMALL))
         assert not np.allclose(cam0.map.high_res, ours.map.high_res, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def at_paper_settings(demo, classifier_path):
+    """Three training scenes, the reference loop's maps and stops for each at the paper's settings."""
+    model, _, _ = load_classifier(classifier_path)
+    pool = CompanionPool.from_manifest(demo.train, limit=40)
+    records = demo.train.records[:3]
+    images = [load_image(demo.train.image_uri(r)) for r in records]
+    keys = [demo.train.label_indices(r) for r in records]
+    refs = [reference_rib(model, pool, im, k, PAPER, seed=j)
+            for j, (im, k) in enumerate(zip(images, keys, strict=True))]
+    print(f"\nreference at the paper's settings: {[(r['stop_reason'], r['steps']) for r in refs]}")
+    return model, pool, images, keys, refs
+
+
+def _assert_matches_reference(outcomes, refs, atol):
+    stops = {(r["stop_reason"], r["steps"]) for r in refs}
+    # the fixture's scenes exercise a full run and an explosion after an update
+    assert ("iterations", PAPER.iterations) in stops and any(r == "explosion" and s > 0 for r, s in stops)
+    for ours, ref in zip(outcomes, refs, strict=True):
+        assert (ours.stop_reason, ours.steps) == (ref["stop_reason"], ref["steps"])
+        np.testing.assert_allclose(ours.map.high_res, ref["high_res"], rtol=1e-4, atol=atol)
+        np.testing.assert_allclose(ours.map.cam, ref["cam"], rtol=1e-4, atol=atol)
+
+
+def test_parity_with_official_structure_at_paper_settings(at_paper_settings):
+    model, pool, images, keys, refs = at_paper_settings
+    runner = RibRunner(model, pool, PAPER)
+    _assert_matches_reference([runner.run(im, k, seed=j) for j, (im, k) in enumerate(zip(images, keys, strict=True))],
+                              refs, atol=1e-5)
+
+
+def test_run_many_matches_the_official_structure_at_paper_settings(at_paper_settings):
+    """The batched engine against the reference loop itself (not only against run), with images
+    that stop at different steps in one batch; companions cropped on the host as the reference does."""
+    model, pool, images, keys, refs = at_paper_settings
+    together = RibRunner(model, pool, PAPER).run_many(images, keys, seeds=[0, 1, 2], device_crops=False)
+    _assert_matches_reference(together, refs, atol=1e-4)
 
 
 def test_fast_path_keeps_the_maps_and_the_seed_score(demo, classifier_path):
