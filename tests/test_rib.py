@@ -16,8 +16,10 @@ from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
 from rib_core.datasets import load_image, load_mask
 from rib_core.evaluation import EvalConfig, sweep_seeds
-from rib_core.rib import RibRunner, gap, gndrp
+from rib_core.pipeline import PipelineConfig, PseudoMaskPipeline
+from rib_core.rib import RibRunner
 from rib_core.rib_config import RibConfig
+from rib_core.rib_objective import gap, gndrp
 from tests.rib_reference import gndp2d, reference_rib
 
 SMALL = dict(crop_size=64, resize_long=(48, 96), companions=3)
@@ -249,3 +251,24 @@ def test_run_rib_over_a_manifest_batched_and_resumed(demo, classifier_path, tmp_
     first.unlink()
     run_rib(model, manifest, pool, together, batched, progress=False)
     assert first.exists() and (together / f"{manifest.records[1].id}.npz").stat().st_mtime_ns == kept
+
+
+def test_the_cli_and_the_service_give_an_image_the_same_map(demo, classifier_path, tmp_path):
+    """One seed rule (keyed on the image id): an image gets the same M through `rib rib` (run_rib
+    over a manifest) and through a worker (PseudoMaskPipeline.process_many), whatever its position."""
+    model, classes, _ = load_classifier(classifier_path)
+    pool = CompanionPool.from_manifest(demo.train, limit=40)
+    cfg = RibConfig(iterations=2, lr=1e-4, engine="plain", **SMALL)
+    manifest = demo.val.subset([r.id for r in demo.val.records[:2]])
+    cli = run_rib(model, manifest, pool, tmp_path / "cli", cfg, progress=False)
+    worker = PseudoMaskPipeline(model, classes, pool, device="cpu", config=PipelineConfig(rib=cfg))
+    records = manifest.records[::-1]  # another order than the manifest's
+    images = [load_image(manifest.image_uri(r)) for r in records]
+    results = worker.process_many(images, [list(r.labels) for r in records], cfg, [r.id for r in records])
+    for r, result in zip(records, results, strict=True):
+        expected = LocalizationMap.load(cli / f"{r.id}.npz")
+        np.testing.assert_allclose(result.map.high_res, expected.high_res, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.map.cam, expected.cam, rtol=1e-5, atol=1e-6)
+    # the draws matter: another seed gives the first image another map
+    other = worker.process(images[0], list(records[0].labels), cfg.model_copy(update={"seed": 1}), records[0].id)
+    assert not np.allclose(other.map.high_res, results[0].map.high_res, atol=1e-6)
