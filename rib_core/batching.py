@@ -23,7 +23,7 @@ from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest, load_image
 from rib_core.networks import CamNet
 from rib_core.rib import RibOutcome, RibRunner
-from rib_core.rib_config import MAX_IMAGES_PER_BATCH, RibConfig
+from rib_core.rib_config import MAX_IMAGES_PER_BATCH, RibConfig, image_seed
 
 FREE_MEMORY_SHARE = 0.9     # of the free device memory a batch may plan to use
 
@@ -38,10 +38,10 @@ class RibBatcher:
         self.ceiling: dict[tuple, int] = {}          # halved after an out-of-memory batch
 
     def run_all(self, images: Sequence[np.ndarray], keys_list: Sequence[Sequence[int]], cfg: RibConfig,
-                seeds: Sequence[int] | None = None) -> list[RibOutcome | Exception]:
-        """RIB for every image, in order; an image that fails gets its exception instead."""
-        seeds = list(seeds) if seeds is not None else [cfg.seed] * len(images)
-        if not cfg.batched(str(self.device)):
+                seeds: Sequence[int]) -> list[RibOutcome | Exception]:
+        """RIB for every image with its seed (:func:`~rib_core.rib_config.image_seed`), in order;
+        an image that fails gets its exception instead."""
+        if not cfg.plan(str(self.device)).batched:
             return [_guarded(lambda j=j: self.runner.run(images[j], keys_list[j], cfg, seeds[j]))
                     for j in range(len(images))]
         results: dict[int, RibOutcome | Exception] = {}
@@ -76,10 +76,10 @@ class RibBatcher:
         when set, else what 90% of the free CUDA memory holds at the measured bytes per image (1
         until measured, and always 1 on the CPU); never more than an out-of-memory retry allows."""
         key = _memory_key(shape, cfg)
-        n = cfg.max_images_per_batch
+        n = cfg.plan(str(self.device)).images_per_step
         if not n:
             per_image = self.bytes_per_image.get(key)
-            if self.device.type != "cuda" or per_image is None:
+            if per_image is None:
                 n = 1
             else:
                 free, _ = torch.cuda.mem_get_info(self.device)
@@ -104,26 +104,27 @@ def run_rib(model: CamNet, manifest: Manifest, pool: CompanionPool, out_dir: str
             ) -> Path:
     """RIB maps M for every image of ``manifest`` as ``out_dir/<id>.npz``; existing files are kept.
 
-    Each image's sampling seed is derived from ``cfg.seed`` and its position, so a rerun or a
-    resumed run gives the same maps. With the batched engine (by default on CUDA) up to
-    ``MAX_IMAGES_PER_BATCH`` images are loaded at a time and share steps; otherwise one at a time.
+    Each image's sampling seed is :func:`~rib_core.rib_config.image_seed` of ``cfg.seed`` and its
+    id, as on the service's path, so a rerun, a resumed run or another manifest gives the same
+    maps. With the batched engine (by default on CUDA) up to ``MAX_IMAGES_PER_BATCH`` images are
+    loaded at a time and share steps; otherwise one at a time.
     Every map that succeeds is written; then the first failure, if any, is raised.
     """
     cfg = cfg or RibConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     batcher = RibBatcher(RibRunner(model, pool, cfg, device))
-    block = MAX_IMAGES_PER_BATCH if cfg.batched(str(batcher.device)) else 1
-    todo = [(n, r) for n, r in enumerate(manifest.records) if not (out / f"{r.id}.npz").exists()]
+    block = cfg.plan(str(batcher.device)).images_loaded
+    todo = [r for r in manifest.records if not (out / f"{r.id}.npz").exists()]
     bar = tqdm(total=len(manifest.records), initial=len(manifest.records) - len(todo), desc=f"rib-{cfg.pooling}",
                disable=not progress, unit="img")
     failures: list[tuple[str, Exception]] = []
     for start in range(0, len(todo), block):
         part = todo[start:start + block]
-        outcomes = batcher.run_all([load_image(manifest.image_uri(r)) for _, r in part],
-                                   [manifest.label_indices(r) for _, r in part], cfg,
-                                   [cfg.seed * 1_000_003 + n for n, _ in part])
-        for (_, r), outcome in zip(part, outcomes, strict=True):
+        outcomes = batcher.run_all([load_image(manifest.image_uri(r)) for r in part],
+                                   [manifest.label_indices(r) for r in part], cfg,
+                                   [image_seed(cfg.seed, r.id) for r in part])
+        for r, outcome in zip(part, outcomes, strict=True):
             bar.update(1)
             if isinstance(outcome, Exception):
                 failures.append((r.id, outcome))

@@ -26,7 +26,7 @@ from rib_core.irn import IrnNet, load_irn
 from rib_core.networks import CamNet
 from rib_core.refine import RefineConfig, refine_one
 from rib_core.rib import RibRunner
-from rib_core.rib_config import RibConfig
+from rib_core.rib_config import RibConfig, image_seed
 from rib_core.visualize import label_png, map_overlay, mask_overlay, png_bytes
 
 
@@ -106,19 +106,20 @@ class PseudoMaskPipeline:
         return sorted({self.classes.index(c) for c in labels})
 
     def process(self, image: np.ndarray, labels: Sequence[str], rib: RibConfig | None = None,
-                image_id: str = "", seed: int | None = None) -> ImageResult:
+                image_id: str = "") -> ImageResult:
         """RIB and refinement for one image; raises what fails."""
-        seeds = None if seed is None else [seed]
-        result = self.process_many([image], [labels], rib, [image_id], seeds)[0]
+        result = self.process_many([image], [labels], rib, [image_id])[0]
         if isinstance(result, Exception):
             raise result
         return result
 
     def process_many(self, images: Sequence[np.ndarray], labels: Sequence[Sequence[str]],
                      rib: RibConfig | None = None, image_ids: Sequence[str] | None = None,
-                     seeds: Sequence[int] | None = None) -> list[ImageResult | Exception]:
+                     ) -> list[ImageResult | Exception]:
         """RIB (batched where ``rib.engine`` says so: by default on CUDA) and refinement for several
-        images. A failing image gets its exception in place of a result; the others go on."""
+        images. Each image's RIB seed follows from its id (:func:`~rib_core.rib_config.image_seed`),
+        as in ``rib rib``, so both paths give an image the same M; images without an id share the
+        id "". A failing image gets its exception in place of a result; the others go on."""
         cfg = rib or self.config.rib
         ids = list(image_ids) if image_ids is not None else [""] * len(images)
         results: dict[int, ImageResult | Exception] = {}
@@ -128,10 +129,10 @@ class PseudoMaskPipeline:
                 keys[j] = self.keys_for(names)
             except ValueError as e:
                 results[j] = e
-        engine = "batched" if cfg.batched(str(self.device)) else "plain"
+        engine = cfg.plan(str(self.device)).engine
         todo = sorted(keys)
         outcomes = self.batcher.run_all([images[j] for j in todo], [keys[j] for j in todo], cfg,
-                                        None if seeds is None else [seeds[j] for j in todo])
+                                        [image_seed(cfg.seed, ids[j]) for j in todo])
         for j, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 results[j] = outcome

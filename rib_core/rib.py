@@ -9,6 +9,9 @@ iterates, then is normalised per class and stored like a CAM.
 
 Stopping follows the code: after the step on which the target's summed logits exceed the margin m,
 or before a step whose CAM covers more than 70% of the image ("explosion").
+
+The objective lives in :mod:`rib_core.rib_objective`, the two executors in
+:mod:`rib_core.rib_engines`; :func:`fine_tune` is the loop both run.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -24,52 +27,24 @@ import numpy as np
 import torch
 
 from rib_core.augment import multiscale_flip_batches
-from rib_core.cam import LocalizationMap, assemble_map, flip_fused, normalise_per_class
+from rib_core.cam import LocalizationMap, assemble_map, flip_fused
 from rib_core.companions import CompanionPool, DeviceCompanions
 from rib_core.networks import CamNet
-from rib_core.optim import PolySGD, irn_param_groups
 from rib_core.rib_config import RibConfig
+from rib_core.rib_engines import BatchedEngine, Engine, PlainEngine, TrainablePart, VmappedHead
+from rib_core.rib_objective import (
+    STOP_REASONS,
+    IterateSum,
+    exploded,
+    margin_clamped,
+    margin_reached,
+    pool_images,
+    rib_loss,
+    takes_last_iterate,
+    target_logit_sum,
+)
 
-
-def gap(raw: torch.Tensor) -> torch.Tensor:
-    """[B, C, h, w] -> [B, C] global average pooling."""
-    return raw.mean(dim=(2, 3))
-
-
-def gndrp(raw: torch.Tensor, labels: torch.Tensor, tau: float, denominator: str = "all",
-          classes: int | None = None) -> torch.Tensor:
-    """Global non-discriminative region pooling (paper Eq. 3), for a whole batch at once.
-
-    For each labelled class, pixels whose CAM, divided by its (detached) maximum, is at or above
-    ``tau`` are left out; unlabelled classes keep every pixel (their pooling is GAP). The official
-    ``gndp2d`` zeroes the left-out pixels and still divides by all pixels (``"all"``); Eq. 3 divides
-    by the kept pixels (``"kept"``). ``classes`` = n: only channels below n can leave pixels out,
-    the rest pool by GAP (the official COCO run, whose ``gndp2d`` loops over VOC's 20 channels).
-    """
-    detached = raw.detach()
-    norm = detached / detached.amax(dim=(2, 3), keepdim=True)
-    labelled = labels.bool()
-    if classes is not None:
-        labelled = labelled & (torch.arange(labels.shape[1], device=labels.device) < classes)
-    keep = torch.where(labelled[:, :, None, None], norm < tau, torch.ones_like(norm, dtype=torch.bool))
-    kept = raw * keep
-    if denominator == "all":
-        return kept.mean(dim=(2, 3))
-    return kept.sum(dim=(2, 3)) / keep.sum(dim=(2, 3)).clamp_min(1)
-
-
-def pool(raw: torch.Tensor, labels: torch.Tensor, cfg: RibConfig) -> torch.Tensor:
-    if cfg.pooling == "gap":
-        return gap(raw)
-    return gndrp(raw, labels, cfg.tau, cfg.gndrp_denominator, cfg.gndrp_classes)
-
-
-def exploded(fused: torch.Tensor, key_mask: torch.Tensor, cfg: RibConfig) -> torch.Tensor:
-    """[N, C, h, w] maps, [N, C] bool target classes -> [N] bool: the target's classes together
-    cover more than ``explode_ratio`` of the map."""
-    norm = normalise_per_class(fused)
-    covered = ((norm > cfg.explode_threshold) & key_mask[:, :, None, None]).any(dim=1)
-    return covered.float().mean(dim=(1, 2)) > cfg.explode_ratio
+CompanionSteps = Iterator[tuple[torch.Tensor, torch.Tensor] | None]
 
 
 @dataclass
@@ -86,18 +61,80 @@ class RibOutcome:
                 "seconds": round(self.seconds, 3), "images_in_step": self.images_in_step}
 
 
-STOP_REASONS = ("iterations", "margin", "explosion")
-COMPILED_SHAPES = 64  # input shapes the compiled batched head is compiled for (RibRunner._head_function)
+class Stops:
+    """For n images fine-tuned together: who still trains, why the others stopped (an index into
+    ``STOP_REASONS``), their updates and per-step target logit sums, all on the device."""
+
+    def __init__(self, n: int, iterations: int, device: torch.device) -> None:
+        self.active = torch.ones(n, dtype=torch.bool, device=device)
+        self.reason = torch.zeros(n, dtype=torch.long, device=device)
+        self.steps = torch.zeros(n, dtype=torch.long, device=device)
+        self.logit_sums = torch.zeros(iterations, n, device=device)
+        self.frozen: list[int] = []
+
+    def stop(self, hit: torch.Tensor, reason: str) -> None:
+        hit = self.active & hit
+        self.reason = torch.where(hit, STOP_REASONS.index(reason), self.reason)
+        self.active = self.active & ~hit
+
+    def any_running(self) -> bool:
+        """One small copy per step: who still trains (the others' weights are kept as they are)."""
+        running = self.active.tolist()
+        self.frozen = [j for j, on in enumerate(running) if not on]
+        return any(running)
+
+    def updated(self, step: int, target_sum: torch.Tensor) -> None:
+        self.logit_sums[step] = target_sum
+        self.steps += self.active
+
+
+def fine_tune(engine: Engine, lows: list[torch.Tensor], targets: torch.Tensor, loss_scales: list[int],
+              companions: CompanionSteps, cfg: RibConfig) -> tuple[IterateSum, Stops]:
+    """RIB for n images: ``lows`` [n, 2, c, h, w] per map scale, ``targets`` [n, C] multi-hot.
+
+    Each step adds every map scale's CAM to M, checks the explosion rule on scale 1.0 (after it was
+    added to M, before the other scales, as the official loop does), takes the step on L_RIB over
+    the loss scales and the companions, and applies the margin rule.
+    """
+    n, target_rows = len(targets), 2 * len(loss_scales)
+    m, stops = IterateSum(len(lows)), Stops(n, cfg.iterations, targets.device)
+    for step in range(cfg.iterations):
+        rows = []
+        for i, low in enumerate(lows):
+            raw = engine.cams(low)  # [n, 2, C, h, w]
+            fused = flip_fused(raw.detach()) * stops.active[:, None, None, None]
+            m.add(i, fused)
+            if step > 0 and i == 0:
+                stops.stop(exploded(fused, targets.bool(), cfg), "explosion")
+            if i in loss_scales:
+                rows.append(pool_images(raw, targets[:, None].expand(-1, 2, -1), cfg))
+        if not stops.any_running():
+            break
+        labels = [targets[:, None].expand(-1, target_rows, -1)]
+        batch = next(companions)
+        if batch is not None:
+            rows.append(pool_images(engine.cams(engine.low(batch[0])), batch[1], cfg))
+            labels.append(batch[1])
+        logits, labels_t = margin_clamped(torch.cat(rows, dim=1), cfg), torch.cat(labels, dim=1)
+        engine.update((rib_loss(logits, labels_t) * stops.active).sum(), stops.frozen)
+        target_sum = target_logit_sum(logits, labels_t, target_rows)
+        stops.updated(step, target_sum)
+        stops.stop(margin_reached(target_sum, cfg), "margin")
+    last = takes_last_iterate(cfg, stops.reason)
+    if last is not None and bool(last.any()):
+        with torch.no_grad():
+            for i, low in enumerate(lows):
+                m.add(i, flip_fused(engine.cams(low)) * last[:, None, None, None])
+    return m, stops
 
 
 class RibRunner:
-    """Runs RIB against one shared classifier: image by image (:meth:`run`, the official loop's
-    structure) or several images in one batched step (:meth:`run_many`, the fast path).
+    """Runs RIB against one shared classifier: image by image (:meth:`run`, the plain engine) or
+    several images in one batched step (:meth:`run_many`, the batched engine, the fast path).
 
-    The shared model is read only: each image starts from a fresh copy of its weights, so no
-    image's fine-tuning leaks into another's. Stages 1-2 never change during RIB (their output is
-    detached and their BN statistics are frozen), so both paths compute their features without
-    autograd, and the target's only once.
+    The shared model is read only: each run starts from a fresh copy of its weights, so no
+    image's fine-tuning leaks into another's. Stages 1-2 never change during RIB, so both engines
+    compute their features without autograd, and the target's only once.
     """
 
     def __init__(self, model: CamNet, pool: CompanionPool, cfg: RibConfig | None = None,
@@ -109,117 +146,37 @@ class RibRunner:
         self.shared_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.work = copy.deepcopy(model).to(self.device)
         self.work.set_bn_frozen(True)
-        self.head = _TrainablePart(self.work)
+        self.head = TrainablePart(self.work)
+        self.vmapped = VmappedHead(self.head)
         self.pool = pool
         self.cfg = cfg or RibConfig()
-        self._batched_head = torch.func.vmap(
-            lambda params, fixed, low: torch.func.functional_call(self.head, (params, fixed), (low,)),
-            in_dims=(0, None, 0))
-        self._compiled_head: Callable[..., torch.Tensor] | None = None
 
     @cached_property
     def device_pool(self) -> DeviceCompanions:
-        """The companion pool in device memory, made on the batched path's first use. On CUDA it
+        """The companion pool in device memory, made on the batched engine's first use. On CUDA it
         takes at most a quarter of the free memory; a larger pool stays in pinned host memory."""
         budget = torch.cuda.mem_get_info(self.device)[0] // 4 if self.device.type == "cuda" else None
         return DeviceCompanions(self.pool, self.device, budget)
 
-    def _start(self, cfg: RibConfig) -> tuple[torch.autocast, torch.memory_format]:
-        """Reset the working model to the shared weights; the precision and layout of this run."""
-        self.work.load_state_dict(self.shared_state)
-        self.work.train()
-        fast = cfg.uses_bf16(str(self.device))
-        layout = torch.channels_last if fast else torch.contiguous_format
-        self.work.to(memory_format=layout)
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=fast), layout
-
-    def _low(self, x: torch.Tensor, autocast: torch.autocast, layout: torch.memory_format) -> torch.Tensor:
-        with torch.no_grad(), autocast:
-            return self.work.low_features(x.to(self.device).contiguous(memory_format=layout))
-
-    def _optimizer(self, cfg: RibConfig, backbone: list[torch.Tensor], head: list[torch.Tensor]) -> PolySGD:
-        return PolySGD(irn_param_groups(backbone, head, cfg.lr, cfg.weight_decay),
-                       max_step=cfg.iterations, power=cfg.poly_power, momentum=cfg.momentum)
-
     def run(self, image: np.ndarray, keys: Sequence[int], cfg: RibConfig | None = None,
             seed: int | None = None) -> RibOutcome:
-        """RIB for one uint8 RGB image with its class indices ``keys``."""
+        """RIB for one uint8 RGB image with its class indices ``keys`` (the plain engine)."""
         cfg = cfg or self.cfg
         if not len(keys):
             raise ValueError("RIB needs at least one class for the image")
-        started = time.perf_counter()
-        keys = sorted(int(k) for k in keys)
-        autocast, layout = self._start(cfg)
-        optimizer = self._optimizer(cfg, *self.work.param_groups())
-        rng = random.Random(cfg.seed if seed is None else seed)
-        companions = self.pool.batches(keys, cfg.companions, cfg.crop_size, cfg.resize_long, rng)
-        scales = list(cfg.map_scales)
-        lows = [self._low(b, autocast, layout) for b in multiscale_flip_batches(image, tuple(scales))]
-        loss_rows = [scales.index(s) for s in cfg.loss_scales]
-        target = torch.zeros(len(self.pool.classes), device=self.device)
-        target[keys] = 1.0
-        sums: list[torch.Tensor] = [torch.zeros(0)] * len(scales)
-        target_sums: list[float] = []
-        stop_reason, steps = "iterations", 0
-        for step in range(cfg.iterations):
-            pooled, labels = [], []
-            exploding = False
-            for i, low in enumerate(lows):
-                with autocast:
-                    raw = self.head(low).float()
-                fused = flip_fused(raw.detach())
-                sums[i] = fused if step == 0 else sums[i] + fused
-                # The official check runs after scale 1.0 was added to M, before the other scales.
-                if step > 0 and i == 0 and exploded(fused[None], target[None].bool(), cfg).item():
-                    exploding = True
-                    break
-                if i in loss_rows:
-                    rows = target.expand(2, -1)
-                    pooled.append(pool(raw, rows, cfg))
-                    labels.append(rows)
-            if exploding:
-                stop_reason = "explosion"
-                break
-            comp_x, comp_y = next(companions)
-            if len(comp_x):
-                with autocast:
-                    comp_raw = self.head(self._low(comp_x, autocast, layout)).float()
-                comp_y = comp_y.to(self.device)
-                pooled.append(pool(comp_raw, comp_y, cfg))
-                labels.append(comp_y)
-            logits, labels_t = torch.cat(pooled), torch.cat(labels)
-            if cfg.margin_mode == "clamp":
-                logits = logits.clamp(max=cfg.margin)
-            loss = -(logits * labels_t).sum()
-            target_sum = (logits[: 2 * len(loss_rows)] * labels_t[: 2 * len(loss_rows)]).sum().item()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            target_sums.append(target_sum)
-            if cfg.margin_mode == "stop" and abs(target_sum) > cfg.margin:
-                stop_reason = "margin"
-                break
-        if cfg.map_iterates == "all_iterates" and stop_reason != "explosion":
-            with torch.no_grad(), autocast:
-                for i, low in enumerate(lows):
-                    sums[i] = sums[i] + flip_fused(self.head(low).float())
-        lmap = assemble_map(sums, image.shape[:2], keys)
-        return RibOutcome(lmap, steps, stop_reason, target_sums, time.perf_counter() - started)
+        return self._run([image], [sorted(int(k) for k in keys)], cfg, [cfg.seed if seed is None else seed],
+                         batched=False, device_crops=False)[0]
 
     def run_many(self, images: Sequence[np.ndarray], keys_list: Sequence[Sequence[int]],
                  cfg: RibConfig | None = None, seeds: Sequence[int] | None = None,
                  device_crops: bool = True) -> list[RibOutcome]:
-        """RIB for several images of one size in one batched step each.
+        """RIB for several images of one size in one batched step each (the batched engine).
 
-        Stages 3-4 and the classifier get one copy of their weights per image, stacked, and run
-        through ``torch.func.vmap``: the sum of the images' losses gives each copy its own image's
-        gradient, and the optimiser's update is elementwise, so every image's fine-tuning stays
-        independent. An image that stops (margin or explosion) keeps its weights from then on
-        while the others go on; M, the stops and the logit sums stay on the device until the end.
-        The companion crops are made on the device in one call (:class:`DeviceCompanions`);
-        ``device_crops=False`` makes them on the host as :meth:`run` does, and then every image
-        gets the map it gets from :meth:`run`, within float tolerance.
+        An image that stops (margin or explosion) keeps its weights from then on while the others
+        go on; M, the stops and the logit sums stay on the device until the end. The companion
+        crops are made on the device in one call (:class:`DeviceCompanions`); ``device_crops=False``
+        makes them on the host as :meth:`run` does, and then every image gets the map it gets from
+        :meth:`run`, within float tolerance.
         """
         cfg = cfg or self.cfg
         n = len(images)
@@ -230,122 +187,42 @@ class RibRunner:
         keys_list = [sorted(int(k) for k in keys) for keys in keys_list]
         if not all(keys_list):
             raise ValueError("RIB needs at least one class for every image")
+        seeds = list(seeds) if seeds is not None else [cfg.seed] * n
+        return self._run(images, keys_list, cfg, seeds, batched=True, device_crops=device_crops)
+
+    def _run(self, images: Sequence[np.ndarray], keys_list: list[list[int]], cfg: RibConfig, seeds: list[int],
+             batched: bool, device_crops: bool) -> list[RibOutcome]:
         started = time.perf_counter()
-        autocast, layout = self._start(cfg)
-        stacked = {name: p.detach().unsqueeze(0).repeat(n, *[1] * p.dim()).requires_grad_()
-                   for name, p in self.head.named_parameters() if p.requires_grad}
-        optimizer = self._optimizer(cfg, [p for k, p in stacked.items() if not k.startswith("classifier.")],
-                                    [p for k, p in stacked.items() if k.startswith("classifier.")])
-        head = self._head_function(cfg)
-        # Autocast does not reach inside vmap, so the bf16 path casts explicitly: bf16 copies of the
-        # weights and features for the convolutions, float32 master weights for the updates.
-        dtype = torch.bfloat16 if cfg.uses_bf16(str(self.device)) else torch.float32
-        fixed = {k: v.to(dtype) if v.is_floating_point() else v
-                 for k, v in [*self.head.named_parameters(), *self.head.named_buffers()] if k not in stacked}
-
-        def cams(low: torch.Tensor) -> torch.Tensor:
-            """[n, B, c, h, w] stage-2 features -> [n, B, C, h', w'] raw CAMs, each image its own weights.
-            Each call casts the weights anew, so their gradients are summed in float32."""
-            return head({k: p.to(dtype) for k, p in stacked.items()}, fixed, low.to(dtype)).float()
-
-        def low_features(x: torch.Tensor) -> torch.Tensor:
-            return self._low(x.flatten(0, 1), autocast, layout).unflatten(0, x.shape[:2])
-
+        engine = self._engine(cfg, len(images) if batched else 0)
         scales = list(cfg.map_scales)
-        lows = [low_features(torch.stack(per_image)) for per_image in
+        lows = [engine.low(torch.stack(per_image)) for per_image in
                 zip(*(multiscale_flip_batches(im, tuple(scales)) for im in images), strict=True)]
-        loss_rows = [scales.index(s) for s in cfg.loss_scales]
-        n_target = 2 * len(loss_rows)
-        targets = torch.zeros(n, len(self.pool.classes), device=self.device)
+        targets = torch.zeros(len(images), len(self.pool.classes), device=self.device)
         for j, keys in enumerate(keys_list):
             targets[j, keys] = 1.0
-        key_mask = targets.bool()
-        companion_steps = self._companion_steps(keys_list, cfg, seeds, device_crops)
-        sums: list[torch.Tensor] = [torch.zeros(0)] * len(lows)
-        active = torch.ones(n, dtype=torch.bool, device=self.device)
-        reason = torch.zeros(n, dtype=torch.long, device=self.device)  # index into STOP_REASONS
-        steps = torch.zeros(n, dtype=torch.long, device=self.device)
-        logit_sums = torch.zeros(cfg.iterations, n, device=self.device)
-        for step in range(cfg.iterations):
-            rows: list[torch.Tensor] = []
-            for i, low in enumerate(lows):
-                raw = cams(low)  # [n, 2, C, h, w]
-                fused = flip_fused(raw.detach()) * active[:, None, None, None]
-                sums[i] = fused if step == 0 else sums[i] + fused
-                # The official check runs after scale 1.0 was added to M, before the other scales.
-                if step > 0 and i == 0:
-                    boom = active & exploded(fused, key_mask, cfg)
-                    reason = torch.where(boom, STOP_REASONS.index("explosion"), reason)
-                    active = active & ~boom
-                if i in loss_rows:
-                    rows.append(pool(raw.flatten(0, 1), targets.repeat_interleave(2, 0), cfg).unflatten(0, (n, 2)))
-            running = active.tolist()  # one small copy per step: who still trains
-            if not any(running):
-                break
-            labels = [targets[:, None].expand(-1, n_target, -1)]
-            companions = next(companion_steps)
-            if companions is not None:
-                comp_x, comp_y = companions
-                rows.append(pool(cams(low_features(comp_x)).flatten(0, 1), comp_y.flatten(0, 1), cfg)
-                            .unflatten(0, comp_y.shape[:2]))
-                labels.append(comp_y)
-            logits, labels_t = torch.cat(rows, dim=1), torch.cat(labels, dim=1)
-            if cfg.margin_mode == "clamp":
-                logits = logits.clamp(max=cfg.margin)
-            loss = -(logits * labels_t * active[:, None, None]).sum()
-            frozen = [j for j, on in enumerate(running) if not on]
-            kept = {k: p.detach()[frozen].clone() for k, p in stacked.items()} if frozen else {}
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for k, value in kept.items():
-                    stacked[k][frozen] = value
-            per_image = (logits[:, :n_target] * labels_t[:, :n_target]).detach().sum(dim=(1, 2))
-            logit_sums[step] = per_image
-            steps += active
-            if cfg.margin_mode == "stop":
-                hit = active & (per_image.abs() > cfg.margin)
-                reason = torch.where(hit, STOP_REASONS.index("margin"), reason)
-                active = active & ~hit
-        if cfg.map_iterates == "all_iterates":
-            kept_maps = (reason != STOP_REASONS.index("explosion"))[:, None, None, None]
-            with torch.no_grad():
-                for i, low in enumerate(lows):
-                    sums[i] = sums[i] + flip_fused(cams(low)) * kept_maps
-        elapsed = (time.perf_counter() - started) / n
-        steps_h, reasons_h, sums_h = steps.tolist(), reason.tolist(), logit_sums.T.tolist()
-        return [RibOutcome(assemble_map([s[j] for s in sums], images[j].shape[:2], keys_list[j]), steps_h[j],
-                           STOP_REASONS[reasons_h[j]], sums_h[j][: steps_h[j]], elapsed, n) for j in range(n)]
+        companions = self._companion_steps(keys_list, cfg, seeds, device_crops)
+        m, stops = fine_tune(engine, lows, targets, [scales.index(s) for s in cfg.loss_scales], companions, cfg)
+        elapsed = (time.perf_counter() - started) / len(images)
+        steps, reasons, sums = stops.steps.tolist(), stops.reason.tolist(), stops.logit_sums.T.tolist()
+        return [RibOutcome(assemble_map(m.image(j), images[j].shape[:2], keys_list[j]), steps[j],
+                           STOP_REASONS[reasons[j]], sums[j][: steps[j]], elapsed, len(images))
+                for j in range(len(images))]
 
-    def _head_function(self, cfg: RibConfig) -> Callable[..., torch.Tensor]:
-        """The vmapped stage 3-4 + classifier call, compiled when ``cfg.compile``.
+    def _engine(self, cfg: RibConfig, batch: int) -> Engine:
+        """The engine of this run, from the shared weights: batched for ``batch`` images, plain when 0."""
+        plan = cfg.plan(str(self.device))
+        if not batch:
+            return PlainEngine(self.work, self.shared_state, self.head, cfg, plan, self.device)
+        return BatchedEngine(self.work, self.shared_state, self.head, self.vmapped.function(cfg.compile), cfg, plan,
+                             self.device, batch)
 
-        Dynamo specialises the vmapped call on its input shapes even with ``dynamic=True``, so it
-        compiles once per shape: each target size x scale and the companion crop, for each number of
-        images in a batch. Past ``COMPILED_SHAPES`` of them new shapes run eagerly. Worth it for
-        datasets of few image sizes; hence off by default.
-        """
-        if not cfg.compile:
-            return self._batched_head
-        if self._compiled_head is None:
-            compiled = torch.compile(self._batched_head, dynamic=False)
-
-            def head(*args: object) -> torch.Tensor:
-                with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
-                    return compiled(*args)
-
-            self._compiled_head = head
-        return self._compiled_head
-
-    def _companion_steps(self, keys_list: list[list[int]], cfg: RibConfig, seeds: Sequence[int] | None,
-                         on_device: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+    def _companion_steps(self, keys_list: list[list[int]], cfg: RibConfig, seeds: Sequence[int],
+                         on_device: bool) -> CompanionSteps:
         """Each step's companions of every image, ([n, k, 3, crop, crop], [n, k, C]) on the device,
         or None when there are none. Each image draws from its own ``random.Random(seed)`` in the
-        order :meth:`run` draws."""
-        rngs = [random.Random(cfg.seed if seeds is None else seeds[j]) for j in range(len(keys_list))]
-        per_image = [(keys, cfg.companions, cfg.crop_size, cfg.resize_long, rng)
-                     for keys, rng in zip(keys_list, rngs, strict=True)]
+        same order on both engines; on the host they are cropped by PIL as IRN does."""
+        per_image = [(keys, cfg.companions, cfg.crop_size, cfg.resize_long, random.Random(seed))
+                     for keys, seed in zip(keys_list, seeds, strict=True)]
         if on_device:
             for step in zip(*(self.pool.draws(*args) for args in per_image), strict=True):
                 chosen, crops = [c for c, _ in step], [d for _, d in step]
@@ -363,14 +240,3 @@ def _any_companions(per_image: Sequence[Sized]) -> bool:
     if len({len(c) for c in per_image}) > 1:
         raise ValueError("some images have no companion with disjoint classes: run them one by one")
     return bool(len(per_image[0]))
-
-
-class _TrainablePart(torch.nn.Module):
-    """Stages 3-4 and the classifier of a :class:`CamNet` as one module (what RIB fine-tunes)."""
-
-    def __init__(self, model: CamNet) -> None:
-        super().__init__()
-        self.layer3, self.layer4, self.classifier = model.backbone.layer3, model.backbone.layer4, model.classifier
-
-    def forward(self, low: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.layer4(self.layer3(low)))

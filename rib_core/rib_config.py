@@ -6,6 +6,8 @@ variant is an option; ``docs/FIDELITY.md`` lists each such choice.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,6 +24,31 @@ RIB_PRESETS: dict[str, dict[str, Any]] = {
     "voc": {},
     "coco": {"lr": 5e-6, "companions": 15, "tau": 0.5, "margin": 1000, "explode_ratio": 0.8, "gndrp_classes": 20},
 }
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """The RIB seed of image ``image_id`` (its companion draws), from ``RibConfig.seed`` and the id.
+
+    One rule for every path (``rib rib``, the demo job, the service's workers): keyed on the id
+    alone, an image gets the same draws, hence the same M, whatever manifest, chunk or batch it
+    comes in. A hash, not Python's ``hash``, so it is the same in every process.
+    """
+    digest = hashlib.blake2b(f"{seed}/{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+@dataclass(frozen=True)
+class RibPlan:
+    """How RIB runs on one device: every "auto" of a :class:`RibConfig` resolved, once."""
+
+    batched: bool          # several images per step (batched engine), else one at a time (plain engine)
+    bf16: bool             # bfloat16 compute in channels_last, else float32
+    images_per_step: int   # images per batched step; 0 = as many as the free device memory holds
+    images_loaded: int     # images a manifest run loads at a time (rib_core.batching.run_rib)
+
+    @property
+    def engine(self) -> str:
+        return "batched" if self.batched else "plain"
 
 
 class RibConfig(BaseModel):
@@ -57,7 +84,7 @@ class RibConfig(BaseModel):
     map_iterates: Literal["before_updates", "all_iterates"] = "before_updates"
     crop_size: int = Field(512, ge=16)                    # companion crops: VOC12RIBDataset crop_size=512
     resize_long: tuple[int, int] = (320, 640)             # companion resize_long=(320, 640)
-    seed: int = 0
+    seed: int = 0                                         # each image draws from image_seed(seed, its id)
     # Speed, not in the paper or the code (which run float32): "auto" = bfloat16 autocast and
     # channels_last on CUDA, plain float32 on the CPU. M is accumulated in float32 either way.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -75,10 +102,18 @@ class RibConfig(BaseModel):
     def _apply_preset(cls, data: Any) -> Any:
         return with_preset(data, RIB_PRESETS)
 
+    def plan(self, device: str) -> RibPlan:
+        """Engine, precision and batch size of RIB on ``device`` ("cpu", "cuda", "cuda:1", ...)."""
+        cuda = device.startswith("cuda")
+        batched = self.engine == "batched" or (self.engine == "auto" and cuda)
+        return RibPlan(batched=batched, bf16=self.precision == "bf16" or (self.precision == "auto" and cuda),
+                       images_per_step=(self.max_images_per_batch or (0 if cuda else 1)) if batched else 1,
+                       images_loaded=MAX_IMAGES_PER_BATCH if batched else 1)
+
     def uses_bf16(self, device: str) -> bool:
-        """Whether RIB on ``device`` ("cpu", "cuda", "cuda:1", ...) runs under bfloat16 autocast."""
-        return self.precision == "bf16" or (self.precision == "auto" and device.startswith("cuda"))
+        """``plan(device).bf16``."""
+        return self.plan(device).bf16
 
     def batched(self, device: str) -> bool:
-        """Whether RIB on ``device`` runs several images per step (:meth:`RibRunner.run_many`)."""
-        return self.engine == "batched" or (self.engine == "auto" and device.startswith("cuda"))
+        """``plan(device).batched``."""
+        return self.plan(device).batched

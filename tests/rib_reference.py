@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,8 +58,9 @@ def gndp2d(x, valid_cat, score_th, per_image):
 
 
 def reference_rib(shared: CamNet, pool: CompanionPool, image: np.ndarray, keys: list[int],
-                  cfg: RibConfig, seed: int, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
-    """Returns ``{"cam": strided map, "high_res": full map}`` as ``save_npy`` computes them."""
+                  cfg: RibConfig, seed: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Returns ``{"cam": strided map, "high_res": full map}`` as ``save_npy`` computes them, with
+    ``"steps"`` (updates taken) and ``"stop_reason"`` ("iterations", "margin" or "explosion")."""
     model = copy.deepcopy(shared).to(device)
     model.load_state_dict(shared.state_dict(), strict=True)
     model.set_bn_frozen(True)
@@ -72,6 +74,7 @@ def reference_rib(shared: CamNet, pool: CompanionPool, image: np.ndarray, keys: 
     label[0, keys] = 1
     loader = pool.batches(keys, cfg.companions, cfg.crop_size, cfg.resize_long, random.Random(seed))
     outputs_cam: list[torch.Tensor] = []
+    steps, stop_reason = 0, "iterations"
 
     for rib_step in range(cfg.iterations):
         img_rib, label_rib = (t.to(device) for t in next(loader))
@@ -101,6 +104,7 @@ def reference_rib(shared: CamNet, pool: CompanionPool, image: np.ndarray, keys: 
                 labels_total.append(label)
                 labels_total.append(label)
         if stop:
+            stop_reason = "explosion"
             break
         if len(img_rib):
             cam_rib = model.cam(img_rib)
@@ -117,7 +121,9 @@ def reference_rib(shared: CamNet, pool: CompanionPool, image: np.ndarray, keys: 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        steps += 1
         if torch.abs(target_loss) > cfg.margin:
+            stop_reason = "margin"
             break
 
     # ---- save_npy ----
@@ -131,4 +137,4 @@ def reference_rib(shared: CamNet, pool: CompanionPool, image: np.ndarray, keys: 
     strided_cam /= F.adaptive_max_pool2d(strided_cam, (1, 1)) + 1e-5
     highres_cam = highres_cam[keys]
     highres_cam /= F.adaptive_max_pool2d(highres_cam, (1, 1)) + 1e-5
-    return {"cam": strided_cam.numpy(), "high_res": highres_cam.numpy()}
+    return {"cam": strided_cam.numpy(), "high_res": highres_cam.numpy(), "steps": steps, "stop_reason": stop_reason}

@@ -16,11 +16,16 @@ from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
 from rib_core.datasets import load_image, load_mask
 from rib_core.evaluation import EvalConfig, sweep_seeds
-from rib_core.rib import RibRunner, gap, gndrp
+from rib_core.pipeline import PipelineConfig, PseudoMaskPipeline
+from rib_core.rib import RibRunner
 from rib_core.rib_config import RibConfig
+from rib_core.rib_objective import gap, gndrp
 from tests.rib_reference import gndp2d, reference_rib
 
 SMALL = dict(crop_size=64, resize_long=(48, 96), companions=3)
+# The paper's settings (K 10, lr 8e-6, 20 companions, GNDRP, margin 600 and the explosion rule)
+# on the fixture's 64 px scenes, with small companion crops to keep it cheap.
+PAPER = RibConfig(crop_size=32, resize_long=(32, 64))
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +133,45 @@ def test_parity_with_official_structure(setup, pooling, stop):
         assert not np.allclose(cam0.map.high_res, ours.map.high_res, atol=1e-3)
 
 
+@pytest.fixture(scope="module")
+def at_paper_settings(demo, classifier_path):
+    """Three training scenes, the reference loop's maps and stops for each at the paper's settings."""
+    model, _, _ = load_classifier(classifier_path)
+    pool = CompanionPool.from_manifest(demo.train, limit=40)
+    records = demo.train.records[:3]
+    images = [load_image(demo.train.image_uri(r)) for r in records]
+    keys = [demo.train.label_indices(r) for r in records]
+    refs = [reference_rib(model, pool, im, k, PAPER, seed=j)
+            for j, (im, k) in enumerate(zip(images, keys, strict=True))]
+    print(f"\nreference at the paper's settings: {[(r['stop_reason'], r['steps']) for r in refs]}")
+    return model, pool, images, keys, refs
+
+
+def _assert_matches_reference(outcomes, refs, atol):
+    stops = {(r["stop_reason"], r["steps"]) for r in refs}
+    # the fixture's scenes exercise a full run and an explosion after an update
+    assert ("iterations", PAPER.iterations) in stops and any(r == "explosion" and s > 0 for r, s in stops)
+    for ours, ref in zip(outcomes, refs, strict=True):
+        assert (ours.stop_reason, ours.steps) == (ref["stop_reason"], ref["steps"])
+        np.testing.assert_allclose(ours.map.high_res, ref["high_res"], rtol=1e-4, atol=atol)
+        np.testing.assert_allclose(ours.map.cam, ref["cam"], rtol=1e-4, atol=atol)
+
+
+def test_parity_with_official_structure_at_paper_settings(at_paper_settings):
+    model, pool, images, keys, refs = at_paper_settings
+    runner = RibRunner(model, pool, PAPER)
+    _assert_matches_reference([runner.run(im, k, seed=j) for j, (im, k) in enumerate(zip(images, keys, strict=True))],
+                              refs, atol=1e-5)
+
+
+def test_run_many_matches_the_official_structure_at_paper_settings(at_paper_settings):
+    """The batched engine against the reference loop itself (not only against run), with images
+    that stop at different steps in one batch; companions cropped on the host as the reference does."""
+    model, pool, images, keys, refs = at_paper_settings
+    together = RibRunner(model, pool, PAPER).run_many(images, keys, seeds=[0, 1, 2], device_crops=False)
+    _assert_matches_reference(together, refs, atol=1e-4)
+
+
 def test_fast_path_keeps_the_maps_and_the_seed_score(demo, classifier_path):
     """The fast path (several images per step through vmap, companions cropped on the device,
     bfloat16; the default on CUDA, forced here on the CPU) against the plain float32 path, image by
@@ -207,3 +251,24 @@ def test_run_rib_over_a_manifest_batched_and_resumed(demo, classifier_path, tmp_
     first.unlink()
     run_rib(model, manifest, pool, together, batched, progress=False)
     assert first.exists() and (together / f"{manifest.records[1].id}.npz").stat().st_mtime_ns == kept
+
+
+def test_the_cli_and_the_service_give_an_image_the_same_map(demo, classifier_path, tmp_path):
+    """One seed rule (keyed on the image id): an image gets the same M through `rib rib` (run_rib
+    over a manifest) and through a worker (PseudoMaskPipeline.process_many), whatever its position."""
+    model, classes, _ = load_classifier(classifier_path)
+    pool = CompanionPool.from_manifest(demo.train, limit=40)
+    cfg = RibConfig(iterations=2, lr=1e-4, engine="plain", **SMALL)
+    manifest = demo.val.subset([r.id for r in demo.val.records[:2]])
+    cli = run_rib(model, manifest, pool, tmp_path / "cli", cfg, progress=False)
+    worker = PseudoMaskPipeline(model, classes, pool, device="cpu", config=PipelineConfig(rib=cfg))
+    records = manifest.records[::-1]  # another order than the manifest's
+    images = [load_image(manifest.image_uri(r)) for r in records]
+    results = worker.process_many(images, [list(r.labels) for r in records], cfg, [r.id for r in records])
+    for r, result in zip(records, results, strict=True):
+        expected = LocalizationMap.load(cli / f"{r.id}.npz")
+        np.testing.assert_allclose(result.map.high_res, expected.high_res, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.map.cam, expected.cam, rtol=1e-5, atol=1e-6)
+    # the draws matter: another seed gives the first image another map
+    other = worker.process(images[0], list(records[0].labels), cfg.model_copy(update={"seed": 1}), records[0].id)
+    assert not np.allclose(other.map.high_res, results[0].map.high_res, atol=1e-6)
