@@ -19,7 +19,7 @@ from rib_core.cam import CamConfig, LocalizationMap, run_cam
 from rib_core.checkpoints import load_classifier
 from rib_core.classifier_eval import classifier_quality
 from rib_core.companions import CompanionPool
-from rib_core.datasets import load_image, load_manifest, load_mask
+from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
 from rib_core.evaluation import all_background_miou, sweep_seeds
 from rib_core.irn_training import IrnTrainConfig
@@ -84,6 +84,25 @@ def digit_pretraining(out: Path, data: DemoDataConfig, cfg: ClassifierTrainConfi
     return ckpt
 
 
+def train_demo_classifier(out: Path, cfg: DemoJobConfig, train: Manifest, val_manifest: Path, device: str = "cpu",
+                          progress: bool = True, seed: int | None = None) -> Path:
+    """The demo's classifier stage: single-digit pretraining (if set), then the scene classifier,
+    scored on ``val_manifest`` every epoch. ``seed`` overrides both stages' seeds (``rib study``).
+    Returns ``out/classifier/classifier.pth``; an existing one is kept."""
+    ckpt = out / "classifier" / "classifier.pth"
+    if ckpt.exists():
+        return ckpt
+    reseed = {} if seed is None else {"seed": seed}
+    classifier_cfg = cfg.classifier.model_copy(update=reseed)
+    if cfg.pretrain is not None:
+        start = digit_pretraining(out / "pretrain", cfg.data, cfg.pretrain.model_copy(update=reseed),
+                                  cfg.pretrain_images, cfg.classifier.crop_size / cfg.data.canvas, device, progress)
+        classifier_cfg = classifier_cfg.model_copy(update={"init_weights": str(start)})
+    train_classifier(train, out / "classifier", classifier_cfg, device=device, progress=progress,
+                     val_manifest=val_manifest)
+    return ckpt
+
+
 def _seed_metrics(maps_dir: Path, manifest: Any, cfg: DemoJobConfig) -> dict[str, Any]:
     pairs = ((LocalizationMap.load(maps_dir / f"{r.id}.npz"), load_mask(manifest.mask_uri(r)))
              for r in manifest.records)
@@ -109,15 +128,7 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     stage("data_s", t)
 
     t = time.perf_counter()
-    ckpt = out / "classifier" / "classifier.pth"
-    if not ckpt.exists():
-        classifier_cfg = cfg.classifier
-        if cfg.pretrain is not None:
-            start = digit_pretraining(out / "pretrain", cfg.data, cfg.pretrain, cfg.pretrain_images,
-                                      cfg.classifier.crop_size / cfg.data.canvas, device, progress)
-            classifier_cfg = classifier_cfg.model_copy(update={"init_weights": str(start)})
-        train_classifier(train, out / "classifier", classifier_cfg, device=device, progress=progress,
-                         val_manifest=data_dir / "val.jsonl")
+    ckpt = train_demo_classifier(out, cfg, train, data_dir / "val.jsonl", device, progress)
     model, _, extra = load_classifier(ckpt)
     quality = classifier_quality(extra, checkpoint=str(ckpt))
     stage("classifier_s", t)

@@ -31,10 +31,9 @@ from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest, load_manifest, load_mask
 from rib_core.deeplab import load_deeplab
 from rib_core.demo_data import make_demo_dataset
-from rib_core.demo_job import DemoJobConfig
+from rib_core.demo_job import DemoJobConfig, train_demo_classifier
 from rib_core.evaluation import sweep_seeds
 from rib_core.refine import refine_maps
-from rib_core.train_classifier import train_classifier
 from rib_core.train_deeplab import DeepLabTrainConfig, evaluate, train_deeplab, train_with_retraining
 
 # Rows of the table: (key, label). Scores are mIoU except the classifier's mAP.
@@ -99,15 +98,13 @@ def _deeplab_miou(train: Manifest, val: Manifest, out: Path, dl: DeepLabTrainCon
     return json.loads(report_path.read_text())["miou"]
 
 
-def run_seed(seed: int, train: Manifest, val: Manifest, out: Path, cfg: StudyConfig, device: str,
+def run_seed(seed: int, train: Manifest, val_path: Path, out: Path, cfg: StudyConfig, device: str,
              progress: bool) -> dict[str, float]:
     """The whole chain with one seed; each stage reuses what an earlier run left in ``out``."""
     demo = cfg.demo
-    ckpt = out / "classifier" / "classifier.pth"
-    if not ckpt.exists():
-        train_classifier(train, out / "classifier", demo.classifier.model_copy(update={"seed": seed}), device=device,
-                         progress=progress)
+    ckpt = train_demo_classifier(out, demo, train, val_path, device, progress, seed)
     model, _, _ = load_classifier(ckpt)
+    val = load_manifest(val_path)
     row = {"classifier_map": evaluate_classifier(model, val, device)["map"]}
     subset = train.subset([r.id for r in train.records[: demo.n_images]])
     row["cam_seed"] = _seed_score(run_cam(model, subset, out / "cam", demo.cam, device, progress), subset, cfg)
@@ -116,12 +113,11 @@ def run_seed(seed: int, train: Manifest, val: Manifest, out: Path, cfg: StudyCon
     for key, rib in (("rib_gap_seed", gndrp.model_copy(update={"pooling": "gap"})), ("rib_gndrp_seed", gndrp)):
         maps = run_rib(model, subset, pool, out / key, rib, device, progress)
         row[key] = _seed_score(maps, subset, cfg)
-    irn = demo.refine.irn.model_copy(update={"seed": seed, "init_weights": demo.refine.irn.init_weights or str(ckpt)})
-    refine_cfg = demo.refine.model_copy(update={"irn": irn})
+    refine_cfg = demo.refine.model_copy(update={"irn": demo.refine.irn.model_copy(update={"seed": seed})})
     refined_path = out / "refined" / "report.json"
     refined = (json.loads(refined_path.read_text()) if refined_path.exists() else
                refine_maps(out / "rib_gndrp_seed", subset, out / "refined", refine_cfg, device=device,
-                           progress=progress))
+                           progress=progress, classifier=str(ckpt)))
     row.update(seed_crf=refined["seeds_crf"]["miou"], confident_labels=refined["ir_labels"]["miou"],
                unlabelled_share=refined["ir_labels"]["ignored_fraction"], irn_mask=refined["masks"]["miou"])
     if cfg.use_deeplab:
@@ -178,10 +174,10 @@ def run_study(out_dir: str | os.PathLike[str], cfg: StudyConfig | None = None, d
     data_dir = out / "data"
     if not (data_dir / "val.jsonl").exists():
         make_demo_dataset(data_dir, cfg.demo.data)
-    train, val = load_manifest(data_dir / "train.jsonl"), load_manifest(data_dir / "val.jsonl")
-    per_seed = {s: run_seed(s, train, val, out / f"seed_{s}", cfg, device, progress) for s in cfg.seeds}
+    train, val_path = load_manifest(data_dir / "train.jsonl"), data_dir / "val.jsonl"
+    per_seed = {s: run_seed(s, train, val_path, out / f"seed_{s}", cfg, device, progress) for s in cfg.seeds}
     summary = {**summarise(per_seed), "per_seed": per_seed, "images": min(cfg.demo.n_images, len(train)),
-               "val_images": len(val),
+               "val_images": len(load_manifest(val_path)),
                "note": "seed rows: best threshold of the sweep, chosen on the scored images (as the paper); "
                        "every other setting fixed before the run",
                "config": cfg.model_dump(mode="json")}

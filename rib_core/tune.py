@@ -32,7 +32,8 @@ from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
 from rib_core.evaluation import EvalConfig, confusion, scores, seed_from_map, sweep_seeds
 from rib_core.irn import boundary_map, load_irn
-from rib_core.refine import RefineConfig, mask_from_scores, refine_maps, walk_scores
+from rib_core.random_walk import mask_from_scores, walk_scores
+from rib_core.refine import RefineConfig, refine_maps
 from rib_core.rib_config import RibConfig
 
 
@@ -166,7 +167,8 @@ def tune(classifier: str, manifest: Manifest | str, out_dir: str | os.PathLike[s
     report: dict[str, Any] = {"tuning_images": len(tuning), "rib_sweep": rows, "chosen": best["setting"],
                               "seed_threshold": best["seed_threshold"]}
     if cfg.tune_walk and refine.use_irn:
-        refined = refine_maps(best["maps"], tuning, out / "refine", refine, device=device, progress=progress)
+        refined = refine_maps(best["maps"], tuning, out / "refine", refine, device=device, progress=progress,
+                              classifier=classifier)
         curve = walk_curve(refined["irn_checkpoint"], Path(best["maps"]), tuning, refine, cfg.walk_thresholds, device)
         walk_bg = max(curve, key=lambda t: curve[t])
         refine = refine.model_copy(update={"walk": refine.walk.model_copy(update={"bg_threshold": walk_bg})})

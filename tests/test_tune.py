@@ -11,7 +11,8 @@ import pytest
 from rib_core.cli import main
 from rib_core.datasets import Manifest
 from rib_core.demo_data import DemoDataset
-from rib_core.refine import IrnTrainConfig, RefineConfig
+from rib_core.irn_training import IrnTrainConfig
+from rib_core.refine import RefineConfig
 from rib_core.rib_config import RibConfig
 from rib_core.tune import TuneConfig, tune
 from service.settings import Settings
@@ -25,7 +26,7 @@ def tuned(demo: DemoDataset, classifier_path: Path, tmp_path_factory: pytest.Tem
     out = tmp_path_factory.mktemp("tune")
     cfg = TuneConfig(rib=TINY_RIB, lrs=[1e-4, 1e-3], walk_thresholds=[0.2, 0.5],
                      refine=RefineConfig(irn=IrnTrainConfig(arch="resnet18", crop_size=64, batch_size=4, epochs=1,
-                                                            radius=5, init_weights=str(classifier_path))))
+                                                            radius=5)))
     report = tune(str(classifier_path), demo.train.subset(ids[:6]), out, cfg, companions=demo.train,
                   score_on=demo.train.subset(ids[6:9]), progress=False)
     return out, report
