@@ -96,7 +96,9 @@ def rib_params(overrides: dict[str, Any] | str | None, defaults: RibConfig, max_
     if not isinstance(overrides, dict | None):
         raise InputError(422, "rib must be a JSON object of RIB parameters")
     try:
-        cfg = RibConfig.model_validate({**defaults.model_dump(), **(overrides or {})})
+        # Only what the defaults set explicitly, so that a request's ``preset`` fills every field
+        # the operator left to the preset (a full dump would pin the VOC values).
+        cfg = RibConfig.model_validate({**defaults.model_dump(exclude_unset=True), **(overrides or {})})
     except ValidationError as e:
         raise InputError(422, "invalid RIB parameters",
                          [{"field": ".".join(map(str, err["loc"])), "error": err["msg"]} for err in e.errors()]) from e

@@ -113,6 +113,9 @@ def test_rib_parameters_override_the_defaults_within_bounds() -> None:
     cfg = rib_params('{"tau": 0.5}', defaults, 1024)
     assert (cfg.iterations, cfg.companions, cfg.tau) == (3, 4, 0.5)
     assert rib_params(None, defaults, 1024) == defaults
+    # A request's preset fills what the service's defaults leave to the preset; they keep the rest.
+    coco = rib_params({"preset": "coco"}, defaults, 1024)
+    assert (coco.lr, coco.companions, coco.tau, coco.iterations) == (5e-6, 4, 0.5, 3)
     for bad, message in (({"pooling": "max"}, "invalid RIB"), ({"map_scales": [1.0, 9.0]}, "scales"),
                          ({"loss_scales": [3.0]}, "loss scale"), ([1, 2], "JSON object"),
                          ({"resize_long": [320, 4096]}, "RIB_MAX_CROP_SIZE"), ({"unknown": 1}, "invalid RIB")):
