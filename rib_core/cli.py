@@ -4,8 +4,8 @@ Exit codes scripts can rely on: 0 success, 2 bad usage (argparse), 3 bad input (
 checkpoint, image or config that cannot be used; the message says what to fix), 1 anything else.
 Stage settings come from the stage's config object: ``--config file.json`` and/or ``--set
 key=value`` (dotted keys for nested settings, JSON values), e.g. ``--set iterations=5 --set
-pooling=gap``. Torch computes with ``RIB_TORCH_THREADS`` threads (default: every core this
-process may use, ``os.sched_getaffinity``).
+pooling=gap``. Torch computes with ``RIB_TORCH_THREADS`` threads (default: ``OMP_NUM_THREADS``
+if set, else every core this process may use, ``os.sched_getaffinity``).
 """
 
 from __future__ import annotations

@@ -20,8 +20,10 @@ def available_cores() -> int:
 
 
 def torch_threads(requested: int | None = None, processes: int = 1) -> int:
-    """``requested`` if given, else this process's share of the cores among ``processes`` (at least 1)."""
-    return requested or max(1, available_cores() // max(1, processes))
+    """``requested`` if given, else an explicit ``OMP_NUM_THREADS``, else this process's share of the
+    cores among ``processes`` (at least 1)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return requested or (int(omp) if omp.isdigit() and int(omp) > 0 else max(1, available_cores() // max(1, processes)))
 
 
 def use_torch_threads(requested: int | None = None, processes: int = 1) -> int:

@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     # delivery: every image ends done or failed, whatever happens to its worker, its chunk or Redis.
     max_attempts: int = Field(3, ge=1)  # attempts per image (worker lost, time limit) before it fails with the reason
     lease_s: int = Field(300, ge=2)     # a running image without a heartbeat this long is handed out again
-    torch_threads: int | None = Field(None, ge=1)  # per worker process; unset: its CPU cores / its concurrency
+    torch_threads: int | None = Field(None, ge=1)  # per worker; unset: OMP_NUM_THREADS, else cores / concurrency
     # Default RIB parameters of every request; a request overrides single fields.
     rib_defaults: RibConfig = Field(default_factory=RibConfig)
 

@@ -138,7 +138,10 @@ def test_a_job_redis_lost_is_rebuilt_from_storage(store: JobStore, tmp_path: Pat
 # ------------------------------------------------------------------------------------ threads and commands
 
 
-def test_torch_threads_come_from_the_cores_this_process_has() -> None:
+def test_torch_threads_come_from_the_cores_this_process_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert torch_threads(None, 1) == 1 and torch_threads(2, 1) == 2  # an explicit count wins
+    monkeypatch.delenv("OMP_NUM_THREADS")
     cores = available_cores()
     assert cores == len(os.sched_getaffinity(0))
     assert torch_threads(None, 1) == cores and torch_threads(None, 4 * cores) == 1 and torch_threads(3, 8) == 3

@@ -419,6 +419,10 @@ def test_training_jobs_run_on_the_training_queue(stack: Stack) -> None:
     manifest_uri = upload_dataset(stack.s3, BUCKET, "deeplab-data", stack.train, records=8, masks=True)
     # A training worker's visibility timeout must exceed its longest job (the image workers' 20 s would not).
     env = {**stack.env, "RIB_VISIBILITY_TIMEOUT_S": "3600", "RIB_CHUNK_TIME_LIMIT_S": "1800"}
+    # Every consumer of a broker restores any task unacknowledged for longer than its own visibility
+    # timeout, whatever the queue: with the image worker's 20 s, a training job longer than that is
+    # handed out again and again. So the image worker pauses while the training jobs run.
+    stack.worker.stop()
     trainer = start_worker(env, stack.logs / "trainer.log", "rib.training", "trainer")
     tiny = {"arch": "resnet18", "iterations": 3, "batch_size": 2, "crop_size": 64, "retrain": False,
             "checkpoint_every": 2, "scales": [1.0]}
@@ -454,3 +458,4 @@ def test_training_jobs_run_on_the_training_queue(stack: Stack) -> None:
             assert missing["state"] == "failed" and "none.pth" in missing["error"]
     finally:
         trainer.stop()
+        stack.new_worker("worker-3")

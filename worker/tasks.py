@@ -208,6 +208,7 @@ def start_reaper(**_: Any) -> None:
                 log.exception("reaper round failed")
 
     threading.Thread(target=loop, name="rib-reaper", daemon=True).start()
+    log.info("torch: %d thread(s) per worker process; reaper: every %.0f s", _threads, settings.lease_s / 2)
 
 
 @signals.task_failure.connect
@@ -231,7 +232,6 @@ def set_torch_threads(sender: Any = None, **_: Any) -> None:
     """Split this machine's cores among the worker's processes (``RIB_TORCH_THREADS`` overrides)."""
     global _threads
     _threads = use_torch_threads(get_settings().torch_threads, getattr(sender, "concurrency", 1) or 1)
-    log.info("torch uses %d thread(s) per worker process", _threads)
 
 
 @signals.worker_process_init.connect
