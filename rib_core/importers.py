@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 from xml.etree import ElementTree
 
 import numpy as np
@@ -30,9 +32,32 @@ def _voc_labels_from_xml(root: Path, image_id: str) -> list[str]:
     return [c for c in VOC_CLASSES if c in names]
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers only: a pickle naming any other callable (which
+    is how a pickle runs code) is refused."""
+
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        [(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")]
+        + [("numpy", "ndarray"), ("numpy", "dtype")])
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a label table")
+        return super().find_class(module, name)
+
+
 def _voc_labels_from_npy(path: Path) -> dict[str, list[str]]:
-    # IRN's cls_labels.npy is a pickled {int id: 20-vector} dict; only load files you trust.
-    table = np.load(path, allow_pickle=True).item()
+    """IRN's cls_labels.npy: a pickled {int id: 20-vector} dict, read without running anything in it."""
+    with path.open("rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, _, dtype = read_header(f)
+        if not dtype.hasobject:
+            raise ValueError(f"{path} is not IRN's cls_labels.npy (an array of {dtype}, not a pickled dict)")
+        try:
+            table = _ArraysOnly(f).load().item()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path} is not IRN's cls_labels.npy: {e}") from e
     out = {}
     for key, vec in table.items():
         s = str(int(key)) if not isinstance(key, str) else key.replace("_", "")

@@ -385,7 +385,7 @@ async def submit_image(
     await run_in_threadpool(decode_upload, data, s.max_upload_bytes, s.max_image_pixels)
     job_id = uuid.uuid4().hex
     await run_in_threadpool(svc.submit_upload, job_id, image_id, names, data, params, owner)
-    deadline = time.monotonic() + wait
+    deadline, delay = time.monotonic() + wait, 0.2
     while wait:
         status = await run_in_threadpool(svc.store.status, job_id)
         if status["state"] in FINISHED:
@@ -393,7 +393,9 @@ async def submit_image(
             return JSONResponse({**status, "results": results}, status_code=200)
         if time.monotonic() >= deadline:
             break
-        await asyncio.sleep(0.2)
+        # Back off to one look a second: many waiting clients must not keep the thread pool busy.
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(1.0, delay * 1.5)
     return _accepted(job_id, {"image_id": image_id})
 
 

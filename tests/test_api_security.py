@@ -30,6 +30,7 @@ from PIL import Image
 
 from rib_core.checkpoints import CheckpointError
 from rib_core.datasets import Manifest, ManifestRecord
+from rib_core.importers import _voc_labels_from_npy
 from rib_core.storage import open_storage
 from rib_core.train_deeplab import DeepLabTrainConfig, train_deeplab
 from service.jobs import JobStore, image_key
@@ -338,3 +339,16 @@ def test_readyz_times_out_and_hides_internals_without_a_key(api: Api, monkeypatc
     checks = detailed.json()["checks"]
     assert checks["redis"].startswith("no answer within") and checks["broker"] not in ("ok", "failing"), checks
     assert checks["classifier_uri"] == "not found: None"
+
+
+def test_irn_label_table_is_read_without_running_code(tmp_path: Path) -> None:
+    """IRN's cls_labels.npy is a pickle: only numpy arrays and plain containers are taken from it."""
+    eye = np.eye(20, dtype=np.float32)
+    np.save(tmp_path / "cls_labels.npy", {2007000032: eye[0] + eye[14], 2008000123: eye[11]})
+    assert _voc_labels_from_npy(tmp_path / "cls_labels.npy") == {"2007_000032": ["aeroplane", "person"],
+                                                                 "2008_000123": ["dog"]}
+    marker = tmp_path / "code-ran"
+    np.save(tmp_path / "planted.npy", np.array({"x": _RunsCode(marker)}, dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="not allowed"):
+        _voc_labels_from_npy(tmp_path / "planted.npy")
+    assert not marker.exists()
