@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Extra arguments go to pytest (e.g. -k rib).
+# --fast: the fast lane, every test that trains no network and starts no service stack (marked
+# "heavy" in tests/conftest.py), in about a minute.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  set -- -m "not heavy" "$@"
+fi
 .venv/bin/pytest -q -p no:cacheprovider --durations=10 "$@"
 status=$?
 if [ $status -eq 5 ]; then

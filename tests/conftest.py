@@ -27,6 +27,17 @@ SMALL_CLASSIFIER = ClassifierTrainConfig(
 )
 
 
+# Fixtures that train a network or start a service stack (uvicorn, Celery workers): a test that
+# uses one is marked ``heavy`` and left out of the fast lane (``bash scripts/test.sh --fast``).
+HEAVY_FIXTURES = frozenset({"classifier_path", "stack", "faults", "demo_run", "trained", "tuned"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.heavy)
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoDataset:
     """192 train + 16 val MNIST scenes of 64x64 with ground-truth masks."""

@@ -111,6 +111,7 @@ def test_eval_classifier_command_on_ours_and_irn_layout(trained, tmp_path):
     assert cam.returncode == 0 and f"validation mAP {100 * recorded['map']:.1f}%" in cam.stderr
 
 
+@pytest.mark.heavy  # trains a network
 def test_scratch_recipe_fills_its_defaults_and_resumes(demo, tmp_path):
     cfg = ClassifierTrainConfig(recipe="scratch", lr=1e-3)
     assert cfg.lr == 1e-3 and cfg.from_scratch and cfg.colour_augment and cfg.warmup_epochs > 0

@@ -188,6 +188,7 @@ def test_train_evaluate_predict_jobs_on_demo(demo: DemoDataset, tmp_path: Path) 
     assert set(np.unique(np.asarray(mask))) <= set(range(len(demo.val.classes) + 1))
 
 
+@pytest.mark.heavy  # trains a network
 def test_resume_continues_the_same_run(demo: DemoDataset, tmp_path: Path) -> None:
     """Stop after 3 of 6 steps (the state kept at step 3), resume: the same weights and losses as
     an uninterrupted run. DeepLabV3's head has dropout, so the RNG state must come back too."""
@@ -212,6 +213,7 @@ def test_resume_continues_the_same_run(demo: DemoDataset, tmp_path: Path) -> Non
         train_deeplab(subset, tmp_path / "resumed", cfg.model_copy(update={"lr": 0.5}), progress=False)
 
 
+@pytest.mark.heavy  # starts processes
 def test_ddp_with_torchrun_matches_one_process(demo: DemoDataset, tmp_path: Path) -> None:
     """Two gloo processes under torchrun, 2 images each, give the weights of one process with
     batches of 4: DistributedSampler splits each global batch, DDP averages the gradients."""

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import yaml
 
 from service.settings import Settings
@@ -149,6 +150,7 @@ def test_dockerfiles_copy_what_exists_and_run_the_compose_commands():
     assert "'.[api]'" in _dockerfile("api.Dockerfile") and "'.[worker]'" in _dockerfile("worker.Dockerfile")
 
 
+@pytest.mark.heavy  # starts processes
 def test_worker_commands_name_real_queues_tasks_and_options(tmp_path):
     env = {**os.environ, "RIB_STORAGE_URI": str(tmp_path), "RIB_API_KEYS": "k"}
     s = Settings()
@@ -174,6 +176,7 @@ def test_redis_healthcheck_answers_here():
     assert out.stdout.strip() == "PONG"
 
 
+@pytest.mark.heavy  # starts processes
 def test_api_command_serves_and_passes_its_healthcheck(tmp_path):
     cmd = SERVICES["api"]["command"]
     assert cmd[:2] == ["uvicorn", "service.main:app"] and cmd[cmd.index("--port") + 1] == "8000"
@@ -186,6 +189,7 @@ def test_api_command_serves_and_passes_its_healthcheck(tmp_path):
         assert healthy, (tmp_path / "uvicorn.log").read_text()
 
 
+@pytest.mark.heavy  # starts processes
 def test_flower_command_serves_and_passes_its_healthcheck(tmp_path):
     cmd = SERVICES["flower"]["command"]
     assert cmd[:4] == ["celery", "-A", "worker.celery_app", "flower"] and "--port=5555" in cmd
@@ -227,6 +231,7 @@ def test_setup_and_ci_scripts():
     assert "scripts/setup.sh" in ci and "ruff check" in ci and "scripts/test.sh" in ci
 
 
+@pytest.mark.heavy  # starts processes
 def test_ci_fails_on_an_empty_or_failing_suite_and_passes_a_passing_one(tmp_path):
     clone = _ci_clone(tmp_path)
     empty = _ci(clone)

@@ -158,6 +158,7 @@ def test_torch_threads_come_from_the_cores_this_process_has(monkeypatch: pytest.
         torch.set_num_threads(before)
 
 
+@pytest.mark.heavy  # starts processes
 def test_rib_serve_and_rib_worker_run_without_the_venv_on_path(tmp_path: Path) -> None:
     with redis_server(tmp_path) as url:
         port = free_port()

@@ -203,6 +203,7 @@ def test_baseline_chain_beats_all_background(demo, classifier_path, tmp_path):
     assert np.all((np.abs(peaks - 1) < 1e-3) | (peaks == 0)), peaks
 
 
+@pytest.mark.heavy  # trains a network
 def test_classifier_training_resumes_the_same_run(demo, tmp_path):
     cfg = ClassifierTrainConfig(arch="resnet18", batch_size=8, epochs=2, lr=0.05, crop_size=48,
                                 resize_long=(40, 56), from_scratch=True)

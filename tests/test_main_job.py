@@ -61,6 +61,7 @@ def _rib(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "rib_core.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.heavy  # starts processes
 def test_cli_exit_codes_and_messages(demo, tmp_path):
     assert _rib("--help").returncode == 0
     assert _rib("rib", "--help").returncode == 0
