@@ -29,9 +29,9 @@ from rib_core.rib_config import RibConfig
 from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
 from rib_core.visualize import label_png, map_overlay, png_bytes
 
-# The canvas (README "The demo"): at output stride 16 a 96 px scene is a 6x6 CAM in which a
+# The canvas (README "Why 96 px scenes"): at output stride 16 a 96 px scene is a 6x6 CAM in which a
 # 30-46 px digit covers 2-3 cells, and IRN's stride-4 walk gets a 24x24 map in which a digit's
-# thickened strokes are about two cells wide; a 64 px scene gave a 4x4 CAM and strokes narrower
+# thickened strokes (4-7 px) are one to two cells wide; a 64 px scene gave a 4x4 CAM and strokes narrower
 # than one walk cell. Larger canvases cost RIB (per image) and the classifier (per epoch) about
 # the square of the side, which 2 CPU cores do not have in the demo's 10 minutes.
 DEMO_CANVAS = 96
