@@ -128,6 +128,36 @@ def load_classifier(uri: str | os.PathLike[str], classes: Sequence[str] | None =
     return model, names, extra
 
 
+def load_backbone(backbone: torch.nn.Module, arch: str, uri: str | os.PathLike[str]) -> str:
+    """Initial backbone weights from a user-given file, for every network that starts from a ResNet
+    (the classifier, IRN, DeepLab); returns what kind of file it was.
+
+    Accepted: a CAM classifier (ours, or IRN/RIB's ``res50_cam.pth``: its backbone) or a
+    torchvision ResNet state dict such as ImageNet weights (the paper's initialisation). ``fc.*``
+    is ignored on both sides. Anything else, or another ``arch``, is refused with the reason.
+    """
+    obj = read_checkpoint(uri)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{uri} holds a {type(obj).__name__}, not a state dict or a checkpoint")
+    if obj.get("format") == FORMAT or is_official_layout(obj):
+        classifier, _, _ = load_classifier(uri)
+        if classifier.arch != arch:
+            raise CheckpointError(f"{uri} has a {classifier.arch} backbone; this network is a {arch}: give a "
+                                  f"{arch} checkpoint or set its arch to {classifier.arch}")
+        state, kind = classifier.backbone.state_dict(), "classifier"
+    else:
+        state, kind = dict(obj), "resnet"
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    bad_shape = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(f"{uri} is not a torchvision {arch} state dict (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]})")
+    backbone.load_state_dict(state, strict=False)  # everything but fc.*, checked above
+    return kind
+
+
 def _load_state(model: CamNet, state: Mapping[str, torch.Tensor], uri: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

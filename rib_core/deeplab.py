@@ -22,8 +22,7 @@ from torch import nn
 from torchvision.models import segmentation
 from torchvision.models._utils import IntermediateLayerGetter
 
-from rib_core.checkpoints import FORMAT as CAM_FORMAT
-from rib_core.checkpoints import CheckpointError, is_official_layout, load_classifier, read_checkpoint, save_atomically
+from rib_core.checkpoints import CheckpointError, load_backbone, read_checkpoint, save_atomically
 from rib_core.networks import BACKBONES, feature_channels
 
 DEEPLAB_FORMAT = "rib-deeplab"
@@ -208,18 +207,4 @@ def load_initial_weights(model: DeepLab, uri: str | os.PathLike[str]) -> str:
                                   f"this run builds a {model.kind}/{model.arch} with {model.num_classes}")
         model.load_state_dict(obj["state_dict"])
         return "deeplab"
-    if obj.get("format") == CAM_FORMAT or is_official_layout(obj):
-        classifier, _, _ = load_classifier(uri)
-        if classifier.arch != model.arch:
-            raise CheckpointError(f"{uri} has a {classifier.arch} backbone; this run builds a {model.arch}")
-        state, kind = classifier.backbone.state_dict(), "classifier"
-    else:
-        state, kind = {k: v for k, v in obj.items() if not k.startswith("fc.")}, "resnet"
-    expected = model.backbone.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    bad_shape = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
-    if missing or unexpected or bad_shape:
-        raise CheckpointError(f"{uri} is not a torchvision {model.arch} state dict (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]})")
-    model.backbone.load_state_dict(state)
-    return kind
+    return load_backbone(model.backbone, model.arch, uri)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rib_core import augment
-from rib_core.checkpoints import FORMAT as CAM_FORMAT
-from rib_core.checkpoints import is_official_layout, load_classifier, read_checkpoint
+from rib_core.checkpoints import load_backbone
 from rib_core.classes import IGNORE_INDEX
 from rib_core.datasets import Manifest, load_image, load_mask
 from rib_core.irn import IrnNet, PathIndex, irn_loss, save_irn
 from rib_core.optim import PolySGD, irn_param_groups
-from rib_core.train_classifier import _load_backbone
 
 
 class IrnTrainConfig(BaseModel):
@@ -75,19 +72,6 @@ def irn_backbone(cfg: IrnTrainConfig, classifier: str | os.PathLike[str] | None)
                      "came from (rib refine --classifier CKPT; refine_maps(classifier=...)) to use its "
                      "backbone, or set irn.init_weights to an ImageNet ResNet state dict (the official "
                      "code's choice); IRN on a random frozen backbone learns nothing")
-
-
-def _init_backbone(model: IrnNet, uri: str) -> None:
-    """Backbone weights from a classifier checkpoint (ours or IRN's) or a torchvision state dict."""
-    obj = read_checkpoint(uri)
-    if isinstance(obj, Mapping) and (obj.get("format") == CAM_FORMAT or is_official_layout(obj)):
-        classifier, _, _ = load_classifier(uri)
-        if classifier.arch != model.arch:
-            raise ValueError(f"{uri} has a {classifier.arch} backbone; IRN is configured for {model.arch}: "
-                             f"set irn.arch={classifier.arch}")
-        model.backbone.load_state_dict(classifier.backbone.state_dict())
-    else:
-        _load_backbone(model, uri)
 
 
 class IrnDataset(Dataset):
@@ -169,7 +153,7 @@ def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: st
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = IrnNet(cfg.arch, cfg.crop_size)
-    _init_backbone(model, backbone)
+    load_backbone(model.backbone, model.arch, backbone)
     edge_params, dp_params = model.param_groups()
     optimizer = PolySGD(irn_param_groups(edge_params, dp_params, cfg.lr, cfg.weight_decay),
                         max_step=steps_per_epoch * cfg.epochs, power=cfg.poly_power, momentum=cfg.momentum)

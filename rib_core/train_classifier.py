@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from rib_core.checkpoints import save_atomically, save_classifier
+from rib_core.checkpoints import load_backbone, save_atomically, save_classifier
 from rib_core.classifier_eval import evaluate_classifier
 from rib_core.datasets import ClassificationDataset, Manifest, load_manifest
 from rib_core.networks import CamNet
@@ -75,19 +75,6 @@ class ClassifierTrainConfig(BaseModel):
         if isinstance(data, dict) and data.get("recipe") == "scratch":
             return {**SCRATCH_RECIPE, **data}
         return data
-
-
-def _load_backbone(model: CamNet, uri: str) -> None:
-    import io
-
-    from rib_core.storage import read_bytes
-
-    state = torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("fc.")]:
-        raise ValueError(f"{uri} is not a torchvision {model.arch} state dict "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 class _WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
@@ -149,9 +136,7 @@ def train_classifier(manifest: Manifest, out_dir: str | os.PathLike[str],
     torch.manual_seed(cfg.seed)
     model = CamNet(len(manifest.classes), cfg.arch)
     if cfg.init_weights:
-        from rib_core.refine import _init_backbone  # refine imports this module
-
-        _init_backbone(model, cfg.init_weights)
+        load_backbone(model.backbone, model.arch, cfg.init_weights)
     model.set_from_scratch(cfg.from_scratch)
     dataset = ClassificationDataset(manifest, cfg.crop_size, cfg.resize_long, cfg.hflip, cfg.seed)
     steps_per_epoch = len(dataset) // cfg.batch_size
