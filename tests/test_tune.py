@@ -53,11 +53,20 @@ def test_tune_scores_every_point_and_keeps_the_best(tuned):
 def test_tuned_settings_are_accepted_by_rib_refine_and_the_service(tuned, demo, classifier_path, tmp_path,
                                                                     monkeypatch):
     out, _ = tuned
-    manifest = tmp_path / "two.jsonl"
-    demo.train.subset([r.id for r in demo.train.records[:2]]).save(manifest)
-    assert main(["rib", str(classifier_path), str(manifest), str(tmp_path / "maps"), "--config",
-                 str(out / "rib.json"), "--quiet", "--device", "cpu"]) == 0
-    assert len(list((tmp_path / "maps").glob("*.npz"))) == 2
+    train = demo.train
+    four = Manifest(train.classes, [replace(r, image=train.image_uri(r), mask=train.mask_uri(r))
+                                    for r in train.records[:4]])
+    four.save(tmp_path / "four.jsonl")
+    args = [str(classifier_path), str(tmp_path / "four.jsonl")]
+    assert main(["rib", *args, str(tmp_path / "maps"), "--config", str(out / "rib.json"), "--quiet",
+                 "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "maps").glob("*.npz"))) == 4
+    assert main(["refine", str(tmp_path / "maps"), str(tmp_path / "four.jsonl"), str(tmp_path / "refined"),
+                 "--config", str(out / "refine.json"), "--classifier", str(classifier_path), "--quiet",
+                 "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "refined" / "report.json").read_text())
+    tuned_refine = RefineConfig.model_validate_json((out / "refine.json").read_text())
+    assert report["seed_threshold"] == tuned_refine.seed_threshold  # not re-chosen on these images
     monkeypatch.setenv("RIB_RIB_DEFAULTS", (out / "rib.json").read_text())
     assert Settings().rib_defaults == RibConfig.model_validate(json.loads((out / "rib.json").read_text()))
 
