@@ -112,7 +112,7 @@ def _print_classifier_quality(uri: str, extra: dict[str, Any] | None = None) -> 
     """Which classifier a stage starts from and its recorded validation mAP; a warning when weak."""
     from rib_core.classifier_eval import classifier_quality
 
-    quality = classifier_quality(extra, checkpoint=uri) if extra is not None else classifier_quality(uri)
+    quality = classifier_quality(uri if extra is None else extra, checkpoint=uri)
     print(quality["summary"], file=sys.stderr)
     if quality["warning"]:
         print(f"warning: {quality['warning']}", file=sys.stderr)

@@ -21,7 +21,7 @@ from rib_core.classifier_eval import classifier_quality
 from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
-from rib_core.evaluation import all_background_miou, sweep_seeds
+from rib_core.evaluation import all_background_miou, sweep_folder
 from rib_core.irn_training import IrnTrainConfig
 from rib_core.refine import RefineConfig, refine_maps
 from rib_core.report import write_html_report
@@ -103,12 +103,6 @@ def train_demo_classifier(out: Path, cfg: DemoJobConfig, train: Manifest, val_ma
     return ckpt
 
 
-def _seed_metrics(maps_dir: Path, manifest: Any, cfg: DemoJobConfig) -> dict[str, Any]:
-    pairs = ((LocalizationMap.load(maps_dir / f"{r.id}.npz"), load_mask(manifest.mask_uri(r)))
-             for r in manifest.records)
-    return sweep_seeds(pairs, len(manifest.classes), cfg.refine.evaluation, manifest.classes)
-
-
 def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str = "cpu",
              progress: bool = True) -> dict[str, Any]:
     """Run every stage under ``out_dir``; returns the metrics and writes ``report.html``/``report.json``."""
@@ -149,8 +143,8 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
                           classifier=str(ckpt))
     stage("refine_s", t)
 
-    cam_seed = _seed_metrics(out / "cam", subset, cfg)
-    rib_seed = _seed_metrics(out / "rib", subset, cfg)
+    cam_seed = sweep_folder(out / "cam", subset, cfg.refine.evaluation)
+    rib_seed = sweep_folder(out / "rib", subset, cfg.refine.evaluation)
     floor = all_background_miou((load_mask(subset.mask_uri(r)) for r in subset.records), len(subset.classes))
 
     def row(method: str, s: dict[str, Any], detail: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.cam import LocalizationMap
 from rib_core.classes import IGNORE_INDEX
+from rib_core.datasets import Manifest, load_mask
 from rib_core.presets import Preset, with_preset
 
 # The seed sweeps of RIB's run_sample.py (VOC: i / 100 for i in range(20, 50)) and
@@ -106,6 +107,14 @@ def sweep_seeds(pairs: Iterable[tuple[LocalizationMap, np.ndarray]], n_classes: 
     best_t = max(curve, key=lambda t: curve[t]["miou"])
     return {"images": n, "best_threshold": best_t, "best": curve[best_t],
             "curve": {f"{t:.2f}": v["miou"] for t, v in curve.items()}}
+
+
+def sweep_folder(maps_dir: str | Path, manifest: Manifest, cfg: EvalConfig | None = None) -> dict[str, Any]:
+    """:func:`sweep_seeds` of the maps ``maps_dir/<id>.npz`` of every image of ``manifest`` against its
+    ground-truth mask (every record needs one)."""
+    maps = Path(maps_dir)
+    pairs = ((LocalizationMap.load(maps / f"{r.id}.npz"), load_mask(manifest.mask_uri(r))) for r in manifest.records)
+    return sweep_seeds(pairs, len(manifest.classes), cfg, manifest.classes)
 
 
 def evaluate_masks(pairs: Iterable[tuple[np.ndarray, np.ndarray]], n_classes: int,

@@ -9,11 +9,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from rib_core.batching import run_rib
-from rib_core.cam import CamConfig, LocalizationMap, run_cam
+from rib_core.cam import CamConfig, run_cam
 from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
 from rib_core.datasets import load_manifest, load_mask
-from rib_core.evaluation import EvalConfig, all_background_miou, sweep_seeds, write_report
+from rib_core.evaluation import EvalConfig, all_background_miou, sweep_folder, write_report
 from rib_core.rib_config import RibConfig
 
 
@@ -53,8 +53,7 @@ def compare_pooling(classifier: str, manifest_uri: str, out_dir: str | os.PathLi
     gts = {r.id: load_mask(manifest.mask_uri(r)) for r in manifest.records}
     rows = []
     for method, folder in variants.items():
-        sweep = sweep_seeds(((LocalizationMap.load(folder / f"{i}.npz"), g) for i, g in gts.items()),
-                            len(manifest.classes), cfg.evaluation, manifest.classes)
+        sweep = sweep_folder(folder, manifest, cfg.evaluation)
         best = sweep["best"]
         rows.append({"method": method, "miou": best["miou"], "threshold": sweep["best_threshold"],
                      "precision": best["precision"], "recall": best["recall"], "f1": best["f1"],

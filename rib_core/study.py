@@ -24,15 +24,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from rib_core.batching import run_rib
-from rib_core.cam import LocalizationMap, run_cam
+from rib_core.cam import run_cam
 from rib_core.checkpoints import load_classifier
 from rib_core.classifier_eval import evaluate_classifier
 from rib_core.companions import CompanionPool
-from rib_core.datasets import Manifest, load_manifest, load_mask
+from rib_core.datasets import Manifest, load_manifest
 from rib_core.deeplab import load_deeplab
 from rib_core.demo_data import make_demo_dataset
 from rib_core.demo_job import DemoJobConfig, train_demo_classifier
-from rib_core.evaluation import sweep_seeds
+from rib_core.evaluation import sweep_folder
 from rib_core.refine import refine_maps
 from rib_core.train_deeplab import DeepLabTrainConfig, evaluate, train_deeplab, train_with_retraining
 
@@ -82,9 +82,8 @@ class StudyConfig(BaseModel):
     use_deeplab: bool = True  # False: stop at the pseudo-masks (no DeepLab rows)
 
 
-def _seed_score(maps: Path, manifest: Manifest, cfg: StudyConfig) -> float:
-    pairs = ((LocalizationMap.load(maps / f"{r.id}.npz"), load_mask(manifest.mask_uri(r))) for r in manifest.records)
-    return sweep_seeds(pairs, len(manifest.classes), cfg.demo.refine.evaluation, manifest.classes)["best"]["miou"]
+def _seed_score(maps: Path, manifest: Manifest, demo: DemoJobConfig) -> float:
+    return sweep_folder(maps, manifest, demo.refine.evaluation)["best"]["miou"]
 
 
 def _deeplab_miou(train: Manifest, val: Manifest, out: Path, dl: DeepLabTrainConfig, device: str,
@@ -107,12 +106,12 @@ def run_seed(seed: int, train: Manifest, val_path: Path, out: Path, cfg: StudyCo
     val = load_manifest(val_path)
     row = {"classifier_map": evaluate_classifier(model, val, device)["map"]}
     subset = train.subset([r.id for r in train.records[: demo.n_images]])
-    row["cam_seed"] = _seed_score(run_cam(model, subset, out / "cam", demo.cam, device, progress), subset, cfg)
+    row["cam_seed"] = _seed_score(run_cam(model, subset, out / "cam", demo.cam, device, progress), subset, demo)
     pool = CompanionPool.from_manifest(train)
     gndrp = demo.rib.model_copy(update={"pooling": "gndrp", "seed": seed})
     for key, rib in (("rib_gap_seed", gndrp.model_copy(update={"pooling": "gap"})), ("rib_gndrp_seed", gndrp)):
         maps = run_rib(model, subset, pool, out / key, rib, device, progress)
-        row[key] = _seed_score(maps, subset, cfg)
+        row[key] = _seed_score(maps, subset, demo)
     refine_cfg = demo.refine.model_copy(update={"irn": demo.refine.irn.model_copy(update={"seed": seed})})
     refined_path = out / "refined" / "report.json"
     refined = (json.loads(refined_path.read_text()) if refined_path.exists() else

@@ -311,14 +311,14 @@ class JobStore:
         k = self._keys(job_id)
         result = json.dumps({"artifacts": sorted(artifacts), "seconds": seconds})
         keys = [k["job"], k["running"], k["failed"], k["beat"], k["done"], k["results"], STATS_KEY]
-        return bool(self._mark_done(keys=keys + list(self._keys(job_id).values()),
+        return bool(self._mark_done(keys=keys + list(k.values()),
                                     args=[image_id, result, "" if seconds is None else seconds, self.ttl_s]))
 
     def mark_failed(self, job_id: str, image_id: str, error: str) -> bool:
         """False (and nothing written) when Redis no longer has the job or the image is already done."""
         k = self._keys(job_id)
         keys = [k["job"], k["running"], k["failed"], k["beat"], k["done"], STATS_KEY]
-        return bool(self._mark_failed(keys=keys + list(self._keys(job_id).values()),
+        return bool(self._mark_failed(keys=keys + list(k.values()),
                                       args=[image_id, error[:2000], self.ttl_s]))
 
     def reap(self, lease_s: float, max_attempts: int) -> dict[str, list[JobItem]]:

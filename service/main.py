@@ -94,7 +94,7 @@ class Service:
 
     def record(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, owner: str) -> None:
         """Record the job in Redis, then keep the request in storage, so that a job Redis loses can be
-        rebuilt from it; with storage down the job is cancelled and the client told to retry."""
+        rebuilt from it; with storage down the job ends failed (:meth:`fail_unstored`)."""
         params = rib.model_dump(mode="json")
         self.store.create(job_id, kind, items, params, owner)
         try:
