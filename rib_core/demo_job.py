@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,46 +105,10 @@ def train_demo_classifier(out: Path, cfg: DemoJobConfig, train: Manifest, val_ma
     return ckpt
 
 
-def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str = "cpu",
-             progress: bool = True) -> dict[str, Any]:
-    """Run every stage under ``out_dir``; returns the metrics and writes ``report.html``/``report.json``."""
-    cfg = cfg or DemoJobConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    timing: dict[str, float] = {}
-
-    def stage(name: str, started: float) -> None:
-        timing[name] = round(time.perf_counter() - started, 1)
-
-    t = time.perf_counter()
-    data_dir = out / "data"
-    if not (data_dir / "val.jsonl").exists():
-        make_demo_dataset(data_dir, cfg.data)
-    train = load_manifest(data_dir / "train.jsonl")
-    stage("data_s", t)
-
-    t = time.perf_counter()
-    ckpt = train_demo_classifier(out, cfg, train, data_dir / "val.jsonl", device, progress)
-    model, _, extra = load_classifier(ckpt)
-    quality = classifier_quality(extra, checkpoint=str(ckpt))
-    stage("classifier_s", t)
-
-    subset = train.subset([r.id for r in train.records[: cfg.n_images]])
-    t = time.perf_counter()
-    run_cam(model, subset, out / "cam", cfg.cam, device, progress)
-    stage("cam_s", t)
-
-    t = time.perf_counter()
-    pool = CompanionPool.from_manifest(train)
-    run_rib(model, subset, pool, out / "rib", cfg.rib, device, progress)
-    stage("rib_s", t)
-
-    t = time.perf_counter()
-    # No ImageNet weights here: IRN's frozen backbone is the demo classifier's (irn_backbone's rule).
-    refined = refine_maps(out / "rib", subset, out / "refined", cfg.refine, device=device, progress=progress,
-                          classifier=str(ckpt))
-    stage("refine_s", t)
-
+def stage_scores(out: Path, subset: Manifest, cfg: DemoJobConfig, refined: dict[str, Any],
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The demo's stage table (the all-background floor, CAM and RIB seeds at the best threshold of
+    the sweep as the paper reports them, seed + CRF, the IRN pseudo-mask) and the two seed sweeps."""
     cam_seed = sweep_folder(out / "cam", subset, cfg.refine.evaluation)
     rib_seed = sweep_folder(out / "rib", subset, cfg.refine.evaluation)
     floor = all_background_miou((load_mask(subset.mask_uri(r)) for r in subset.records), len(subset.classes))
@@ -151,15 +117,19 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
         return {"method": method, "miou": s["miou"], "precision": s["precision"], "recall": s["recall"],
                 "f1": s["f1"], "detail": detail}
 
-    metrics = [
+    return [
         {"method": "all background", "miou": floor, "detail": "the floor"},
         row("CAM seed", cam_seed["best"], f"best threshold {cam_seed['best_threshold']:.2f}"),
         row("RIB seed (M)", rib_seed["best"], f"best threshold {rib_seed['best_threshold']:.2f}"),
         row("RIB seed + CRF", refined["seeds_crf"], f"threshold {refined['seed_threshold']:.2f}"),
         row("RIB + IRN pseudo-mask", refined["masks"], "random walk on M"),
-    ]
+    ], {"cam_seed": cam_seed, "rib_seed": rib_seed}
+
+
+def report_rows(out: Path, subset: Manifest, n: int) -> list[dict[str, Any]]:
+    """Pictures of the first ``n`` images: input, CAM, M, pseudo-mask and ground truth (PNG bytes)."""
     rows = []
-    for r in subset.records[: cfg.report_rows]:
+    for r in subset.records[:n]:
         image = load_image(subset.image_uri(r))
         cam, rib = LocalizationMap.load(out / "cam" / f"{r.id}.npz"), LocalizationMap.load(out / "rib" / f"{r.id}.npz")
         rows.append({
@@ -169,10 +139,48 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
             "pseudo-mask": (out / "refined" / "masks" / f"{r.id}.png").read_bytes(),
             "ground truth": label_png(load_mask(subset.mask_uri(r))),
         })
+    return rows
+
+
+def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str = "cpu",
+             progress: bool = True) -> dict[str, Any]:
+    """Run every stage under ``out_dir``; returns the metrics and writes ``report.html``/``report.json``."""
+    cfg = cfg or DemoJobConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        timing[name] = round(time.perf_counter() - started, 1)
+
+    data_dir = out / "data"
+    with stage("data_s"):
+        if not (data_dir / "val.jsonl").exists():
+            make_demo_dataset(data_dir, cfg.data)
+        train = load_manifest(data_dir / "train.jsonl")
+    with stage("classifier_s"):
+        ckpt = train_demo_classifier(out, cfg, train, data_dir / "val.jsonl", device, progress)
+        model, _, extra = load_classifier(ckpt)
+        quality = classifier_quality(extra, checkpoint=str(ckpt))
+    subset = train.subset([r.id for r in train.records[: cfg.n_images]])
+    with stage("cam_s"):
+        run_cam(model, subset, out / "cam", cfg.cam, device, progress)
+    with stage("rib_s"):
+        run_rib(model, subset, CompanionPool.from_manifest(train), out / "rib", cfg.rib, device, progress)
+    with stage("refine_s"):
+        # No ImageNet weights here: IRN's frozen backbone is the demo classifier's (irn_backbone's rule).
+        refined = refine_maps(out / "rib", subset, out / "refined", cfg.refine, device=device, progress=progress,
+                              classifier=str(ckpt))
+
+    metrics, sweeps = stage_scores(out, subset, cfg, refined)
+    rows = report_rows(out, subset, cfg.report_rows)
     validation = extra.get("validation", {})
     summary = {"classifier": {**quality, "f1": validation.get("f1"), "ap": validation.get("ap")},
                "metrics": metrics, "timing": timing, "images": len(subset),
-               "cam_seed": cam_seed, "rib_seed": rib_seed, "refine": refined}
+               **sweeps, "refine": refined}
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=float))
     write_html_report(out / "report.html", "RIB on MNIST scenes (demo)", metrics,
                       ["input", "CAM", "RIB map M", "pseudo-mask", "ground truth"], rows,
