@@ -25,7 +25,7 @@ import torch
 
 from rib_core.checkpoints import load_classifier
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
-from rib_core.demo_job import DemoJobConfig, digit_pretraining
+from rib_core.demo_job import DemoJobConfig, digit_pretraining, scene_scale
 from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
 
 # Scene recipes: the demo's, and others that differ in canvas, background, colour and count.
@@ -59,7 +59,7 @@ def run_one(scene: str, seed: int, out: Path, n_train: int, n_val: int, override
     if demo.pretrain is not None and pretrain:
         pretrain_cfg = demo.pretrain.model_copy(update={**pretrain_overrides, "seed": seed})
         start = digit_pretraining(folder / "pretrain", data_cfg, pretrain_cfg, demo.pretrain_images,
-                                  cfg.crop_size / data_cfg.canvas, progress=False)
+                                  scene_scale(cfg, data_cfg.canvas), progress=False)
         cfg = cfg.model_copy(update={"init_weights": str(start)})
     ckpt = train_classifier(data.train, folder / "classifier", cfg, progress=False, resume=False,
                             val_manifest=folder / "data" / "val.jsonl")

@@ -66,17 +66,22 @@ class DemoJobConfig(BaseModel):
     report_rows: int = Field(12, ge=0)
 
 
+def scene_scale(cfg: ClassifierTrainConfig, canvas: int) -> float:
+    """The mean scale at which scene training shows a scene: its mean resize-long over the canvas."""
+    return sum(cfg.resize_long) / 2 / canvas
+
+
 def digit_pretraining(out: Path, data: DemoDataConfig, cfg: ClassifierTrainConfig, images: int,
-                      canvas_ratio: float, device: str = "cpu", progress: bool = True) -> Path:
+                      scale: float, device: str = "cpu", progress: bool = True) -> Path:
     """Pretrain on single digits of ``data``'s training half (the stand-in for ImageNet weights).
 
     Each image holds one digit on a canvas of the pretraining crop, drawn like the scenes but with
-    the digit scaled by ``canvas_ratio`` (the scene training's crop over its canvas), so that the
-    digits look as large as in the scene crops. Returns the classifier checkpoint to start from.
+    the digit scaled by ``scale`` (:func:`scene_scale` of the scene training), so that the digits
+    look as large as in the scene crops. Returns the classifier checkpoint to start from.
     """
     single = data.model_copy(update={
         "n_train": images, "n_val": 100, "canvas": cfg.crop_size, "min_per_image": 1, "max_per_image": 1,
-        "digit_size": tuple(round(s * canvas_ratio) for s in data.digit_size)})
+        "digit_size": tuple(round(s * scale) for s in data.digit_size)})
     if not (out / "data" / "val.jsonl").exists():
         make_demo_dataset(out / "data", single)
     ckpt = out / "classifier.pth"
@@ -98,7 +103,7 @@ def train_demo_classifier(out: Path, cfg: DemoJobConfig, train: Manifest, val_ma
     classifier_cfg = cfg.classifier.model_copy(update=reseed)
     if cfg.pretrain is not None:
         start = digit_pretraining(out / "pretrain", cfg.data, cfg.pretrain.model_copy(update=reseed),
-                                  cfg.pretrain_images, cfg.classifier.crop_size / cfg.data.canvas, device, progress)
+                                  cfg.pretrain_images, scene_scale(cfg.classifier, cfg.data.canvas), device, progress)
         classifier_cfg = classifier_cfg.model_copy(update={"init_weights": str(start)})
     train_classifier(train, out / "classifier", classifier_cfg, device=device, progress=progress,
                      val_manifest=val_manifest)
