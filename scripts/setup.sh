@@ -18,7 +18,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
   fi
-  .venv/bin/pip install -q -e '.[api,worker,dev]'
+  .venv/bin/pip install -q -e '.[api,worker,export,dev]'
   echo "$want" > "$stamp"
 fi
 
