@@ -219,8 +219,8 @@ def test_job_export_in_local_storage_and_through_the_cli(masks, demo, tmp_path):
 def test_job_export_on_s3(masks, demo):
     with moto_s3() as endpoint:
         client = s3(endpoint)
-        client.create_bucket(Bucket="rib")
-        storage = S3Storage("rib", "results", client=client)
+        client.create_bucket(Bucket="rib-exports")  # moto's state is per process: a bucket of our own
+        storage = S3Storage("rib-exports", "results", client=client)
         _store_job(storage, "j2", masks)
         uris = {i: f"s3://rib/uploads/{i}.jpg" for i in masks}
         key = export_job(storage, "jobs/j2", demo.train.classes, ExportConfig(format="coco"), uris)
