@@ -166,8 +166,9 @@ def _voc_files(images: Iterable[MaskedImage], classes: Sequence[str]) -> Iterato
 def export_files(images: Iterable[MaskedImage], classes: Sequence[str], cfg: ExportConfig,
                  ) -> Iterator[tuple[str, bytes]]:
     """The export's files as ``(relative name, bytes)``; VOC's masks one at a time, as they are read."""
-    if not classes or len(set(classes)) != len(classes):
-        raise ValueError(f"the class list must be non-empty and without duplicates, got {list(classes)}")
+    if not classes or len(set(classes)) != len(classes) or len(classes) >= IGNORE_INDEX:
+        raise ValueError(f"the class list must be non-empty, without duplicates and below {IGNORE_INDEX} classes "
+                         f"(label maps are 8-bit, {IGNORE_INDEX} is ignore); got {len(classes)}: {list(classes)[:10]}")
     if cfg.format == "voc":
         yield from _voc_files(images, classes)
     elif cfg.format == "coco":
