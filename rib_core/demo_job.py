@@ -54,10 +54,10 @@ class DemoJobConfig(BaseModel):
         n_train=1500, n_val=100, canvas=DEMO_CANVAS, digit_size=(30, 46), max_per_image=3))
     # No ImageNet weights here: single-digit pretraining stands in for them (README "Classifier").
     pretrain: ClassifierTrainConfig | None = Field(default_factory=lambda: ClassifierTrainConfig(
-        recipe="scratch", batch_size=16, epochs=3, crop_size=40, resize_long=(36, 44)))
+        recipe="scratch", batch_size=16, epochs=3, crop_size=48, resize_long=(44, 52)))
     pretrain_images: int = Field(4000, ge=1, description="single-digit images for the pretraining")
     classifier: ClassifierTrainConfig = Field(default_factory=lambda: ClassifierTrainConfig(
-        recipe="scratch", epochs=3, crop_size=64, resize_long=(56, 80)))
+        recipe="scratch", epochs=3, crop_size=80, resize_long=(72, 120)))
     cam: CamConfig = Field(default_factory=CamConfig)
     rib: RibConfig = Field(default_factory=_demo_rib)
     refine: RefineConfig = Field(default_factory=lambda: RefineConfig(
