@@ -24,9 +24,10 @@ from rib_core.companions import CompanionPool
 from rib_core.datasets import load_manifest
 from rib_core.irn import IrnNet, load_irn
 from rib_core.networks import CamNet
-from rib_core.refine import RefineConfig, refine_one
+from rib_core.refine import refine_one
 from rib_core.rib import RibRunner
 from rib_core.rib_config import RibConfig, image_seed
+from rib_core.stage_configs import RefineConfig
 from rib_core.visualize import label_png, map_overlay, mask_overlay, png_bytes
 
 

@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rib_core import __version__
 from rib_core.datasets import load_manifest
 from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import DeepLabTrainConfig
 from rib_core.storage import (
     Storage,
     bucket_exists,
@@ -44,7 +45,6 @@ from rib_core.storage import (
     uri_exists,
     uri_size,
 )
-from rib_core.train_deeplab import DeepLabTrainConfig
 from service.jobs import JobItem, JobStore, image_key, owner_of, save_request, upload_key
 from service.metrics import LATENCY, REGISTRY, REJECTED, REQUESTS, SUBMITTED, RedisStatsCollector
 from service.settings import Settings, get_settings

@@ -31,8 +31,9 @@ from PIL import Image
 from rib_core.checkpoints import CheckpointError
 from rib_core.datasets import Manifest, ManifestRecord
 from rib_core.importers import _voc_labels_from_npy
+from rib_core.stage_configs import DeepLabTrainConfig
 from rib_core.storage import open_storage
-from rib_core.train_deeplab import DeepLabTrainConfig, train_deeplab
+from rib_core.train_deeplab import train_deeplab
 from service.jobs import JobStore, image_key
 from tests.service_stack import free_port, moto_s3, redis_server, s3, wait_for
 
