@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from contract.jobs import JobItem, JobStore
+from contract.settings import Settings
+from rib_core.artifacts import image_key
 from rib_core.rib_config import RibConfig
 from rib_core.storage import LocalStorage
-from service.jobs import JobItem, JobStore, image_key
-from service.settings import Settings
 from service.validation import InputError, default_image_id, manifest_items, parse_labels, rib_params
 from tests.service_stack import redis_server
 
