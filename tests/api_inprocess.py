@@ -54,16 +54,21 @@ class Api:
         finally:
             overrides.pop(dependency, None)
 
+    def authed(self) -> TestClient:
+        """Another client of the same app that sends the API key on every request."""
+        return TestClient(self.client.app, headers={"X-API-Key": self.key}, raise_server_exceptions=False)
+
     def objects(self, prefix: str) -> list[str]:
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 @contextmanager
-def inprocess_api(workdir: Path, classes: Sequence[str], keys: Sequence[str], **settings: Any) -> Iterator[Api]:
+def inprocess_api(workdir: Path, classes: Sequence[str], keys: Sequence[str], client_key: str | None = None,
+                  **settings: Any) -> Iterator[Api]:
     """The API with ``classes`` as its model's classes (a companion manifest header on S3), ``keys``
-    as its API keys (the first one is the client's), results in ``s3://rib/results``; ``settings``
-    override the rest."""
+    as its API keys (``client_key``, by default the first, is the one :class:`Api` sends), results in
+    ``s3://rib/results``; ``settings`` override the rest."""
     with redis_server(workdir) as redis_url, moto_s3() as endpoint, pytest.MonkeyPatch.context() as mp:
         client = s3(endpoint)
         client.create_bucket(Bucket=BUCKET)
@@ -77,4 +82,4 @@ def inprocess_api(workdir: Path, classes: Sequence[str], keys: Sequence[str], **
                              "storage_uri": f"s3://{BUCKET}/results", "s3_endpoint_url": endpoint,
                              "api_keys": list(keys), "companion_manifest_uri": COMPANIONS, **settings})
         with TestClient(create_app(config), raise_server_exceptions=False) as tc:
-            yield Api(tc, client, endpoint, redis_url, config, keys[0])
+            yield Api(tc, client, endpoint, redis_url, config, client_key or keys[0])
