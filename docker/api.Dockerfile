@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# The API: validates, schedules, stores. It runs no model, so the CPU build of torch is enough
-# (rib_core's configs and validation import it). Two stages: pydensecrf2 has no wheel on PyPI and
+# The API: validates, schedules, stores. It runs no model and never imports torch; the CPU build is
+# installed only because the package's dependencies name it. Two stages: pydensecrf2 has no wheel on PyPI and
 # needs g++, which stays in the build stage; the final image gets the finished virtual environment.
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -11,6 +11,7 @@ RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.p
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY rib_core ./rib_core
+COPY contract ./contract
 COPY service ./service
 COPY worker ./worker
 RUN pip install '.[api]'

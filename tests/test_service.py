@@ -2,8 +2,9 @@
 
 Images go through the real RIB code (the session's ResNet-18, companions = the demo train split on
 S3, small RIB settings) and results are read back from S3 with boto3. A worker is killed with
-SIGKILL in the middle of a bulk job and a new one finishes it; cancellation and every kind of bad
-input are checked against the running processes.
+SIGKILL in the middle of a bulk job and a new one finishes it; cancellation is checked against the
+running processes. What needs no worker (health, keys, every kind of bad input) runs in-process in
+tests/test_api.py.
 """
 
 from __future__ import annotations
