@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from contract.settings import Settings
-from service.main import create_app
+from service.app import create_app
 from tests.service_stack import moto_s3, redis_server, s3
 
 BUCKET = "rib"
