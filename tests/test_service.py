@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from rib_core.cam import LocalizationMap
+from rib_core.classifier_eval import classifier_quality
 from rib_core.datasets import Manifest, ManifestRecord
 from tests.service_stack import (
     Process,
@@ -194,6 +195,20 @@ def test_upload_goes_through_rib_to_s3(stack: Stack) -> None:
         assert stack.get(f"results/jobs/{job_id}/uploads/{record.id}") == data
         # A finished job cannot be cancelled.
         assert c.delete(f"/v1/jobs/{job_id}").status_code == 409
+
+
+def test_readyz_shows_the_classifier_the_workers_serve(stack: Stack, classifier_path: Path) -> None:
+    """A worker records its classifier's validation mAP at start-up; the API (no torch) shows it."""
+    recorded = classifier_quality(classifier_path)["val_map"]
+    uri = stack.env["RIB_CLASSIFIER_URI"]
+
+    def shown() -> dict[str, Any] | None:
+        info = httpx.get(f"{stack.url}/readyz", headers=AUTH).json()["classifier"]
+        return info if info.get("recorded_at") else None
+
+    info = wait_for(shown, 120, "the worker's record of its classifier")
+    assert info["uri"] == uri and info["val_map"] == recorded
+    assert "classifier" not in httpx.get(f"{stack.url}/readyz").json()
 
 
 def test_per_image_errors_are_reported_and_the_rest_finishes(stack: Stack) -> None:

@@ -201,6 +201,7 @@ def start_reaper(**_: Any) -> None:
     """A reaper thread in every worker's main process: jobs keep moving with no other process
     running (no Celery beat needed). Its clients are its own, never shared with pool processes."""
     settings = get_settings()
+    settings.export_s3_endpoint()  # the classifier is read from s3:// like the model
     store = JobStore.from_url(settings.state_redis_url, settings.job_ttl_s)
     storage = settings.storage()
     queue = TaskQueue(settings, app)
