@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from rib_core.cam import LocalizationMap
 from rib_core.classes import IGNORE_INDEX
@@ -33,6 +32,7 @@ from rib_core.datasets import Manifest, ManifestRecord, load_image, load_manifes
 from rib_core.evaluation import confusion, scores, seed_from_map, sweep_seeds, write_report
 from rib_core.irn import IrnNet, boundary_map, load_irn
 from rib_core.irn_training import irn_backbone, train_irn
+from rib_core.progress import ImageProgress
 from rib_core.random_walk import mask_from_scores, three_way_labels, walk_scores
 from rib_core.saliency import apply_saliency, decode_saliency
 from rib_core.stage_configs import (
@@ -125,7 +125,7 @@ class _FolderRun:
         return {r.id: self.manifest.mask_uri(r) for r in self.records if r.mask is not None}
 
     def images(self, desc: str) -> Iterator[tuple[ManifestRecord, np.ndarray, LocalizationMap]]:
-        for r in tqdm(self.records, desc=desc, disable=not self.progress, unit="img"):
+        for r in ImageProgress(self.records, desc=desc, disable=not self.progress):
             yield r, load_image(self.manifest.image_uri(r)), self.lmap(r)
 
     def write(self, folder: str, image_id: str, data: bytes) -> None:
