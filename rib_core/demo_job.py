@@ -24,10 +24,10 @@ from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
 from rib_core.evaluation import all_background_miou, sweep_folder
-from rib_core.irn_training import IrnTrainConfig
-from rib_core.refine import RefineConfig, refine_maps
+from rib_core.refine import refine_maps
 from rib_core.report import write_html_report
 from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import IrnTrainConfig, RefineConfig
 from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
 from rib_core.visualize import label_png, map_overlay, png_bytes
 

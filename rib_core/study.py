@@ -34,7 +34,8 @@ from rib_core.demo_data import make_demo_dataset
 from rib_core.demo_job import DemoJobConfig, train_demo_classifier
 from rib_core.evaluation import sweep_folder
 from rib_core.refine import refine_maps
-from rib_core.train_deeplab import DeepLabTrainConfig, evaluate, train_deeplab, train_with_retraining
+from rib_core.stage_configs import DeepLabTrainConfig
+from rib_core.train_deeplab import evaluate, train_deeplab, train_with_retraining
 
 # Rows of the table: (key, label). Scores are mIoU except the classifier's mAP.
 ROWS = (

@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rib_core.checkpoints import load_backbone, save_atomically, save_classifier
+from rib_core.classifier_data import ClassificationDataset
 from rib_core.classifier_eval import evaluate_classifier
-from rib_core.datasets import ClassificationDataset, Manifest, load_manifest
+from rib_core.datasets import Manifest, load_manifest
 from rib_core.networks import CamNet
 from rib_core.optim import PolySGD, irn_param_groups
 
