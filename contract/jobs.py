@@ -199,6 +199,11 @@ def save_request(storage: Storage, job_id: str, kind: str, items: Sequence[JobIt
     storage.put(request_key(job_id), json.dumps(body).encode(), "application/json")
 
 
+def load_request(storage: Storage, job_id: str) -> dict[str, Any]:
+    """The job's ``request.json`` (what :func:`save_request` kept). FileNotFoundError without one."""
+    return json.loads(storage.get(request_key(job_id)))
+
+
 def job_state(total: int, counts: dict[str, int], cancelled: bool) -> str:
     finished = counts["done"] + counts["failed"] + counts["skipped"]
     if finished == total:
@@ -367,7 +372,7 @@ class JobStore:
             return None
         if not self.r.set(f"rib:restoring:{job_id}", 1, nx=True, ex=60) or self.exists(job_id):
             return []
-        request = json.loads(storage.get(request_key(job_id)))
+        request = load_request(storage, job_id)
         items = [JobItem.from_json(d) for d in request["items"]]
         self.create(job_id, request["kind"], items, request["rib"], request.get("owner", ""), request.get("refine"))
         files = stored_files(storage, job_id)

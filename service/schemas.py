@@ -122,6 +122,13 @@ class Link(BaseModel):
     url: str = Field(description="presigned (S3) or file URL")
 
 
+class ExportLink(Link):
+    """A job's export, written to storage as one zip archive."""
+
+    format: str = Field(description="coco, labelstudio or voc")
+    images: int = Field(description="finished images in the export")
+
+
 class ImageResult(BaseModel):
     id: str
     status: str

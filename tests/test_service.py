@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -245,6 +246,50 @@ def test_bulk_job_on_the_batched_engine(stack: Stack) -> None:
         check_artifacts(stack, items[record.id], list(record.labels), size_of(stack.train, record))
         meta = json.loads(stack.get(items[record.id]["artifacts"]["meta.json"]["uri"].split("/", 3)[3]))
         assert meta["stats"]["engine"] == "batched" and meta["stats"]["images_in_step"] == 2
+
+
+def test_a_job_exports_its_masks_to_coco_labelstudio_and_voc(stack: Stack) -> None:
+    """The export route writes one zip per format next to the job's results; decoded by each
+    format's own library it gives back the job's stored masks pixel for pixel."""
+    from label_studio_sdk.converter.brush import decode_rle
+    from pycocotools import mask as coco_mask
+
+    records = stack.train.records[24:26]
+    with stack.client() as c:
+        r = c.post("/v1/jobs", json={"images": [
+            {"id": rec.id, "image": f"s3://{BUCKET}/companions/{rec.image}", "labels": list(rec.labels)}
+            for rec in records]})
+        job_id = r.json()["job_id"]
+        assert c.get(f"/v1/jobs/{job_id}/export", params={"format": "tiff"}).status_code == 422
+        assert wait_finished(c, job_id)["counts"]["done"] == 2
+        stored = {i["id"]: np.asarray(Image.open(io.BytesIO(httpx.get(i["mask"]["url"]).content)))
+                  for i in all_results(c, job_id, 10)}
+        archives = {}
+        for fmt in ("coco", "labelstudio", "voc"):
+            link = c.get(f"/v1/jobs/{job_id}/export", params={"format": fmt})
+            assert link.status_code == 200, link.text
+            assert link.json()["key"] == f"results/jobs/{job_id}/exports/{fmt}.zip" and link.json()["images"] == 2
+            archives[fmt] = zipfile.ZipFile(io.BytesIO(httpx.get(link.json()["url"]).content))
+    classes = stack.train.classes
+    coco = json.loads(archives["coco"].read("annotations.json"))
+    tasks = json.loads(archives["labelstudio"].read("tasks.json"))
+    for rec in records:
+        mask = stored[rec.id]
+        known = mask != 255
+        image = next(i for i in coco["images"] if i["file_name"] == rec.image.rsplit("/", 1)[1])
+        painted = np.zeros_like(mask)
+        for a in (a for a in coco["annotations"] if a["image_id"] == image["id"]):
+            painted[coco_mask.decode(a["segmentation"]) > 0] = a["category_id"]
+        assert (painted[known] == mask[known]).all()
+        task = next(t for t in tasks if t["data"]["image_id"] == rec.id)
+        painted = np.zeros_like(mask)
+        for region in task["predictions"][0]["result"]:
+            value = region["value"]
+            rgba = np.reshape(decode_rle(value["rle"]), (*mask.shape, 4))
+            painted[rgba[..., 3] > 0] = classes.index(value["brushlabels"][0]) + 1
+        assert (painted[known] == mask[known]).all()
+        voc = np.asarray(Image.open(io.BytesIO(archives["voc"].read(f"SegmentationClass/{rec.id}.png"))))
+        assert (voc == mask).all()
 
 
 def test_cancel_skips_images_not_started_and_leaves_nothing_half_written(stack: Stack) -> None:

@@ -9,10 +9,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 
+from contract.jobs import load_request
 from contract.settings import Settings
+from rib_core.artifacts import job_prefix
+from rib_core.exports import ExportConfig, ExportFormat, export_job
 from rib_core.storage import parent_uri, read_bytes, uri_size
 from service.deps import ClassesDep, Owner, SettingsDep
-from service.schemas import JobAccepted, JobRequest, JobStatus, ResultsPage
+from service.schemas import ExportLink, JobAccepted, JobRequest, JobStatus, ResultsPage
 from service.submissions import Jobs, JobsDep
 from service.validation import InputError, inline_items, manifest_items, refine_params, rib_params, uri_error
 
@@ -102,3 +105,20 @@ def cancel_job(job_id: str, jobs: OwnedJob) -> dict[str, Any]:
     jobs.store.cancel(job_id)
     jobs.store.finalize(job_id, jobs.storage)
     return jobs.store.status(job_id)
+
+
+@router.get("/jobs/{job_id}/export", response_model=ExportLink)
+def export(job_id: str, jobs: OwnedJob, classes: ClassesDep, format: Annotated[ExportFormat, Query()],
+           image_url_prefix: str | None = None) -> dict[str, Any]:
+    """The job's finished pseudo-masks (IRN's, else seed + CRF's) as COCO (pycocotools RLE), a Label
+    Studio task list with its labelling config, or VOC palette PNGs: one zip written under the
+    job's prefix in storage, returned as a presigned link. Images still running are left out;
+    call again when the job is done. Ignore pixels (255) are in no COCO or Label Studio region."""
+    uris = {d["id"]: d["image"] for d in load_request(jobs.storage, job_id)["items"]}
+    cfg = ExportConfig(format=format, image_url_prefix=image_url_prefix)
+    try:
+        key = export_job(jobs.storage, job_prefix(job_id), classes, cfg, uris)
+    except ValueError as e:
+        raise HTTPException(409, f"job {job_id}: {e}") from e
+    images = int(jobs.store.status(job_id, max_errors=0)["counts"]["done"])
+    return {"format": format, "images": images, **jobs.link(key)}
