@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +23,11 @@ from torchvision.models import segmentation
 from torchvision.models._utils import IntermediateLayerGetter
 
 from rib_core.checkpoints import CheckpointError, load_backbone, read_checkpoint, save_atomically
+from rib_core.deeplab_config import ModelKind
 from rib_core.networks import BACKBONES, feature_channels
 
 DEEPLAB_FORMAT = "rib-deeplab"
 DEEPLAB_VERSION = 1
-ModelKind = Literal["deeplabv2", "deeplabv3"]
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]  # the keys of networks.BACKBONES
 
 
 def dilated_resnet(arch: str) -> nn.Module:
