@@ -9,36 +9,28 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from rib_core import augment
 from rib_core.classes import IGNORE_INDEX
-from rib_core.datasets import Manifest, load_image, load_mask
+from rib_core.datasets import AugmentedManifest, Manifest, ManifestRecord, load_image, load_mask
 from rib_core.deeplab_config import DeepLabTrainConfig
 
 
-class SegmentationTrainSet(Dataset):
+class SegmentationTrainSet(AugmentedManifest):
     """Images with their pseudo-masks, deeplab-pytorch's training augmentation.
 
     Random scale from ``scales`` (image bicubic, mask nearest), normalise, random crop with the
-    image padded by its mean (0 after normalising) and the mask by 255, random flip. Each sample's
-    randomness depends only on (seed, epoch, index), so a resumed run draws the same crops.
+    image padded by its mean (0 after normalising) and the mask by 255, random flip.
     """
 
     def __init__(self, manifest: Manifest, cfg: DeepLabTrainConfig) -> None:
         unlabelled = [r.id for r in manifest.records if r.mask is None]
         if unlabelled:
             raise ValueError(f"{len(unlabelled)} image(s) have no mask to train on, e.g. {unlabelled[:3]}")
-        self.manifest = manifest
+        super().__init__(manifest, cfg.seed)
         self.cfg = cfg
-        self.epoch = 0
 
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        r = self.manifest[i]
-        rng = random.Random(hash((self.cfg.seed, self.epoch, i)))
+    def sample(self, r: ManifestRecord, rng: random.Random) -> dict[str, torch.Tensor]:
         img = load_image(self.manifest.image_uri(r))
         label = load_mask(self.manifest.mask_uri(r))
         if img.shape[:2] != label.shape:

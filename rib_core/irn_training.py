@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch.utils.data import Dataset
 
 from rib_core import augment
 from rib_core.checkpoints import load_backbone
 from rib_core.classes import IGNORE_INDEX
-from rib_core.datasets import Manifest, load_image, load_mask
+from rib_core.datasets import AugmentedManifest, Manifest, ManifestRecord, load_image, load_mask
 from rib_core.irn import IrnNet, PathIndex, irn_loss, save_irn
 from rib_core.optim import PolySGD, irn_param_groups
 from rib_core.training import epoch_loader, progress_bar, steps_per_epoch, train_one_epoch
@@ -74,24 +73,18 @@ def irn_backbone(cfg: IrnTrainConfig, classifier: str | os.PathLike[str] | None)
                      "code's choice); IRN on a random frozen backbone learns nothing")
 
 
-class IrnDataset(Dataset):
+class IrnDataset(AugmentedManifest):
     """IRN's ``VOC12AffinityDataset``: random scale, normalise, flip, crop, then pair labels from
     the label map reduced to stride 4."""
 
     def __init__(self, manifest: Manifest, label_dir: str | os.PathLike[str], cfg: IrnTrainConfig,
                  index: PathIndex) -> None:
-        self.manifest = manifest
+        super().__init__(manifest, cfg.seed)
         self.label_dir = Path(label_dir)
         self.cfg = cfg
         self.index = index
-        self.epoch = 0
 
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        r = self.manifest[i]
-        rng = random.Random(hash((self.cfg.seed, self.epoch, i)))
+    def sample(self, r: ManifestRecord, rng: random.Random) -> dict[str, Any]:
         img = load_image(self.manifest.image_uri(r))
         label = load_mask(str(self.label_dir / f"{r.id}.png"))
         img, label = augment.random_scale((img, label), self.cfg.rescale, rng)
