@@ -246,27 +246,7 @@ def load_mask(uri: str) -> np.ndarray:
     return decode_mask(read_bytes(uri))
 
 
-class AugmentedManifest(Dataset):
-    """A manifest's images as training samples whose random augmentation depends only on (seed,
-    epoch, index): a resumed run draws the same crops. The trainer sets ``epoch``."""
-
-    def __init__(self, manifest: Manifest, seed: int) -> None:
-        self.manifest = manifest
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.sample(self.manifest[i], random.Random(hash((self.seed, self.epoch, i))))
-
-    def sample(self, record: ManifestRecord, rng: random.Random) -> dict[str, Any]:
-        """The training sample of ``record``, its random draws taken from ``rng``."""
-        raise NotImplementedError
-
-
-class ClassificationDataset(AugmentedManifest):
+class ClassificationDataset(Dataset):
     """Training samples for the classifier, IRN's ``VOC12ClassificationDataset`` recipe.
 
     Random resize-long, normalise, random flip, random crop padded with 0 (the mean after
@@ -275,12 +255,19 @@ class ClassificationDataset(AugmentedManifest):
 
     def __init__(self, manifest: Manifest, crop_size: int, resize_long: tuple[int, int] | None,
                  hflip: bool = True, seed: int = 0) -> None:
-        super().__init__(manifest, seed)
+        self.manifest = manifest
         self.crop_size = crop_size
         self.resize_long = resize_long
         self.hflip = hflip
+        self.seed = seed
+        self.epoch = 0
 
-    def sample(self, r: ManifestRecord, rng: random.Random) -> dict[str, Any]:
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.manifest[i]
+        rng = random.Random(hash((self.seed, self.epoch, i)))
         img = load_image(self.manifest.image_uri(r))
         draw = augment.draw_crop(img.shape[:2], self.crop_size, self.resize_long, self.hflip, rng)
         return {"id": r.id, "img": augment.apply_crop(img, draw), "label": self.manifest.label_vector(r)}

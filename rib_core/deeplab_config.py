@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.crf_config import CrfConfig
-from rib_core.presets import Preset, PresetConfig
+from rib_core.presets import Preset, with_preset
 
 ModelKind = Literal["deeplabv2", "deeplabv3"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]  # the keys of networks.BACKBONES
@@ -34,11 +34,10 @@ RUN_FIELDS = ("model", "arch", "atrous_rates", "msc_scales", "freeze_bn", "init_
               "scales", "hflip", "seed")
 
 
-class DeepLabTrainConfig(PresetConfig):
+class DeepLabTrainConfig(BaseModel):
     """DeepLab training and inference; ``preset`` fills the dataset-specific values not given."""
 
     model_config = ConfigDict(extra="forbid")
-    PRESETS = DEEPLAB_PRESETS
 
     preset: Preset = "voc"
     model: ModelKind = "deeplabv2"                  # paper 4.1: DeepLab-v2-ResNet101 of [42]
@@ -80,6 +79,11 @@ class DeepLabTrainConfig(PresetConfig):
     crf: CrfConfig = Field(default_factory=lambda: DEEPLAB_CRF.model_copy())
     num_workers: int = Field(0, ge=0)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return with_preset(data, DEEPLAB_PRESETS)
 
     @model_validator(mode="after")
     def _check(self) -> DeepLabTrainConfig:

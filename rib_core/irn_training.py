@@ -19,10 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rib_core import augment
 from rib_core.checkpoints import load_backbone
 from rib_core.classes import IGNORE_INDEX
-from rib_core.datasets import AugmentedManifest, Manifest, ManifestRecord, load_image, load_mask
+from rib_core.datasets import Manifest, ManifestRecord, load_image, load_mask
 from rib_core.irn import IrnNet, PathIndex, irn_loss, save_irn
 from rib_core.optim import PolySGD, irn_param_groups
-from rib_core.training import epoch_loader, progress_bar, steps_per_epoch, train_one_epoch
+from rib_core.training import AugmentedManifest, epoch_loader, progress_bar, steps_per_epoch, train_one_epoch
 
 
 class IrnTrainConfig(BaseModel):

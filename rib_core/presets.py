@@ -7,9 +7,7 @@ and the caller did not give: explicit values always win, nested configs merge ke
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
-
-from pydantic import BaseModel, model_validator
+from typing import Any, Literal
 
 Preset = Literal["voc", "coco"]
 
@@ -30,14 +28,3 @@ def with_preset(data: Any, table: Mapping[str, Mapping[str, Any]]) -> Any:
     if preset not in table:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(table)}")
     return _merge(table[preset], data)
-
-
-class PresetConfig(BaseModel):
-    """A stage config with a ``preset`` field, filled from its class's ``PRESETS`` table."""
-
-    PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        return with_preset(data, cls.PRESETS)

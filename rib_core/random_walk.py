@@ -16,23 +16,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.cam import LocalizationMap
 from rib_core.classes import IGNORE_INDEX
 from rib_core.irn import IrnNet, PathIndex, boundary_map
-from rib_core.presets import Preset, PresetConfig
+from rib_core.presets import Preset, with_preset
 
 # VOC: the field defaults (run_sample.py). COCO: run_sample_coco.py --sem_seg_bg_thres 0.22.
 WALK_PRESETS: dict[str, dict[str, Any]] = {"voc": {}, "coco": {"bg_threshold": 0.22}}
 
 
-class RandomWalkConfig(PresetConfig):
+class RandomWalkConfig(BaseModel):
     """Random walk on IRN's affinities (``step/make_sem_seg_labels.py``, ``misc/indexing.py``);
     ``preset`` fills the data-set-specific values not given."""
 
     model_config = ConfigDict(extra="forbid")
-    PRESETS = WALK_PRESETS
 
     preset: Preset = "voc"
     beta: float = Field(10.0, gt=0)               # run_sample.py --beta 10
@@ -44,6 +43,11 @@ class RandomWalkConfig(PresetConfig):
     # background, 255 between. Not in the public code (which stops at the masks).
     retrain_fg_threshold: float = Field(0.3, gt=0, lt=1)
     retrain_bg_threshold: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return with_preset(data, WALK_PRESETS)
 
     @model_validator(mode="after")
     def _ordered(self) -> RandomWalkConfig:

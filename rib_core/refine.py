@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from rib_core.cam import LocalizationMap
@@ -34,7 +34,7 @@ from rib_core.datasets import Manifest, ManifestRecord, load_image, load_manifes
 from rib_core.evaluation import EvalConfig, confusion, scores, seed_from_map, sweep_seeds, write_report
 from rib_core.irn import IrnNet, boundary_map, load_irn
 from rib_core.irn_training import IrnTrainConfig, irn_backbone, train_irn
-from rib_core.presets import Preset, PresetConfig
+from rib_core.presets import Preset, with_preset
 from rib_core.random_walk import RandomWalkConfig, mask_from_scores, three_way_labels, walk_scores
 from rib_core.saliency import apply_saliency, decode_saliency
 from rib_core.storage import join_uri, read_bytes, uri_exists
@@ -48,11 +48,10 @@ REFINE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class RefineConfig(PresetConfig):
+class RefineConfig(BaseModel):
     """Everything from maps to pseudo-masks; ``preset`` is handed to the parts not given one."""
 
     model_config = ConfigDict(extra="forbid")
-    PRESETS = REFINE_PRESETS
 
     preset: Preset = "voc"
     # Seed threshold of seed + CRF, this project's baseline (RIB's code has no such step; 0.15 is
@@ -69,6 +68,11 @@ class RefineConfig(PresetConfig):
     # has no saliency step; 0.5 is this project's choice.
     saliency_threshold: float = Field(0.5, gt=0, lt=1)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return with_preset(data, REFINE_PRESETS)
 
 
 def refine_one(image_uint8: np.ndarray, lmap: LocalizationMap, irn_model: IrnNet | None,

@@ -10,9 +10,9 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rib_core.presets import Preset, PresetConfig
+from rib_core.presets import Preset, with_preset
 
 MAX_IMAGES_PER_BATCH = 64  # bound of max_images_per_batch, and the block rib_core.batching.run_rib loads
 
@@ -51,11 +51,10 @@ class RibPlan:
         return "batched" if self.batched else "plain"
 
 
-class RibConfig(PresetConfig):
+class RibConfig(BaseModel):
     """Per-image RIB fine-tuning; ``preset`` fills the data-set-specific values not given."""
 
     model_config = ConfigDict(extra="forbid")
-    PRESETS = RIB_PRESETS
 
     preset: Preset = "voc"
     iterations: int = Field(10, ge=1, le=100)             # K: paper 4.1; --RIB_iter 10
@@ -97,6 +96,11 @@ class RibConfig(PresetConfig):
     # batch of each image size), 1 on the CPU.
     max_images_per_batch: int = Field(0, ge=0, le=MAX_IMAGES_PER_BATCH)
     compile: bool = False                                 # torch.compile the batched stages 3-4 + classifier
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return with_preset(data, RIB_PRESETS)
 
     def plan(self, device: str) -> RibPlan:
         """Engine, precision and batch size of RIB on ``device`` ("cpu", "cuda", "cuda:1", ...)."""

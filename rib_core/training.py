@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,31 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rib_core.checkpoints import CheckpointError, read_checkpoint, save_atomically
+from rib_core.datasets import Manifest, ManifestRecord
 
 # A batch -> its loss to back-propagate and named parts of it to report (floats).
 StepLoss = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
 # ----------------------------------------------------------------------------- the epoch loop
+
+class AugmentedManifest(Dataset):
+    """A manifest's images as training samples whose random augmentation depends only on (seed,
+    epoch, index): a resumed run draws the same crops. The trainer sets ``epoch``."""
+
+    def __init__(self, manifest: Manifest, seed: int) -> None:
+        self.manifest = manifest
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.sample(self.manifest[i], random.Random(hash((self.seed, self.epoch, i))))
+
+    def sample(self, record: ManifestRecord, rng: random.Random) -> dict[str, Any]:
+        """The training sample of ``record``, its random draws taken from ``rng``."""
+        raise NotImplementedError
 
 
 def steps_per_epoch(images: int, batch_size: int, world: int = 1) -> int:
