@@ -25,7 +25,7 @@ import torch
 
 from rib_core.checkpoints import load_classifier
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
-from rib_core.demo_job import DemoJobConfig, digit_pretraining
+from rib_core.demo_job import DemoJobConfig, digit_pretraining, scene_scale
 from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
 
 # Scene recipes: the demo's, and others that differ in canvas, background, colour and count.
@@ -49,7 +49,7 @@ def classifier_for(canvas: int, overrides: dict[str, Any]) -> ClassifierTrainCon
 
 
 def run_one(scene: str, seed: int, out: Path, n_train: int, n_val: int, overrides: dict[str, Any],
-            pretrain: bool) -> dict[str, Any]:
+            pretrain: bool, pretrain_overrides: dict[str, Any]) -> dict[str, Any]:
     data_cfg = DemoDataConfig(**SCENES[scene], n_train=n_train, n_val=n_val, seed=seed)
     folder = out / f"{scene}-seed{seed}"
     data = make_demo_dataset(folder / "data", data_cfg)
@@ -57,8 +57,9 @@ def run_one(scene: str, seed: int, out: Path, n_train: int, n_val: int, override
     started = time.perf_counter()
     demo = DemoJobConfig()
     if demo.pretrain is not None and pretrain:
-        start = digit_pretraining(folder / "pretrain", data_cfg, demo.pretrain.model_copy(update={"seed": seed}),
-                                  demo.pretrain_images, cfg.crop_size / data_cfg.canvas, progress=False)
+        pretrain_cfg = demo.pretrain.model_copy(update={**pretrain_overrides, "seed": seed})
+        start = digit_pretraining(folder / "pretrain", data_cfg, pretrain_cfg, demo.pretrain_images,
+                                  scene_scale(cfg, data_cfg.canvas), progress=False)
         cfg = cfg.model_copy(update={"init_weights": str(start)})
     ckpt = train_classifier(data.train, folder / "classifier", cfg, progress=False, resume=False,
                             val_manifest=folder / "data" / "val.jsonl")
@@ -77,18 +78,22 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=DemoJobConfig().data.n_train)
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="classifier setting")
+    p.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=JSON",
+                   help="single-digit pretraining setting")
     p.add_argument("--out", default="runs/classifier_recipes")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-pretrain", action="store_true", help="without the demo's single-digit pretraining")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
+    overrides, pretrain_overrides = ({k: json.loads(v) for k, _, v in (s.partition("=") for s in sets)}
+                                     for sets in (args.set, args.pretrain_set))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for scene in args.scenes:
         for seed in args.seeds:
-            results.append(run_one(scene, seed, out, args.n_train, args.n_val, overrides, not args.no_pretrain))
+            results.append(run_one(scene, seed, out, args.n_train, args.n_val, overrides, not args.no_pretrain,
+                                   pretrain_overrides))
             r = results[-1]
             print(f"{scene:<16} seed {seed}: val mAP {100 * r['map']:.1f}  F1 {100 * r['f1']:.1f}  "
                   f"{r['train_s']:.0f} s  per epoch {[round(100 * m, 1) for m in r['curve']]}", flush=True)

@@ -1,8 +1,10 @@
-# syntax=docker/dockerfile:1
-# The API: validates, schedules, stores. It runs no model, so the CPU build of torch is enough
-# (rib_core's configs and validation import it). Two stages: pydensecrf2 has no wheel on PyPI and
-# needs g++, which stays in the build stage; the final image gets the finished virtual environment.
-FROM python:3.11-slim AS build
+# syntax=docker/dockerfile:1.7
+# The API: validates, schedules, stores, and exports a job's masks (COCO, Label Studio, VOC: the
+# `export` extra). It runs no model, so the CPU build of torch is enough (rib_core's configs and
+# validation import it). The base image is pinned (Python 3.11.12 on Debian bookworm). Two stages:
+# pydensecrf2 has no wheel on PyPI and needs g++, which stays in the build stage; the final image
+# gets the finished virtual environment.
+FROM python:3.11.12-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
@@ -13,9 +15,9 @@ COPY pyproject.toml README.md ./
 COPY rib_core ./rib_core
 COPY service ./service
 COPY worker ./worker
-RUN pip install '.[api]'
+RUN pip install '.[api,export]'
 
-FROM python:3.11-slim
+FROM python:3.11.12-slim-bookworm
 ENV PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH
 COPY --from=build /opt/venv /opt/venv
 RUN useradd --create-home --uid 10001 rib

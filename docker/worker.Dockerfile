@@ -1,4 +1,4 @@
-# syntax=docker/dockerfile:1
+# syntax=docker/dockerfile:1.7
 # A GPU worker (and Flower, same image). torch 2.14.1's CUDA build is cu130 and its wheels bring
 # their own CUDA libraries, so the small `base` flavour of nvidia/cuda is enough (it sets the
 # NVIDIA container toolkit's variables; the host driver must support CUDA 13.0, i.e. >= 580).

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest, load_image
 from rib_core.networks import CamNet
+from rib_core.progress import ImageProgress
 from rib_core.rib import RibOutcome, RibRunner
 from rib_core.rib_config import MAX_IMAGES_PER_BATCH, RibConfig, image_seed
 
@@ -116,8 +116,8 @@ def run_rib(model: CamNet, manifest: Manifest, pool: CompanionPool, out_dir: str
     batcher = RibBatcher(RibRunner(model, pool, cfg, device))
     block = cfg.plan(str(batcher.device)).images_loaded
     todo = [r for r in manifest.records if not (out / f"{r.id}.npz").exists()]
-    bar = tqdm(total=len(manifest.records), initial=len(manifest.records) - len(todo), desc=f"rib-{cfg.pooling}",
-               disable=not progress, unit="img")
+    bar = ImageProgress(total=len(manifest.records), initial=len(manifest.records) - len(todo),
+                        desc=f"rib-{cfg.pooling}", disable=not progress)
     failures: list[tuple[str, Exception]] = []
     for start in range(0, len(todo), block):
         part = todo[start:start + block]

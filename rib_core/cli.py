@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from rib_core.checkpoints import CheckpointError
 from rib_core.datasets import ImageError, ManifestError
+from rib_core.exports import EXPORT_FORMATS
 
 EXIT_INPUT = 3
 C = TypeVar("C", bound=BaseModel)
@@ -200,6 +201,26 @@ def cmd_refine(args: argparse.Namespace) -> None:
     print(Path(args.out) / "report.json")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from rib_core.exports import ExportConfig, job_masks, results_masks, write_export
+
+    cfg = ExportConfig(format=args.format, image_url_prefix=args.image_url_prefix)
+    if args.classes:  # a service job's folder: its class list is the service's companion manifest's
+        from rib_core.datasets import load_manifest
+        from rib_core.storage import is_s3_uri, open_storage
+
+        if not is_s3_uri(args.results) and not Path(args.results, "images").is_dir():
+            raise FileNotFoundError(f"{args.results} is no job folder (no images/ in it)")
+        classes = load_manifest(args.classes, verify_files=False).classes
+        images = job_masks(open_storage(args.results), "")
+        if not images:
+            raise ValueError(f"no finished image in {args.results} (images/<id>/meta.json)")
+    else:
+        classes, images = results_masks(args.results, args.masks)
+    files = write_export(images, classes, cfg, args.out)
+    print(f"{len(images)} images, {len(classes)} classes -> {args.format}: {len(files)} files in {args.out}")
+
+
 def cmd_toy(args: argparse.Namespace) -> None:
     from rib_core.toy import ToyConfig, run_toy_experiment
 
@@ -323,6 +344,17 @@ def _refinement_commands(add: AddCommand) -> None:
     p.add_argument("--classifier", help="the classifier checkpoint the maps came from: IRN's frozen backbone "
                    "when irn.init_weights is not set (training IRN needs one of the two)")
     p.add_argument("--saliency", help="folder of <id>.png saliency maps (RIB-Sal)")
+    p = add("export", cmd_export, "pseudo-masks to COCO (RLE annotations), Label Studio (tasks with brush "
+            "predictions + labelling config) or VOC (palette PNGs + class list)")
+    p.add_argument("results", help="a rib refine output folder (its masks.jsonl), a manifest with masks, or, "
+                   "with --classes, a service job's folder (local or s3://.../jobs/<id>)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--masks", default="masks", help="mask folder of a rib refine output: masks (final, default), "
+                   "crf (seed + CRF), retrain_labels, ...")
+    p.add_argument("--classes", help="manifest whose class list a service job used (the companion manifest)")
+    p.add_argument("--image-url-prefix", help="Label Studio: a task's image URL is this + the image's file name, "
+                   "e.g. '/data/local-files/?d=images/' (default: the image's path or URI)")
     p = _device(_with_config(add("study", cmd_study, "every stage's gain over several seeds on the demo data: "
                                  "classifier, CAM, RIB-GAP/GNDRP, CRF, IRN, DeepLab vs full supervision")))
     p.add_argument("--out", default="runs/study", help="output folder (default runs/study); reruns resume")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +66,22 @@ class DemoJobConfig(BaseModel):
     report_rows: int = Field(12, ge=0)
 
 
+def scene_scale(cfg: ClassifierTrainConfig, canvas: int) -> float:
+    """The mean scale at which scene training shows a scene: its mean resize-long over the canvas."""
+    return sum(cfg.resize_long) / 2 / canvas
+
+
 def digit_pretraining(out: Path, data: DemoDataConfig, cfg: ClassifierTrainConfig, images: int,
-                      canvas_ratio: float, device: str = "cpu", progress: bool = True) -> Path:
+                      scale: float, device: str = "cpu", progress: bool = True) -> Path:
     """Pretrain on single digits of ``data``'s training half (the stand-in for ImageNet weights).
 
     Each image holds one digit on a canvas of the pretraining crop, drawn like the scenes but with
-    the digit scaled by ``canvas_ratio`` (the scene training's crop over its canvas), so that the
-    digits look as large as in the scene crops. Returns the classifier checkpoint to start from.
+    the digit scaled by ``scale`` (:func:`scene_scale` of the scene training), so that the digits
+    look as large as in the scene crops. Returns the classifier checkpoint to start from.
     """
     single = data.model_copy(update={
         "n_train": images, "n_val": 100, "canvas": cfg.crop_size, "min_per_image": 1, "max_per_image": 1,
-        "digit_size": tuple(round(s * canvas_ratio) for s in data.digit_size)})
+        "digit_size": tuple(round(s * scale) for s in data.digit_size)})
     if not (out / "data" / "val.jsonl").exists():
         make_demo_dataset(out / "data", single)
     ckpt = out / "classifier.pth"
@@ -96,11 +103,48 @@ def train_demo_classifier(out: Path, cfg: DemoJobConfig, train: Manifest, val_ma
     classifier_cfg = cfg.classifier.model_copy(update=reseed)
     if cfg.pretrain is not None:
         start = digit_pretraining(out / "pretrain", cfg.data, cfg.pretrain.model_copy(update=reseed),
-                                  cfg.pretrain_images, cfg.classifier.crop_size / cfg.data.canvas, device, progress)
+                                  cfg.pretrain_images, scene_scale(cfg.classifier, cfg.data.canvas), device, progress)
         classifier_cfg = classifier_cfg.model_copy(update={"init_weights": str(start)})
     train_classifier(train, out / "classifier", classifier_cfg, device=device, progress=progress,
                      val_manifest=val_manifest)
     return ckpt
+
+
+def stage_scores(out: Path, subset: Manifest, cfg: DemoJobConfig, refined: dict[str, Any],
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The demo's stage table (the all-background floor, CAM and RIB seeds at the best threshold of
+    the sweep as the paper reports them, seed + CRF, the IRN pseudo-mask) and the two seed sweeps."""
+    cam_seed = sweep_folder(out / "cam", subset, cfg.refine.evaluation)
+    rib_seed = sweep_folder(out / "rib", subset, cfg.refine.evaluation)
+    floor = all_background_miou((load_mask(subset.mask_uri(r)) for r in subset.records), len(subset.classes))
+
+    def row(method: str, s: dict[str, Any], detail: str) -> dict[str, Any]:
+        return {"method": method, "miou": s["miou"], "precision": s["precision"], "recall": s["recall"],
+                "f1": s["f1"], "detail": detail}
+
+    return [
+        {"method": "all background", "miou": floor, "detail": "the floor"},
+        row("CAM seed", cam_seed["best"], f"best threshold {cam_seed['best_threshold']:.2f}"),
+        row("RIB seed (M)", rib_seed["best"], f"best threshold {rib_seed['best_threshold']:.2f}"),
+        row("RIB seed + CRF", refined["seeds_crf"], f"threshold {refined['seed_threshold']:.2f}"),
+        row("RIB + IRN pseudo-mask", refined["masks"], "random walk on M"),
+    ], {"cam_seed": cam_seed, "rib_seed": rib_seed}
+
+
+def report_rows(out: Path, subset: Manifest, n: int) -> list[dict[str, Any]]:
+    """Pictures of the first ``n`` images: input, CAM, M, pseudo-mask and ground truth (PNG bytes)."""
+    rows = []
+    for r in subset.records[:n]:
+        image = load_image(subset.image_uri(r))
+        cam, rib = LocalizationMap.load(out / "cam" / f"{r.id}.npz"), LocalizationMap.load(out / "rib" / f"{r.id}.npz")
+        rows.append({
+            "id": r.id, "labels": list(r.labels), "input": png_bytes(image),
+            "CAM": png_bytes(map_overlay(image, cam.high_res.max(0))),
+            "RIB map M": png_bytes(map_overlay(image, rib.high_res.max(0))),
+            "pseudo-mask": (out / "refined" / "masks" / f"{r.id}.png").read_bytes(),
+            "ground truth": label_png(load_mask(subset.mask_uri(r))),
+        })
+    return rows
 
 
 def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str = "cpu",
@@ -111,68 +155,37 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     out.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
 
-    def stage(name: str, started: float) -> None:
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
         timing[name] = round(time.perf_counter() - started, 1)
 
-    t = time.perf_counter()
     data_dir = out / "data"
-    if not (data_dir / "val.jsonl").exists():
-        make_demo_dataset(data_dir, cfg.data)
-    train = load_manifest(data_dir / "train.jsonl")
-    stage("data_s", t)
-
-    t = time.perf_counter()
-    ckpt = train_demo_classifier(out, cfg, train, data_dir / "val.jsonl", device, progress)
-    model, _, extra = load_classifier(ckpt)
-    quality = classifier_quality(extra, checkpoint=str(ckpt))
-    stage("classifier_s", t)
-
+    with stage("data_s"):
+        if not (data_dir / "val.jsonl").exists():
+            make_demo_dataset(data_dir, cfg.data)
+        train = load_manifest(data_dir / "train.jsonl")
+    with stage("classifier_s"):
+        ckpt = train_demo_classifier(out, cfg, train, data_dir / "val.jsonl", device, progress)
+        model, _, extra = load_classifier(ckpt)
+        quality = classifier_quality(extra, checkpoint=str(ckpt))
     subset = train.subset([r.id for r in train.records[: cfg.n_images]])
-    t = time.perf_counter()
-    run_cam(model, subset, out / "cam", cfg.cam, device, progress)
-    stage("cam_s", t)
+    with stage("cam_s"):
+        run_cam(model, subset, out / "cam", cfg.cam, device, progress)
+    with stage("rib_s"):
+        run_rib(model, subset, CompanionPool.from_manifest(train), out / "rib", cfg.rib, device, progress)
+    with stage("refine_s"):
+        # No ImageNet weights here: IRN's frozen backbone is the demo classifier's (irn_backbone's rule).
+        refined = refine_maps(out / "rib", subset, out / "refined", cfg.refine, device=device, progress=progress,
+                              classifier=str(ckpt))
 
-    t = time.perf_counter()
-    pool = CompanionPool.from_manifest(train)
-    run_rib(model, subset, pool, out / "rib", cfg.rib, device, progress)
-    stage("rib_s", t)
-
-    t = time.perf_counter()
-    # No ImageNet weights here: IRN's frozen backbone is the demo classifier's (irn_backbone's rule).
-    refined = refine_maps(out / "rib", subset, out / "refined", cfg.refine, device=device, progress=progress,
-                          classifier=str(ckpt))
-    stage("refine_s", t)
-
-    cam_seed = sweep_folder(out / "cam", subset, cfg.refine.evaluation)
-    rib_seed = sweep_folder(out / "rib", subset, cfg.refine.evaluation)
-    floor = all_background_miou((load_mask(subset.mask_uri(r)) for r in subset.records), len(subset.classes))
-
-    def row(method: str, s: dict[str, Any], detail: str) -> dict[str, Any]:
-        return {"method": method, "miou": s["miou"], "precision": s["precision"], "recall": s["recall"],
-                "f1": s["f1"], "detail": detail}
-
-    metrics = [
-        {"method": "all background", "miou": floor, "detail": "the floor"},
-        row("CAM seed", cam_seed["best"], f"best threshold {cam_seed['best_threshold']:.2f}"),
-        row("RIB seed (M)", rib_seed["best"], f"best threshold {rib_seed['best_threshold']:.2f}"),
-        row("RIB seed + CRF", refined["seeds_crf"], f"threshold {refined['seed_threshold']:.2f}"),
-        row("RIB + IRN pseudo-mask", refined["masks"], "random walk on M"),
-    ]
-    rows = []
-    for r in subset.records[: cfg.report_rows]:
-        image = load_image(subset.image_uri(r))
-        cam, rib = LocalizationMap.load(out / "cam" / f"{r.id}.npz"), LocalizationMap.load(out / "rib" / f"{r.id}.npz")
-        rows.append({
-            "id": r.id, "labels": list(r.labels), "input": png_bytes(image),
-            "CAM": png_bytes(map_overlay(image, cam.high_res.max(0))),
-            "RIB map M": png_bytes(map_overlay(image, rib.high_res.max(0))),
-            "pseudo-mask": (out / "refined" / "masks" / f"{r.id}.png").read_bytes(),
-            "ground truth": label_png(load_mask(subset.mask_uri(r))),
-        })
+    metrics, sweeps = stage_scores(out, subset, cfg, refined)
+    rows = report_rows(out, subset, cfg.report_rows)
     validation = extra.get("validation", {})
     summary = {"classifier": {**quality, "f1": validation.get("f1"), "ap": validation.get("ap")},
                "metrics": metrics, "timing": timing, "images": len(subset),
-               "cam_seed": cam_seed, "rib_seed": rib_seed, "refine": refined}
+               **sweeps, "refine": refined}
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=float))
     write_html_report(out / "report.html", "RIB on MNIST scenes (demo)", metrics,
                       ["input", "CAM", "RIB map M", "pseudo-mask", "ground truth"], rows,

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tqdm import tqdm
 
 from rib_core.cam import LocalizationMap
 from rib_core.classes import IGNORE_INDEX
@@ -35,6 +34,7 @@ from rib_core.evaluation import EvalConfig, confusion, scores, seed_from_map, sw
 from rib_core.irn import IrnNet, boundary_map, load_irn
 from rib_core.irn_training import IrnTrainConfig, irn_backbone, train_irn
 from rib_core.presets import Preset, with_preset
+from rib_core.progress import ImageProgress
 from rib_core.random_walk import RandomWalkConfig, mask_from_scores, three_way_labels, walk_scores
 from rib_core.saliency import apply_saliency, decode_saliency
 from rib_core.storage import join_uri, read_bytes, uri_exists
@@ -158,7 +158,7 @@ class _FolderRun:
         return {r.id: self.manifest.mask_uri(r) for r in self.records if r.mask is not None}
 
     def images(self, desc: str) -> Iterator[tuple[ManifestRecord, np.ndarray, LocalizationMap]]:
-        for r in tqdm(self.records, desc=desc, disable=not self.progress, unit="img"):
+        for r in ImageProgress(self.records, desc=desc, disable=not self.progress):
             yield r, load_image(self.manifest.image_uri(r)), self.lmap(r)
 
     def write(self, folder: str, image_id: str, data: bytes) -> None:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rib_core.storage import bucket_exists
 from service.settings import Settings
+from tests.service_stack import moto_s3, redis_server, s3
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -87,21 +90,48 @@ def _healthy(test: list[str], port: int, internal_port: int, env: dict[str, str]
 
 
 def test_compose_names_every_service_with_health_and_order():
-    assert {"redis", "minio", "createbucket", *APP_SERVICES} <= set(SERVICES)
-    for name in ("redis", "minio", "api", "flower"):
-        assert "healthcheck" in SERVICES[name], name
+    assert {"redis", "s3", "createbucket", *APP_SERVICES} <= set(SERVICES)
+    for name, service in SERVICES.items():  # every service but the one-shot bucket maker is watched
+        assert ("healthcheck" in service) == (name != "createbucket"), name
     for name in ("api", "worker", "training-worker"):
         deps = SERVICES[name]["depends_on"]
         assert deps["redis"]["condition"] == "service_healthy"
-        assert deps["minio"]["condition"] == "service_healthy"
+        assert deps["s3"]["condition"] == "service_healthy"
         assert deps["createbucket"]["condition"] == "service_completed_successfully"
-    assert SERVICES["createbucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
-    assert "mc mb --ignore-existing local/rib" in " ".join(SERVICES["createbucket"]["entrypoint"])
+    assert SERVICES["flower"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert SERVICES["createbucket"]["depends_on"]["s3"]["condition"] == "service_healthy"
+    assert "create_bucket" in SERVICES["createbucket"]["command"][-1]
     for name in ("worker", "training-worker"):
         (device,) = SERVICES[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+        assert "inspect ping --destination celery@$$HOSTNAME" in SERVICES[name]["healthcheck"]["test"][-1]
     assert ":8000/healthz" in SERVICES["api"]["healthcheck"]["test"][-1]
     assert ":5555/healthcheck" in SERVICES["flower"]["healthcheck"]["test"][-1]
+    assert SERVICES["s3"]["healthcheck"]["test"] == ["CMD", "curl", "-fsS", "http://127.0.0.1:8333/healthz"]
+    redis = SERVICES["redis"]["command"]
+    assert redis[redis.index("--appendonly") + 1] == "yes" and "redis-data:/data" in SERVICES["redis"]["volumes"]
+
+
+def _pinned(image: str) -> bool:
+    """``name:tag`` with a tag that names a version (a digit in it), never ``latest``."""
+    name, _, tag = image.rpartition(":")
+    return bool(name) and "/" not in tag and tag != "latest" and any(c.isdigit() for c in tag)
+
+
+def test_every_image_is_pinned_to_a_version():
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for name, service in SERVICES.items():
+        assert _pinned(service["image"]), (name, service["image"])
+        if "build" in service:  # built here: tagged with the project's version
+            assert service["image"].endswith(f":{version}"), (name, service["image"])
+    for dockerfile in ("api.Dockerfile", "worker.Dockerfile"):
+        text = _dockerfile(dockerfile)
+        args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.M))
+        (syntax,) = re.findall(r"^# syntax=(\S+)$", text, flags=re.M)
+        for image in [syntax, *re.findall(r"^FROM (\S+)", text, flags=re.M)]:
+            for arg, default in args.items():
+                image = image.replace(f"${{{arg}}}", default)
+            assert _pinned(image), (dockerfile, image)
 
 
 def test_readme_documents_every_setting_and_the_compose_services():
@@ -110,7 +140,7 @@ def test_readme_documents_every_setting_and_the_compose_services():
     documented = set(re.findall(r"^\| `(RIB_\w+)`", table, flags=re.M))
     assert documented == {f"RIB_{name.upper()}" for name in Settings.model_fields}
     docker = readme[readme.index("### Full stack with Docker"):readme.index("## Configuration")]
-    for mentioned, service in (("Redis", "redis"), ("MinIO", "minio"), ("the API", "api"), ("GPU worker", "worker"),
+    for mentioned, service in (("Redis", "redis"), ("SeaweedFS", "s3"), ("the API", "api"), ("GPU worker", "worker"),
                                ("training worker", "training-worker"), ("Flower", "flower")):
         assert mentioned in docker and service in SERVICES, (mentioned, service)
 
@@ -147,7 +177,8 @@ def test_dockerfiles_copy_what_exists_and_run_the_compose_commands():
         assert SERVICES[service]["build"]["dockerfile"] == f"docker/{name}"
         assert _cmd(_dockerfile(name)) == SERVICES[service]["command"]
     assert "torch==2.14.1 torchvision==0.29.1" in _dockerfile("worker.Dockerfile")
-    assert "'.[api]'" in _dockerfile("api.Dockerfile") and "'.[worker]'" in _dockerfile("worker.Dockerfile")
+    # The API also exports a job's masks (the `export` extra); the workers need no exporter.
+    assert "'.[api,export]'" in _dockerfile("api.Dockerfile") and "'.[worker]'" in _dockerfile("worker.Dockerfile")
 
 
 @pytest.mark.heavy  # starts processes
@@ -167,6 +198,21 @@ def test_worker_commands_name_real_queues_tasks_and_options(tmp_path):
     check = ("from worker.celery_app import app, PROCESS_CHUNK, TRAINING_JOB; app.loader.import_default_modules(); "
              "assert PROCESS_CHUNK in app.tasks and TRAINING_JOB in app.tasks")
     subprocess.run([sys.executable, "-c", check], check=True, env=env, cwd=ROOT, timeout=120)
+
+
+def test_createbucket_command_makes_the_bucket_here_and_is_idempotent():
+    """createbucket's command, run here (this Python, this rib_core) against moto's S3 server."""
+    cmd = SERVICES["createbucket"]["command"]
+    assert cmd[:2] == ["python", "-c"]
+    with moto_s3() as endpoint:
+        assert not bucket_exists("made-here", s3(endpoint))
+        env = {**os.environ, "RIB_STORAGE_URI": "s3://made-here/results", "RIB_S3_ENDPOINT_URL": endpoint,
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        for _ in range(2):  # a restarted stack runs it again on the existing bucket
+            out = subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0 and "bucket made-here ready" in out.stdout, out.stderr
+        # moto's in-process state is shared with other tests' servers: look for this bucket only
+        assert s3(endpoint).head_bucket(Bucket="made-here")["ResponseMetadata"]["HTTPStatusCode"] == 200
 
 
 def test_redis_healthcheck_answers_here():
@@ -202,6 +248,29 @@ def test_flower_command_serves_and_passes_its_healthcheck(tmp_path):
         assert healthy, (tmp_path / "celery.log").read_text()
 
 
+@pytest.mark.heavy  # starts a Celery worker
+def test_worker_healthcheck_passes_on_a_worker_started_with_the_compose_command(tmp_path):
+    """The workers' healthcheck (a ping through the broker) against a real worker, started with the
+    compose command on a private redis-server; a fixed name stands in for the container's hostname."""
+    test = SERVICES["worker"]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL" and test[1].startswith("celery ")
+    check = f"{BIN / 'celery'} {test[1].removeprefix('celery ').replace('$$HOSTNAME', '$HOSTNAME')}"
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as url:
+        env = {**os.environ, "RIB_BROKER_URL": f"{url}/0", "RIB_RESULT_BACKEND": f"{url}/1",
+               "RIB_STORAGE_URI": str(tmp_path / "results"), "HOSTNAME": "rib-health"}
+        ping = subprocess.run(["sh", "-c", check], env=env, capture_output=True, text=True, timeout=120)
+        assert ping.returncode != 0  # no worker yet: unhealthy
+        cmd = [str(BIN / "celery"), *SERVICES["worker"]["command"][1:], "--hostname", "celery@rib-health"]
+        with _serving(cmd, env, tmp_path) as proc:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and proc.poll() is None:
+                ping = subprocess.run(["sh", "-c", check], env=env, capture_output=True, text=True, timeout=120)
+                if ping.returncode == 0:
+                    break
+            assert ping.returncode == 0, (tmp_path / "celery.log").read_text()
+
+
 def _ci_clone(tmp_path: Path) -> Path:
     """A project holding only the CI scripts and pyproject.toml, whose .venv runs this one's tools.
     Its set-up stamp matches, so the real setup.sh only checks Redis and Chromium there."""
@@ -225,10 +294,22 @@ def _ci(clone: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_setup_and_ci_scripts():
-    for script in ("scripts/setup.sh", "scripts/test.sh", ".ci/run"):
+    for script in ("scripts/setup.sh", "scripts/test.sh", "scripts/demo.sh", ".ci/run"):
         subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/setup.sh" in ci and "ruff check" in ci and "scripts/test.sh" in ci
+
+
+def test_readme_quick_start_is_two_commands_that_set_up_first_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Quick start")
+    (block,) = re.findall(r"```bash\n(.*?)```", readme[start:readme.index("\n## ", start + 1)], flags=re.S)
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()  # exactly as the README shows it
+    for script, runs in (("scripts/demo.sh", ".venv/bin/rib demo"), ("scripts/test.sh", ".venv/bin/pytest")):
+        text = (ROOT / script).read_text()
+        assert "bash scripts/setup.sh" in text and text.index("bash scripts/setup.sh") < text.index(runs), script
 
 
 @pytest.mark.heavy  # starts processes
