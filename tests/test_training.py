@@ -24,23 +24,14 @@ from rib_core.training import (
     train_one_epoch,
     trainer_state,
 )
-
-
-class _RunsCode:
-    """Pickles as a call to ``open(marker, "w")``: loading it creates the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return open, (str(self.marker), "w")
+from tests.planted import RunsCode
 
 
 def test_planted_classifier_state_is_refused_without_running_its_code(tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
     out = tmp_path / "run"
     out.mkdir()
-    torch.save({"model": {}, "optimizer": {}, "epoch": 1, "payload": _RunsCode(marker)}, out / "train_state.pth")
+    torch.save({"model": {}, "optimizer": {}, "epoch": 1, "payload": RunsCode(marker)}, out / "train_state.pth")
     manifest = Manifest(["a"], [ManifestRecord("x", "x.png", ("a",), None)], str(tmp_path))
     cfg = ClassifierTrainConfig(arch="resnet18", batch_size=1, epochs=2)
     with pytest.raises(CheckpointError, match=r"refusing to resume from .*train_state\.pth"):
