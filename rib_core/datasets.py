@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 from rib_core import augment
 from rib_core.storage import is_s3_uri, join_uri, parent_uri, read_bytes, uri_exists
+from rib_core.training import AugmentedManifest
 
 MANIFEST_FORMAT = "rib-manifest"
 MANIFEST_VERSION = 1
@@ -246,7 +246,7 @@ def load_mask(uri: str) -> np.ndarray:
     return decode_mask(read_bytes(uri))
 
 
-class ClassificationDataset(Dataset):
+class ClassificationDataset(AugmentedManifest):
     """Training samples for the classifier, IRN's ``VOC12ClassificationDataset`` recipe.
 
     Random resize-long, normalise, random flip, random crop padded with 0 (the mean after
@@ -255,19 +255,12 @@ class ClassificationDataset(Dataset):
 
     def __init__(self, manifest: Manifest, crop_size: int, resize_long: tuple[int, int] | None,
                  hflip: bool = True, seed: int = 0) -> None:
-        self.manifest = manifest
+        super().__init__(manifest, seed)
         self.crop_size = crop_size
         self.resize_long = resize_long
         self.hflip = hflip
-        self.seed = seed
-        self.epoch = 0
 
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        r = self.manifest[i]
-        rng = random.Random(hash((self.seed, self.epoch, i)))
+    def sample(self, r: ManifestRecord, rng: random.Random) -> dict[str, Any]:
         img = load_image(self.manifest.image_uri(r))
         draw = augment.draw_crop(img.shape[:2], self.crop_size, self.resize_long, self.hflip, rng)
         return {"id": r.id, "img": augment.apply_crop(img, draw), "label": self.manifest.label_vector(r)}

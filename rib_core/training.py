@@ -15,7 +15,7 @@ import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rib_core.checkpoints import CheckpointError, read_checkpoint, save_atomically
-from rib_core.datasets import Manifest, ManifestRecord
+
+if TYPE_CHECKING:  # datasets builds its training sets on AugmentedManifest
+    from rib_core.datasets import Manifest, ManifestRecord
 
 # A batch -> its loss to back-propagate and named parts of it to report (floats).
 StepLoss = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
