@@ -71,6 +71,7 @@ def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, num_w
 
 
 def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0, unit: str = "batch") -> tqdm:
+    """The trainers' bar: steps done of ``total`` (a resumed run starts at ``initial``), loss shown."""
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled)
 
 
