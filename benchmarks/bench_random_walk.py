@@ -20,7 +20,8 @@ import torch
 
 from benchmarks.bench_rib import device_name
 from rib_core.cam import LocalizationMap
-from rib_core.random_walk import RandomWalkConfig, random_walk
+from rib_core.random_walk import random_walk
+from rib_core.stage_configs import RandomWalkConfig
 
 
 def fake_inputs(width: int, height: int, classes: int, device: torch.device,

@@ -17,7 +17,7 @@ RUN pip install --upgrade pip && pip install torch==2.14.1 torchvision==0.29.1 -
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY rib_core ./rib_core
-COPY service ./service
+COPY contract ./contract
 COPY worker ./worker
 RUN pip install '.[worker]'
 

@@ -98,7 +98,7 @@ def predict_logits(model: CamNet, manifest: Manifest, device: str | torch.device
         labels.append(manifest.label_vector(r))
     flush()
     model.train(was_training)
-    return torch.cat(logits).numpy(), torch.stack(labels).numpy()
+    return torch.cat(logits).numpy(), np.stack(labels)
 
 
 def evaluate_classifier(model: CamNet, manifest: Manifest, device: str | torch.device = "cpu") -> dict[str, Any]:

@@ -174,7 +174,8 @@ def cmd_rib(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from rib_core.cam import LocalizationMap
     from rib_core.datasets import load_manifest, load_mask
-    from rib_core.evaluation import EvalConfig, sweep_seeds, write_report
+    from rib_core.evaluation import sweep_seeds, write_report
+    from rib_core.stage_configs import EvalConfig
 
     manifest = load_manifest(args.manifest)
     maps = Path(args.maps)
@@ -191,7 +192,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_refine(args: argparse.Namespace) -> None:
-    from rib_core.refine import RefineConfig, refine_maps
+    from rib_core.refine import refine_maps
+    from rib_core.stage_configs import RefineConfig
 
     report = refine_maps(args.maps, args.manifest, args.out, build_config(RefineConfig, args), args.irn,
                          args.saliency, _dev(args), not args.quiet, classifier=args.classifier)
@@ -263,7 +265,8 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_deeplab(args: argparse.Namespace) -> None:
-    from rib_core.train_deeplab import DeepLabTrainConfig, run_training_job
+    from rib_core.stage_configs import DeepLabTrainConfig
+    from rib_core.train_deeplab import run_training_job
 
     spec = {"kind": args.action, "manifest": args.manifest, "output": args.out,
             "config": build_config(DeepLabTrainConfig, args).model_dump(), "checkpoint": args.checkpoint,

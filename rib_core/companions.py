@@ -45,7 +45,7 @@ class CompanionPool:
         records = manifest.records[:limit] if limit else manifest.records
         images = [load_image(manifest.image_uri(r))
                   for r in tqdm(records, desc="companion pool", disable=not progress, unit="img")]
-        labels = np.stack([manifest.label_vector(r).numpy() > 0 for r in records])
+        labels = np.stack([manifest.label_vector(r) > 0 for r in records])
         return cls(images, labels, [r.id for r in records], manifest.classes)
 
     def disjoint_indices(self, keys: Sequence[int]) -> np.ndarray:

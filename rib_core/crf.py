@@ -20,9 +20,11 @@ import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
 from rib_core.cam import LocalizationMap
-from rib_core.crf_config import PSA_PROBABILITY_CRF as PSA_PROBABILITY_CRF  # its home before crf_config
-from rib_core.crf_config import CrfConfig
 from rib_core.evaluation import seed_from_map
+from rib_core.stage_configs import CrfConfig
+
+# PSA's crf_inference (jiwoon-ahn/psa tool/imutils.py): softmax unary, bilateral sxy 80 / srgb 13.
+PSA_PROBABILITY_CRF = CrfConfig(unary="probabilities", bilateral_sxy=80.0, bilateral_srgb=13.0)
 
 
 def dense_crf(image: np.ndarray, unary: np.ndarray, cfg: CrfConfig) -> np.ndarray:

@@ -9,6 +9,8 @@ The first line is a header, the others one image each::
 ``image`` and ``mask`` are paths relative to the manifest, absolute paths or s3:// URIs. ``mask``
 (optional) is a label PNG: 0 background, i + 1 for ``classes[i]``, 255 ignore. Validation reports
 every bad line at once so that a user fixes a manifest in one go.
+
+Torch-free (manifests, records, image decoding): the API process imports it.
 """
 
 from __future__ import annotations
@@ -16,19 +18,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from rib_core import augment
 from rib_core.storage import is_s3_uri, join_uri, parent_uri, read_bytes, uri_exists
-from rib_core.training import AugmentedManifest
 
 MANIFEST_FORMAT = "rib-manifest"
 MANIFEST_VERSION = 1
@@ -95,8 +93,9 @@ class Manifest:
     def label_indices(self, r: ManifestRecord) -> list[int]:
         return sorted(self.classes.index(c) for c in r.labels)
 
-    def label_vector(self, r: ManifestRecord) -> torch.Tensor:
-        v = torch.zeros(len(self.classes))
+    def label_vector(self, r: ManifestRecord) -> np.ndarray:
+        """Multi-hot float32 vector over ``classes``."""
+        v = np.zeros(len(self.classes), np.float32)
         v[self.label_indices(r)] = 1.0
         return v
 
@@ -244,24 +243,3 @@ def load_image(uri: str) -> np.ndarray:
 
 def load_mask(uri: str) -> np.ndarray:
     return decode_mask(read_bytes(uri))
-
-
-class ClassificationDataset(AugmentedManifest):
-    """Training samples for the classifier, IRN's ``VOC12ClassificationDataset`` recipe.
-
-    Random resize-long, normalise, random flip, random crop padded with 0 (the mean after
-    normalisation), in that order as in IRN's ``voc12/dataloader.py``.
-    """
-
-    def __init__(self, manifest: Manifest, crop_size: int, resize_long: tuple[int, int] | None,
-                 hflip: bool = True, seed: int = 0) -> None:
-        super().__init__(manifest, seed)
-        self.crop_size = crop_size
-        self.resize_long = resize_long
-        self.hflip = hflip
-
-    def sample(self, r: ManifestRecord, rng: random.Random) -> dict[str, Any]:
-        img = load_image(self.manifest.image_uri(r))
-        draw = augment.draw_crop(img.shape[:2], self.crop_size, self.resize_long, self.hflip, rng)
-        return {"id": r.id, "img": augment.apply_crop(img, draw), "label": self.manifest.label_vector(r)}
-

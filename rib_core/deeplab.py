@@ -23,8 +23,8 @@ from torchvision.models import segmentation
 from torchvision.models._utils import IntermediateLayerGetter
 
 from rib_core.checkpoints import CheckpointError, load_backbone, read_checkpoint, save_atomically
-from rib_core.deeplab_config import ModelKind
 from rib_core.networks import BACKBONES, feature_channels
+from rib_core.stage_configs import ModelKind
 
 DEEPLAB_FORMAT = "rib-deeplab"
 DEEPLAB_VERSION = 1

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from rib_core import augment
 from rib_core.classes import IGNORE_INDEX
 from rib_core.datasets import Manifest, ManifestRecord, load_image, load_mask
-from rib_core.deeplab_config import DeepLabTrainConfig
+from rib_core.stage_configs import DeepLabTrainConfig
 from rib_core.training import AugmentedManifest
 
 

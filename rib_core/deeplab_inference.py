@@ -16,8 +16,8 @@ from rib_core import augment
 from rib_core.crf import crf_probabilities
 from rib_core.datasets import Manifest, load_image, load_mask
 from rib_core.deeplab import DeepLab
-from rib_core.deeplab_config import DeepLabTrainConfig
 from rib_core.evaluation import confusion, evaluate_masks, scores
+from rib_core.stage_configs import DeepLabTrainConfig
 from rib_core.storage import Storage
 from rib_core.training import autocast
 from rib_core.visualize import label_png

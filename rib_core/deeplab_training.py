@@ -28,10 +28,10 @@ from tqdm import tqdm
 from rib_core.classes import IGNORE_INDEX
 from rib_core.datasets import Manifest, ManifestRecord, load_image, load_mask
 from rib_core.deeplab import DeepLab, load_deeplab, load_initial_weights, save_deeplab
-from rib_core.deeplab_config import RUN_FIELDS, DeepLabTrainConfig
 from rib_core.deeplab_data import SegmentationTrainSet, segmentation_loss
 from rib_core.deeplab_inference import predict_mask
 from rib_core.optim import PolySGD
+from rib_core.stage_configs import DeepLabTrainConfig
 from rib_core.storage import LocalStorage
 from rib_core.training import (
     autocast,
@@ -52,6 +52,11 @@ from rib_core.training import (
 from rib_core.visualize import label_png
 
 OnCheckpoint = Callable[[Path], None]
+
+# Settings that define a run: a resumed run must use the same ones.
+RUN_FIELDS = ("model", "arch", "atrous_rates", "msc_scales", "freeze_bn", "init_weights", "batch_size",
+              "iterations", "lr", "head_lr_mult", "momentum", "weight_decay", "poly_power", "crop_size",
+              "scales", "hflip", "seed")
 
 
 def build_model(cfg: DeepLabTrainConfig, num_labels: int) -> DeepLab:

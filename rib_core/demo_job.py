@@ -24,10 +24,10 @@ from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
 from rib_core.evaluation import all_background_miou, sweep_folder
-from rib_core.irn_training import IrnTrainConfig
-from rib_core.refine import RefineConfig, refine_maps
+from rib_core.refine import refine_maps
 from rib_core.report import write_html_report
 from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import IrnTrainConfig, RefineConfig
 from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
 from rib_core.visualize import label_png, map_overlay, png_bytes
 
@@ -54,10 +54,10 @@ class DemoJobConfig(BaseModel):
         n_train=1500, n_val=100, canvas=DEMO_CANVAS, digit_size=(30, 46), max_per_image=3))
     # No ImageNet weights here: single-digit pretraining stands in for them (README "Classifier").
     pretrain: ClassifierTrainConfig | None = Field(default_factory=lambda: ClassifierTrainConfig(
-        recipe="scratch", batch_size=16, epochs=3, crop_size=40, resize_long=(36, 44)))
+        recipe="scratch", batch_size=16, epochs=3, crop_size=48, resize_long=(44, 52)))
     pretrain_images: int = Field(4000, ge=1, description="single-digit images for the pretraining")
     classifier: ClassifierTrainConfig = Field(default_factory=lambda: ClassifierTrainConfig(
-        recipe="scratch", epochs=3, crop_size=64, resize_long=(56, 80)))
+        recipe="scratch", epochs=3, crop_size=80, resize_long=(72, 120)))
     cam: CamConfig = Field(default_factory=CamConfig)
     rib: RibConfig = Field(default_factory=_demo_rib)
     refine: RefineConfig = Field(default_factory=lambda: RefineConfig(

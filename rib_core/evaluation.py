@@ -15,35 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.cam import LocalizationMap
 from rib_core.classes import IGNORE_INDEX
 from rib_core.datasets import Manifest, load_mask
-from rib_core.presets import Preset, with_preset
-
-# The seed sweeps of RIB's run_sample.py (VOC: i / 100 for i in range(20, 50)) and
-# run_sample_coco.py (COCO: range(10, 51), i.e. 0.10-0.50 by 0.01).
-EVAL_PRESETS: dict[str, dict[str, Any]] = {
-    "voc": {},
-    "coco": {"thresholds": [round(0.01 * i, 2) for i in range(10, 51)]},
-}
-
-
-class EvalConfig(BaseModel):
-    """Seed evaluation; ``preset`` fills the data-set-specific sweep when none is given."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset = "voc"
-    # RIB reports the best seed over background thresholds; we sweep 0.20-0.49 by 0.01
-    # (the range used for the paper's seeds; IRN's single default is --cam_eval_thres 0.15).
-    thresholds: list[float] = Field(default_factory=lambda: [round(0.20 + 0.01 * i, 2) for i in range(30)])
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        return with_preset(data, EVAL_PRESETS)
+from rib_core.stage_configs import EvalConfig
 
 
 def confusion(pred: np.ndarray, gt: np.ndarray, n_labels: int) -> np.ndarray:

@@ -20,7 +20,7 @@ export loses nothing. VOC keeps 255, as VOC's own masks do ("void").
 
 Two sources: a manifest with masks (what ``rib refine`` writes: ``masks.jsonl``, or any manifest
 whose records have a ``mask``), and a service job in storage (``<job>/images/<id>/meta.json``
-with ``crf_mask.png`` and, with IRN, ``irn_mask.png``: what :meth:`ImageResult.artifacts` writes).
+with ``crf_mask.png`` and, with IRN, ``irn_mask.png``: the layout of :mod:`rib_core.artifacts`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from rib_core.artifacts import MARKER, final_files
 from rib_core.classes import IGNORE_INDEX
 from rib_core.datasets import Manifest, decode_mask, load_manifest, load_mask
 from rib_core.storage import Storage, join_uri
@@ -231,13 +232,8 @@ def job_masks(storage: Storage, job_prefix: str, image_uris: Mapping[str, str] |
 
     uris = image_uris or {}
     return [MaskedImage(image_id, uris.get(image_id, image_id), partial(_stored_mask, storage, base + image_id + "/"
-                                                                        + _final_mask(names)))
-            for image_id, names in sorted(files.items()) if "meta.json" in names]
-
-
-def _final_mask(names: set[str]) -> str:
-    """The artifact holding an image's final pseudo-mask (as :func:`~rib_core.refine.refine_one` picks it)."""
-    return "irn_mask.png" if "irn_mask.png" in names else "crf_mask.png"
+                                                                        + final_files(names)["mask"]))
+            for image_id, names in sorted(files.items()) if MARKER in names]
 
 
 def _stored_mask(storage: Storage, key: str) -> np.ndarray:

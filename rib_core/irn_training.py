@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core import augment
 from rib_core.checkpoints import load_backbone
@@ -22,39 +21,8 @@ from rib_core.classes import IGNORE_INDEX
 from rib_core.datasets import Manifest, ManifestRecord, load_image, load_mask
 from rib_core.irn import IrnNet, PathIndex, irn_loss, save_irn
 from rib_core.optim import PolySGD, irn_param_groups
+from rib_core.stage_configs import IrnTrainConfig
 from rib_core.training import AugmentedManifest, epoch_loader, progress_bar, steps_per_epoch, train_one_epoch
-
-
-class IrnTrainConfig(BaseModel):
-    """IRN training; defaults are the RIB/IRN ``run_sample.py`` and ``step/train_irn.py`` ones."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    arch: str = Field("resnet50", description="backbone (IRN: resnet50)")
-    # IRN starts from ImageNet weights (resnet50(pretrained=True)). Give a torchvision state dict or
-    # a classifier checkpoint (ours or IRN's res50_cam.pth) whose backbone to use; None = the
-    # classifier passed to train_irn / refine_maps (never a random backbone: see irn_backbone).
-    init_weights: str | None = None
-    crop_size: int = Field(512, ge=32, multiple_of=16)  # --irn_crop_size 512
-    batch_size: int = Field(32, ge=1)                    # --irn_batch_size 32
-    epochs: int = Field(3, ge=1)                         # --irn_num_epoches 3
-    lr: float = Field(0.1, gt=0)                         # --irn_learning_rate 0.1 (x10 on the displacement head)
-    weight_decay: float = Field(1e-4, ge=0)              # --irn_weight_decay 1e-4
-    momentum: float = Field(1e-4, ge=0)                  # PolyOptimizer passes weight_decay as momentum (optim.py)
-    poly_power: float = Field(0.9, gt=0)                 # PolyOptimizer's exponent
-    radius: int = Field(10, ge=2, le=20)                 # train_irn.py PathIndex(radius=10)
-    rescale: tuple[float, float] = (0.5, 1.5)            # VOC12AffinityDataset rescale=(0.5, 1.5)
-    hflip: bool = True                                   # hor_flip=True
-    num_workers: int = Field(0, ge=0)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _crop_fits_radius(self) -> IrnTrainConfig:
-        side = self.crop_size // 4  # the networks' stride-4 map
-        if side <= 2 * (self.radius - 1):
-            raise ValueError(f"crop_size {self.crop_size} gives a {side}x{side} map, too small for radius "
-                             f"{self.radius}: use radius <= {side // 2} or a larger crop")
-        return self
 
 
 def irn_backbone(cfg: IrnTrainConfig, classifier: str | os.PathLike[str] | None) -> str:

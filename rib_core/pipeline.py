@@ -8,7 +8,6 @@ refinement (seed + CRF, and IRN's random walk when an IRN model is given), and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from rib_core.artifacts import Artifacts, encode_result
 from rib_core.batching import RibBatcher
 from rib_core.cam import LocalizationMap
 from rib_core.checkpoints import load_classifier
@@ -24,10 +24,10 @@ from rib_core.companions import CompanionPool
 from rib_core.datasets import load_manifest
 from rib_core.irn import IrnNet, load_irn
 from rib_core.networks import CamNet
-from rib_core.refine import RefineConfig, refine_one
+from rib_core.refine import refine_one
 from rib_core.rib import RibRunner
 from rib_core.rib_config import RibConfig, image_seed
-from rib_core.visualize import label_png, map_overlay, mask_overlay, png_bytes
+from rib_core.stage_configs import RefineConfig
 
 
 class PipelineConfig(BaseModel):
@@ -54,22 +54,10 @@ class ImageResult:
     masks: dict[str, np.ndarray]  # "seed", "crf", optionally "irn", and "mask" (the final one)
     stats: dict[str, Any]
 
-    def artifacts(self, image: np.ndarray) -> dict[str, tuple[bytes, str]]:
-        """Files for users: the map (npz and a picture), the pseudo-masks and their overlays."""
-        score = self.map.high_res.max(0) if len(self.map.keys) else np.zeros(image.shape[:2], np.float32)
-        out = {
-            "map.npz": (self.map.to_bytes(), "application/octet-stream"),
-            "map.png": (png_bytes(map_overlay(image, score)), "image/png"),
-            "crf_mask.png": (label_png(self.masks["crf"]), "image/png"),
-            "crf_overlay.png": (png_bytes(mask_overlay(image, self.masks["crf"])), "image/png"),
-        }
-        if "irn" in self.masks:
-            out["irn_mask.png"] = (label_png(self.masks["irn"]), "image/png")
-            out["irn_overlay.png"] = (png_bytes(mask_overlay(image, self.masks["irn"])), "image/png")
-        meta = {"image_id": self.image_id, "classes": self.classes, "keys": self.map.keys.tolist(),
-                "size": list(image.shape[:2]), "stats": self.stats}
-        out["meta.json"] = (json.dumps(meta, indent=2).encode(), "application/json")
-        return out
+    def artifacts(self, image: np.ndarray) -> Artifacts:
+        """Files for users (:func:`rib_core.artifacts.encode_result`): the map, pseudo-masks, overlays."""
+        meta = {"image_id": self.image_id, "classes": self.classes, "stats": self.stats}
+        return encode_result(image, self.map, self.masks, meta)
 
 
 class PseudoMaskPipeline:
@@ -106,21 +94,23 @@ class PseudoMaskPipeline:
         return sorted({self.classes.index(c) for c in labels})
 
     def process(self, image: np.ndarray, labels: Sequence[str], rib: RibConfig | None = None,
-                image_id: str = "") -> ImageResult:
+                image_id: str = "", refine: RefineConfig | None = None) -> ImageResult:
         """RIB and refinement for one image; raises what fails."""
-        result = self.process_many([image], [labels], rib, [image_id])[0]
+        result = self.process_many([image], [labels], rib, [image_id], refine)[0]
         if isinstance(result, Exception):
             raise result
         return result
 
     def process_many(self, images: Sequence[np.ndarray], labels: Sequence[Sequence[str]],
                      rib: RibConfig | None = None, image_ids: Sequence[str] | None = None,
-                     ) -> list[ImageResult | Exception]:
+                     refine: RefineConfig | None = None) -> list[ImageResult | Exception]:
         """RIB (batched where ``rib.engine`` says so: by default on CUDA) and refinement for several
         images. Each image's RIB seed follows from its id (:func:`~rib_core.rib_config.image_seed`),
         as in ``rib rib``, so both paths give an image the same M; images without an id share the
-        id "". A failing image gets its exception in place of a result; the others go on."""
+        id "". ``rib`` and ``refine`` default to the pipeline's config. A failing image gets its
+        exception in place of a result; the others go on."""
         cfg = rib or self.config.rib
+        refine_cfg = refine or self.config.refine
         ids = list(image_ids) if image_ids is not None else [""] * len(images)
         results: dict[int, ImageResult | Exception] = {}
         keys: dict[int, list[int]] = {}
@@ -138,7 +128,7 @@ class PseudoMaskPipeline:
                 results[j] = outcome
                 continue
             try:
-                masks = refine_one(images[j], outcome.map, self.irn, self.config.refine, device=self.device)
+                masks = refine_one(images[j], outcome.map, self.irn, refine_cfg, device=self.device)
             except Exception as e:  # one image's refinement failing must not lose the others
                 results[j] = e.with_traceback(None)
                 continue

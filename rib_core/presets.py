@@ -12,11 +12,12 @@ from typing import Any, Literal
 Preset = Literal["voc", "coco"]
 
 
-def _merge(preset: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+def merge(preset: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``preset`` with ``given``'s values; nested mappings merge key by key, ``given`` wins."""
     out = dict(preset)
     for key, value in given.items():
         base = out.get(key)
-        out[key] = _merge(base, value) if isinstance(base, Mapping) and isinstance(value, Mapping) else value
+        out[key] = merge(base, value) if isinstance(base, Mapping) and isinstance(value, Mapping) else value
     return out
 
 
@@ -27,4 +28,4 @@ def with_preset(data: Any, table: Mapping[str, Mapping[str, Any]]) -> Any:
     preset = data.get("preset", "voc")
     if preset not in table:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(table)}")
-    return _merge(table[preset], data)
+    return merge(table[preset], data)

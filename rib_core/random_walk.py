@@ -11,49 +11,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.cam import LocalizationMap
 from rib_core.classes import IGNORE_INDEX
 from rib_core.irn import IrnNet, PathIndex, boundary_map
-from rib_core.presets import Preset, with_preset
-
-# VOC: the field defaults (run_sample.py). COCO: run_sample_coco.py --sem_seg_bg_thres 0.22.
-WALK_PRESETS: dict[str, dict[str, Any]] = {"voc": {}, "coco": {"bg_threshold": 0.22}}
-
-
-class RandomWalkConfig(BaseModel):
-    """Random walk on IRN's affinities (``step/make_sem_seg_labels.py``, ``misc/indexing.py``);
-    ``preset`` fills the data-set-specific values not given."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset = "voc"
-    beta: float = Field(10.0, gt=0)               # run_sample.py --beta 10
-    exp_times: int = Field(8, ge=0, le=12)        # --exp_times 8: 2^8 steps
-    radius: int = Field(5, ge=2, le=10)           # propagate_to_edge(radius=5)
-    power: float = Field(1.3, gt=0)               # RIB run_sample.py --np_power 1.3 (IRN: 1.0)
-    bg_threshold: float = Field(0.27, gt=0, lt=1)  # --sem_seg_bg_thres 0.27
-    # DeepLab re-training labels (paper appendix A.1): walk value > 0.3 foreground, < 0.2
-    # background, 255 between. Not in the public code (which stops at the masks).
-    retrain_fg_threshold: float = Field(0.3, gt=0, lt=1)
-    retrain_bg_threshold: float = Field(0.2, gt=0, lt=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        return with_preset(data, WALK_PRESETS)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> RandomWalkConfig:
-        if self.retrain_bg_threshold >= self.retrain_fg_threshold:
-            raise ValueError("retrain_bg_threshold must be below retrain_fg_threshold")
-        return self
+from rib_core.stage_configs import RandomWalkConfig
 
 
 def transition_matrix(boundary: torch.Tensor, radius: int, beta: float) -> torch.Tensor:

@@ -23,56 +23,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.cam import LocalizationMap
 from rib_core.classes import IGNORE_INDEX
-from rib_core.confident_labels import ConfidentLabelConfig, confident_labels
-from rib_core.crf import CrfConfig, crf_seed
+from rib_core.confident_labels import confident_labels
+from rib_core.crf import crf_seed
 from rib_core.datasets import Manifest, ManifestRecord, load_image, load_manifest, load_mask
-from rib_core.evaluation import EvalConfig, confusion, scores, seed_from_map, sweep_seeds, write_report
+from rib_core.evaluation import confusion, scores, seed_from_map, sweep_seeds, write_report
 from rib_core.irn import IrnNet, boundary_map, load_irn
-from rib_core.irn_training import IrnTrainConfig, irn_backbone, train_irn
-from rib_core.presets import Preset, with_preset
+from rib_core.irn_training import irn_backbone, train_irn
 from rib_core.progress import ImageProgress
-from rib_core.random_walk import RandomWalkConfig, mask_from_scores, three_way_labels, walk_scores
+from rib_core.random_walk import mask_from_scores, three_way_labels, walk_scores
 from rib_core.saliency import apply_saliency, decode_saliency
+from rib_core.stage_configs import (
+    RefineConfig,
+)
 from rib_core.storage import join_uri, read_bytes, uri_exists
 from rib_core.visualize import label_png, mask_overlay, png_bytes
-
-# The parts whose settings differ between the authors' VOC and COCO runs take the preset; the
-# confident labels and IRN training use the same values on both (run_sample_coco.py).
-REFINE_PRESETS: dict[str, dict[str, Any]] = {
-    "voc": {},
-    "coco": {"walk": {"preset": "coco"}, "evaluation": {"preset": "coco"}},
-}
-
-
-class RefineConfig(BaseModel):
-    """Everything from maps to pseudo-masks; ``preset`` is handed to the parts not given one."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset = "voc"
-    # Seed threshold of seed + CRF, this project's baseline (RIB's code has no such step; 0.15 is
-    # the value of --cam_eval_thres, its eval_cam threshold). With ground truth, refine_maps uses the
-    # best threshold of the seed sweep instead (paper 4.2.1, following SEAM).
-    seed_threshold: float = Field(0.15, gt=0, lt=1)
-    threshold_from_sweep: bool = True
-    crf: CrfConfig = Field(default_factory=CrfConfig)
-    labels: ConfidentLabelConfig = Field(default_factory=ConfidentLabelConfig)
-    irn: IrnTrainConfig = Field(default_factory=IrnTrainConfig)
-    walk: RandomWalkConfig = Field(default_factory=RandomWalkConfig)
-    use_irn: bool = True  # paper 3.3: pseudo-masks come from IRN on M; False stops at seed + CRF
-    # RIB-Sal (paper 3.3): a saliency value above this (of 255) is foreground. The official code
-    # has no saliency step; 0.5 is this project's choice.
-    saliency_threshold: float = Field(0.5, gt=0, lt=1)
-    evaluation: EvalConfig = Field(default_factory=EvalConfig)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        return with_preset(data, REFINE_PRESETS)
 
 
 def refine_one(image_uint8: np.ndarray, lmap: LocalizationMap, irn_model: IrnNet | None,

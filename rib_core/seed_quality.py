@@ -13,8 +13,9 @@ from rib_core.cam import CamConfig, run_cam
 from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
 from rib_core.datasets import load_manifest, load_mask
-from rib_core.evaluation import EvalConfig, all_background_miou, sweep_folder, write_report
+from rib_core.evaluation import all_background_miou, sweep_folder, write_report
 from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import EvalConfig
 
 
 class SeedQualityConfig(BaseModel):

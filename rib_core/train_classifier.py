@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.checkpoints import load_backbone, save_classifier
+from rib_core.classifier_data import ClassificationDataset
 from rib_core.classifier_eval import evaluate_classifier
-from rib_core.datasets import ClassificationDataset, Manifest, load_manifest
+from rib_core.datasets import Manifest, load_manifest
 from rib_core.networks import CamNet
 from rib_core.optim import PolySGD, irn_param_groups
 from rib_core.training import (

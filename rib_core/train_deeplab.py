@@ -2,7 +2,7 @@
 (with appendix A.1's re-training), evaluate, predict; with the training states synchronised to the
 job's output when that is remote, so a restarted job resumes.
 
-The pieces live by concern: settings and presets in :mod:`rib_core.deeplab_config`, data and loss
+The pieces live by concern: settings and presets in :mod:`rib_core.stage_configs`, data and loss
 in :mod:`rib_core.deeplab_data`, the training loop in :mod:`rib_core.deeplab_training` (on
 :mod:`rib_core.training`), test time in :mod:`rib_core.deeplab_inference`; the names callers have
 always imported from here still are.
@@ -22,10 +22,10 @@ import torch
 
 from rib_core.datasets import Manifest, load_manifest
 from rib_core.deeplab import DeepLab, load_deeplab
-from rib_core.deeplab_config import DeepLabTrainConfig
 from rib_core.deeplab_data import segmentation_loss
 from rib_core.deeplab_inference import evaluate, predict_to
 from rib_core.deeplab_training import fill_ignored, train_deeplab, train_with_retraining
+from rib_core.stage_configs import DeepLabTrainConfig
 from rib_core.storage import LocalStorage, Storage, open_storage
 from rib_core.training import dist_env, rank_device
 

@@ -30,11 +30,12 @@ from rib_core.cam import LocalizationMap
 from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
-from rib_core.evaluation import EvalConfig, confusion, scores, sweep_folder
+from rib_core.evaluation import confusion, scores, sweep_folder
 from rib_core.irn import boundary_map, load_irn
 from rib_core.random_walk import mask_from_scores, walk_scores
-from rib_core.refine import RefineConfig, refine_maps
+from rib_core.refine import refine_maps
 from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import EvalConfig, RefineConfig
 
 
 def _default_walk_thresholds() -> list[float]:

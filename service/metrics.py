@@ -1,7 +1,7 @@
 """Prometheus metrics: the API's own counters, plus the workers' counters and queue depths read from Redis.
 
 Workers are separate processes (often on other machines), so they keep their counters in a Redis
-hash (``rib:stats``, written by :class:`service.jobs.JobStore`) and the API exposes them at
+hash (``rib:stats``, written by :class:`contract.jobs.JobStore`) and the API exposes them at
 scrape time; no per-process registry needs to be merged.
 """
 

@@ -14,16 +14,19 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
 
+from contract.jobs import JobItem
 from rib_core.datasets import ImageError, ImageTooLargeError, ManifestError, decode_image, parse_manifest, parse_records
+from rib_core.presets import merge
 from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import RefineConfig
 from rib_core.storage import is_s3_uri
-from service.jobs import JobItem
 
+StageConfig = TypeVar("StageConfig", RibConfig, RefineConfig)
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 MAX_SCALE = 4.0  # twice the paper's largest map scale (2.0, paper 4.1)
 
@@ -86,22 +89,29 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
         raise InputError(422, f"{e}; upload a PNG or JPEG image within the limits") from e
 
 
-def rib_params(overrides: dict[str, Any] | str | None, defaults: RibConfig, max_crop: int) -> RibConfig:
-    """The request's RIB parameters: the service defaults with the given fields replaced."""
+def _overridden(name: str, what: str, cls: type[StageConfig], defaults: StageConfig,
+                overrides: dict[str, Any] | str | None) -> StageConfig:
+    """The service's ``defaults`` with a request's fields (a JSON object, or its text) merged in,
+    validated by the config class the offline tools use."""
     if isinstance(overrides, str):
         try:
             overrides = json.loads(overrides) if overrides.strip() else {}
         except json.JSONDecodeError as e:
-            raise InputError(422, f"rib must be a JSON object ({e.msg} at column {e.colno})") from e
+            raise InputError(422, f"{name} must be a JSON object ({e.msg} at column {e.colno})") from e
     if not isinstance(overrides, dict | None):
-        raise InputError(422, "rib must be a JSON object of RIB parameters")
+        raise InputError(422, f"{name} must be a JSON object of {what}")
     try:
         # Only what the defaults set explicitly, so that a request's ``preset`` fills every field
         # the operator left to the preset (a full dump would pin the VOC values).
-        cfg = RibConfig.model_validate({**defaults.model_dump(exclude_unset=True), **(overrides or {})})
+        return cls.model_validate(merge(defaults.model_dump(exclude_unset=True), overrides or {}))
     except ValidationError as e:
-        raise InputError(422, "invalid RIB parameters",
+        raise InputError(422, f"invalid {what}",
                          [{"field": ".".join(map(str, err["loc"])), "error": err["msg"]} for err in e.errors()]) from e
+
+
+def rib_params(overrides: dict[str, Any] | str | None, defaults: RibConfig, max_crop: int) -> RibConfig:
+    """The request's RIB parameters: the service defaults with the given fields replaced."""
+    cfg = _overridden("rib", "RIB parameters", RibConfig, defaults, overrides)
     if cfg.crop_size > max_crop or max(cfg.resize_long) > max_crop:
         raise InputError(422, f"crop_size and resize_long must be at most {max_crop} (RIB_MAX_CROP_SIZE)")
     if max(*cfg.map_scales, *cfg.loss_scales) > MAX_SCALE or min(*cfg.map_scales, *cfg.loss_scales) <= 0:
@@ -109,6 +119,12 @@ def rib_params(overrides: dict[str, Any] | str | None, defaults: RibConfig, max_
     if not set(cfg.loss_scales) <= set(cfg.map_scales):
         raise InputError(422, "every loss scale must be one of the map scales")
     return cfg
+
+
+def refine_params(overrides: dict[str, Any] | str | None, defaults: RefineConfig) -> RefineConfig:
+    """The request's refinement settings (``RefineConfig``, as ``rib refine`` reads them): the
+    service defaults (RIB_REFINE_DEFAULTS) with the given fields merged in, nested ones key by key."""
+    return _overridden("refine", "refinement parameters", RefineConfig, defaults, overrides)
 
 
 def _check_items(records: Sequence[Any], uris: Sequence[str], where: Sequence[dict[str, Any]],

@@ -1,8 +1,8 @@
 """Security and robustness of the API and the training jobs (issue 14): no unpickling of foreign files,
 allowed input and output locations, tenancy, bounded validation and the shape of every error.
 
-In-process: the FastAPI app under Starlette's TestClient, the real Redis on a private db number
-(flushed here) and results in a local folder. No worker runs: these are the API's own decisions.
+In-process (tests/api_inprocess.py): the app under Starlette's TestClient, a private redis-server
+and moto's S3 server. No worker runs: these are the API's own decisions.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import struct
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,21 @@ import numpy as np
 import pytest
 import redis
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 
+from contract.jobs import JobStore
+from contract.settings import Settings
+from rib_core.artifacts import image_key
 from rib_core.checkpoints import CheckpointError
 from rib_core.datasets import Manifest, ManifestRecord
 from rib_core.importers import _voc_labels_from_npy
+from rib_core.stage_configs import DeepLabTrainConfig
 from rib_core.storage import open_storage
-from rib_core.train_deeplab import DeepLabTrainConfig, train_deeplab
-from service.jobs import JobStore, image_key
+from rib_core.train_deeplab import train_deeplab
+from service.deps import broker, job_store, result_storage
+from tests.api_inprocess import BUCKET, Api, inprocess_api
 from tests.planted import RunsCode
-from tests.service_stack import free_port, moto_s3, redis_server, s3, wait_for
+from tests.service_stack import free_port, s3, wait_for
 
 
 def test_planted_training_state_is_refused_without_running_its_code(tmp_path: Path) -> None:
@@ -55,67 +58,18 @@ def test_planted_training_state_is_refused_without_running_its_code(tmp_path: Pa
 # ----------------------------------------------------------------------------- the API in-process
 
 API_KEY, OTHER_KEY = "key-of-alice", "key-of-bob"
-BUCKET = "rib"
 CLASSES = ["cat", "dog", "bird"]
-
-
-@dataclass
-class Api:
-    client: TestClient
-    s3: Any
-    endpoint: str
-    redis_url: str
-    settings: Any
-
-    def post(self, path: str, key: str = API_KEY, **kwargs: Any) -> httpx.Response:
-        return self.client.post(path, headers={"X-API-Key": key}, **kwargs)
-
-    def get(self, path: str, key: str = API_KEY, **kwargs: Any) -> httpx.Response:
-        return self.client.get(path, headers={"X-API-Key": key}, **kwargs)
-
-    def delete(self, path: str, key: str = API_KEY) -> httpx.Response:
-        return self.client.delete(path, headers={"X-API-Key": key})
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    """service.main's app on a private redis-server and moto's S3 server, results in s3://rib/results."""
-    from service.settings import get_settings
-
-    with (redis_server(tmp_path_factory.mktemp("redis")) as redis_url, moto_s3() as endpoint,
-          pytest.MonkeyPatch.context() as mp):
-        client = s3(endpoint)
-        client.create_bucket(Bucket=BUCKET)
-        header = json.dumps({"format": "rib-manifest", "version": 1, "classes": CLASSES})
-        client.put_object(Bucket=BUCKET, Key="companions/manifest.jsonl",
-                          Body=f'{header}\n{{"id": "c1", "image": "c1.png", "labels": ["cat"]}}\n'.encode())
-        for name, value in {
-            "RIB_BROKER_URL": f"{redis_url}/0", "RIB_RESULT_BACKEND": f"{redis_url}/1",
-            "RIB_STORAGE_URI": f"s3://{BUCKET}/results", "RIB_S3_ENDPOINT_URL": endpoint,
-            "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "RIB_API_KEYS": f"{API_KEY},{OTHER_KEY}",
-            "RIB_COMPANION_MANIFEST_URI": f"s3://{BUCKET}/companions/manifest.jsonl",
-            "RIB_MAX_MANIFEST_BYTES": "20000", "RIB_MAX_JOB_IMAGES": "100",
-        }.items():
-            mp.setenv(name, value)
-        get_settings.cache_clear()
-        from service import main
-        from worker.celery_app import app as celery_app
-
-        main.service.cache_clear()
-        # The Celery app read its broker at import: point it at the private server, never the shared one.
-        celery_app.conf.update(broker_url=f"{redis_url}/0", result_backend=f"{redis_url}/1")
-        try:
-            with TestClient(main.app, raise_server_exceptions=False) as tc:
-                yield Api(tc, client, endpoint, redis_url, main.service().settings)
-        finally:
-            main.service.cache_clear()
-            get_settings.cache_clear()
+    """The app on a private redis-server and moto's S3 server, results in s3://rib/results."""
+    with inprocess_api(tmp_path_factory.mktemp("redis"), CLASSES, [API_KEY, OTHER_KEY],
+                       max_manifest_bytes=20000, max_job_images=100) as api:
+        yield api
 
 
 def test_default_locations_are_the_configured_bucket_and_storage(tmp_path: Path) -> None:
-    from service.settings import Settings
-
     s3_settings = Settings(storage_uri="s3://data/results")
     assert s3_settings.input_prefixes == ["s3://data/"] and s3_settings.output_prefixes == ["s3://data/results/"]
     local = Settings(storage_uri=str(tmp_path / "results"))
@@ -187,25 +141,19 @@ def test_jobs_belong_to_the_key_that_made_them(api: Api) -> None:
     assert not [k for k in r.scan_iter() if r.type(k) == "hash" and API_KEY in json.dumps(r.hgetall(k))]
 
 
-def test_upload_is_stored_only_once_its_job_is_recorded(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    from service import main
-
+def test_upload_is_stored_only_once_its_job_is_recorded(api: Api) -> None:
     def uploads() -> list[str]:
-        pages = api.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="results/jobs/")
-        return [o["Key"] for page in pages for o in page.get("Contents", []) if "/uploads/" in o["Key"]]
+        return [key for key in api.objects("results/jobs/") if "/uploads/" in key]
 
-    svc = main.service()
     before = uploads()
-    monkeypatch.setattr(svc, "store", JobStore.from_url(f"redis://127.0.0.1:{free_port()}/0"))  # nothing listens
-    r = upload(api)
+    with api.override(job_store, JobStore.from_url(f"redis://127.0.0.1:{free_port()}/0")):  # nothing listens
+        r = upload(api)
     assert r.status_code == 503 and "job store is unavailable" in r.json()["detail"], r.text
     assert uploads() == before  # no orphan
-    monkeypatch.undo()
-    monkeypatch.setattr(svc, "storage", open_storage("s3://no-such-bucket/results", client=s3(api.endpoint)))
-    r = upload(api)
+    with api.override(result_storage, open_storage("s3://no-such-bucket/results", client=s3(api.endpoint))):
+        r = upload(api)
     assert r.status_code == 503 and "results store is unreachable" in r.json()["detail"], r.text
     job_id = r.json()["detail"].split("job ")[1].split()[0]
-    monkeypatch.undo()
     status = api.get(f"/v1/jobs/{job_id}").json()
     assert status["state"] == "failed" and "could not be stored" in status["errors"][0]["error"], status
 
@@ -309,18 +257,15 @@ def test_messages_name_the_setting_and_the_media_type(api: Api) -> None:
     assert body["errors"] == [{"field": "config.lr", "error": "Input should be greater than 0"}]
 
 
-def test_readyz_times_out_and_hides_internals_without_a_key(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    from service import main
-
-    svc = main.service()
+def test_readyz_times_out_and_hides_internals_without_a_key(api: Api) -> None:
     silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen()
-    monkeypatch.setattr(svc, "store", JobStore.from_url(f"redis://127.0.0.1:{silent.getsockname()[1]}/0"))
-    monkeypatch.setattr(svc, "broker", redis.Redis(port=free_port()))  # nothing listens
     try:
-        anonymous = api.client.get("/readyz")
-        detailed = api.client.get("/readyz", headers={"X-API-Key": API_KEY})
+        with (api.override(job_store, JobStore.from_url(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")),
+              api.override(broker, redis.Redis(port=free_port()))):  # nothing listens
+            anonymous = api.client.get("/readyz")
+            detailed = api.client.get("/readyz", headers={"X-API-Key": API_KEY})
     finally:
         silent.close()
     assert anonymous.status_code == detailed.status_code == 503

@@ -29,9 +29,9 @@ from rib_core.deeplab import DeepLab, load_deeplab, load_initial_weights, save_d
 from rib_core.demo_data import DemoDataset
 from rib_core.evaluation import all_background_miou
 from rib_core.networks import BACKBONES
-from rib_core.random_walk import RandomWalkConfig, three_way_labels
+from rib_core.random_walk import three_way_labels
+from rib_core.stage_configs import DeepLabTrainConfig, RandomWalkConfig
 from rib_core.train_deeplab import (
-    DeepLabTrainConfig,
     fill_ignored,
     run_training_job,
     segmentation_loss,

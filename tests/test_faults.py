@@ -26,9 +26,10 @@ import pytest
 import redis
 import torch
 
+from contract.jobs import ACTIVE_KEY, JobItem, JobStore, save_request
+from rib_core.artifacts import MARKER, image_key
 from rib_core.storage import LocalStorage
 from rib_core.threads import available_cores, torch_threads
-from service.jobs import ACTIVE_KEY, MARKER, JobItem, JobStore, image_key, save_request
 from tests.service_stack import StallingProxy, children, free_port, redis_server, wait_for
 from tests.test_service import (
     BUCKET,

@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 
 from rib_core.demo_job import DemoJobConfig, run_demo
-from rib_core.irn_training import IrnTrainConfig
-from rib_core.refine import RefineConfig
 from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import IrnTrainConfig, RefineConfig
 from tests.conftest import SMALL_CLASSIFIER, SMALL_DEMO
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -10,13 +10,9 @@ import torch
 from pydantic import ValidationError
 
 from rib_core.cli import build_config
-from rib_core.confident_labels import ConfidentLabelConfig
-from rib_core.evaluation import EvalConfig
-from rib_core.irn_training import IrnTrainConfig
-from rib_core.random_walk import RandomWalkConfig
-from rib_core.refine import RefineConfig
 from rib_core.rib_config import RibConfig
 from rib_core.rib_objective import gap, gndrp, pool
+from rib_core.stage_configs import ConfidentLabelConfig, EvalConfig, IrnTrainConfig, RandomWalkConfig, RefineConfig
 
 COCO_SWEEP = [round(t / 100, 2) for t in range(10, 51)]  # run_sample_coco.py: 0.10 ... 0.50
 

@@ -15,11 +15,12 @@ from rib_core.cam import LocalizationMap
 from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
 from rib_core.datasets import load_image, load_mask
-from rib_core.evaluation import EvalConfig, sweep_seeds
+from rib_core.evaluation import sweep_seeds
 from rib_core.pipeline import PipelineConfig, PseudoMaskPipeline
 from rib_core.rib import RibRunner
 from rib_core.rib_config import RibConfig
 from rib_core.rib_objective import gap, gndrp
+from rib_core.stage_configs import EvalConfig
 from tests.rib_reference import gndp2d, reference_rib
 
 SMALL = dict(crop_size=64, resize_long=(48, 96), companions=3)

@@ -2,8 +2,9 @@
 
 Images go through the real RIB code (the session's ResNet-18, companions = the demo train split on
 S3, small RIB settings) and results are read back from S3 with boto3. A worker is killed with
-SIGKILL in the middle of a bulk job and a new one finishes it; cancellation and every kind of bad
-input are checked against the running processes.
+SIGKILL in the middle of a bulk job and a new one finishes it; cancellation is checked against the
+running processes. What needs no worker (health, keys, every kind of bad input) runs in-process in
+tests/test_api.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,10 +22,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import redis
 from PIL import Image
 
 from rib_core.cam import LocalizationMap
+from rib_core.classifier_eval import classifier_quality
 from rib_core.datasets import Manifest, ManifestRecord
 from tests.service_stack import (
     Process,
@@ -123,12 +125,6 @@ def stack(demo: Any, classifier_path: Path, tmp_path_factory: pytest.TempPathFac
         yield stack
 
 
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def size_of(manifest: Manifest, record: ManifestRecord) -> tuple[int, int]:
     with Image.open(manifest.image_uri(record)) as im:
         return im.height, im.width
@@ -170,27 +166,6 @@ def check_artifacts(stack: Stack, item: dict[str, Any], labels: list[str], size:
     assert meta["stats"]["steps"] <= SMALL_RIB["iterations"]
 
 
-def test_health_docs_metrics_and_api_keys(stack: Stack) -> None:
-    assert httpx.get(f"{stack.url}/healthz").json() == {"status": "ok"}
-    ready = httpx.get(f"{stack.url}/readyz")
-    assert ready.status_code == 200, ready.text
-    assert set(ready.json()["checks"]) == {"redis", "broker", "storage", "classifier_uri", "companion_manifest_uri"}
-    assert httpx.get(f"{stack.url}/docs").status_code == 200
-    spec = httpx.get(f"{stack.url}/openapi.json").json()
-    assert {"/v1/images", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/results",
-            "/v1/training-jobs"} <= set(spec["paths"])
-    assert "rib_queue_length" in httpx.get(f"{stack.url}/metrics").text
-    for headers, message in (({}, "missing API key"), ({"X-API-Key": "nope"}, "wrong API key")):
-        for method, path in (("GET", "/v1/jobs/0123"), ("POST", "/v1/jobs"), ("POST", "/v1/images"),
-                             ("DELETE", "/v1/jobs/0123"), ("GET", "/v1/training-jobs/0123")):
-            r = httpx.request(method, f"{stack.url}{path}", headers=headers)
-            assert r.status_code == 401 and message in r.json()["detail"], (method, path, r.text)
-    with stack.client() as c:
-        assert c.get("/v1/jobs/0123456789abcdef0123456789abcdef").status_code == 404
-        # The first key of the comma-separated list works too.
-        assert c.get("/v1/jobs/x", headers={"X-API-Key": "other-key"}).status_code == 404
-
-
 def test_upload_goes_through_rib_to_s3(stack: Stack) -> None:
     record = max(stack.val.records, key=lambda r: len(r.labels))
     data = Path(stack.val.image_uri(record)).read_bytes()
@@ -223,100 +198,18 @@ def test_upload_goes_through_rib_to_s3(stack: Stack) -> None:
         assert c.delete(f"/v1/jobs/{job_id}").status_code == 409
 
 
-BOUNDARY = "rib-test-boundary"
+def test_readyz_shows_the_classifier_the_workers_serve(stack: Stack, classifier_path: Path) -> None:
+    """A worker records its classifier's validation mAP at start-up; the API (no torch) shows it."""
+    recorded = classifier_quality(classifier_path)["val_map"]
+    uri = stack.env["RIB_CLASSIFIER_URI"]
 
+    def shown() -> dict[str, Any] | None:
+        info = httpx.get(f"{stack.url}/readyz", headers=AUTH).json()["classifier"]
+        return info if info.get("recorded_at") else None
 
-def streamed_form(payload: bytes) -> Iterator[bytes]:
-    """A multipart upload sent in chunks without a Content-Length, as a streaming client does."""
-    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="labels"\r\n\r\ndigit1\r\n--{BOUNDARY}\r\n'
-            f'Content-Disposition: form-data; name="file"; filename="f.png"\r\nContent-Type: image/png\r\n\r\n')
-    body = head.encode() + payload + f"\r\n--{BOUNDARY}--\r\n".encode()
-    for start in range(0, len(body), 65536):
-        yield body[start:start + 65536]
-
-
-def _job_keys(stack: Stack) -> int:
-    return len(list(redis.Redis.from_url(f"{stack.redis_url}/0").scan_iter("rib:job:*")))
-
-
-def test_bad_input_gets_a_4xx_and_never_reaches_a_worker(stack: Stack) -> None:
-    record = stack.val.records[0]
-    good = Path(stack.val.image_uri(record)).read_bytes()
-    labels = {"labels": list(record.labels)}
-    bad_manifest = "\n".join([
-        json.dumps({"format": "rib-manifest", "version": 1, "classes": stack.train.classes}),
-        json.dumps({"id": "a", "image": "images/a.png", "labels": ["digit1"]}),
-        "{not json",
-        json.dumps({"id": "b", "image": "images/b.png"}),
-        json.dumps({"id": "a", "image": "images/c.png", "labels": ["digit1"]}),
-        json.dumps({"id": "d", "image": "images/d.png", "labels": ["cat"]}),
-    ]) + "\n"
-    escaping = "\n".join([
-        *bad_manifest.splitlines()[:2],
-        json.dumps({"id": "e", "image": "../../secrets/e.png", "labels": ["digit2"]}),
-        json.dumps({"id": "f", "image": "/etc/passwd", "labels": ["digit2"]})])
-    stack.s3.put_object(Bucket=BUCKET, Key="inputs/bad.jsonl", Body=bad_manifest.encode())
-    stack.s3.put_object(Bucket=BUCKET, Key="inputs/escaping.jsonl", Body=escaping.encode())
-    before = _job_keys(stack)
-    with stack.client() as c:
-        def upload(content: bytes, data: dict[str, Any] = labels) -> httpx.Response:
-            return c.post("/v1/images", files={"file": ("f.png", content, "image/png")}, data=data)
-
-        cases = {
-            "not an image": (upload(b"hello, I am text"), 422, "not a readable image"),
-            "truncated": (upload(good[: len(good) // 2]), 422, "not a readable image"),
-            "empty file": (upload(b""), 422, "empty"),
-            "decompression bomb": (upload(png(np.zeros((1000, 1000), bool))), 422, f"the limit is {MAX_PIXELS}"),
-            "oversize (header)": (upload(os.urandom(MAX_UPLOAD + 70_000)), 413, "RIB_MAX_UPLOAD_BYTES"),
-            "oversize (file)": (upload(os.urandom(MAX_UPLOAD + 10)), 413, "RIB_MAX_UPLOAD_BYTES"),
-            "oversize (streamed)": (c.post("/v1/images", content=streamed_form(os.urandom(MAX_UPLOAD + 70_000)),
-                                           headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}),
-                                    413, "RIB_MAX_UPLOAD_BYTES"),
-            "unknown class": (upload(good, {"labels": ["digit1", "cat"]}), 422, "unknown class"),
-            "empty labels": (upload(good, {"labels": " , "}), 422, "empty label set"),
-            "escaping id": (upload(good, {**labels, "image_id": "../other-job/x"}), 422, "not a safe result key"),
-            "bad rib": (upload(good, {**labels, "rib": '{"iterations": 0}'}), 422, "invalid RIB parameters"),
-            "huge crop": (upload(good, {**labels, "rib": '{"crop_size": 100000}'}), 422, "RIB_MAX_CROP_SIZE"),
-            "rib not json": (upload(good, {**labels, "rib": "{iterations"}), 422, "JSON object"),
-            "manifest lines": (c.post("/v1/jobs", json={"manifest_uri": f"s3://{BUCKET}/inputs/bad.jsonl"}),
-                               422, "invalid manifest"),
-            "manifest escaping": (c.post("/v1/jobs", json={"manifest_uri": f"s3://{BUCKET}/inputs/escaping.jsonl"}),
-                                  422, "2 invalid"),
-            "no manifest": (c.post("/v1/jobs", json={"manifest_uri": f"s3://{BUCKET}/inputs/none.jsonl"}),
-                            422, "no manifest at"),
-            "manifest elsewhere": (c.post("/v1/jobs", json={"manifest_uri": "/etc/passwd"}), 422, "outside"),
-            "neither": (c.post("/v1/jobs", json={}), 422, "exactly one of"),
-            "duplicate ids": (c.post("/v1/jobs", json={"images": [
-                {"id": "a", "image": f"s3://{BUCKET}/a.png", "labels": ["digit1"]},
-                {"id": "a", "image": f"s3://{BUCKET}/b.png", "labels": ["digit2"]}]}), 422, "1 invalid"),
-            "escaping inline": (c.post("/v1/jobs", json={"images": [
-                {"id": "ok", "image": f"s3://{BUCKET}/jobs/../../x.png", "labels": ["digit1"]},
-                {"id": "x..y", "image": "/etc/passwd", "labels": ["digit1"]},
-                {"id": "-x", "image": f"s3://{BUCKET}/x.png", "labels": ["digit1"]}]}), 422, "3 invalid"),
-            "empty list": (c.post("/v1/jobs", json={"images": []}), 422, "images is empty"),
-            "training kind": (c.post("/v1/training-jobs", json={"kind": "fly", "manifest": "s3://rib/m",
-                                                                "output": "s3://rib/o"}), 422, "kind"),
-            "training location": (c.post("/v1/training-jobs", json={"kind": "train", "manifest": "/etc/m",
-                                                                    "output": "s3://rib/o"}), 422, "outside"),
-            "training config": (c.post("/v1/training-jobs", json={
-                "kind": "train", "manifest": f"s3://{BUCKET}/m", "output": f"s3://{BUCKET}/o",
-                "config": {"lr": -1, "arch": "resnet18"}}), 422, "greater than 0"),
-        }
-        for name, (response, status, message) in cases.items():
-            assert response.status_code == status, (name, response.text)
-            assert message in response.text, (name, response.text)
-        errors = cases["manifest lines"][0].json()["errors"]
-        assert [e["line"] for e in errors] == [3, 4, 5, 6]
-        assert "duplicate id 'a'" in errors[2]["error"] and "cat" in errors[3]["error"]
-        errors = cases["manifest escaping"][0].json()["errors"]
-        assert [e["line"] for e in errors] == [3, 4]
-        assert "'..'" in errors[0]["error"] and "outside" in errors[1]["error"]
-        assert cases["duplicate ids"][0].json()["errors"] == [{"item": 2, "error": "duplicate id 'a'"}]
-        assert [e["item"] for e in cases["escaping inline"][0].json()["errors"]] == [1, 2, 3]
-    assert _job_keys(stack) == before  # nothing was recorded, so nothing was queued
-    assert not [k for k in stack.objects("results/jobs/") if k.endswith("/uploads/f")]  # no upload was stored
-    metrics = httpx.get(f"{stack.url}/metrics").text
-    assert 'rib_requests_rejected_total{status="422"}' in metrics and 'status="413"' in metrics
+    info = wait_for(shown, 120, "the worker's record of its classifier")
+    assert info["uri"] == uri and info["val_map"] == recorded
+    assert "classifier" not in httpx.get(f"{stack.url}/readyz").json()
 
 
 def test_per_image_errors_are_reported_and_the_rest_finishes(stack: Stack) -> None:
@@ -353,6 +246,50 @@ def test_bulk_job_on_the_batched_engine(stack: Stack) -> None:
         check_artifacts(stack, items[record.id], list(record.labels), size_of(stack.train, record))
         meta = json.loads(stack.get(items[record.id]["artifacts"]["meta.json"]["uri"].split("/", 3)[3]))
         assert meta["stats"]["engine"] == "batched" and meta["stats"]["images_in_step"] == 2
+
+
+def test_a_job_exports_its_masks_to_coco_labelstudio_and_voc(stack: Stack) -> None:
+    """The export route writes one zip per format next to the job's results; decoded by each
+    format's own library it gives back the job's stored masks pixel for pixel."""
+    from label_studio_sdk.converter.brush import decode_rle
+    from pycocotools import mask as coco_mask
+
+    records = stack.train.records[24:26]
+    with stack.client() as c:
+        r = c.post("/v1/jobs", json={"images": [
+            {"id": rec.id, "image": f"s3://{BUCKET}/companions/{rec.image}", "labels": list(rec.labels)}
+            for rec in records]})
+        job_id = r.json()["job_id"]
+        assert c.get(f"/v1/jobs/{job_id}/export", params={"format": "tiff"}).status_code == 422
+        assert wait_finished(c, job_id)["counts"]["done"] == 2
+        stored = {i["id"]: np.asarray(Image.open(io.BytesIO(httpx.get(i["mask"]["url"]).content)))
+                  for i in all_results(c, job_id, 10)}
+        archives = {}
+        for fmt in ("coco", "labelstudio", "voc"):
+            link = c.get(f"/v1/jobs/{job_id}/export", params={"format": fmt})
+            assert link.status_code == 200, link.text
+            assert link.json()["key"] == f"results/jobs/{job_id}/exports/{fmt}.zip" and link.json()["images"] == 2
+            archives[fmt] = zipfile.ZipFile(io.BytesIO(httpx.get(link.json()["url"]).content))
+    classes = stack.train.classes
+    coco = json.loads(archives["coco"].read("annotations.json"))
+    tasks = json.loads(archives["labelstudio"].read("tasks.json"))
+    for rec in records:
+        mask = stored[rec.id]
+        known = mask != 255
+        image = next(i for i in coco["images"] if i["file_name"] == rec.image.rsplit("/", 1)[1])
+        painted = np.zeros_like(mask)
+        for a in (a for a in coco["annotations"] if a["image_id"] == image["id"]):
+            painted[coco_mask.decode(a["segmentation"]) > 0] = a["category_id"]
+        assert (painted[known] == mask[known]).all()
+        task = next(t for t in tasks if t["data"]["image_id"] == rec.id)
+        painted = np.zeros_like(mask)
+        for region in task["predictions"][0]["result"]:
+            value = region["value"]
+            rgba = np.reshape(decode_rle(value["rle"]), (*mask.shape, 4))
+            painted[rgba[..., 3] > 0] = classes.index(value["brushlabels"][0]) + 1
+        assert (painted[known] == mask[known]).all()
+        voc = np.asarray(Image.open(io.BytesIO(archives["voc"].read(f"SegmentationClass/{rec.id}.png"))))
+        assert (voc == mask).all()
 
 
 def test_cancel_skips_images_not_started_and_leaves_nothing_half_written(stack: Stack) -> None:

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from contract.jobs import JobItem, JobStore
+from contract.settings import Settings
+from rib_core.artifacts import image_key
 from rib_core.rib_config import RibConfig
 from rib_core.storage import LocalStorage
-from service.jobs import JobItem, JobStore, image_key
-from service.settings import Settings
-from service.validation import InputError, default_image_id, manifest_items, parse_labels, rib_params
+from service.validation import InputError, default_image_id, manifest_items, parse_labels, refine_params, rib_params
 from tests.service_stack import redis_server
 
 CLASSES = ["cat", "dog", "bird"]
@@ -146,3 +147,16 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RIB_DEVICE", "gpu")
     with pytest.raises(ValidationError, match="device"):
         Settings()
+
+
+def test_refine_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RIB_REFINE_DEFAULTS", '{"seed_threshold": 0.2, "crf": {"iterations": 5}}')
+    monkeypatch.setenv("RIB_REFINE_DEFAULTS__WALK__BETA", "8")
+    s = Settings()
+    assert (s.refine_defaults.seed_threshold, s.refine_defaults.crf.iterations) == (0.2, 5)
+    assert s.refine_defaults.walk.beta == 8 and s.refine_defaults.crf.gt_prob == 0.7  # the rest stays IRN's
+    cfg = refine_params({"crf": {"gt_prob": 0.8}}, s.refine_defaults)
+    assert (cfg.seed_threshold, cfg.crf.iterations, cfg.crf.gt_prob, cfg.walk.beta) == (0.2, 5, 0.8, 8)
+    assert refine_params(None, s.refine_defaults) == s.refine_defaults
+    with pytest.raises(InputError, match="invalid refinement parameters"):
+        refine_params({"crf": {"unary": "softmax"}}, s.refine_defaults)

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from contract.settings import Settings
 from rib_core.cli import main
 from rib_core.datasets import Manifest
 from rib_core.demo_data import DemoDataset
-from rib_core.irn_training import IrnTrainConfig
-from rib_core.refine import RefineConfig
 from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import IrnTrainConfig, RefineConfig
 from rib_core.tune import TuneConfig, tune
-from service.settings import Settings
 
 TINY_RIB = RibConfig(iterations=2, companions=2, crop_size=64, resize_long=(48, 80))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from service.settings import get_settings
+from contract.settings import get_settings
 from worker.celery_app import app
 
 

@@ -29,14 +29,17 @@ from celery import signals
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from contract.jobs import JobItem, JobStore
+from contract.settings import Settings, get_settings
+from contract.tasks import PROCESS_CHUNK, TRAINING_JOB, ChunkPayload, TaskQueue, TrainingJobPayload
+from rib_core.artifacts import MARKER, image_key, store_result
 from rib_core.datasets import ImageError, decode_image
 from rib_core.pipeline import PseudoMaskPipeline, resolve_device
 from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import RefineConfig
 from rib_core.storage import Storage, read_bytes
 from rib_core.threads import use_torch_threads
-from service.jobs import MARKER, JobItem, JobStore, image_key
-from service.settings import Settings, get_settings
-from worker.celery_app import PROCESS_CHUNK, TRAINING_JOB, app, send_chunks
+from worker.celery_app import app
 
 log = logging.getLogger(__name__)
 _INPUT_ERRORS = (ImageError, ValueError, ClientError)
@@ -73,7 +76,7 @@ def pipeline() -> PseudoMaskPipeline:
     return pipe
 
 
-def process_items(rt: Runtime, job_id: str, items: list[JobItem], rib: RibConfig) -> None:
+def process_items(rt: Runtime, job_id: str, items: list[JobItem], rib: RibConfig, refine: RefineConfig) -> None:
     """RIB and refinement for a chunk's images, batched where ``rib.engine`` says (by default on
     CUDA); each image's artifacts are all written before its marker."""
     try:
@@ -92,7 +95,7 @@ def process_items(rt: Runtime, job_id: str, items: list[JobItem], rib: RibConfig
         except _INPUT_ERRORS as e:
             rt.store.mark_failed(job_id, item.id, f"cannot use {item.image}: {e}")
     results = pipe.process_many([image for _, image in ready], [item.labels for item, _ in ready], rib,
-                                [item.id for item, _ in ready])
+                                [item.id for item, _ in ready], refine)
     seconds = (time.perf_counter() - started) / max(len(ready), 1)
     for (item, image), result in zip(ready, results, strict=True):
         image_started = time.perf_counter()
@@ -104,22 +107,21 @@ def process_items(rt: Runtime, job_id: str, items: list[JobItem], rib: RibConfig
             log.error("image %s of job %s failed: %s: %s", item.id, job_id, type(e).__name__, e)
             rt.store.mark_failed(job_id, item.id, f"{type(e).__name__}: {e}")
             continue
-        for name in sorted(artifacts, key=lambda n: n == MARKER):
-            data, content_type = artifacts[name]
-            rt.storage.put(image_key(job_id, item.id, name), data, content_type)
+        store_result(rt.storage, job_id, item.id, artifacts)
         rt.store.mark_done(job_id, item.id, artifacts, seconds + time.perf_counter() - image_started)
 
 
 @app.task(name=PROCESS_CHUNK, ignore_result=True, time_limit=get_settings().chunk_time_limit_s)
-def process_chunk(job_id: str, items: list[dict[str, Any]], rib: dict[str, Any]) -> None:
-    """Images of one job. Safe to run again: finished images are not redone.
+def process_chunk(payload: dict[str, Any]) -> None:
+    """Images of one job (a :class:`~contract.tasks.ChunkPayload`). Safe to run again: finished
+    images are not redone.
 
     The plain engine claims and finishes one image at a time, so a killed worker leaves at most one
     image to redo; the batched engine claims the whole chunk, which then runs together.
     """
     rt = runtime()
-    cfg = RibConfig.model_validate(rib)
-    chunk = [JobItem.from_json(raw) for raw in items]
+    task = ChunkPayload.model_validate(payload)
+    job_id, chunk, cfg = task.job_id, task.items, task.rib
     group = len(chunk) if cfg.batched(str(resolve_device(rt.settings.device))) else 1
     pause = 1.0
     while True:
@@ -128,7 +130,7 @@ def process_chunk(job_id: str, items: list[dict[str, Any]], rib: dict[str, Any])
                 for start in range(0, len(chunk), group):
                     todo = [item for item in chunk[start:start + group] if claim(rt, job_id, item)]
                     if todo:
-                        process_items(rt, job_id, todo, cfg)
+                        process_items(rt, job_id, todo, cfg, task.refine)
                 rt.store.finalize(job_id, rt.storage)
             return
         except _OUTAGES as e:  # the hard time limit bounds this wait
@@ -172,22 +174,25 @@ def claim(rt: Runtime, job_id: str, item: JobItem) -> bool:
 
 
 @app.task(name=TRAINING_JOB, bind=True)
-def training_job(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    """An offline DeepLab job (train, evaluate or predict) on this worker's device."""
+def training_job(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """An offline DeepLab job (a :class:`~contract.tasks.TrainingJobPayload`: train, evaluate or
+    predict) on this worker's device."""
     from rib_core.train_deeplab import run_training_job
 
+    spec = TrainingJobPayload.model_validate(payload).model_dump(exclude_none=True)
     log.info("training job %s: %s", self.request.id, spec)
     return run_training_job({**spec, "device": str(resolve_device(runtime().settings.device))})
 
 
-def reap(store: JobStore, storage: Storage, settings: Settings) -> None:
+def reap(store: JobStore, storage: Storage, queue: TaskQueue) -> None:
     """Hand out again the running images whose heartbeat is older than the lease, fail those past
     the attempt bound, and finish the jobs that leaves accounted for."""
+    settings = queue.settings
     for job_id, items in store.reap(settings.lease_s, settings.max_attempts).items():
         if items:
             log.warning("job %s: %d image(s) lost their worker; queued again: %s", job_id, len(items),
                         [it.id for it in items])
-            send_chunks(job_id, items, store.rib(job_id))
+            queue.send_chunks(job_id, items, store.rib(job_id), store.refine(job_id))
         store.finalize(job_id, storage)
 
 
@@ -196,19 +201,38 @@ def start_reaper(**_: Any) -> None:
     """A reaper thread in every worker's main process: jobs keep moving with no other process
     running (no Celery beat needed). Its clients are its own, never shared with pool processes."""
     settings = get_settings()
+    settings.export_s3_endpoint()  # the classifier is read from s3:// like the model
     store = JobStore.from_url(settings.state_redis_url, settings.job_ttl_s)
     storage = settings.storage()
+    queue = TaskQueue(settings, app)
 
     def loop() -> None:
+        record_classifier(store, settings)
         while True:
             time.sleep(settings.lease_s / 2)
             try:
-                reap(store, storage, settings)
+                reap(store, storage, queue)
             except Exception:  # an outage or a bug: log it, try again next round
                 log.exception("reaper round failed")
 
     threading.Thread(target=loop, name="rib-reaper", daemon=True).start()
     log.info("torch: %d thread(s) per worker process; reaper: every %.0f s", _threads, settings.lease_s / 2)
+
+
+def record_classifier(store: JobStore, settings: Settings) -> None:
+    """Tell the API which classifier this worker serves and its recorded validation mAP (read from
+    the checkpoint's ``extra``; the API shows it on /readyz without loading torch). A failure is
+    logged: the images report a model that cannot be loaded themselves."""
+    if not settings.classifier_uri:
+        return
+    from rib_core.classifier_eval import classifier_quality
+
+    try:
+        quality = classifier_quality(settings.classifier_uri)
+        store.record_classifier({"uri": settings.classifier_uri, "val_map": quality["val_map"],
+                                 "val_manifest": quality["val_manifest"], "warning": quality["warning"]})
+    except Exception as e:
+        log.warning("cannot read the classifier %s: %s: %s", settings.classifier_uri, type(e).__name__, e)
 
 
 @signals.task_failure.connect
@@ -217,10 +241,10 @@ def note_time_limit(sender: Any = None, args: Sequence[Any] = (), exception: Bas
     """In the main process, when Celery killed a chunk at its hard time limit: the image it was on
     is charged with that reason (Celery requeues the chunk; the image's attempts are bounded)."""
     if getattr(sender, "name", None) == PROCESS_CHUNK and isinstance(exception, TimeLimitExceeded):
-        job_id, items = args[0], args[1]
+        task = ChunkPayload.model_validate(args[0])
         s = get_settings()
         JobStore.from_url(s.state_redis_url, s.job_ttl_s).note_lost(
-            job_id, [raw["id"] for raw in items],
+            task.job_id, [item.id for item in task.items],
             f"exceeded the chunk time limit (RIB_CHUNK_TIME_LIMIT_S={s.chunk_time_limit_s} s)")
 
 

@@ -10,10 +10,8 @@ An image is attempted a bounded number of times. A running image carries a heart
 heartbeat is older than a lease (its worker died, its chunk was lost) is handed out again by the
 reaper (``JobStore.reap``) or, past the bound, failed with the reason.
 
-Storage: ``jobs/<job>/images/<image_id>/<artifact>`` with ``meta.json`` written last (its
-presence means the image is complete), uploads under ``jobs/<job>/uploads/<image_id>``, the
-request in ``jobs/<job>/request.json`` (written before the job is queued: a job Redis lost is
-rebuilt from it) and the job index in ``jobs/<job>/index.json``, written once every image is
+Storage keys are :mod:`rib_core.artifacts`' layout: a job's ``request.json`` is written before it
+is queued (a job Redis lost is rebuilt from it) and its ``index.json`` once every image is
 accounted for.
 """
 
@@ -30,11 +28,12 @@ from typing import Any
 
 import redis
 
+from rib_core.artifacts import MARKER, image_key, index_key, request_key, stored_files
 from rib_core.storage import Storage
 
-MARKER = "meta.json"  # written last: an image is complete in storage when this exists
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 STATS_KEY = "rib:stats"
+CLASSIFIER_KEY = "rib:model:classifier"  # what a worker read of its classifier checkpoint at start-up
 _STATUS_SETS = ("running", "done", "skipped")
 
 ACTIVE_KEY = "rib:jobs:active"  # jobs with an image started and not yet finalized: what the reaper scans
@@ -175,23 +174,6 @@ def owner_of(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
-def image_key(job_id: str, image_id: str, name: str = "") -> str:
-    """Storage key of an artifact (or, with no name, the folder) of one image of one job."""
-    return Storage.check_key(f"jobs/{job_id}/images/{image_id}/{name}") + ("" if name else "/")
-
-
-def upload_key(job_id: str, image_id: str) -> str:
-    return Storage.check_key(f"jobs/{job_id}/uploads/{image_id}")
-
-
-def index_key(job_id: str) -> str:
-    return f"jobs/{job_id}/index.json"
-
-
-def request_key(job_id: str) -> str:
-    return f"jobs/{job_id}/request.json"
-
-
 @dataclass(frozen=True)
 class JobItem:
     """One image of a job: where to read it and its class names."""
@@ -209,11 +191,17 @@ class JobItem:
 
 
 def save_request(storage: Storage, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any],
-                 owner: str = "") -> None:
+                 owner: str = "", refine: dict[str, Any] | None = None) -> None:
     """Keep what a job was asked to do (and whose it is) next to its results, so that a job Redis
     lost can be rebuilt."""
-    body = {"job_id": job_id, "kind": kind, "owner": owner, "rib": rib, "items": [it.to_json() for it in items]}
+    body = {"job_id": job_id, "kind": kind, "owner": owner, "rib": rib, "refine": refine or {},
+            "items": [it.to_json() for it in items]}
     storage.put(request_key(job_id), json.dumps(body).encode(), "application/json")
+
+
+def load_request(storage: Storage, job_id: str) -> dict[str, Any]:
+    """The job's ``request.json`` (what :func:`save_request` kept). FileNotFoundError without one."""
+    return json.loads(storage.get(request_key(job_id)))
 
 
 def job_state(total: int, counts: dict[str, int], cancelled: bool) -> str:
@@ -225,6 +213,20 @@ def job_state(total: int, counts: dict[str, int], cancelled: bool) -> str:
     if cancelled:
         return "cancelling"
     return "running" if counts["running"] or finished else "queued"
+
+
+def progress(counts: dict[str, int], started: float | None, finished: float | None,
+             now: float) -> dict[str, float | int | None]:
+    """Images per minute since the first image started (failed ones count: they took a worker's
+    time) and, while images remain, the seconds to go at that rate; None before the first finishes."""
+    worked = counts["done"] + counts["failed"]
+    remaining = counts["queued"] + counts["running"]
+    elapsed = (finished or now) - started if started is not None else 0.0
+    if not worked or elapsed <= 0:
+        return {"images_per_minute": None, "eta_s": None, "remaining": remaining}
+    per_minute = 60.0 * worked / elapsed
+    return {"images_per_minute": round(per_minute, 2), "eta_s": round(60.0 * remaining / per_minute, 1),
+            "remaining": remaining}
 
 
 class JobStore:
@@ -258,14 +260,15 @@ class JobStore:
 
     # ---------------------------------------------------------------- lifecycle
     def create(self, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any],
-               owner: str = "") -> None:
+               owner: str = "", refine: dict[str, Any] | None = None) -> None:
         """``owner``: :func:`owner_of` the API key that submits the job; only that key sees it (no key
-        sees a job without one)."""
+        sees a job without one). ``rib`` and ``refine``: the job's settings, as JSON."""
         k = self._keys(job_id)
         with self.r.pipeline() as pipe:
             pipe.hset(k["job"], mapping={"id": job_id, "kind": kind, "owner": owner, "total": len(items),
                                          "cancelled": "0",
-                                         "created_at": time.time(), "rib": json.dumps(rib), "seconds_sum": 0})
+                                         "created_at": time.time(), "rib": json.dumps(rib),
+                                         "refine": json.dumps(refine or {}), "seconds_sum": 0})
             for start in range(0, len(items), 1000):
                 batch = items[start:start + 1000]
                 pipe.rpush(k["order"], *[it.id for it in batch])
@@ -350,6 +353,10 @@ class JobStore:
         """The RIB parameters a job was submitted with."""
         return json.loads(self.r.hget(self._keys(job_id)["job"], "rib") or "{}")
 
+    def refine(self, job_id: str) -> dict[str, Any]:
+        """The refinement settings a job was submitted with."""
+        return json.loads(self.r.hget(self._keys(job_id)["job"], "refine") or "{}")
+
     def cancel(self, job_id: str) -> int:
         """Flag the job cancelled and skip every image not started; returns how many were skipped."""
         k = self._keys(job_id)
@@ -365,13 +372,10 @@ class JobStore:
             return None
         if not self.r.set(f"rib:restoring:{job_id}", 1, nx=True, ex=60) or self.exists(job_id):
             return []
-        request = json.loads(storage.get(request_key(job_id)))
+        request = load_request(storage, job_id)
         items = [JobItem.from_json(d) for d in request["items"]]
-        self.create(job_id, request["kind"], items, request["rib"], request.get("owner", ""))
-        files: dict[str, list[str]] = {}
-        for key in storage.list(f"jobs/{job_id}/images/"):
-            image_id, name = key.rsplit("/", 2)[-2:]
-            files.setdefault(image_id, []).append(name)
+        self.create(job_id, request["kind"], items, request["rib"], request.get("owner", ""), request.get("refine"))
+        files = stored_files(storage, job_id)
         for it in items:
             if MARKER in files.get(it.id, []):
                 self.mark_done(job_id, it.id, files[it.id], None)
@@ -404,7 +408,9 @@ class JobStore:
             "timing": {"created_at": created, "started_at": started, "finished_at": finished,
                        "elapsed_s": round((finished or now) - created, 3),
                        "mean_image_s": round(computed / done, 3) if done else None},
+            "progress": progress(counts, started, finished, now),
             "rib": json.loads(job["rib"]),
+            "refine": json.loads(job.get("refine") or "{}"),
         }
 
     def items(self, job_id: str, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
@@ -445,7 +451,7 @@ class JobStore:
         images = [{**{f: it[f] for f in ("id", "status", "labels", "error", "attempts")},
                    "artifacts": {a: image_key(job_id, it["id"], a) for a in it["artifacts"]}}
                   for it in self.items(job_id)]
-        index = {key: status[key] for key in ("job_id", "kind", "state", "total", "counts", "timing", "rib")}
+        index = {key: status[key] for key in ("job_id", "kind", "state", "total", "counts", "timing", "rib", "refine")}
         storage.put(index_key(job_id), json.dumps({**index, "images": images}, indent=1).encode(),
                     "application/json")
         return True
@@ -465,3 +471,13 @@ class JobStore:
 
     def stats(self) -> dict[str, float]:
         return {key: float(v) for key, v in self.r.hgetall(STATS_KEY).items()}
+
+    # ---------------------------------------------------------------- the model the workers serve
+    def record_classifier(self, info: dict[str, Any]) -> None:
+        """What a worker read of its classifier at start-up (URI, recorded validation mAP): the
+        API shows it on /readyz without opening the checkpoint (which would need torch)."""
+        self.r.set(CLASSIFIER_KEY, json.dumps({**info, "recorded_at": time.time()}))
+
+    def classifier(self) -> dict[str, Any] | None:
+        raw = self.r.get(CLASSIFIER_KEY)
+        return json.loads(raw) if raw else None

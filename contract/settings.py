@@ -16,13 +16,15 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import RefineConfig
 from rib_core.storage import Storage, is_s3_uri, open_storage, s3_client, split_s3_uri
 
 CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
-    """Service settings. Lists are comma-separated; ``rib_defaults`` is JSON or ``RIB_RIB_DEFAULTS__<FIELD>``."""
+    """Service settings. Lists are comma-separated; ``rib_defaults`` and ``refine_defaults`` are JSON or
+    ``RIB_RIB_DEFAULTS__<FIELD>`` / ``RIB_REFINE_DEFAULTS__<FIELD>``."""
 
     model_config = SettingsConfigDict(env_prefix="RIB_", env_nested_delimiter="__", extra="ignore")
 
@@ -66,6 +68,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1)  # per worker; unset: OMP_NUM_THREADS, else cores / concurrency
     # Default RIB parameters of every request; a request overrides single fields.
     rib_defaults: RibConfig = Field(default_factory=RibConfig)
+    # Default refinement (seed + CRF, IRN's random walk) of every request, the object ``rib refine``
+    # reads; a request overrides single fields. Workers without RIB_IRN_URI stop at seed + CRF.
+    refine_defaults: RefineConfig = Field(default_factory=RefineConfig)
 
     @field_validator("api_keys", "input_prefixes", "output_prefixes", mode="before")
     @classmethod

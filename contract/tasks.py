@@ -1,0 +1,115 @@
+"""The task contract: Celery task names, their typed payloads, and the client that queues them.
+
+The API queues tasks by name through :class:`TaskQueue` and never imports the task code (the
+model, the pipeline, torch); the worker registers its tasks under the same names and validates
+each payload with the same models. Payloads cross the broker as JSON.
+
+Delivery is at-least-once and the tasks are idempotent: a task is acknowledged only after it
+finished (``acks_late``), a worker takes one task at a time (prefetch 1), a task whose worker
+process died or that hit its hard time limit goes back to the queue (``task_reject_on_worker_lost``,
+``task_acks_on_timeout=False``; each image's attempts are bounded by ``RIB_MAX_ATTEMPTS``), and
+Redis hands a task that stays unacknowledged past the visibility timeout (its worker was killed)
+to another worker.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from celery import Celery
+from celery.result import AsyncResult
+from pydantic import BaseModel, ConfigDict, Field
+
+from contract.jobs import JobItem
+from contract.settings import Settings
+from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import DeepLabTrainConfig, RefineConfig
+
+PROCESS_CHUNK = "rib.process_chunk"
+TRAINING_JOB = "rib.training_job"
+
+# Celery's states of a training job, as the API reports them.
+TRAINING_STATES = {"PENDING": "queued", "RECEIVED": "queued", "RETRY": "queued", "STARTED": "running",
+                   "SUCCESS": "done", "FAILURE": "failed", "REVOKED": "cancelled"}
+
+
+class ChunkPayload(BaseModel):
+    """Some images of one job, with the job's RIB and refinement settings (``rib.process_chunk``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    items: list[JobItem]
+    rib: RibConfig
+    refine: RefineConfig = Field(default_factory=RefineConfig)
+
+
+class TrainingJobPayload(BaseModel):
+    """An offline DeepLab job (``rib.training_job``, :func:`rib_core.train_deeplab.run_training_job`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["train", "evaluate", "predict"]
+    manifest: str = Field(description="s3:// URI of a manifest (pseudo-masks to train on, or images to score)")
+    output: str = Field(description="s3:// prefix for checkpoints, reports or predictions")
+    checkpoint: str | None = Field(None, description="DeepLab checkpoint for evaluate and predict")
+    evaluate_on: str | None = Field(None, description="train: s3:// manifest with ground truth to evaluate and "
+                                                      "predict once trained")
+    config: DeepLabTrainConfig = Field(default_factory=DeepLabTrainConfig,
+                                       description="DeepLab settings (rib_core.stage_configs.DeepLabTrainConfig)")
+
+
+def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
+    """The Celery app of the API (which only sends) and of the workers (which ``include`` their tasks)."""
+    app = Celery("rib", broker=settings.broker_url, backend=settings.result_backend, include=list(include))
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_timeout=False,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Look for tasks of dead workers about ten times per visibility timeout (kombu: every 100 s).
+            "unacked_restore_interval": min(60, max(1, settings.visibility_timeout_s // 10)),
+            "unacked_restore_throttle": 1,
+        },
+        broker_connection_retry_on_startup=True,
+        task_default_queue=settings.image_queue,
+        task_routes={PROCESS_CHUNK: {"queue": settings.image_queue},
+                     TRAINING_JOB: {"queue": settings.training_queue}},
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_track_started=True,
+        result_expires=settings.job_ttl_s,
+    )
+    return app
+
+
+class TaskQueue:
+    """Sends tasks by name: a job's images in chunks, and training jobs."""
+
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.app = app or make_celery(settings)
+
+    def send_chunks(self, job_id: str, items: Sequence[JobItem], rib: RibConfig | dict[str, Any],
+                    refine: RefineConfig | dict[str, Any] | None = None) -> None:
+        """Queue a job's images in chunks of ``RIB_CHUNK_SIZE`` on the image queue."""
+        size = self.settings.chunk_size
+        for start in range(0, len(items), size):
+            payload = ChunkPayload.model_validate({"job_id": job_id, "items": list(items[start:start + size]),
+                                                   "rib": rib, "refine": refine or {}})
+            self.app.send_task(PROCESS_CHUNK, args=[payload.model_dump(mode="json")],
+                               queue=self.settings.image_queue, task_id=f"{job_id}-{uuid.uuid4().hex[:8]}")
+
+    def send_training(self, job_id: str, payload: TrainingJobPayload) -> None:
+        self.app.send_task(TRAINING_JOB, args=[payload.model_dump(mode="json", exclude_none=True)],
+                           queue=self.settings.training_queue, task_id=job_id)
+
+    def training_result(self, job_id: str) -> tuple[str, Any]:
+        """A training job's state (``TRAINING_STATES``) and its result or exception."""
+        result = AsyncResult(job_id, app=self.app)
+        return TRAINING_STATES.get(result.state, result.state.lower()), result.result

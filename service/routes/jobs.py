@@ -1,0 +1,124 @@
+"""``/v1/jobs``: bulk jobs (a manifest or inline records), their status, results and cancellation."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import JSONResponse
+
+from contract.jobs import load_request
+from contract.settings import Settings
+from rib_core.artifacts import job_prefix
+from rib_core.exports import ExportConfig, ExportFormat, export_job
+from rib_core.storage import parent_uri, read_bytes, uri_size
+from service.deps import ClassesDep, Owner, SettingsDep
+from service.schemas import ExportLink, JobAccepted, JobRequest, JobStatus, ResultsPage
+from service.submissions import Jobs, JobsDep
+from service.validation import InputError, inline_items, manifest_items, refine_params, rib_params, uri_error
+
+MAX_OFFSET = 2**62     # results paging: Redis list indexes are 64-bit
+FINISHED = ("done", "failed", "cancelled")
+
+router = APIRouter(tags=["jobs"])
+
+
+def accepted(job_id: str, **extra: Any) -> JSONResponse:
+    """202 with the job's links and a Location header."""
+    body = JobAccepted.model_validate({"job_id": job_id, "state": "queued", **extra,
+                                       "links": {"status": f"/v1/jobs/{job_id}",
+                                                 "results": f"/v1/jobs/{job_id}/results"}})
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=202,
+                        headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+def _read_manifest(uri: str, s: Settings) -> str:
+    """The manifest's text, its size checked before it is downloaded."""
+    if err := uri_error(uri, s.input_prefixes):
+        raise InputError(422, f"manifest_uri: {err}")
+    try:
+        size = uri_size(uri)
+        if size > s.max_manifest_bytes:
+            raise InputError(422, f"the manifest at {uri} is {size} bytes; the limit is {s.max_manifest_bytes} "
+                                  "(RIB_MAX_MANIFEST_BYTES): split the job")
+        return read_bytes(uri).decode("utf-8")
+    except FileNotFoundError as e:
+        raise InputError(422, f"no manifest at {uri}") from e
+    except UnicodeDecodeError as e:
+        raise InputError(422, f"the manifest at {uri} is not UTF-8 text") from e
+    except ClientError as e:
+        raise InputError(422, f"cannot read the manifest at {uri}: {e}") from e
+    except BotoCoreError as e:
+        raise HTTPException(503, f"the object store is unreachable: {e}") from e
+
+
+@router.post("/jobs", status_code=202, response_model=JobAccepted)
+def submit_job(req: JobRequest, owner: Owner, settings: SettingsDep, jobs: JobsDep, classes: ClassesDep,
+               ) -> JSONResponse:
+    """Many images at once; they are processed in chunks by every worker on the image queue."""
+    s = settings
+    if (req.manifest_uri is None) == (req.images is None):
+        raise InputError(422, "give exactly one of manifest_uri and images")
+    rib = rib_params(req.rib, s.rib_defaults, s.max_crop_size)
+    refine = refine_params(req.refine, s.refine_defaults)
+    if req.manifest_uri is not None:
+        text = _read_manifest(req.manifest_uri, s)
+        items = manifest_items(text, parent_uri(req.manifest_uri), classes, s.input_prefixes, s.max_job_images)
+    else:
+        items = inline_items(req.images or [], classes, s.input_prefixes, s.max_job_images)
+    job_id = uuid.uuid4().hex
+    jobs.submit(job_id, "bulk", items, rib, refine, owner)
+    return accepted(job_id, total=len(items))
+
+
+def owned(job_id: str, owner: Owner, jobs: JobsDep) -> Jobs:
+    """The jobs view, once ``job_id`` is known to belong to the caller (404 otherwise)."""
+    jobs.find(job_id, owner)
+    return jobs
+
+
+OwnedJob = Annotated[Jobs, Depends(owned)]
+
+
+@router.get("/jobs/{job_id}", response_model=JobStatus)
+def job_status(job_id: str, jobs: OwnedJob) -> dict[str, Any]:
+    """State, counts (queued, running, done, failed, skipped), per-image errors, timing and progress
+    (images per minute, seconds to go)."""
+    return jobs.store.status(job_id)
+
+
+@router.get("/jobs/{job_id}/results", response_model=ResultsPage)
+def job_results(job_id: str, jobs: OwnedJob, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+    """Per image: status, storage keys and presigned URLs of the map, the pseudo-mask, the overlay and the rest."""
+    return jobs.results(job_id, offset, limit)
+
+
+@router.delete("/jobs/{job_id}", response_model=JobStatus)
+def cancel_job(job_id: str, jobs: OwnedJob) -> dict[str, Any]:
+    """Skip every image not started yet; images already running finish and are kept whole."""
+    state = jobs.store.status(job_id)["state"]
+    if state in ("done", "failed"):
+        raise HTTPException(409, f"job {job_id} already finished ({state}); nothing to cancel")
+    jobs.store.cancel(job_id)
+    jobs.store.finalize(job_id, jobs.storage)
+    return jobs.store.status(job_id)
+
+
+@router.get("/jobs/{job_id}/export", response_model=ExportLink)
+def export(job_id: str, jobs: OwnedJob, classes: ClassesDep, format: Annotated[ExportFormat, Query()],
+           image_url_prefix: str | None = None) -> dict[str, Any]:
+    """The job's finished pseudo-masks (IRN's, else seed + CRF's) as COCO (pycocotools RLE), a Label
+    Studio task list with its labelling config, or VOC palette PNGs: one zip written under the
+    job's prefix in storage, returned as a presigned link. Images still running are left out;
+    call again when the job is done. Ignore pixels (255) are in no COCO or Label Studio region."""
+    uris = {d["id"]: d["image"] for d in load_request(jobs.storage, job_id)["items"]}
+    cfg = ExportConfig(format=format, image_url_prefix=image_url_prefix)
+    try:
+        key = export_job(jobs.storage, job_prefix(job_id), classes, cfg, uris)
+    except ValueError as e:
+        raise HTTPException(409, f"job {job_id}: {e}") from e
+    images = int(jobs.store.status(job_id, max_errors=0)["counts"]["done"])
+    return {"format": format, "images": images, **jobs.link(key)}

@@ -1,0 +1,121 @@
+"""Recording, storing and queueing a job, and reading it back: the steps every job route shares.
+
+Order matters for what a failure leaves behind: a job is recorded in Redis first, then its request
+(and upload) stored, then queued. With Redis down nothing is stored; with storage down the job ends
+failed with the reason instead of waiting forever; with the broker down it is cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from fastapi import Depends, HTTPException
+
+from contract.jobs import JobItem, JobStore, save_request
+from contract.settings import Settings
+from contract.tasks import TaskQueue
+from rib_core.artifacts import final_files, image_key, upload_key
+from rib_core.rib_config import RibConfig
+from rib_core.stage_configs import RefineConfig
+from rib_core.storage import Storage
+from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep
+from service.metrics import SUBMITTED
+
+STORAGE_ERRORS = (OSError, BotoCoreError, ClientError)
+
+
+@dataclass
+class Jobs:
+    """A request's view of the job store, the results store and the task queue."""
+
+    settings: Settings
+    store: JobStore
+    storage: Storage
+    queue: TaskQueue
+
+    def record(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, refine: RefineConfig,
+               owner: str) -> None:
+        """Record the job in Redis, then keep the request in storage, so that a job Redis loses can be
+        rebuilt from it; with storage down the job ends failed (:meth:`fail_unstored`)."""
+        rib_json, refine_json = rib.model_dump(mode="json"), refine.model_dump(mode="json")
+        self.store.create(job_id, kind, items, rib_json, owner, refine_json)
+        try:
+            save_request(self.storage, job_id, kind, items, rib_json, owner, refine_json)
+        except STORAGE_ERRORS as e:
+            self.fail_unstored(job_id, [it.id for it in items], e)
+
+    def fail_unstored(self, job_id: str, image_ids: Sequence[str], error: Exception) -> None:
+        """Storage refused a recorded job's input: its images end failed with the reason (a terminal
+        state, never a job that waits forever), and the client is told to submit again."""
+        for image_id in image_ids:
+            self.store.mark_failed(job_id, image_id, f"the job's input could not be stored ({type(error).__name__})")
+        raise HTTPException(503, f"the results store is unreachable ({type(error).__name__}); job {job_id} "
+                                 "is marked failed, submit it again later") from error
+
+    def queue_job(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig,
+                  refine: RefineConfig) -> None:
+        """Queue a recorded job in chunks; a broker failure cancels the job instead of half-queueing it."""
+        try:
+            self.queue.send_chunks(job_id, items, rib, refine)
+        except Exception as e:
+            self.store.cancel(job_id)
+            raise HTTPException(503, f"the task queue is unreachable ({type(e).__name__}); the job was "
+                                     "cancelled, resubmit it later") from e
+        SUBMITTED.labels(kind).inc(len(items))
+
+    def submit(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, refine: RefineConfig,
+               owner: str) -> None:
+        self.record(job_id, kind, items, rib, refine, owner)
+        self.queue_job(job_id, kind, items, rib, refine)
+
+    def submit_upload(self, job_id: str, image_id: str, labels: tuple[str, ...], data: bytes, rib: RibConfig,
+                      refine: RefineConfig, owner: str) -> None:
+        """Record the job first, then store the image, then queue it."""
+        key = upload_key(job_id, image_id)
+        item = JobItem(image_id, self.storage.uri(key), labels)
+        self.record(job_id, "upload", [item], rib, refine, owner)
+        try:
+            self.storage.put(key, data)  # stored as opaque bytes, whatever type the client claimed
+        except STORAGE_ERRORS as e:
+            self.fail_unstored(job_id, [image_id], e)
+        self.queue_job(job_id, "upload", [item], rib, refine)
+
+    def find(self, job_id: str, owner: str) -> None:
+        """Raise 404 unless the job is in Redis and belongs to ``owner``. A job Redis lost but storage
+        still holds is rebuilt first (its finished images from their files, the rest queued again).
+        Another key's job is as unknown as one that never was: 404 either way."""
+        unknown = HTTPException(404, f"no job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
+        if not self.store.exists(job_id):
+            todo = self.store.restore(job_id, self.storage)
+            if todo is None:
+                raise unknown
+            if not self.store.exists(job_id):
+                raise HTTPException(503, f"job {job_id} is being rebuilt from storage; retry in a moment")
+            self.queue.send_chunks(job_id, todo, self.store.rib(job_id), self.store.refine(job_id))
+            self.store.finalize(job_id, self.storage)
+        if not self.store.exists(job_id, owner):
+            raise unknown
+
+    def link(self, key: str) -> dict[str, str]:
+        return {"key": key, "uri": self.storage.uri(key),
+                "url": self.storage.url(key, self.settings.presign_expires_s)}
+
+    def results(self, job_id: str, offset: int, limit: int) -> dict[str, Any]:
+        items = self.store.items(job_id, offset, limit)
+        for it in items:
+            it["artifacts"] = {name: self.link(image_key(job_id, it["id"], name)) for name in it.pop("artifacts")}
+            it.update({role: it["artifacts"][name] for role, name in final_files(it["artifacts"]).items()})
+        total = int(self.store.status(job_id, max_errors=0)["total"])
+        end = offset + len(items)
+        return {"job_id": job_id, "offset": offset, "limit": limit, "total": total,
+                "next_offset": end if end < total else None, "items": items}
+
+
+def jobs(settings: SettingsDep, store: StoreDep, storage: StorageDep, queue: QueueDep) -> Jobs:
+    return Jobs(settings, store, storage, queue)
+
+
+JobsDep = Annotated[Jobs, Depends(jobs)]

@@ -1,0 +1,66 @@
+"""The layers stay apart (issue 15): ``service`` and ``worker`` share only ``contract`` and never import
+each other, the API process never loads torch, and OpenAPI shows a response model on every route.
+
+Each import is checked in a fresh interpreter, so that what another test imported cannot hide a
+dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LOADED = "import json, sys; import {module}; print(json.dumps(sorted(sys.modules)))"
+
+
+def modules_after_import(module: str, storage: Path) -> set[str]:
+    """Every module loaded by ``import module`` in a fresh interpreter (run from the repository root;
+    ``storage`` is the results folder an app built on import uses)."""
+    env = {"RIB_STORAGE_URI": str(storage), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", LOADED.format(module=module)], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def _package(names: set[str], package: str) -> list[str]:
+    return sorted(n for n in names if n == package or n.startswith(f"{package}."))
+
+
+def test_the_api_imports_neither_worker_nor_torch(tmp_path: Path) -> None:
+    loaded = modules_after_import("service.main", tmp_path)
+    assert not _package(loaded, "worker")
+    assert not _package(loaded, "torch") and not _package(loaded, "torchvision")
+    assert "contract.tasks" in loaded  # it queues through the contract
+
+
+@pytest.mark.parametrize("module", ["worker.tasks", "worker.__main__"])
+def test_the_worker_never_imports_the_api(module: str, tmp_path: Path) -> None:
+    assert not _package(modules_after_import(module, tmp_path), "service")
+
+
+def test_the_contract_imports_neither_side_nor_torch(tmp_path: Path) -> None:
+    loaded = modules_after_import("contract.tasks", tmp_path)
+    assert not (_package(loaded, "service") or _package(loaded, "worker") or _package(loaded, "torch"))
+
+
+def test_every_route_documents_a_success_body(tmp_path: Path) -> None:
+    from contract.settings import Settings
+    from service.app import create_app
+
+    spec = create_app(Settings(storage_uri=str(tmp_path))).openapi()
+    missing = []
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            bodies = [r.get("content", {}) for code, r in op["responses"].items() if code.startswith("2")]
+            if not any(media.get("schema") for content in bodies for media in content.values()):
+                missing.append(f"{method.upper()} {path}")
+            elif path != "/metrics":
+                schemas = [media["schema"] for content in bodies for media in content.values()]
+                assert all(s.get("$ref") or s.get("anyOf") for s in schemas), (method, path, schemas)
+    assert not missing, missing
