@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rib_core import augment
-from rib_core.checkpoints import load_backbone
+from rib_core.checkpoints import load_backbone, read_checkpoint, save_atomically
 from rib_core.classes import IGNORE_INDEX
 from rib_core.datasets import Manifest, load_image, load_mask
 from rib_core.irn import IrnNet, PathIndex, irn_loss, save_irn
 from rib_core.optim import PolySGD, irn_param_groups
 from rib_core.stage_configs import IrnTrainConfig
+
+IRN_STATE = "irn_state.pth"  # the training state after the last finished epoch
 
 
 def irn_backbone(cfg: IrnTrainConfig, classifier: str | os.PathLike[str] | None) -> str:
@@ -105,10 +108,14 @@ def _train_epoch(model: IrnNet, loader: DataLoader, optimizer: PolySGD, index: P
 
 def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
               cfg: IrnTrainConfig | None = None, device: torch.device | str = "cpu", progress: bool = True,
-              classifier: str | os.PathLike[str] | None = None) -> Path:
+              classifier: str | os.PathLike[str] | None = None, resume: bool = True,
+              after_epoch: Callable[[int], None] | None = None) -> Path:
     """Train IRN on confident labels ``label_dir/<id>.png``; writes and returns ``out_dir/irn.pth``.
 
-    The frozen backbone is ``cfg.init_weights``, else ``classifier``'s (:func:`irn_backbone`).
+    The frozen backbone is ``cfg.init_weights``, else ``classifier``'s (:func:`irn_backbone`). The
+    training state is saved after every epoch (``out_dir/irn_state.pth``, atomically) and, with
+    ``resume``, a later call continues from it; ``after_epoch(epoch)`` runs once it is saved (a
+    caller copies it elsewhere, or raises to stop). The checkpoint records the epoch it resumed from.
     """
     cfg = cfg or IrnTrainConfig()
     index = PathIndex(cfg.radius)
@@ -125,17 +132,27 @@ def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: st
     edge_params, dp_params = model.param_groups()
     optimizer = PolySGD(irn_param_groups(edge_params, dp_params, cfg.lr, cfg.weight_decay),
                         max_step=steps_per_epoch * cfg.epochs, power=cfg.poly_power, momentum=cfg.momentum)
+    state_path = out / IRN_STATE
+    start, history = 0, []
+    if resume and state_path.exists():
+        state = read_checkpoint(state_path)  # tensors and plain data only
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["epoch"]), list(state["history"])
     model.to(device).train()
-    history: list[dict[str, float]] = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         dataset.epoch = epoch
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                             num_workers=cfg.num_workers,
                             generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         sums = _train_epoch(model, loader, optimizer, index, device, f"train irn {epoch + 1}/{cfg.epochs}", progress)
         history.append({"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}})
+        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                         "history": history}, state_path)
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
     model.dp_mean.copy_(displacement_mean(model, manifest, cfg.crop_size, device))
     path = out / "irn.pth"
     save_irn(model.cpu(), path, extra={"config": cfg.model_dump(), "backbone": backbone, "history": history,
-                                       "steps": optimizer.global_step})
+                                       "steps": optimizer.global_step, "resumed_from_epoch": start})
     return path
