@@ -29,8 +29,9 @@ from rib_core.datasets import Manifest
 from rib_core.irn import load_irn
 from rib_core.refine import refine_maps
 from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import ClassifierTrainConfig, RefineConfig
+from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
 from rib_core.train_classifier import train_classifier
+from rib_core.train_deeplab import run_training_job
 
 EpochHook = Callable[[int], None]  # called after each training epoch's state is saved; may raise to stop
 
@@ -79,3 +80,15 @@ def refine_stage(work: Path, manifest: Manifest, classifier: str | os.PathLike[s
                          "resumed_from_epoch": extra.get("resumed_from_epoch", 0)}
     return report
 
+
+
+def deeplab_stage(pseudo_masks: str, output: str, cfg: DeepLabTrainConfig, evaluate_on: str | None,
+                  device: str = "cpu") -> dict[str, Any]:
+    """DeepLab trained on the pseudo-masks' manifest, as ``rib deeplab train`` (``output`` a local
+    folder or s3:// prefix; its training state there is resumed), then evaluated on and predicting
+    ``evaluate_on`` (a manifest with ground truth) when given."""
+    spec: dict[str, Any] = {"kind": "train", "manifest": pseudo_masks, "output": output, "device": device,
+                            "config": cfg.model_dump(mode="json")}
+    if evaluate_on is not None:
+        spec["evaluate_on"] = evaluate_on
+    return run_training_job(spec)
