@@ -225,7 +225,7 @@ def test_a_pipeline_job_runs_every_stage_end_to_end(pipeline_stack: PipelineStac
             assert set(item["files"]) == roles and set(entry["files"]) == roles
             record = demo.train.by_id(item["id"])
             mask = np.asarray(Image.open(io.BytesIO(httpx.get(item["files"]["mask"]["url"]).content)))
-            lmap = LocalizationMap.from_bytes(stack.get(item["files"]["map"]["key"]))
+            lmap = LocalizationMap.from_bytes(stack.get(item["files"]["map"]["uri"].split("/", 3)[3]))
             assert mask.shape == lmap.high_res.shape[1:]
             allowed = {0, 255} | {demo.train.classes.index(c) + 1 for c in record.labels}
             assert set(np.unique(mask).tolist()) <= allowed

@@ -215,8 +215,9 @@ def pipeline_maps(self: Task, job_id: str, chunk: int) -> None:
             except Exception as e:  # the chunk still counts: the chord must reach the next stage
                 failures = {i: f"{type(e).__name__}: {e}" for i in spec.chunks[chunk]}
         if store.chunk_done(job_id, chunk, failures) == len(spec.chunks) and not store.cancelled(job_id):
-            done = len(spec.image_ids) - len(store.map_failures(job_id))
-            store.finish(job_id, "maps", "done", {"images": len(spec.image_ids), "maps": done})
+            report = {"images": len(spec.image_ids), "maps": len(spec.image_ids) - len(store.map_failures(job_id))}
+            rt.storage.put(pipeline_key(job_id, stage_marker("maps")), json.dumps(report).encode(), "application/json")
+            store.finish(job_id, "maps", "done", report)
 
 
 def _maps(rt: Runtime, job_id: str, spec: PipelineSpec, todo: list[str], maps_stage: Callable[..., Path],
