@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rib_core.batching import run_rib
-from rib_core.checkpoints import load_classifier
+from rib_core.checkpoints import load_classifier, read_checkpoint
 from rib_core.classifier_eval import classifier_quality
 from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest
@@ -43,10 +43,9 @@ def classifier_stage(work: Path, manifest: Manifest, cfg: ClassifierTrainConfig,
     (its ``stop_after_epoch``), resuming from ``train_state.pth``, with ``after_epoch`` between
     epochs; scored on ``val_manifest`` every epoch. Returns the validation report (mAP, F1, history)."""
     out = work / "classifier"
-    final = out / "classifier.pth"
-    for epoch in range(1, cfg.epochs + 1):
-        if final.exists():
-            break
+    final, state = out / "classifier.pth", out / "train_state.pth"
+    while not final.exists():
+        epoch = (int(read_checkpoint(state)["epoch"]) if state.exists() else 0) + 1
         train_classifier(manifest, out, cfg, device=device, resume=True, progress=False, stop_after_epoch=epoch,
                          val_manifest=val_manifest)
         if after_epoch is not None:
