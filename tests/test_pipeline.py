@@ -264,3 +264,26 @@ def test_a_pipeline_survives_its_training_worker_killed_during_irn(pipeline_stac
     report = status["stages"]["refine"]["report"]["irn"]
     assert report["resumed_from_epoch"] >= 1, report  # resumed, not restarted
     assert [e["epoch"] for e in report["history"]] == list(range(1, epochs + 1))
+
+
+def test_cancel_stops_a_pipeline_at_its_running_stage(pipeline_stack: PipelineStack) -> None:
+    """DELETE during IRN's training: IRN stops at its next epoch, DeepLab never starts."""
+    stack = pipeline_stack
+    with stack.client() as c:
+        r = c.post("/v1/pipelines", json={"manifest_uri": stack.manifest, "classifier": CLASSIFIER, "rib": RIB,
+                                          "refine": irn(8), "deeplab": DEEPLAB})
+        job_id, url = r.json()["job_id"], r.headers["location"]
+        wait_for(lambda: (c.get(url).json()["stages"]["refine"]["progress"] or {}).get("epoch", 0) >= 1, 1200,
+                 "IRN's first epoch", every=0.2)
+        cancelling = c.delete(url)
+        assert cancelling.status_code == 200, cancelling.text
+        body = cancelling.json()
+        assert body["state"] == "cancelling" and body["stages"]["deeplab"]["state"] == "cancelled"
+        status = wait_pipeline(c, url)
+    stages = status["stages"]
+    assert status["state"] == "cancelled" and status["cancelled"], status
+    assert stages["classifier"]["state"] == stages["maps"]["state"] == "done"
+    assert stages["refine"]["state"] == stages["deeplab"]["state"] == "cancelled"
+    assert (stages["refine"]["progress"] or {}).get("epoch", 0) < 8
+    prefix = f"results/jobs/{job_id}/pipeline/"
+    assert not stack.objects(f"{prefix}stages/refine.json") and not stack.objects(f"{prefix}deeplab/")
