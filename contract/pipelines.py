@@ -17,8 +17,10 @@ report. Delivery is at-least-once, so each stage and chunk is guarded:
 - cancelling flags the job: the stage running stops at its next epoch or chunk, and every stage
   after it ends ``cancelled`` without running.
 
-Every job ends in a terminal state: ``done``, ``failed`` (a stage failed: its error is shown) or
-``cancelled``.
+A job Redis lost (a restart without its append-only file) is rebuilt from storage on its next
+``GET`` (:meth:`PipelineStore.restore`) and its canvas queued again: it goes on from the last
+stage whose report is stored. Every job ends in a terminal state: ``done``, ``failed`` (a stage
+failed: its error is shown) or ``cancelled``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.jobs import JOB_ID
+from rib_core.artifacts import PIPELINE_SPEC, pipeline_key, stage_marker
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
+from rib_core.storage import Storage
 
 PIPELINE_STAGE = "rib.pipeline_stage"  # a training stage (training queue)
 PIPELINE_MAPS = "rib.pipeline_maps"    # a chunk of RIB maps (image queue)
@@ -60,6 +64,7 @@ class PipelineSpec(BaseModel):
                                                                  "evaluate and predict with it")
     image_ids: list[str] = Field(description="the manifest's image ids, in order")
     chunks: list[list[str]] = Field(description="the image ids of each RIB-map chunk")
+    owner: str = Field("", description="digest of the API key that made the job (contract.jobs.owner_of)")
 
     def stages(self) -> list[Stage]:
         return [s for s in STAGES if s != "deeplab" or self.deeplab is not None]
@@ -105,6 +110,22 @@ class PipelineStore:
         for stage in spec.stages():
             fields[f"{stage}.state"] = "skipped" if stage == "classifier" and spec.classifier_uri else "pending"
         self._set(job_id, **fields)
+
+    def restore(self, job_id: str, storage: Storage) -> PipelineSpec | None:
+        """Rebuild a job Redis no longer has from its ``pipeline.json``: stages whose report is in
+        storage are done. Returns its spec, for the caller to queue the canvas again (finished
+        stages are then skipped, maps in storage kept); None when storage has no such job or
+        another process is rebuilding it."""
+        if not JOB_ID.fullmatch(job_id) or not storage.exists(pipeline_key(job_id, PIPELINE_SPEC)):
+            return None
+        if not self.r.set(self.key(job_id, "restoring"), 1, nx=True, ex=60) or self.exists(job_id):
+            return None
+        spec = PipelineSpec.model_validate_json(storage.get(pipeline_key(job_id, PIPELINE_SPEC)))
+        self.create(job_id, spec, spec.owner)
+        for stage in spec.stages():
+            if storage.exists(marker := pipeline_key(job_id, stage_marker(stage))):
+                self.finish(job_id, stage, "done", json.loads(storage.get(marker)))
+        return spec
 
     def exists(self, job_id: str, owner: str | None = None) -> bool:
         if not JOB_ID.fullmatch(job_id):

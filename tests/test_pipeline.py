@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 
 from rib_core.cam import LocalizationMap
@@ -114,6 +115,16 @@ def test_a_pipeline_no_worker_runs_is_queued_then_cancelled(api: Api, demo: Demo
     assert cancelled["state"] == "cancelled"
     assert {s["state"] for s in cancelled["stages"].values()} == {"cancelled"}
     assert api.delete(url).status_code == 409
+    # A job Redis lost is rebuilt from storage on its next GET and queued again.
+    lost = api.post("/v1/pipelines", json={"manifest_uri": manifest, "classifier": {"batch_size": 2},
+                                           "refine": irn(1)})
+    broker = redis.Redis.from_url(f"{api.redis_url}/0")
+    queued = broker.llen("rib.training")
+    broker.delete(*broker.keys(f"rib:pipeline:{lost.json()['job_id']}*"))
+    assert api.get(lost.headers["location"], key="other").status_code == 404  # rebuilt, but not theirs
+    restored = api.get(lost.headers["location"])
+    assert restored.status_code == 200 and restored.json()["state"] == "queued", restored.text
+    assert broker.llen("rib.training") == queued + 1  # its first stage, queued again
     given = api.post("/v1/pipelines", json={"manifest_uri": manifest, "classifier_uri": f"s3://{BUCKET}/c.pth",
                                             "refine": irn(1)})
     assert given.json()["stages"] == ["classifier", "maps", "refine"]

@@ -35,7 +35,7 @@ def pipeline_store(store: StoreDep) -> PipelineStore:
 PipelinesDep = Annotated[PipelineStore, Depends(pipeline_store)]
 
 
-def _spec(req: PipelineRequest, settings: SettingsDep) -> PipelineSpec:
+def _spec(req: PipelineRequest, settings: SettingsDep, owner: str) -> PipelineSpec:
     """The request checked: locations, every stage's settings, and a data set large enough to train on."""
     s = settings
     for name in ("classifier_uri", "val_manifest_uri"):
@@ -56,7 +56,7 @@ def _spec(req: PipelineRequest, settings: SettingsDep) -> PipelineSpec:
     ids = [it.id for it in items]
     return PipelineSpec(manifest=req.manifest_uri, classifier_uri=req.classifier_uri,
                         val_manifest=req.val_manifest_uri, classifier=classifier, rib=rib, refine=refine,
-                        deeplab=deeplab, image_ids=ids,
+                        deeplab=deeplab, image_ids=ids, owner=owner,
                         chunks=[ids[i:i + s.chunk_size] for i in range(0, len(ids), s.chunk_size)])
 
 
@@ -65,7 +65,7 @@ def submit_pipeline(req: PipelineRequest, owner: Owner, settings: SettingsDep, p
                     storage: StorageDep, queue: QueueDep) -> JSONResponse:
     """Classifier (unless one is given) -> RIB maps (image workers, in chunks) -> confident labels, IRN,
     random walk (training workers) -> DeepLab if asked: one Celery canvas, each stage resumable."""
-    spec = _spec(req, settings)
+    spec = _spec(req, settings, owner)
     job_id = uuid.uuid4().hex
     pipelines.create(job_id, spec, owner)
     try:
@@ -85,8 +85,11 @@ def submit_pipeline(req: PipelineRequest, owner: Owner, settings: SettingsDep, p
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": f"/v1/pipelines/{job_id}"})
 
 
-def owned(job_id: str, owner: Owner, pipelines: PipelinesDep) -> PipelineStore:
-    """The store, once ``job_id`` is known to be the caller's pipeline (404 otherwise)."""
+def owned(job_id: str, owner: Owner, pipelines: PipelinesDep, storage: StorageDep, queue: QueueDep) -> PipelineStore:
+    """The store, once ``job_id`` is known to be the caller's pipeline (404 otherwise); a job Redis
+    lost is rebuilt from storage first and queued again."""
+    if not pipelines.exists(job_id) and (spec := pipelines.restore(job_id, storage)) is not None:
+        queue.send_pipeline(job_id, spec)
     if not pipelines.exists(job_id, owner):
         raise HTTPException(404, f"no pipeline job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
     return pipelines
