@@ -180,9 +180,8 @@ def pipeline_stage(self: Task, job_id: str, stage: str) -> None:
             store.finish(job_id, stage, "done", json.loads(rt.storage.get(marker)))
             return
         store.start(job_id, stage)
-        spec = load_spec(rt, job_id)
-        device = str(resolve_device(rt.settings.device))
         try:
+            spec, device = load_spec(rt, job_id), str(resolve_device(rt.settings.device))
             with tempfile.TemporaryDirectory(prefix=f"rib-{job_id}-{stage}-") as tmp:
                 report = STAGE_RUNNERS[stage](rt, job_id, spec, Path(tmp), device)
         except CancelledError:
@@ -204,7 +203,11 @@ def pipeline_maps(self: Task, job_id: str, chunk: int) -> None:
 
     rt = runtime()
     with guarded(self, job_id, f"maps-{chunk}") as store:
-        spec = load_spec(rt, job_id)
+        try:
+            spec = load_spec(rt, job_id)
+        except Exception as e:  # without its spec the chunk cannot count: the job ends failed here
+            store.finish(job_id, "maps", "failed", error=f"cannot read the job: {type(e).__name__}: {e}")
+            raise
         failures: dict[str, str] = {}
         if not store.cancelled(job_id):
             store.start(job_id, "maps")
