@@ -38,10 +38,11 @@ EpochHook = Callable[[int], None]  # called after each training epoch's state is
 
 def classifier_stage(work: Path, manifest: Manifest, cfg: ClassifierTrainConfig,
                      val_manifest: str | os.PathLike[str], device: str = "cpu",
-                     after_epoch: EpochHook | None = None) -> dict[str, Any]:
+                     after_epoch: EpochHook | None = None, name: str | None = None) -> dict[str, Any]:
     """Train the classifier into ``work/classifier`` one epoch per call of :func:`train_classifier`
     (its ``stop_after_epoch``), resuming from ``train_state.pth``, with ``after_epoch`` between
-    epochs; scored on ``val_manifest`` every epoch. Returns the validation report (mAP, F1, history)."""
+    epochs; scored on ``val_manifest`` every epoch. Returns the validation report (mAP, F1, history),
+    naming the checkpoint ``name`` (where it will be kept; default its path here)."""
     out = work / "classifier"
     final, state = out / "classifier.pth", out / "train_state.pth"
     while not final.exists():
@@ -51,7 +52,7 @@ def classifier_stage(work: Path, manifest: Manifest, cfg: ClassifierTrainConfig,
         if after_epoch is not None:
             after_epoch(epoch)
     _, _, extra = load_classifier(final)
-    return {**classifier_quality(extra, checkpoint=str(final)), "history": extra.get("history", []),
+    return {**classifier_quality(extra, checkpoint=name or str(final)), "history": extra.get("history", []),
             "validation": extra.get("validation")}
 
 

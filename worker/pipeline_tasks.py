@@ -133,7 +133,7 @@ def run_classifier(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, dev
     pull(rt, job_id, "classifier", work)
     hook = epoch_hook(rt, job_id, "classifier", work, "classifier/train_state.pth", spec.classifier.epochs)
     report = classifier_stage(work, load_manifest(spec.manifest), spec.classifier,
-                              spec.val_manifest or spec.manifest, device, hook)
+                              spec.val_manifest or spec.manifest, device, hook, classifier_uri(rt, job_id, spec))
     push(rt, job_id, work, "classifier", lambda p: p.name != "train_state.pth")
     return report
 
