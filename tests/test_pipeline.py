@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,7 @@ def test_a_pipeline_no_worker_runs_is_queued_then_cancelled(api: Api, demo: Demo
     results = api.get(f"{url}/results").json()
     assert [i["id"] for i in results["items"]] == [rec.id for rec in demo.train.records[:4]]
     assert all(i["files"] == {} for i in results["items"])
+    assert api.get(f"{url}/export", params={"format": "voc"}).status_code == 409  # no mask yet
     spec = json.loads(api.s3.get_object(Bucket=BUCKET, Key=f"results/jobs/{body['job_id']}/pipeline/"
                                                             "pipeline.json")["Body"].read())
     assert spec["classifier"]["batch_size"] == 2 and spec["refine"]["irn"]["epochs"] == 1
@@ -240,6 +242,11 @@ def test_a_pipeline_job_runs_every_stage_end_to_end(pipeline_stack: PipelineStac
             assert mask.shape == lmap.high_res.shape[1:]
             allowed = {0, 255} | {demo.train.classes.index(c) + 1 for c in record.labels}
             assert set(np.unique(mask).tolist()) <= allowed
+        export = c.get(f"{url}/export", params={"format": "coco"})
+        assert export.status_code == 200 and export.json()["images"] == IMAGES, export.text
+        assert export.json()["key"] == f"jobs/{job_id}/pipeline/exports/coco.zip"
+        coco = json.loads(zipfile.ZipFile(io.BytesIO(httpx.get(export.json()["url"]).content)).read("annotations.json"))
+        assert len(coco["images"]) == IMAGES
         assert c.delete(url).status_code == 409
     figures = {"images": IMAGES, "stage_seconds": {k: s["seconds"] for k, s in stages.items()},
                "classifier_val_map": classifier["val_map"], "seed_best": refine["seeds"]["best"]["miou"],

@@ -10,10 +10,12 @@ from fastapi.responses import JSONResponse
 
 from contract.pipelines import PipelineSpec, PipelineStore
 from rib_core.artifacts import PIPELINE_SPEC, pipeline_index, pipeline_key
+from rib_core.datasets import parse_manifest
+from rib_core.exports import ExportConfig, ExportFormat, export_job, pipeline_masks
 from rib_core.storage import parent_uri
 from service.deps import Owner, QueueDep, SettingsDep, StorageDep, StoreDep
 from service.routes.jobs import MAX_OFFSET, read_manifest
-from service.schemas import PipelineAccepted, PipelineRequest, PipelineResults, PipelineStatus
+from service.schemas import ExportLink, PipelineAccepted, PipelineRequest, PipelineResults, PipelineStatus
 from service.submissions import STORAGE_ERRORS
 from service.validation import (
     InputError,
@@ -121,6 +123,23 @@ def pipeline_results(job_id: str, pipelines: OwnedPipeline, storage: StorageDep,
     total = len(spec.image_ids)
     return {"job_id": job_id, "offset": offset, "limit": limit, "total": total,
             "next_offset": end if end < total else None, "items": items}
+
+
+@router.get("/pipelines/{job_id}/export", response_model=ExportLink)
+def export_pipeline(job_id: str, pipelines: OwnedPipeline, storage: StorageDep, settings: SettingsDep,
+                    format: Annotated[ExportFormat, Query()], image_url_prefix: str | None = None) -> dict[str, Any]:
+    """The final pseudo-masks written so far (IRN's) as COCO, Label Studio or VOC: one zip under the
+    job's prefix, as for bulk jobs (``/v1/jobs/{id}/export``)."""
+    spec = PipelineSpec.model_validate_json(storage.get(pipeline_key(job_id, PIPELINE_SPEC)))
+    manifest = parse_manifest(read_manifest(spec.manifest, settings), base=parent_uri(spec.manifest))
+    images = pipeline_masks(storage, job_id, manifest)
+    try:
+        key = export_job(storage, pipeline_key(job_id), manifest.classes,
+                         ExportConfig(format=format, image_url_prefix=image_url_prefix), images=images)
+    except ValueError as e:
+        raise HTTPException(409, f"pipeline {job_id}: {e}") from e
+    return {"format": format, "images": len(images), "key": key, "uri": storage.uri(key),
+            "url": storage.url(key, settings.presign_expires_s)}
 
 
 @router.delete("/pipelines/{job_id}", response_model=PipelineStatus)
