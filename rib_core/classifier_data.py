@@ -6,13 +6,13 @@ import random
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from rib_core import augment
-from rib_core.datasets import Manifest, load_image
+from rib_core.datasets import Manifest, ManifestRecord, load_image
+from rib_core.training import AugmentedManifest
 
 
-class ClassificationDataset(Dataset):
+class ClassificationDataset(AugmentedManifest):
     """Training samples for the classifier, IRN's ``VOC12ClassificationDataset`` recipe.
 
     Random resize-long, normalise, random flip, random crop padded with 0 (the mean after
@@ -21,19 +21,12 @@ class ClassificationDataset(Dataset):
 
     def __init__(self, manifest: Manifest, crop_size: int, resize_long: tuple[int, int] | None,
                  hflip: bool = True, seed: int = 0) -> None:
-        self.manifest = manifest
+        super().__init__(manifest, seed)
         self.crop_size = crop_size
         self.resize_long = resize_long
         self.hflip = hflip
-        self.seed = seed
-        self.epoch = 0
 
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        r = self.manifest[i]
-        rng = random.Random(hash((self.seed, self.epoch, i)))
+    def sample(self, r: ManifestRecord, rng: random.Random) -> dict[str, Any]:
         img = load_image(self.manifest.image_uri(r))
         draw = augment.draw_crop(img.shape[:2], self.crop_size, self.resize_long, self.hflip, rng)
         label = torch.from_numpy(self.manifest.label_vector(r))

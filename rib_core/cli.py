@@ -26,6 +26,8 @@ from rib_core.exports import EXPORT_FORMATS
 
 EXIT_INPUT = 3
 C = TypeVar("C", bound=BaseModel)
+# add(name, handler, help): a subcommand of ``rib``, returned for its arguments.
+AddCommand = Callable[[str, Callable[[argparse.Namespace], None], str], argparse.ArgumentParser]
 
 
 def build_config(cls: type[C], args: argparse.Namespace) -> C:
@@ -286,15 +288,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
     _exec_module("worker", *(["--training"] if args.training else []))
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="rib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = top.add_subparsers(dest="command", required=True)
-
-    def add(name: str, fn: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(fn=fn)
-        return p
-
+def _data_commands(add: AddCommand) -> None:
+    """The demo and the importers: data in, manifests out."""
     p = _device(_with_config(add("demo", cmd_demo, "the main job on the demo data: classifier, CAM, RIB, "
                                  "refinement, report.html (local files, no broker or S3)")))
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); reruns resume")
@@ -310,6 +305,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", required=True)
     p.add_argument("--masks-dir", help="render ground-truth masks here")
     p.add_argument("--out", required=True)
+
+
+def _classifier_and_map_commands(add: AddCommand) -> None:
+    """The classifier, then its maps: CAM, RIB, pooling compared."""
     p = _device(_with_config(add("train-classifier", cmd_train_classifier, "train the initial classifier "
                                  "(IRN train_cam recipe; --set recipe=scratch without ImageNet weights)")))
     p.add_argument("manifest")
@@ -332,6 +331,10 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("out")
         if name == "rib":
             p.add_argument("--companions", help="manifest of the companion pool (default: the same manifest)")
+
+
+def _refinement_commands(add: AddCommand) -> None:
+    """Maps scored and refined; the study and the tuning that compare the stages."""
     p = _with_config(add("eval", cmd_eval, "seed mIoU / P / R / F1 of a maps folder over a threshold sweep"))
     p.add_argument("maps")
     p.add_argument("manifest")
@@ -365,6 +368,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder for rib.json, refine.json and tune_report.json")
     p.add_argument("--companions", help="manifest of the companion pool (default: the tuning manifest)")
     p.add_argument("--score-on", help="other images with masks: score the choice there against the defaults")
+
+
+def _job_commands(add: AddCommand) -> None:
+    """DeepLab, the toy experiment, and the service's processes."""
     p = _device(_with_config(add("deeplab", cmd_deeplab, "DeepLab on pseudo-masks: train, eval or predict")))
     p.add_argument("action", choices=["train", "evaluate", "predict"])
     p.add_argument("manifest")
@@ -378,6 +385,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p = add("worker", cmd_worker, "run a Celery worker on RIB_IMAGE_QUEUE (or RIB_TRAINING_QUEUE with --training)")
     p.add_argument("--training", action="store_true")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="rib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    for commands in (_data_commands, _classifier_and_map_commands, _refinement_commands, _job_commands):
+        commands(add)
     return top
 
 

@@ -15,16 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from rib_core import augment
-from rib_core.checkpoints import load_backbone, read_checkpoint, save_atomically
+from rib_core.checkpoints import load_backbone
 from rib_core.classes import IGNORE_INDEX
-from rib_core.datasets import Manifest, load_image, load_mask
+from rib_core.datasets import Manifest, ManifestRecord, load_image, load_mask
 from rib_core.irn import IrnNet, PathIndex, irn_loss, save_irn
 from rib_core.optim import PolySGD, irn_param_groups
 from rib_core.stage_configs import IrnTrainConfig
+from rib_core.training import (
+    AugmentedManifest,
+    epoch_loader,
+    progress_bar,
+    read_training_state,
+    restore_trainer,
+    save_training_state,
+    steps_per_epoch,
+    train_one_epoch,
+    trainer_state,
+)
 
 IRN_STATE = "irn_state.pth"  # the training state after the last finished epoch
 
@@ -45,24 +54,18 @@ def irn_backbone(cfg: IrnTrainConfig, classifier: str | os.PathLike[str] | None)
                      "code's choice); IRN on a random frozen backbone learns nothing")
 
 
-class IrnDataset(Dataset):
+class IrnDataset(AugmentedManifest):
     """IRN's ``VOC12AffinityDataset``: random scale, normalise, flip, crop, then pair labels from
     the label map reduced to stride 4."""
 
     def __init__(self, manifest: Manifest, label_dir: str | os.PathLike[str], cfg: IrnTrainConfig,
                  index: PathIndex) -> None:
-        self.manifest = manifest
+        super().__init__(manifest, cfg.seed)
         self.label_dir = Path(label_dir)
         self.cfg = cfg
         self.index = index
-        self.epoch = 0
 
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        r = self.manifest[i]
-        rng = random.Random(hash((self.cfg.seed, self.epoch, i)))
+    def sample(self, r: ManifestRecord, rng: random.Random) -> dict[str, Any]:
         img = load_image(self.manifest.image_uri(r))
         label = load_mask(str(self.label_dir / f"{r.id}.png"))
         img, label = augment.random_scale((img, label), self.cfg.rescale, rng)
@@ -88,24 +91,6 @@ def displacement_mean(model: IrnNet, manifest: Manifest, crop_size: int, device:
     return torch.stack(means).mean(0)
 
 
-def _train_epoch(model: IrnNet, loader: DataLoader, optimizer: PolySGD, index: PathIndex,
-                 device: torch.device | str, bar_desc: str, progress: bool) -> dict[str, float]:
-    """One pass over ``loader``; returns the summed loss and its parts."""
-    sums: dict[str, float] = {}
-    bar = tqdm(loader, desc=bar_desc, disable=not progress, unit="batch")
-    for batch in bar:
-        edge, dp = model(batch["img"].to(device))
-        loss, parts = irn_loss(edge, dp, batch["bg_pos"].to(device), batch["fg_pos"].to(device),
-                               batch["neg"].to(device), index)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        for k, v in {"loss": loss.item(), **parts}.items():
-            sums[k] = sums.get(k, 0.0) + v
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    return sums
-
-
 def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
               cfg: IrnTrainConfig | None = None, device: torch.device | str = "cpu", progress: bool = True,
               classifier: str | os.PathLike[str] | None = None, resume: bool = True,
@@ -120,9 +105,7 @@ def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: st
     cfg = cfg or IrnTrainConfig()
     index = PathIndex(cfg.radius)
     dataset = IrnDataset(manifest, label_dir, cfg, index)
-    steps_per_epoch = len(dataset) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images is fewer than one batch of {cfg.batch_size}")
+    steps = steps_per_epoch(len(dataset), cfg.batch_size)
     backbone = irn_backbone(cfg, classifier)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,24 +114,27 @@ def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: st
     load_backbone(model.backbone, model.arch, backbone)
     edge_params, dp_params = model.param_groups()
     optimizer = PolySGD(irn_param_groups(edge_params, dp_params, cfg.lr, cfg.weight_decay),
-                        max_step=steps_per_epoch * cfg.epochs, power=cfg.poly_power, momentum=cfg.momentum)
+                        max_step=steps * cfg.epochs, power=cfg.poly_power, momentum=cfg.momentum)
     state_path = out / IRN_STATE
     start, history = 0, []
     if resume and state_path.exists():
-        state = read_checkpoint(state_path)  # tensors and plain data only
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = read_training_state(state_path, ("model", "optimizer", "epoch", "history"))
+        restore_trainer(state, model, optimizer)
         start, history = int(state["epoch"]), list(state["history"])
     model.to(device).train()
+
+    def step_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        edge, dp = model(batch["img"].to(device))
+        return irn_loss(edge, dp, batch["bg_pos"].to(device), batch["fg_pos"].to(device), batch["neg"].to(device),
+                        index)
+
     for epoch in range(start, cfg.epochs):
         dataset.epoch = epoch
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.num_workers,
-                            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        sums = _train_epoch(model, loader, optimizer, index, device, f"train irn {epoch + 1}/{cfg.epochs}", progress)
-        history.append({"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}})
-        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                         "history": history}, state_path)
+        loader = epoch_loader(dataset, cfg.batch_size, cfg.seed, epoch, cfg.num_workers)
+        with progress_bar(steps, f"train irn {epoch + 1}/{cfg.epochs}", progress) as bar:
+            sums = train_one_epoch(loader, step_loss, optimizer, bar)
+        history.append({"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}})
+        save_training_state({**trainer_state(model, optimizer), "epoch": epoch + 1, "history": history}, state_path)
         if after_epoch is not None:
             after_epoch(epoch + 1)
     model.dp_mean.copy_(displacement_mean(model, manifest, cfg.crop_size, device))

@@ -30,12 +30,13 @@ from rib_core.classifier_eval import evaluate_classifier
 from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest, load_manifest
 from rib_core.deeplab import load_deeplab
+from rib_core.deeplab_inference import evaluate
+from rib_core.deeplab_training import train_deeplab, train_with_retraining
 from rib_core.demo_data import make_demo_dataset
 from rib_core.demo_job import DemoJobConfig, train_demo_classifier
 from rib_core.evaluation import sweep_folder
 from rib_core.refine import refine_maps
 from rib_core.stage_configs import DeepLabTrainConfig
-from rib_core.train_deeplab import evaluate, train_deeplab, train_with_retraining
 
 # Rows of the table: (key, label). Scores are mIoU except the classifier's mAP.
 ROWS = (

@@ -20,18 +20,29 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from rib_core.checkpoints import load_backbone, save_atomically, save_classifier
+from rib_core.checkpoints import load_backbone, save_classifier
 from rib_core.classifier_data import ClassificationDataset
 from rib_core.classifier_eval import evaluate_classifier
 from rib_core.datasets import Manifest, load_manifest
 from rib_core.networks import CamNet
 from rib_core.optim import PolySGD, irn_param_groups
 from rib_core.stage_configs import SCRATCH_RECIPE, ClassifierTrainConfig
+from rib_core.training import (
+    epoch_loader,
+    progress_bar,
+    read_training_state,
+    restore_trainer,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+    steps_per_epoch,
+    train_one_epoch,
+    trainer_state,
+)
 
 __all__ = ["SCRATCH_RECIPE", "ClassifierTrainConfig", "train_classifier"]
+
 
 class _WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     """Linear warm-up over ``warmup`` steps, then a cosine decay to 0 at ``total`` steps."""
@@ -69,6 +80,58 @@ def colour_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(grey[:, None, None, None], x.mean(1, keepdim=True).expand_as(x), x)
 
 
+def build_classifier(cfg: ClassifierTrainConfig, num_classes: int) -> CamNet:
+    """The network to train, with its initial backbone weights when ``init_weights`` names some."""
+    model = CamNet(num_classes, cfg.arch)
+    if cfg.init_weights:
+        load_backbone(model.backbone, model.arch, cfg.init_weights)
+    model.set_from_scratch(cfg.from_scratch)
+    return model
+
+
+def _validation_scores(model: CamNet, val: Manifest, device: str) -> dict[str, Any]:
+    """The epoch's report row entries from scoring the validation manifest."""
+    scores = evaluate_classifier(model, val, device)
+    return {"val_loss": scores["loss"], "map": scores["map"], "f1": scores["f1"], "ap": scores["ap"],
+            "f1_per_class": scores["f1_per_class"], "images": scores["images"]}
+
+
+def _train_epoch(model: CamNet, dataset: ClassificationDataset, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, cfg: ClassifierTrainConfig, epoch: int,
+                 steps: int, val: Manifest | None, device: str, progress: bool) -> dict[str, Any]:
+    """One epoch then, with a validation manifest, its scores: the epoch's report row."""
+    dataset.epoch = epoch
+    loader = epoch_loader(dataset, cfg.batch_size, cfg.seed, epoch, cfg.num_workers)
+    colour_rng = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 1)
+
+    def step_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch["img"].to(device)
+        if cfg.colour_augment:
+            x = colour_augment(x, colour_rng)
+        return F.multilabel_soft_margin_loss(model.logits(x), batch["label"].to(device)), {}
+
+    with progress_bar(steps, f"train classifier {epoch + 1}/{cfg.epochs}", progress) as bar:
+        sums = train_one_epoch(loader, step_loss, optimizer, bar, scheduler=scheduler)
+        row: dict[str, Any] = {"epoch": epoch + 1, "loss": sums["loss"] / steps}
+        if val is not None:
+            row.update(_validation_scores(model, val, device))
+            bar.set_postfix(loss=f"{row['loss']:.4f}", val_mAP=f"{100 * row['map']:.1f}", F1=f"{100 * row['f1']:.1f}")
+    return row
+
+
+def _save_classifier(model: CamNet, classes: list[str], cfg: ClassifierTrainConfig, history: list[dict[str, Any]],
+                     val_manifest: str | os.PathLike[str] | None, path: Path) -> Path:
+    """The trained network in IRN's layout, with its config, history and last validation scores."""
+    extra: dict[str, Any] = {"config": cfg.model_dump(), "history": history}
+    last = history[-1] if history else {}
+    if val_manifest is not None and "map" in last:
+        extra["validation"] = {"manifest": str(val_manifest), "epoch": last["epoch"], "images": last["images"],
+                               "map": last["map"], "f1": last["f1"], "ap": last["ap"]}
+    model.set_from_scratch(False)  # CAM and RIB always run in IRN's layout
+    save_classifier(model.cpu(), classes, path, extra=extra)
+    return path
+
+
 def train_classifier(manifest: Manifest, out_dir: str | os.PathLike[str],
                      cfg: ClassifierTrainConfig | None = None, device: str = "cpu",
                      resume: bool = True, progress: bool = True, stop_after_epoch: int | None = None,
@@ -84,75 +147,30 @@ def train_classifier(manifest: Manifest, out_dir: str | os.PathLike[str],
     cfg = cfg or ClassifierTrainConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    final, state_path, report_path = out / "classifier.pth", out / "train_state.pth", out / "train_report.json"
+    state_path, report_path = out / "train_state.pth", out / "train_report.json"
     val = load_manifest(val_manifest) if val_manifest is not None else None
     if val is not None and val.classes != manifest.classes:
         raise ValueError(f"the validation manifest's classes {val.classes} differ from the training "
                          f"manifest's {manifest.classes}")
     torch.manual_seed(cfg.seed)
-    model = CamNet(len(manifest.classes), cfg.arch)
-    if cfg.init_weights:
-        load_backbone(model.backbone, model.arch, cfg.init_weights)
-    model.set_from_scratch(cfg.from_scratch)
+    model = build_classifier(cfg, len(manifest.classes))
     dataset = ClassificationDataset(manifest, cfg.crop_size, cfg.resize_long, cfg.hflip, cfg.seed)
-    steps_per_epoch = len(dataset) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images is fewer than one batch of {cfg.batch_size}")
-    optimizer, scheduler = _optimiser(model, cfg, steps_per_epoch)
+    steps = steps_per_epoch(len(dataset), cfg.batch_size)
+    optimizer, scheduler = _optimiser(model, cfg, steps)
     start_epoch, history = 0, []
     if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
+        state = read_training_state(state_path, ("model", "optimizer", "epoch"))
+        restore_trainer(state, model, optimizer, scheduler)
+        if "rng" in state:
+            set_rng_state(state["rng"], torch.device(device))
         start_epoch, history = state["epoch"], state.get("history", [])
     model.to(device).train()
-    report: dict[str, Any] = {"config": cfg.model_dump(), "val_manifest": None if val is None else str(val_manifest),
-                              "epochs": history}
+    report = {"config": cfg.model_dump(), "val_manifest": None if val is None else str(val_manifest), "epochs": history}
     for epoch in range(start_epoch, cfg.epochs):
-        dataset.epoch = epoch
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.num_workers,
-                            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        colour_rng = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 1)
-        total = 0.0
-        with tqdm(total=steps_per_epoch, desc=f"train classifier {epoch + 1}/{cfg.epochs}", disable=not progress,
-                  unit="batch") as bar:
-            for batch in loader:
-                x = batch["img"].to(device)
-                if cfg.colour_augment:
-                    x = colour_augment(x, colour_rng)
-                loss = F.multilabel_soft_margin_loss(model.logits(x), batch["label"].to(device))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                total += loss.item()
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            row: dict[str, Any] = {"epoch": epoch + 1, "loss": total / steps_per_epoch}
-            if val is not None:
-                scores = evaluate_classifier(model, val, device)
-                row.update(val_loss=scores["loss"], map=scores["map"], f1=scores["f1"], ap=scores["ap"],
-                           f1_per_class=scores["f1_per_class"], images=scores["images"])
-                bar.set_postfix(loss=f"{row['loss']:.4f}", val_mAP=f"{100 * scores['map']:.1f}",
-                                F1=f"{100 * scores['f1']:.1f}")
-        history.append(row)
+        history.append(_train_epoch(model, dataset, optimizer, scheduler, cfg, epoch, steps, val, device, progress))
         report_path.write_text(json.dumps(report, indent=2))
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "history": history}
-        if scheduler is not None:
-            state["scheduler"] = scheduler.state_dict()
-        save_atomically(state, state_path)
+        save_training_state({**trainer_state(model, optimizer, scheduler), "epoch": epoch + 1, "history": history,
+                             "rng": rng_state(torch.device(device))}, state_path)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
             return state_path
-    extra: dict[str, Any] = {"config": cfg.model_dump(), "history": history}
-    last = history[-1] if history else {}
-    if val is not None and "map" in last:
-        extra["validation"] = {"manifest": str(val_manifest), "epoch": last["epoch"], "images": last["images"],
-                               "map": last["map"], "f1": last["f1"], "ap": last["ap"]}
-    model.set_from_scratch(False)  # CAM and RIB always run in IRN's layout
-    save_classifier(model.cpu(), manifest.classes, final, extra=extra)
-    return final
+    return _save_classifier(model, manifest.classes, cfg, history, val_manifest, out / "classifier.pth")

@@ -37,17 +37,8 @@ from rib_core.storage import open_storage
 from rib_core.train_deeplab import train_deeplab
 from service.deps import broker, job_store, result_storage
 from tests.api_inprocess import BUCKET, Api, inprocess_api
+from tests.planted import RunsCode
 from tests.service_stack import free_port, s3, wait_for
-
-
-class _RunsCode:
-    """Pickles as a call to ``open(marker, "w")``: loading it creates the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return open, (str(self.marker), "w")
 
 
 def test_planted_training_state_is_refused_without_running_its_code(tmp_path: Path) -> None:
@@ -55,7 +46,7 @@ def test_planted_training_state_is_refused_without_running_its_code(tmp_path: Pa
     marker = tmp_path / "code-ran"
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
-    torch.save({"config": {}, "model": {}, "step": 1, "payload": _RunsCode(marker)},
+    torch.save({"config": {}, "model": {}, "step": 1, "payload": RunsCode(marker)},
                out / "checkpoints" / "step_00000001.pth")
     manifest = Manifest(["a"], [ManifestRecord("x", "x.png", ("a",), "x_mask.png")], str(tmp_path))
     cfg = DeepLabTrainConfig(arch="resnet18", batch_size=1, iterations=1, msc_scales=[], retrain=False)
@@ -293,7 +284,7 @@ def test_irn_label_table_is_read_without_running_code(tmp_path: Path) -> None:
     assert _voc_labels_from_npy(tmp_path / "cls_labels.npy") == {"2007_000032": ["aeroplane", "person"],
                                                                  "2008_000123": ["dog"]}
     marker = tmp_path / "code-ran"
-    np.save(tmp_path / "planted.npy", np.array({"x": _RunsCode(marker)}, dtype=object), allow_pickle=True)
+    np.save(tmp_path / "planted.npy", np.array({"x": RunsCode(marker)}, dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="not allowed"):
         _voc_labels_from_npy(tmp_path / "planted.npy")
     assert not marker.exists()

@@ -268,7 +268,8 @@ def test_a_job_exports_its_masks_to_coco_labelstudio_and_voc(stack: Stack) -> No
         for fmt in ("coco", "labelstudio", "voc"):
             link = c.get(f"/v1/jobs/{job_id}/export", params={"format": fmt})
             assert link.status_code == 200, link.text
-            assert link.json()["key"] == f"results/jobs/{job_id}/exports/{fmt}.zip" and link.json()["images"] == 2
+            assert link.json()["key"] == f"jobs/{job_id}/exports/{fmt}.zip" and link.json()["images"] == 2
+            assert link.json()["uri"] == f"s3://{BUCKET}/results/jobs/{job_id}/exports/{fmt}.zip"
             archives[fmt] = zipfile.ZipFile(io.BytesIO(httpx.get(link.json()["url"]).content))
     classes = stack.train.classes
     coco = json.loads(archives["coco"].read("annotations.json"))
