@@ -99,8 +99,9 @@ def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: st
 
     The frozen backbone is ``cfg.init_weights``, else ``classifier``'s (:func:`irn_backbone`). The
     training state is saved after every epoch (``out_dir/irn_state.pth``, atomically) and, with
-    ``resume``, a later call continues from it; ``after_epoch(epoch)`` runs once it is saved (a
-    caller copies it elsewhere, or raises to stop). The checkpoint records the epoch it resumed from.
+    ``resume``, a later call with the same settings continues from it (a state of other settings is
+    started over); ``after_epoch(epoch)`` runs once it is saved (a caller copies it elsewhere, or
+    raises to stop). The checkpoint records the epoch it resumed from.
     """
     cfg = cfg or IrnTrainConfig()
     index = PathIndex(cfg.radius)
@@ -117,8 +118,9 @@ def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: st
                         max_step=steps * cfg.epochs, power=cfg.poly_power, momentum=cfg.momentum)
     state_path = out / IRN_STATE
     start, history = 0, []
-    if resume and state_path.exists():
-        state = read_training_state(state_path, ("model", "optimizer", "epoch", "history"))
+    state = read_training_state(state_path, ("model", "optimizer", "epoch", "history", "config")) \
+        if resume and state_path.exists() else {}
+    if state.get("config") == cfg.model_dump(mode="json"):  # a state of other settings is started over
         restore_trainer(state, model, optimizer)
         start, history = int(state["epoch"]), list(state["history"])
     model.to(device).train()
@@ -134,7 +136,8 @@ def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: st
         with progress_bar(steps, f"train irn {epoch + 1}/{cfg.epochs}", progress) as bar:
             sums = train_one_epoch(loader, step_loss, optimizer, bar)
         history.append({"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}})
-        save_training_state({**trainer_state(model, optimizer), "epoch": epoch + 1, "history": history}, state_path)
+        save_training_state({**trainer_state(model, optimizer), "epoch": epoch + 1, "history": history,
+                             "config": cfg.model_dump(mode="json")}, state_path)
         if after_epoch is not None:
             after_epoch(epoch + 1)
     model.dp_mean.copy_(displacement_mean(model, manifest, cfg.crop_size, device))

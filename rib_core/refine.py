@@ -205,7 +205,7 @@ def refine_maps(maps_dir: str | os.PathLike[str], manifest: Manifest | str | os.
     given; its frozen backbone is ``cfg.irn.init_weights``, else the ``classifier`` checkpoint's,
     and with neither this refuses (ValueError) before any work. Images with ground truth are
     scored: seeds (threshold sweep), seeds + CRF, confident labels and masks. IRN's training
-    resumes from ``out_dir/irn_state.pth`` when one is there; ``irn_after_epoch(epoch)`` runs after
+    resumes from ``out_dir/irn_state.pth`` when one of the same settings is there; ``irn_after_epoch(epoch)`` runs after
     each of its epochs (:func:`~rib_core.irn_training.train_irn`).
     """
     cfg = cfg or RefineConfig()
