@@ -18,11 +18,12 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from celery import Celery
+from celery import Celery, chain, chord, group
 from celery.result import AsyncResult
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.jobs import JobItem
+from contract.pipelines import PIPELINE_MAPS, PIPELINE_STAGE, PipelineSpec
 from contract.settings import Settings
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import DeepLabTrainConfig, RefineConfig
@@ -78,7 +79,9 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.image_queue,
         task_routes={PROCESS_CHUNK: {"queue": settings.image_queue},
-                     TRAINING_JOB: {"queue": settings.training_queue}},
+                     TRAINING_JOB: {"queue": settings.training_queue},
+                     PIPELINE_MAPS: {"queue": settings.image_queue},
+                     PIPELINE_STAGE: {"queue": settings.training_queue}},
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -108,6 +111,17 @@ class TaskQueue:
     def send_training(self, job_id: str, payload: TrainingJobPayload) -> None:
         self.app.send_task(TRAINING_JOB, args=[payload.model_dump(mode="json", exclude_none=True)],
                            queue=self.settings.training_queue, task_id=job_id)
+
+    def send_pipeline(self, job_id: str, spec: PipelineSpec) -> None:
+        """A pipeline job as one Celery canvas: the classifier stage, a chord of RIB-map chunks (image
+        queue) whose callback is the refinement stage, then DeepLab if asked (training queue). Each
+        signature is immutable: a stage reads its inputs from storage, not from the one before."""
+        stage = [self.app.signature(PIPELINE_STAGE, args=[job_id, name], queue=self.settings.training_queue,
+                                    immutable=True) for name in ("classifier", "refine", "deeplab")]
+        maps = group(self.app.signature(PIPELINE_MAPS, args=[job_id, i], queue=self.settings.image_queue,
+                                        immutable=True) for i in range(len(spec.chunks)))
+        steps = [stage[0], chord(maps, stage[1])] + ([stage[2]] if spec.deeplab is not None else [])
+        chain(*steps).apply_async()
 
     def training_result(self, job_id: str) -> tuple[str, Any]:
         """A training job's state (``TRAINING_STATES``) and its result or exception."""

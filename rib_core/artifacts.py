@@ -9,6 +9,12 @@ the API links to them, all with the names and keys defined here. Storage layout 
     jobs/<job>/images/<image_id>/<file>   one image's result files, meta.json written last
     jobs/<job>/index.json                 every image's status and files, once all are accounted for
 
+A pipeline job (a whole data set through every stage) keeps the work folder of
+:mod:`rib_core.dataset_job` under ``jobs/<job>/pipeline/`` (same relative paths), with
+``pipeline.json`` (what it was asked, written before it is queued), ``stages/<stage>.json`` (a
+stage's report, written last: the stage is complete when it exists) and ``index.json`` (per image:
+map, CRF mask, IRN mask, re-training labels).
+
 Torch-free: the API process imports it.
 """
 
@@ -107,3 +113,38 @@ def stored_files(storage: Storage, job_id: str) -> dict[str, list[str]]:
         image_id, name = key.rsplit("/", 2)[-2:]
         files.setdefault(image_id, []).append(name)
     return files
+
+
+# ----------------------------------------------------------------------------- pipeline jobs
+
+PIPELINE_SPEC = "pipeline.json"
+PIPELINE_INDEX = "index.json"
+# Per image, the files of a pipeline job's work folder (rib_core.dataset_job), by role; "mask" is the
+# final pseudo-mask (IRN's random walk; the CRF's when refine.use_irn is false).
+PIPELINE_IMAGE_FILES = {"map": "maps/{id}.npz", "crf_mask": "refined/crf/{id}.png",
+                        "mask": "refined/masks/{id}.png", "overlay": "refined/overlays/{id}.png",
+                        "confident_labels": "refined/ir_labels/{id}.png",
+                        "retrain_labels": "refined/retrain_labels/{id}.png"}
+
+
+def pipeline_key(job_id: str, relative: str = "") -> str:
+    """Storage key of a file (or, with no name, the folder) of a pipeline job's work folder."""
+    if not relative:
+        return f"jobs/{job_id}/pipeline/"
+    return Storage.check_key(f"jobs/{job_id}/pipeline/{relative}")
+
+
+def stage_marker(stage: str) -> str:
+    """A stage's report, relative to the work folder; written last."""
+    return f"stages/{stage}.json"
+
+
+def pipeline_index(job_id: str, image_ids: Iterable[str], present: Iterable[str]) -> list[dict[str, Any]]:
+    """Per image, the storage keys of its files (``PIPELINE_IMAGE_FILES``) that ``present`` (keys) holds."""
+    have = set(present)
+    out = []
+    for image_id in image_ids:
+        files = {role: key for role, rel in PIPELINE_IMAGE_FILES.items()
+                 if (key := pipeline_key(job_id, rel.format(id=image_id))) in have}
+        out.append({"id": image_id, "files": files})
+    return out

@@ -39,7 +39,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from rib_core.artifacts import MARKER, final_files
+from rib_core.artifacts import MARKER, PIPELINE_IMAGE_FILES, final_files, pipeline_key
 from rib_core.classes import IGNORE_INDEX
 from rib_core.datasets import Manifest, decode_mask, load_manifest, load_mask
 from rib_core.storage import Storage, join_uri
@@ -249,11 +249,21 @@ def export_zip(images: Iterable[MaskedImage], classes: Sequence[str], cfg: Expor
     return buf.getvalue()
 
 
+def pipeline_masks(storage: Storage, job_id: str, manifest: Manifest) -> list[MaskedImage]:
+    """The images of a pipeline job (``manifest``, its data set) that have a final pseudo-mask in
+    storage (``jobs/<job>/pipeline/refined/masks/<id>.png``), in the manifest's order."""
+    present = set(storage.list(pipeline_key(job_id, "refined/masks") + "/"))
+    keys = {r.id: pipeline_key(job_id, PIPELINE_IMAGE_FILES["mask"].format(id=r.id)) for r in manifest.records}
+    return [MaskedImage(r.id, manifest.image_uri(r), partial(_stored_mask, storage, keys[r.id]))
+            for r in manifest.records if keys[r.id] in present]
+
+
 def export_job(storage: Storage, job_prefix: str, classes: Sequence[str], cfg: ExportConfig,
-               image_uris: Mapping[str, str] | None = None) -> str:
+               image_uris: Mapping[str, str] | None = None, images: list[MaskedImage] | None = None) -> str:
     """Export a service job's masks as ``<job_prefix>/exports/<format>.zip`` in ``storage``; returns
-    that key (``storage.url(key)`` gives a link). ValueError when the job has no finished image."""
-    images = job_masks(storage, job_prefix, image_uris)
+    that key (``storage.url(key)`` gives a link). ``images``: these (e.g. :func:`pipeline_masks`)
+    instead of the bulk job's finished images. ValueError when there is no finished image."""
+    images = job_masks(storage, job_prefix, image_uris) if images is None else images
     if not images:
         raise ValueError(f"no finished image under {job_prefix!r}: nothing to export yet")
     key = f"{job_prefix.strip('/')}/exports/{cfg.format}.zip"

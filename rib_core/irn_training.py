@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,19 @@ from rib_core.datasets import Manifest, ManifestRecord, load_image, load_mask
 from rib_core.irn import IrnNet, PathIndex, irn_loss, save_irn
 from rib_core.optim import PolySGD, irn_param_groups
 from rib_core.stage_configs import IrnTrainConfig
-from rib_core.training import AugmentedManifest, epoch_loader, progress_bar, steps_per_epoch, train_one_epoch
+from rib_core.training import (
+    AugmentedManifest,
+    epoch_loader,
+    progress_bar,
+    read_training_state,
+    restore_trainer,
+    save_training_state,
+    steps_per_epoch,
+    train_one_epoch,
+    trainer_state,
+)
+
+IRN_STATE = "irn_state.pth"  # the training state after the last finished epoch
 
 
 def irn_backbone(cfg: IrnTrainConfig, classifier: str | os.PathLike[str] | None) -> str:
@@ -80,10 +93,15 @@ def displacement_mean(model: IrnNet, manifest: Manifest, crop_size: int, device:
 
 def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
               cfg: IrnTrainConfig | None = None, device: torch.device | str = "cpu", progress: bool = True,
-              classifier: str | os.PathLike[str] | None = None) -> Path:
+              classifier: str | os.PathLike[str] | None = None, resume: bool = True,
+              after_epoch: Callable[[int], None] | None = None) -> Path:
     """Train IRN on confident labels ``label_dir/<id>.png``; writes and returns ``out_dir/irn.pth``.
 
-    The frozen backbone is ``cfg.init_weights``, else ``classifier``'s (:func:`irn_backbone`).
+    The frozen backbone is ``cfg.init_weights``, else ``classifier``'s (:func:`irn_backbone`). The
+    training state is saved after every epoch (``out_dir/irn_state.pth``, atomically) and, with
+    ``resume``, a later call with the same settings continues from it (a state of other settings is
+    started over); ``after_epoch(epoch)`` runs once it is saved (a caller copies it elsewhere, or
+    raises to stop). The checkpoint records the epoch it resumed from.
     """
     cfg = cfg or IrnTrainConfig()
     index = PathIndex(cfg.radius)
@@ -98,6 +116,13 @@ def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: st
     edge_params, dp_params = model.param_groups()
     optimizer = PolySGD(irn_param_groups(edge_params, dp_params, cfg.lr, cfg.weight_decay),
                         max_step=steps * cfg.epochs, power=cfg.poly_power, momentum=cfg.momentum)
+    state_path = out / IRN_STATE
+    start, history = 0, []
+    state = read_training_state(state_path, ("model", "optimizer", "epoch", "history", "config")) \
+        if resume and state_path.exists() else {}
+    if state.get("config") == cfg.model_dump(mode="json"):  # a state of other settings is started over
+        restore_trainer(state, model, optimizer)
+        start, history = int(state["epoch"]), list(state["history"])
     model.to(device).train()
 
     def step_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -105,15 +130,18 @@ def train_irn(manifest: Manifest, label_dir: str | os.PathLike[str], out_dir: st
         return irn_loss(edge, dp, batch["bg_pos"].to(device), batch["fg_pos"].to(device), batch["neg"].to(device),
                         index)
 
-    history: list[dict[str, float]] = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         dataset.epoch = epoch
         loader = epoch_loader(dataset, cfg.batch_size, cfg.seed, epoch, cfg.num_workers)
         with progress_bar(steps, f"train irn {epoch + 1}/{cfg.epochs}", progress) as bar:
             sums = train_one_epoch(loader, step_loss, optimizer, bar)
         history.append({"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}})
+        save_training_state({**trainer_state(model, optimizer), "epoch": epoch + 1, "history": history,
+                             "config": cfg.model_dump(mode="json")}, state_path)
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
     model.dp_mean.copy_(displacement_mean(model, manifest, cfg.crop_size, device))
     path = out / "irn.pth"
     save_irn(model.cpu(), path, extra={"config": cfg.model_dump(), "backbone": backbone, "history": history,
-                                       "steps": optimizer.global_step})
+                                       "steps": optimizer.global_step, "resumed_from_epoch": start})
     return path

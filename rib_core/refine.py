@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,7 @@ def _seed_threshold(run: _FolderRun, cfg: RefineConfig, report: dict[str, Any]) 
 
 
 def _train_irn_here(run: _FolderRun, cfg: RefineConfig, backbone: str, device: torch.device | str,
-                    report: dict[str, Any]) -> str:
+                    report: dict[str, Any], after_epoch: Callable[[int], None] | None = None) -> str:
     """Confident labels of every image (``ir_labels/``, scored), then IRN trained on them."""
     gts, scorer = run.truth(), MaskScorer(run.classes)
     for r, image, lmap in run.images("confident labels"):
@@ -163,7 +163,7 @@ def _train_irn_here(run: _FolderRun, cfg: RefineConfig, backbone: str, device: t
         report["ir_labels"] = scorer.report()
     irn_cfg = cfg.irn.model_copy(update={"init_weights": backbone})
     return str(train_irn(run.manifest.subset([r.id for r in run.records]), run.out / "ir_labels", run.out,
-                         irn_cfg, device, run.progress))
+                         irn_cfg, device, run.progress, after_epoch=after_epoch))
 
 
 def _write_masks(run: _FolderRun, model: IrnNet | None, cfg: RefineConfig, device: torch.device | str,
@@ -194,7 +194,8 @@ def refine_maps(maps_dir: str | os.PathLike[str], manifest: Manifest | str | os.
                 out_dir: str | os.PathLike[str], cfg: RefineConfig | None = None,
                 irn_checkpoint: str | None = None, saliency_dir: str | None = None,
                 device: torch.device | str = "cpu", progress: bool = True,
-                classifier: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+                classifier: str | os.PathLike[str] | None = None,
+                irn_after_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Maps folder (``<id>.npz``) + manifest -> pseudo-masks, overlays and a report.
 
     Writes under ``out_dir``: ``crf/<id>.png`` (seed + CRF), ``ir_labels/<id>.png`` and ``irn.pth``
@@ -203,7 +204,9 @@ def refine_maps(maps_dir: str | os.PathLike[str], manifest: Manifest | str | os.
     trained on the confident labels of every image unless ``irn_checkpoint`` (path or s3:// URI) is
     given; its frozen backbone is ``cfg.irn.init_weights``, else the ``classifier`` checkpoint's,
     and with neither this refuses (ValueError) before any work. Images with ground truth are
-    scored: seeds (threshold sweep), seeds + CRF, confident labels and masks.
+    scored: seeds (threshold sweep), seeds + CRF, confident labels and masks. IRN's training
+    resumes from ``out_dir/irn_state.pth`` when one of the same settings is there; ``irn_after_epoch(epoch)`` runs after
+    each of its epochs (:func:`~rib_core.irn_training.train_irn`).
     """
     cfg = cfg or RefineConfig()
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
@@ -221,7 +224,7 @@ def refine_maps(maps_dir: str | os.PathLike[str], manifest: Manifest | str | os.
     if cfg.use_irn:
         started = time.perf_counter()
         if backbone is not None:
-            irn_checkpoint = _train_irn_here(run, used, backbone, device, report)
+            irn_checkpoint = _train_irn_here(run, used, backbone, device, report, irn_after_epoch)
             report["irn_backbone"] = backbone
         model = load_irn(irn_checkpoint)[0].to(device)
         report["irn_checkpoint"] = irn_checkpoint

@@ -114,6 +114,53 @@ class IrnTrainConfig(BaseModel):
         return self
 
 
+# The from-scratch recipe's values where they differ from IRN's (measured on MNIST scenes of
+# several recipes: README "Classifier", benchmarks/classifier_recipes.py). A setting given
+# explicitly wins over these.
+SCRATCH_RECIPE: dict[str, Any] = {
+    "arch": "resnet18", "batch_size": 8, "epochs": 12, "lr": 1e-3, "weight_decay": 0.05,
+    "warmup_epochs": 1, "from_scratch": True, "colour_augment": True,
+}
+
+
+class ClassifierTrainConfig(BaseModel):
+    """Classifier training; defaults are IRN's (``run_sample.py`` and ``step/train_cam.py``).
+
+    ``recipe="scratch"`` replaces the defaults by :data:`SCRATCH_RECIPE` (explicit settings win).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: Literal["irn", "scratch"] = "irn"
+    arch: str = Field("resnet50", description="backbone: resnet18/34/50/101 (IRN: resnet50)")
+    batch_size: int = Field(16, ge=1)        # IRN run_sample.py --cam_batch_size 16
+    epochs: int = Field(5, ge=1)             # --cam_num_epoches 5
+    lr: float = Field(0.1, gt=0)             # --cam_learning_rate 0.1 (x10 on the classifier)
+    weight_decay: float = Field(1e-4, ge=0)  # --cam_weight_decay 1e-4
+    momentum: float = Field(1e-4, ge=0)      # what IRN's PolyOptimizer really passes to SGD (optim.py)
+    poly_power: float = Field(0.9, gt=0)     # PolyOptimizer's exponent
+    warmup_epochs: float = Field(0, ge=0, description="scratch recipe: linear warm-up before the cosine decay")
+    crop_size: int = Field(512, ge=16)       # train_cam.py crop_size=512
+    resize_long: tuple[int, int] = (320, 640)  # train_cam.py resize_long=(320, 640)
+    hflip: bool = True
+    colour_augment: bool = Field(False, description="random channel order and greyscale (scratch recipe)")
+    # IRN fine-tunes ImageNet weights: stem frozen, stage 2 detached, BN statistics frozen. From
+    # scratch (the demo: no ImageNet weights here) every stage must learn, with batch statistics
+    # that are then frozen for CAM and RIB. See CamNet.set_from_scratch.
+    from_scratch: bool = False
+    init_weights: str | None = Field(None, description="backbone weights, path or s3://: a torchvision ResNet "
+                                     "state dict or a classifier checkpoint (ours or IRN's)")
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("recipe") == "scratch":
+            return {**SCRATCH_RECIPE, **data}
+        return data
+
+
 # The seed sweeps of RIB's run_sample.py (VOC: i / 100 for i in range(20, 50)) and
 # run_sample_coco.py (COCO: range(10, 51), i.e. 0.10-0.50 by 0.01).
 EVAL_PRESETS: dict[str, dict[str, Any]] = {

@@ -16,11 +16,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.checkpoints import load_backbone, save_classifier
 from rib_core.classifier_data import ClassificationDataset
@@ -28,6 +27,7 @@ from rib_core.classifier_eval import evaluate_classifier
 from rib_core.datasets import Manifest, load_manifest
 from rib_core.networks import CamNet
 from rib_core.optim import PolySGD, irn_param_groups
+from rib_core.stage_configs import SCRATCH_RECIPE, ClassifierTrainConfig
 from rib_core.training import (
     epoch_loader,
     progress_bar,
@@ -41,51 +41,7 @@ from rib_core.training import (
     trainer_state,
 )
 
-# The from-scratch recipe's values where they differ from IRN's (measured on MNIST scenes of
-# several recipes: README "Classifier", benchmarks/classifier_recipes.py). A setting given
-# explicitly wins over these.
-SCRATCH_RECIPE: dict[str, Any] = {
-    "arch": "resnet18", "batch_size": 8, "epochs": 12, "lr": 1e-3, "weight_decay": 0.05,
-    "warmup_epochs": 1, "from_scratch": True, "colour_augment": True,
-}
-
-
-class ClassifierTrainConfig(BaseModel):
-    """Classifier training; defaults are IRN's (``run_sample.py`` and ``step/train_cam.py``).
-
-    ``recipe="scratch"`` replaces the defaults by :data:`SCRATCH_RECIPE` (explicit settings win).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    recipe: Literal["irn", "scratch"] = "irn"
-    arch: str = Field("resnet50", description="backbone: resnet18/34/50/101 (IRN: resnet50)")
-    batch_size: int = Field(16, ge=1)        # IRN run_sample.py --cam_batch_size 16
-    epochs: int = Field(5, ge=1)             # --cam_num_epoches 5
-    lr: float = Field(0.1, gt=0)             # --cam_learning_rate 0.1 (x10 on the classifier)
-    weight_decay: float = Field(1e-4, ge=0)  # --cam_weight_decay 1e-4
-    momentum: float = Field(1e-4, ge=0)      # what IRN's PolyOptimizer really passes to SGD (optim.py)
-    poly_power: float = Field(0.9, gt=0)     # PolyOptimizer's exponent
-    warmup_epochs: float = Field(0, ge=0, description="scratch recipe: linear warm-up before the cosine decay")
-    crop_size: int = Field(512, ge=16)       # train_cam.py crop_size=512
-    resize_long: tuple[int, int] = (320, 640)  # train_cam.py resize_long=(320, 640)
-    hflip: bool = True
-    colour_augment: bool = Field(False, description="random channel order and greyscale (scratch recipe)")
-    # IRN fine-tunes ImageNet weights: stem frozen, stage 2 detached, BN statistics frozen. From
-    # scratch (the demo: no ImageNet weights here) every stage must learn, with batch statistics
-    # that are then frozen for CAM and RIB. See CamNet.set_from_scratch.
-    from_scratch: bool = False
-    init_weights: str | None = Field(None, description="backbone weights, path or s3://: a torchvision ResNet "
-                                     "state dict or a classifier checkpoint (ours or IRN's)")
-    num_workers: int = Field(0, ge=0)
-    seed: int = 0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _recipe_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("recipe") == "scratch":
-            return {**SCRATCH_RECIPE, **data}
-        return data
+__all__ = ["SCRATCH_RECIPE", "ClassifierTrainConfig", "train_classifier"]
 
 
 class _WarmupCosine(torch.optim.lr_scheduler.LambdaLR):

@@ -17,7 +17,7 @@ from rib_core import __version__
 from service import middleware
 from service.deps import Clients, require_api_key
 from service.metrics import RedisStatsCollector
-from service.routes import health, images, jobs, training
+from service.routes import health, images, jobs, pipelines, training
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                          [settings.image_queue, settings.training_queue]))
     middleware.install(app, settings.max_upload_bytes)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-    for resource in (images, jobs, training):
+    for resource in (images, jobs, pipelines, training):
         v1.include_router(resource.router)
     app.include_router(health.router)
     app.include_router(v1)

@@ -173,3 +173,71 @@ class TrainingStatus(BaseModel):
     created_at: float
     result: Any = Field(None, description="done: what the job returned (checkpoint, scores)")
     error: str | None = Field(None, description="failed: why")
+
+
+# ----------------------------------------------------------------------------- pipeline jobs
+
+
+class PipelineRequest(BaseModel):
+    """A data set through every stage: classifier, RIB maps, refinement (IRN), optionally DeepLab."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_uri: str = Field(description="s3:// URI of the data set's JSONL manifest (its header names the "
+                                          "classes; masks, if any, are used to score every stage)")
+    classifier_uri: str | None = Field(None, description="start from this classifier checkpoint instead of "
+                                                         "training one")
+    val_manifest_uri: str | None = Field(None, description="labelled manifest the classifier is scored on each "
+                                                           "epoch (default: the data set)")
+    classifier: dict[str, Any] = Field(default_factory=dict, description="classifier training "
+                                       "(rib_core.stage_configs.ClassifierTrainConfig)")
+    rib: dict[str, Any] = Field(default_factory=dict, description="RIB parameters overriding the defaults "
+                                                                  "(rib_core.rib_config.RibConfig)")
+    refine: dict[str, Any] = Field(default_factory=dict, description="refinement and IRN training overriding the "
+                                                                     "defaults (rib_core.stage_configs.RefineConfig)")
+    deeplab: dict[str, Any] | None = Field(None, description="set (even {}): train DeepLab on the pseudo-masks "
+                                                             "(rib_core.stage_configs.DeepLabTrainConfig)")
+
+
+class PipelineAccepted(BaseModel):
+    job_id: str
+    state: str
+    total: int = Field(description="images in the data set")
+    stages: list[str]
+    links: Links
+
+
+class StageStatus(BaseModel):
+    state: str = Field(description="pending, running, done, skipped, failed or cancelled")
+    started_at: float | None
+    finished_at: float | None
+    seconds: float | None = Field(description="since the stage started (until it finished)")
+    progress: dict[str, Any] | None = Field(description="training: epoch of epochs; maps: chunks done")
+    report: dict[str, Any] | None = Field(description="classifier: validation mAP; refine: seed, CRF, confident "
+                                                      "label and mask scores (with ground truth), IRN loss; "
+                                                      "deeplab: mIoU")
+    error: str | None
+
+
+class PipelineStatus(BaseModel):
+    job_id: str
+    state: str = Field(description="queued, running, cancelling, done, failed or cancelled")
+    total: int
+    created_at: float
+    cancelled: bool
+    stages: dict[str, StageStatus]
+
+
+class PipelineImage(BaseModel):
+    id: str
+    files: dict[str, Link] = Field(description="map, crf_mask, mask (the final one: IRN's), overlay, "
+                                               "confident_labels, retrain_labels: those written so far")
+
+
+class PipelineResults(BaseModel):
+    job_id: str
+    offset: int
+    limit: int
+    total: int
+    next_offset: int | None
+    items: list[PipelineImage]

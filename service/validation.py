@@ -23,10 +23,10 @@ from contract.jobs import JobItem
 from rib_core.datasets import ImageError, ImageTooLargeError, ManifestError, decode_image, parse_manifest, parse_records
 from rib_core.presets import merge
 from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import RefineConfig
+from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
 from rib_core.storage import is_s3_uri
 
-StageConfig = TypeVar("StageConfig", RibConfig, RefineConfig)
+StageConfig = TypeVar("StageConfig", RibConfig, RefineConfig, ClassifierTrainConfig, DeepLabTrainConfig)
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 MAX_SCALE = 4.0  # twice the paper's largest map scale (2.0, paper 4.1)
 
@@ -127,6 +127,16 @@ def refine_params(overrides: dict[str, Any] | str | None, defaults: RefineConfig
     return _overridden("refine", "refinement parameters", RefineConfig, defaults, overrides)
 
 
+def classifier_params(overrides: dict[str, Any] | None) -> ClassifierTrainConfig:
+    """A pipeline's classifier recipe (``ClassifierTrainConfig``, as ``rib train-classifier`` reads it)."""
+    return _overridden("classifier", "classifier settings", ClassifierTrainConfig, ClassifierTrainConfig(), overrides)
+
+
+def deeplab_params(overrides: dict[str, Any]) -> DeepLabTrainConfig:
+    """A pipeline's DeepLab settings (``DeepLabTrainConfig``, as ``rib deeplab`` reads them)."""
+    return _overridden("deeplab", "DeepLab settings", DeepLabTrainConfig, DeepLabTrainConfig(), overrides)
+
+
 def _check_items(records: Sequence[Any], uris: Sequence[str], where: Sequence[dict[str, Any]],
                  classes: Sequence[str], prefixes: Sequence[str]) -> list[JobItem]:
     known = set(classes)
@@ -173,6 +183,20 @@ def manifest_items(text: str, base: str, classes: Sequence[str], prefixes: Seque
         lines = numbered[1:] if len(numbered) > len(manifest.records) else numbered
         return _check_items(manifest.records, [manifest.image_uri(r) for r in manifest.records],
                             [{"line": n} for n in lines], classes, prefixes)
+
+
+def dataset_items(text: str, base: str, prefixes: Sequence[str], max_images: int) -> tuple[list[str], list[JobItem]]:
+    """A data set's manifest for a pipeline job: its own header names the classes (a classifier is
+    trained on them). Returns the classes and the images, or an InputError listing every bad line."""
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    try:
+        classes = json.loads(first).get("classes")
+    except (json.JSONDecodeError, AttributeError):
+        classes = None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise InputError(422, "the manifest must start with a header naming its classes: "
+                              '{"format": "rib-manifest", "version": 1, "classes": [...]}')
+    return classes, manifest_items(text, base, classes, prefixes, max_images)
 
 
 def inline_items(items: Sequence[Any], classes: Sequence[str], prefixes: Sequence[str],

@@ -29,7 +29,7 @@ SMALL_CLASSIFIER = ClassifierTrainConfig(
 
 # Fixtures that train a network or start a service stack (uvicorn, Celery workers): a test that
 # uses one is marked ``heavy`` and left out of the fast lane (``bash scripts/test.sh --fast``).
-HEAVY_FIXTURES = frozenset({"classifier_path", "stack", "faults", "demo_run", "trained", "tuned"})
+HEAVY_FIXTURES = frozenset({"classifier_path", "stack", "faults", "demo_run", "trained", "tuned", "pipeline_stack"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -9,4 +9,4 @@ from __future__ import annotations
 from contract.settings import get_settings
 from contract.tasks import make_celery
 
-app = make_celery(get_settings(), include=["worker.tasks"])
+app = make_celery(get_settings(), include=["worker.tasks", "worker.pipeline_tasks"])

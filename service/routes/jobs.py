@@ -34,7 +34,7 @@ def accepted(job_id: str, **extra: Any) -> JSONResponse:
                         headers={"Location": f"/v1/jobs/{job_id}"})
 
 
-def _read_manifest(uri: str, s: Settings) -> str:
+def read_manifest(uri: str, s: Settings) -> str:
     """The manifest's text, its size checked before it is downloaded."""
     if err := uri_error(uri, s.input_prefixes):
         raise InputError(422, f"manifest_uri: {err}")
@@ -64,7 +64,7 @@ def submit_job(req: JobRequest, owner: Owner, settings: SettingsDep, jobs: JobsD
     rib = rib_params(req.rib, s.rib_defaults, s.max_crop_size)
     refine = refine_params(req.refine, s.refine_defaults)
     if req.manifest_uri is not None:
-        text = _read_manifest(req.manifest_uri, s)
+        text = read_manifest(req.manifest_uri, s)
         items = manifest_items(text, parent_uri(req.manifest_uri), classes, s.input_prefixes, s.max_job_images)
     else:
         items = inline_items(req.images or [], classes, s.input_prefixes, s.max_job_images)
