@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ StepLoss = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
 # ----------------------------------------------------------------------------- the epoch loop
 
-class AugmentedManifest(Dataset):
+class AugmentedManifest(Dataset, ABC):
     """A manifest's images as training samples whose random augmentation depends only on (seed,
     epoch, index): a resumed run draws the same crops. The trainer sets ``epoch``."""
 
@@ -47,9 +48,10 @@ class AugmentedManifest(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.sample(self.manifest[i], random.Random(hash((self.seed, self.epoch, i))))
 
+    @abstractmethod
     def sample(self, record: ManifestRecord, rng: random.Random) -> dict[str, Any]:
-        """The training sample of ``record``, its random draws taken from ``rng``."""
-        raise NotImplementedError
+        """The training sample of ``record``, its random draws taken from ``rng`` (each training set
+        says how: the classifier's, IRN's and DeepLab's)."""
 
 
 def steps_per_epoch(images: int, batch_size: int, world: int = 1) -> int:
