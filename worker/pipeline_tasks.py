@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ from rib_core.artifacts import PIPELINE_INDEX, PIPELINE_SPEC, pipeline_index, pi
 from rib_core.datasets import load_manifest
 from rib_core.pipeline import resolve_device
 from worker.celery_app import app
-from worker.tasks import Runtime, runtime
+from worker.tasks import Runtime, beating, runtime
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +67,10 @@ def guarded(task: Task, job_id: str, name: str) -> Iterator[PipelineStore]:
     token = f"{task.request.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     if not store.claim(job_id, name, token, lease_s):
         raise task.retry(countdown=lease_s, max_retries=None)
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(lease_s / 4):
-            try:
-                store.renew(job_id, name, token, lease_s)
-            except Exception:  # an outage: the next beat tries again
-                log.warning("job %s: cannot renew the lease of %s", job_id, name)
-
-    beat = threading.Thread(target=renew, name="rib-lease", daemon=True)
-    beat.start()
     try:
-        yield store
+        with beating(lambda: store.renew(job_id, name, token, lease_s), lease_s / 4, "rib-lease"):
+            yield store
     finally:
-        stop.set()
-        beat.join()
         store.release(job_id, name, token)
 
 

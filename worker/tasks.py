@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -140,25 +140,32 @@ def process_chunk(payload: dict[str, Any]) -> None:
 
 
 @contextmanager
-def heartbeat(store: JobStore, job_id: str, image_ids: Sequence[str], every_s: float) -> Iterator[None]:
-    """Beat for the running ones of these images while the block runs, from a thread (the model
-    computes in the main one); a killed process stops beating and the reaper takes over."""
+def beating(beat: Callable[[], object], every_s: float, name: str) -> Iterator[None]:
+    """Call ``beat`` every ``every_s`` from a thread while the block runs (the model computes in the
+    main one); a killed process stops beating. A beat lost to an outage is retried at the next one."""
     stop = threading.Event()
 
-    def beat() -> None:
+    def loop() -> None:
         while not stop.wait(every_s):
             try:
-                store.heartbeat(job_id, image_ids)
+                beat()
             except _OUTAGES:
-                pass
+                log.warning("%s: a beat failed (an outage); the next one tries again", name)
 
-    thread = threading.Thread(target=beat, name="rib-heartbeat", daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
+
+
+def heartbeat(store: JobStore, job_id: str, image_ids: Sequence[str], every_s: float,
+              ) -> AbstractContextManager[None]:
+    """Beat for the running ones of these images while the block runs; the reaper takes over the
+    images of a process that stopped beating."""
+    return beating(lambda: store.heartbeat(job_id, image_ids), every_s, "rib-heartbeat")
 
 
 def claim(rt: Runtime, job_id: str, item: JobItem) -> bool:
