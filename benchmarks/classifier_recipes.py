@@ -9,7 +9,7 @@ that the reported images are never the ones a setting was chosen on.
     python -m benchmarks.classifier_recipes --scenes demo --seeds 100 --set epochs=4   # tuning
 
 Writes ``OUT/results.json`` (every run, with its per-epoch curve) and prints a table of mean and
-standard deviation per scene recipe.
+sample standard deviation per scene recipe.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from rib_core.checkpoints import load_classifier
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
-from rib_core.demo_job import DemoJobConfig, digit_pretraining, scene_scale
+from rib_core.demo_job import DemoJobConfig, digit_pretraining, scene_classifier, scene_scale
 from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
 
 # Scene recipes: the demo's, and others that differ in canvas, background, colour and count.
@@ -39,13 +39,8 @@ SCENES: dict[str, dict[str, Any]] = {
 
 
 def classifier_for(canvas: int, overrides: dict[str, Any]) -> ClassifierTrainConfig:
-    """The demo's classifier settings, with crops scaled to the canvas as the demo's are."""
-    demo = DemoJobConfig()
-    ratio = canvas / demo.data.canvas
-    base = demo.classifier.model_dump()
-    base.update(crop_size=round(demo.classifier.crop_size * ratio),
-                resize_long=tuple(round(s * ratio) for s in demo.classifier.resize_long))
-    return ClassifierTrainConfig.model_validate({**base, **overrides})
+    """The scene recipe at this canvas (:func:`scene_classifier`), with ``overrides``."""
+    return ClassifierTrainConfig.model_validate({**scene_classifier(canvas).model_dump(), **overrides})
 
 
 def run_one(scene: str, seed: int, out: Path, n_train: int, n_val: int, overrides: dict[str, Any],
@@ -102,8 +97,9 @@ def main() -> None:
     for scene in args.scenes:
         rows = [r for r in results if r["scene"] == scene]
         maps, f1s = np.array([r["map"] for r in rows]) * 100, np.array([r["f1"] for r in rows]) * 100
-        print(f"| {scene} | {', '.join(str(r['seed']) for r in rows)} | {maps.mean():.1f} ± {maps.std():.1f} "
-              f"| {f1s.mean():.1f} ± {f1s.std():.1f} | {np.mean([r['train_s'] for r in rows]):.0f} |")
+        ddof = 1 if len(rows) > 1 else 0
+        print(f"| {scene} | {', '.join(str(r['seed']) for r in rows)} | {maps.mean():.1f} ± {maps.std(ddof=ddof):.1f} "
+              f"| {f1s.mean():.1f} ± {f1s.std(ddof=ddof):.1f} | {np.mean([r['train_s'] for r in rows]):.0f} |")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ report. Delivery is at-least-once, so each stage and chunk is guarded:
 - a stage that finished and handed the chain on is *handed off*; a copy delivered after that is
   ignored too, while one delivered after a finish that did not hand on (its worker died in
   between) hands on;
-- cancelling flags the job: the stage running stops at its next epoch or chunk, and every stage
-  after it ends ``cancelled`` without running.
+- cancelling flags the job (in Redis, and in storage so that a rebuilt job stays cancelled): the
+  stage running stops at its next epoch, chunk or logged DeepLab step, and every stage after it
+  ends ``cancelled`` without running.
 
 A job Redis lost (a restart without its append-only file) is rebuilt from storage on its next
 ``GET`` (:meth:`PipelineStore.restore`) and its canvas queued again: it goes on from the last
@@ -34,7 +35,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.jobs import JOB_ID
-from rib_core.artifacts import PIPELINE_SPEC, pipeline_key, stage_marker
+from rib_core.artifacts import PIPELINE_CANCELLED, PIPELINE_SPEC, pipeline_key, stage_marker
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
 from rib_core.storage import Storage
@@ -113,9 +114,9 @@ class PipelineStore:
 
     def restore(self, job_id: str, storage: Storage) -> PipelineSpec | None:
         """Rebuild a job Redis no longer has from its ``pipeline.json``: stages whose report is in
-        storage are done. Returns its spec, for the caller to queue the canvas again (finished
-        stages are then skipped, maps in storage kept); None when storage has no such job or
-        another process is rebuilding it."""
+        storage are done, and a job cancelled before stays cancelled. Returns its spec, for the
+        caller to queue the canvas again (finished stages are then skipped, maps in storage kept);
+        None when storage has no such job, another process is rebuilding it, or it was cancelled."""
         if not JOB_ID.fullmatch(job_id) or not storage.exists(pipeline_key(job_id, PIPELINE_SPEC)):
             return None
         if not self.r.set(self.key(job_id, "restoring"), 1, nx=True, ex=60) or self.exists(job_id):
@@ -125,6 +126,10 @@ class PipelineStore:
         for stage in spec.stages():
             if storage.exists(marker := pipeline_key(job_id, stage_marker(stage))):
                 self.finish(job_id, stage, "done", json.loads(storage.get(marker)))
+        if storage.exists(pipeline_key(job_id, PIPELINE_CANCELLED)):
+            self._set(job_id, cancelled="1")
+            self.cancel_pending(job_id, ("pending", "running"))
+            return None
         return spec
 
     def exists(self, job_id: str, owner: str | None = None) -> bool:
@@ -166,8 +171,12 @@ class PipelineStore:
                 pipe.expire(self.key(job_id, part), self.ttl_s)
             return int(pipe.execute()[-3])
 
-    def cancel(self, job_id: str) -> None:
-        """Flag the job; stages not started end cancelled now, the running one when it notices."""
+    def cancel(self, job_id: str, storage: Storage) -> None:
+        """Flag the job; stages not started end cancelled now, the running one when it notices. The
+        flag is kept in storage too (:data:`PIPELINE_CANCELLED`): a job rebuilt from storage stays
+        cancelled."""
+        storage.put(pipeline_key(job_id, PIPELINE_CANCELLED), json.dumps({"cancelled_at": time.time()}).encode(),
+                    "application/json")
         self._set(job_id, cancelled="1")
         self.cancel_pending(job_id)
 
@@ -182,6 +191,14 @@ class PipelineStore:
     def stop_all(self, job_id: str) -> None:
         """A task of a cancelled job stops the chain: every stage not finished ends cancelled."""
         self.cancel_pending(job_id, ("pending", "running"))
+
+    def maps_ready(self, job_id: str) -> bool | None:
+        """Whether the refinement stage may start: True once every chunk of maps is counted (the
+        maps stage is done), None if it never will (the maps stage failed or was cancelled), else
+        False. Celery's chord may call the refinement stage early when a chunk is delivered again
+        after its count (its worker died before the hand-off): that stage waits for this."""
+        state = self.stage_state(job_id, "maps")
+        return True if state == "done" else None if state in ("failed", "cancelled") else False
 
     def map_failures(self, job_id: str) -> dict[str, str]:
         """Images without a map, and why."""

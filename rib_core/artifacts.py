@@ -119,6 +119,7 @@ def stored_files(storage: Storage, job_id: str) -> dict[str, list[str]]:
 
 PIPELINE_SPEC = "pipeline.json"
 PIPELINE_INDEX = "index.json"
+PIPELINE_CANCELLED = "cancelled.json"  # written when the job is cancelled, so that a rebuilt job stays so
 # Per image, the files of a pipeline job's work folder (rib_core.dataset_job), by role; "mask" is the
 # final pseudo-mask (IRN's random walk; the CRF's when refine.use_irn is false).
 PIPELINE_IMAGE_FILES = {"map": "maps/{id}.npz", "crf_mask": "refined/crf/{id}.png",

@@ -247,11 +247,14 @@ def cmd_tune(args: argparse.Namespace) -> None:
     for row in report["rib_sweep"]:
         print(f"{row['setting']:<28} seed mIoU {100 * row['seed_miou']:5.1f} (threshold {row['seed_threshold']:.2f})")
     print(f"chosen: {report['chosen']}, seed threshold {report['seed_threshold']:.2f}"
-          + (f", walk background {report['walk_bg_threshold']:.2f}" if "walk_bg_threshold" in report else ""))
+          + (f", walk 2^{report['walk_exp_times']} steps, background {report['walk_bg_threshold']:.2f}"
+             if "walk_bg_threshold" in report else ""))
     if "held_out" in report:
         held = report["held_out"]
         print(f"held-out ({held['images']} images) seed mIoU: default {100 * held['default']['seed_miou']:.1f}, "
-              f"tuned {100 * held['tuned']['seed_miou']:.1f}")
+              f"tuned {100 * held['tuned']['seed_miou']:.1f}"
+              + (f"; IRN mask mIoU: default {100 * held['default']['mask_miou']:.1f}, "
+                 f"tuned {100 * held['tuned']['mask_miou']:.1f}" if "mask_gain" in held else ""))
     print(f"settings: {Path(args.out) / 'rib.json'} (rib rib --config), {Path(args.out) / 'refine.json'} "
           "(rib refine --config)")
 

@@ -2,10 +2,12 @@
 
 classifier -> RIB maps -> refinement (confident labels, IRN, random walk) -> optionally DeepLab.
 Each function is one stage of a pipeline job (``POST /v1/pipelines``): the worker copies the
-stage's inputs into the work folder, calls it, and stores what it wrote. They call the same
-functions as ``rib demo`` / ``rib refine`` / ``rib deeplab`` with the same settings objects, and
-each reuses what the folder already holds (a finished checkpoint, a training state, maps), so a
-stage that ran before, or was killed half way, continues instead of starting over.
+stage's inputs into the work folder, calls it, and stores what it wrote. ``rib demo``
+(:func:`rib_core.demo_job.run_demo`) is the local form of the same job: it calls these functions
+on one folder. They call the same functions as ``rib rib`` / ``rib refine`` / ``rib deeplab`` with
+the same settings objects, and each reuses what the folder already holds (a finished checkpoint, a
+training state, maps), so a stage that ran before, or was killed half way, continues instead of
+starting over.
 
 The folder's layout (:data:`rib_core.artifacts.PIPELINE_LAYOUT` names it for the service)::
 
@@ -31,14 +33,15 @@ from rib_core.refine import refine_maps
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
 from rib_core.train_classifier import train_classifier
-from rib_core.train_deeplab import run_training_job
+from rib_core.train_deeplab import OnLog, run_training_job
 
 EpochHook = Callable[[int], None]  # called after each training epoch's state is saved; may raise to stop
 
 
 def classifier_stage(work: Path, manifest: Manifest, cfg: ClassifierTrainConfig,
                      val_manifest: str | os.PathLike[str], device: str = "cpu",
-                     after_epoch: EpochHook | None = None, name: str | None = None) -> dict[str, Any]:
+                     after_epoch: EpochHook | None = None, name: str | None = None,
+                     progress: bool = False) -> dict[str, Any]:
     """Train the classifier into ``work/classifier`` one epoch per call of :func:`train_classifier`
     (its ``stop_after_epoch``), resuming from ``train_state.pth``, with ``after_epoch`` between
     epochs; scored on ``val_manifest`` every epoch. Returns the validation report (mAP, F1, history),
@@ -47,7 +50,7 @@ def classifier_stage(work: Path, manifest: Manifest, cfg: ClassifierTrainConfig,
     final, state = out / "classifier.pth", out / "train_state.pth"
     while not final.exists():
         epoch = (int(read_checkpoint(state)["epoch"]) if state.exists() else 0) + 1
-        train_classifier(manifest, out, cfg, device=device, resume=True, progress=False, stop_after_epoch=epoch,
+        train_classifier(manifest, out, cfg, device=device, resume=True, progress=progress, stop_after_epoch=epoch,
                          val_manifest=val_manifest)
         if after_epoch is not None:
             after_epoch(epoch)
@@ -57,23 +60,24 @@ def classifier_stage(work: Path, manifest: Manifest, cfg: ClassifierTrainConfig,
 
 
 def maps_stage(work: Path, manifest: Manifest, ids: Sequence[str], classifier: str | os.PathLike[str],
-               cfg: RibConfig, device: str = "cpu") -> Path:
+               cfg: RibConfig, device: str = "cpu", progress: bool = False) -> Path:
     """RIB maps of the images ``ids`` into ``work/maps`` (:func:`run_rib`, as ``rib rib`` and the
     demo): the data set itself is the companion pool, as in the demo. Existing maps are kept."""
     model, _, _ = load_classifier(classifier, manifest.classes)
     pool = CompanionPool.from_manifest(manifest)
-    return run_rib(model, manifest.subset(ids), pool, work / "maps", cfg, device, progress=False)
+    return run_rib(model, manifest.subset(ids), pool, work / "maps", cfg, device, progress=progress)
 
 
 def refine_stage(work: Path, manifest: Manifest, classifier: str | os.PathLike[str], cfg: RefineConfig,
-                 device: str = "cpu", after_epoch: EpochHook | None = None) -> dict[str, Any]:
+                 device: str = "cpu", after_epoch: EpochHook | None = None, progress: bool = False,
+                 ) -> dict[str, Any]:
     """:func:`refine_maps` on ``work/maps`` into ``work/refined`` (as ``rib refine`` and the demo):
     IRN's training resumes from ``irn_state.pth`` (``after_epoch`` runs after each of its epochs),
     and a finished ``irn.pth`` is used as it is. The report adds IRN's loss per epoch."""
     out = work / "refined"
     trained = out / "irn.pth"
     report = refine_maps(work / "maps", manifest, out, cfg, str(trained) if trained.exists() else None,
-                         device=device, progress=False, classifier=str(classifier), irn_after_epoch=after_epoch)
+                         device=device, progress=progress, classifier=str(classifier), irn_after_epoch=after_epoch)
     if cfg.use_irn:
         extra = load_irn(trained)[1]
         report["irn"] = {"history": extra.get("history", []), "steps": extra.get("steps"),
@@ -81,14 +85,13 @@ def refine_stage(work: Path, manifest: Manifest, classifier: str | os.PathLike[s
     return report
 
 
-
 def deeplab_stage(pseudo_masks: str, output: str, cfg: DeepLabTrainConfig, evaluate_on: str | None,
-                  device: str = "cpu") -> dict[str, Any]:
+                  device: str = "cpu", on_log: OnLog | None = None) -> dict[str, Any]:
     """DeepLab trained on the pseudo-masks' manifest, as ``rib deeplab train`` (``output`` a local
     folder or s3:// prefix; its training state there is resumed), then evaluated on and predicting
-    ``evaluate_on`` (a manifest with ground truth) when given."""
+    ``evaluate_on`` (a manifest with ground truth) when given. ``on_log`` sees each logged step."""
     spec: dict[str, Any] = {"kind": "train", "manifest": pseudo_masks, "output": output, "device": device,
                             "config": cfg.model_dump(mode="json")}
     if evaluate_on is not None:
         spec["evaluate_on"] = evaluate_on
-    return run_training_job(spec)
+    return run_training_job(spec, on_log)

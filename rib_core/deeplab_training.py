@@ -52,6 +52,7 @@ from rib_core.training import (
 from rib_core.visualize import label_png
 
 OnCheckpoint = Callable[[Path], None]
+OnLog = Callable[[dict[str, float]], None]  # each logged entry ({step, loss}; round when re-training)
 
 # Settings that define a run: a resumed run must use the same ones.
 RUN_FIELDS = ("model", "arch", "atrous_rates", "msc_scales", "freeze_bn", "init_weights", "batch_size",
@@ -84,6 +85,7 @@ class _Run:
     optimizer: PolySGD
     scaler: torch.amp.GradScaler
     on_checkpoint: OnCheckpoint | None
+    on_log: OnLog | None = None
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     window: list[float] = field(default_factory=lambda: [0.0, 0])  # loss sum and steps since the last log
@@ -109,6 +111,8 @@ class _Run:
         if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
             self.history.append({"step": self.step, "loss": self.window[0] / self.window[1]})
             self.window = [0.0, 0]
+            if self.on_log is not None and self.rank == 0:
+                self.on_log(self.history[-1])
         if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
             self.save_state()
         return self.step == cfg.iterations
@@ -130,7 +134,7 @@ class _Run:
 
 
 def _start_run(manifest: Manifest, out: Path, cfg: DeepLabTrainConfig, device: torch.device, world: int,
-               rank: int, resume: bool, on_checkpoint: OnCheckpoint | None) -> _Run:
+               rank: int, resume: bool, on_checkpoint: OnCheckpoint | None, on_log: OnLog | None) -> _Run:
     """The network, optimizer and scaler, seeded as deeplab-pytorch does; resumed from the last
     training state under ``out`` when there is one and ``resume``."""
     torch.manual_seed(cfg.seed)
@@ -139,7 +143,7 @@ def _start_run(manifest: Manifest, out: Path, cfg: DeepLabTrainConfig, device: t
                         power=cfg.poly_power, momentum=cfg.momentum)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
     torch.manual_seed(cfg.seed + rank)  # each rank its own stream (dropout in DeepLabV3's head)
-    run = _Run(cfg, out, device, world, rank, model, optimizer, scaler, on_checkpoint)
+    run = _Run(cfg, out, device, world, rank, model, optimizer, scaler, on_checkpoint, on_log)
     states = _checkpoints(out) if resume else []
     if states:
         run.resume(states[-1])
@@ -148,13 +152,14 @@ def _start_run(manifest: Manifest, out: Path, cfg: DeepLabTrainConfig, device: t
 
 def train_deeplab(manifest: Manifest, out_dir: str | os.PathLike[str], cfg: DeepLabTrainConfig | None = None,
                   device: str | torch.device = "cpu", resume: bool = True, progress: bool = True,
-                  on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
+                  on_checkpoint: OnCheckpoint | None = None, on_log: OnLog | None = None) -> dict[str, Any]:
     """Train on the manifest's masks; writes ``out_dir/deeplab.pth`` and training states under
     ``out_dir/checkpoints/``. Under torchrun every rank calls this; rank 0 writes.
 
     Returns ``{"checkpoint", "steps", "world_size", "history"}``; ``history`` holds the mean loss of
     every ``log_every`` steps (over all ranks). ``on_checkpoint(path)`` is called (rank 0) after
-    each training state is written, e.g. to upload it.
+    each training state is written, e.g. to upload it; ``on_log(entry)`` (rank 0) with each new
+    history entry, e.g. to show progress (it may raise to stop the run; the last state stays).
     """
     cfg = cfg or DeepLabTrainConfig()
     out = Path(out_dir)
@@ -167,7 +172,7 @@ def train_deeplab(manifest: Manifest, out_dir: str | os.PathLike[str], cfg: Deep
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                      drop_last=True)
         steps = steps_per_epoch(len(dataset), cfg.batch_size, world)
-        run = _start_run(manifest, out, cfg, device, world, rank, resume, on_checkpoint)
+        run = _start_run(manifest, out, cfg, device, world, rank, resume, on_checkpoint, on_log)
         net: torch.nn.Module = run.model
         if world > 1:
             net = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -229,19 +234,22 @@ def _second_round_manifest(manifest: Manifest, todo: list[ManifestRecord], check
 
 def train_with_retraining(manifest: Manifest, out_dir: str | os.PathLike[str], cfg: DeepLabTrainConfig | None = None,
                           device: str | torch.device = "cpu", resume: bool = True, progress: bool = True,
-                          on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
+                          on_checkpoint: OnCheckpoint | None = None, on_log: OnLog | None = None) -> dict[str, Any]:
     """Appendix A.1's two rounds: train on the manifest's masks (255 = uncertain), fill their
     ignored pixels from that network's predictions, train again on the filled masks.
 
     Writes ``round1/``, ``filled/<id>.png`` with ``filled.jsonl``, ``round2/`` and ``deeplab.pth``
     (the second network). When no mask has an ignored pixel there is nothing to fill, and the
-    first network is the result.
+    first network is the result. ``on_log`` entries carry their ``round`` (1 or 2).
     """
     cfg = cfg or DeepLabTrainConfig()
     out = Path(out_dir)
     device = rank_device(device)
     with distributed(device) as (world, rank):
-        first = train_deeplab(manifest, out / "round1", cfg, device, resume, progress, on_checkpoint)
+        def logged(round_: int) -> OnLog | None:
+            return None if on_log is None else lambda entry: on_log({**entry, "round": round_})
+
+        first = train_deeplab(manifest, out / "round1", cfg, device, resume, progress, on_checkpoint, logged(1))
         result: dict[str, Any] = {"rounds": [first]}
         todo = [r for r in manifest.records if (load_mask(manifest.mask_uri(r)) == IGNORE_INDEX).any()]
         result["filled_images"] = len(todo)
@@ -251,7 +259,7 @@ def train_with_retraining(manifest: Manifest, out_dir: str | os.PathLike[str], c
             second_cfg = cfg if cfg.retrain_init == "initial" else cfg.model_copy(
                 update={"init_weights": first["checkpoint"]})
             result["rounds"].append(train_deeplab(second_manifest, out / "round2", second_cfg, device, resume,
-                                                  progress, on_checkpoint))
+                                                  progress, on_checkpoint, logged(2)))
         final = out / "deeplab.pth"
         if rank == 0:
             final.write_bytes(Path(result["rounds"][-1]["checkpoint"]).read_bytes())

@@ -169,6 +169,12 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def wide_thresholds() -> list[float]:
+    """0.05-0.90 by 0.01: a sweep for data whose best background threshold is unknown (the VOC
+    sweep's 0.20-0.49 brackets VOC's best; this project's choice for other data)."""
+    return [round(0.05 + 0.01 * i, 2) for i in range(86)]
+
+
 class EvalConfig(BaseModel):
     """Seed evaluation; ``preset`` fills the data-set-specific sweep when none is given."""
 

@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from rib_core.batching import run_rib
 from rib_core.cam import run_cam
 from rib_core.checkpoints import load_classifier
-from rib_core.classifier_eval import evaluate_classifier
 from rib_core.companions import CompanionPool
+from rib_core.dataset_job import maps_stage, refine_stage
 from rib_core.datasets import Manifest, load_manifest
 from rib_core.deeplab import load_deeplab
 from rib_core.deeplab_inference import evaluate
@@ -35,7 +35,6 @@ from rib_core.deeplab_training import train_deeplab, train_with_retraining
 from rib_core.demo_data import make_demo_dataset
 from rib_core.demo_job import DemoJobConfig, train_demo_classifier
 from rib_core.evaluation import sweep_folder
-from rib_core.refine import refine_maps
 from rib_core.stage_configs import DeepLabTrainConfig
 
 # Rows of the table: (key, label). Scores are mIoU except the classifier's mAP.
@@ -101,30 +100,33 @@ def _deeplab_miou(train: Manifest, val: Manifest, out: Path, dl: DeepLabTrainCon
 
 def run_seed(seed: int, train: Manifest, val_path: Path, out: Path, cfg: StudyConfig, device: str,
              progress: bool) -> dict[str, float]:
-    """The whole chain with one seed; each stage reuses what an earlier run left in ``out``."""
+    """The whole chain with one seed, as the demo runs it (the pipeline job's stages on one folder:
+    ``classifier/``, ``maps/`` for RIB-GNDRP, ``refined/``), plus the CAM and RIB-GAP baselines and
+    the two DeepLabs; each stage reuses what an earlier run left in ``out``."""
     demo = cfg.demo
-    ckpt = train_demo_classifier(out, demo, train, val_path, device, progress, seed)
+    classifier = train_demo_classifier(out, demo, train, val_path, device, progress, seed)
+    ckpt = out / "classifier" / "classifier.pth"
     model, _, _ = load_classifier(ckpt)
-    val = load_manifest(val_path)
-    row = {"classifier_map": evaluate_classifier(model, val, device)["map"]}
+    row = {"classifier_map": classifier["val_map"]}
     subset = train.subset([r.id for r in train.records[: demo.n_images]])
+    ids = [r.id for r in subset.records]
     row["cam_seed"] = _seed_score(run_cam(model, subset, out / "cam", demo.cam, device, progress), subset, demo)
-    pool = CompanionPool.from_manifest(train)
     gndrp = demo.rib.model_copy(update={"pooling": "gndrp", "seed": seed})
-    for key, rib in (("rib_gap_seed", gndrp.model_copy(update={"pooling": "gap"})), ("rib_gndrp_seed", gndrp)):
-        maps = run_rib(model, subset, pool, out / key, rib, device, progress)
-        row[key] = _seed_score(maps, subset, demo)
+    gap_maps = run_rib(model, subset, CompanionPool.from_manifest(train), out / "rib_gap",
+                       gndrp.model_copy(update={"pooling": "gap"}), device, progress)
+    row["rib_gap_seed"] = _seed_score(gap_maps, subset, demo)
+    row["rib_gndrp_seed"] = _seed_score(maps_stage(out, train, ids, ckpt, gndrp, device, progress), subset, demo)
     refine_cfg = demo.refine.model_copy(update={"irn": demo.refine.irn.model_copy(update={"seed": seed})})
     refined_path = out / "refined" / "report.json"
     refined = (json.loads(refined_path.read_text()) if refined_path.exists() else
-               refine_maps(out / "rib_gndrp_seed", subset, out / "refined", refine_cfg, device=device,
-                           progress=progress, classifier=str(ckpt)))
+               refine_stage(out, subset, ckpt, refine_cfg, device, progress=progress))
     row.update(seed_crf=refined["seeds_crf"]["miou"], confident_labels=refined["ir_labels"]["miou"],
                unlabelled_share=refined["ir_labels"]["ignored_fraction"], irn_mask=refined["masks"]["miou"])
     if cfg.use_deeplab:
         dl = cfg.deeplab.model_copy(update={"seed": seed, "crop_size": demo.data.canvas,
                                             "init_weights": str(ckpt) if cfg.deeplab_from_classifier else None})
         pseudo = load_manifest(refined["manifests"]["retrain_labels"])
+        val = load_manifest(val_path)
         row["deeplab_pseudo"] = _deeplab_miou(pseudo, val, out / "deeplab_pseudo", dl, device, progress)
         row["deeplab_full"] = _deeplab_miou(subset, val, out / "deeplab_full", dl.model_copy(update={"retrain": False}),
                                             device, progress)

@@ -24,7 +24,7 @@ from rib_core.datasets import Manifest, load_manifest
 from rib_core.deeplab import DeepLab, load_deeplab
 from rib_core.deeplab_data import segmentation_loss
 from rib_core.deeplab_inference import evaluate, predict_to
-from rib_core.deeplab_training import fill_ignored, train_deeplab, train_with_retraining
+from rib_core.deeplab_training import OnLog, fill_ignored, train_deeplab, train_with_retraining
 from rib_core.stage_configs import DeepLabTrainConfig
 from rib_core.storage import LocalStorage, Storage, open_storage
 from rib_core.training import dist_env, rank_device
@@ -58,7 +58,7 @@ def _check_spec(spec: dict[str, Any]) -> str:
     return kind
 
 
-def run_training_job(spec: dict[str, Any]) -> dict[str, Any]:
+def run_training_job(spec: dict[str, Any], on_log: OnLog | None = None) -> dict[str, Any]:
     """An offline DeepLab job, as the training queue and ``rib deeplab`` send it.
 
     ``spec``: ``kind`` ("train" | "evaluate" | "predict"), ``manifest`` (path or s3:// URI),
@@ -66,7 +66,8 @@ def run_training_job(spec: dict[str, Any]) -> dict[str, Any]:
     included), ``checkpoint`` (a DeepLab checkpoint; evaluate and predict), ``device`` (default cpu),
     ``progress`` (default false), and for train jobs ``evaluate_on`` (a manifest with ground truth:
     the trained network is then evaluated on it and its masks predicted, as one job). A train job
-    with the same output resumes where it stopped. Returns a JSON-able summary; ``report.json``
+    with the same output resumes where it stopped; ``on_log`` sees each logged training step
+    (:func:`rib_core.deeplab_training.train_deeplab`'s). Returns a JSON-able summary; ``report.json``
     (evaluate), ``train_report.json`` (train) and ``predictions/<id>.png`` are written to the output.
     """
     kind = _check_spec(spec)
@@ -77,7 +78,7 @@ def run_training_job(spec: dict[str, Any]) -> dict[str, Any]:
     manifest = load_manifest(spec["manifest"])
     _, rank, _ = dist_env()
     if kind == "train":
-        return _train_and_evaluate(spec, storage, manifest, cfg, device, progress, rank)
+        return _train_and_evaluate(spec, storage, manifest, cfg, device, progress, rank, on_log)
     if rank != 0:  # inference runs in one process; other torchrun ranks have nothing to do
         return {"kind": kind, "rank": rank}
     model, classes, _ = load_deeplab(spec["checkpoint"])
@@ -89,12 +90,12 @@ def run_training_job(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_and_evaluate(spec: dict[str, Any], storage: Storage, manifest: Manifest, cfg: DeepLabTrainConfig,
-                        device: torch.device, progress: bool, rank: int) -> dict[str, Any]:
+                        device: torch.device, progress: bool, rank: int, on_log: OnLog | None) -> dict[str, Any]:
     """A train job; with ``evaluate_on``, rank 0 then scores the network on it and predicts its masks."""
     evaluate_on = load_manifest(spec["evaluate_on"]) if spec.get("evaluate_on") else None
     if evaluate_on is not None and evaluate_on.classes != manifest.classes:
         raise ValueError(f"evaluate_on's classes {evaluate_on.classes} differ from the manifest's {manifest.classes}")
-    summary = _train_job(spec["output"], storage, manifest, cfg, device, progress, rank)
+    summary = _train_job(spec["output"], storage, manifest, cfg, device, progress, rank, on_log)
     if evaluate_on is None or rank != 0:
         return summary
     model, _, _ = load_deeplab(_work_dir(spec["output"], storage) / "deeplab.pth")
@@ -144,7 +145,7 @@ def _uploader(storage: Storage, work: Path) -> Callable[[Path], None]:
 
 
 def _train_job(output: str, storage: Storage, manifest: Manifest, cfg: DeepLabTrainConfig, device: torch.device,
-               progress: bool, rank: int) -> dict[str, Any]:
+               progress: bool, rank: int, on_log: OnLog | None) -> dict[str, Any]:
     work = _work_dir(output, storage)
     remote = not isinstance(storage, LocalStorage)
     upload: Callable[[Path], None] | None = None
@@ -152,7 +153,7 @@ def _train_job(output: str, storage: Storage, manifest: Manifest, cfg: DeepLabTr
         _download_states(storage, work)
         upload = _uploader(storage, work)
     train = train_with_retraining if cfg.retrain else train_deeplab
-    result = train(manifest, work, cfg, device, True, progress, upload)
+    result = train(manifest, work, cfg, device, True, progress, upload, on_log)
     summary = {"kind": "train", "checkpoint": storage.uri("deeplab.pth"), "world_size": result["world_size"],
                "rounds": len(result.get("rounds", [result])), "steps": result["steps"],
                "loss_first": result["history"][0]["loss"], "loss_last": result["history"][-1]["loss"],

@@ -4,9 +4,13 @@ The paper's RIB learning rate (8e-6) was tuned for an ImageNet ResNet-50 at 512 
 classifier, image size or data set needs its own. Given tens of images with ground-truth masks,
 :func:`tune` sweeps RIB's learning rate x iterations x pooling and picks the setting whose seeds
 score best (each at its best background threshold), then trains IRN once on that setting's
-confident labels and sweeps the random walk's background threshold. Only the tuning subset is
-used to choose; ``score_on`` (other images) reports how the choice holds on images it never saw,
-against the defaults it started from, each at the threshold chosen on the tuning subset.
+confident labels and sweeps the random walk's length (``exp_times``: 2^k steps) and background
+threshold. The walk's length is swept because its reach depends on the map's size: 2^8 steps of
+radius 5 spread a class over about a third of a VOC image's ~125 px stride-4 map, but over all of
+a small image's map. Only the tuning subset is used to choose; ``score_on`` (other images)
+reports how the choice holds on images it never saw, against the defaults it started from: the
+seeds at the threshold chosen on the tuning subset, and the walk's masks (the IRN trained on the
+tuning subset, with the starting and the chosen walk settings).
 
 It writes ``rib.json`` (a :class:`RibConfig`, for ``rib rib --config``, ``RIB_RIB_DEFAULTS`` and a
 request's ``rib``), ``refine.json`` (a :class:`RefineConfig`, for ``rib refine --config``) and
@@ -35,12 +39,13 @@ from rib_core.irn import boundary_map, load_irn
 from rib_core.random_walk import mask_from_scores, walk_scores
 from rib_core.refine import refine_maps
 from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import EvalConfig, RefineConfig
+from rib_core.stage_configs import EvalConfig, RandomWalkConfig, RefineConfig, wide_thresholds
 
 
 def _default_walk_thresholds() -> list[float]:
-    # Around IRN's 0.25 / RIB's 0.27 (VOC) and the authors' 0.22 (COCO), wide enough for other data.
-    return [round(0.10 + 0.05 * i, 2) for i in range(11)]
+    # 0.10-0.90: around IRN's 0.25 / RIB's 0.27 (VOC) and the authors' 0.22 (COCO), and wide enough
+    # for other data (on the demo's scenes the best lies near 0.7).
+    return [round(0.10 + 0.05 * i, 2) for i in range(17)]
 
 
 class TuneConfig(BaseModel):
@@ -55,9 +60,10 @@ class TuneConfig(BaseModel):
     lrs: list[float] = Field(default_factory=lambda: [8e-6, 3e-5, 1e-4], min_length=1)
     iterations: list[int] = Field(default_factory=lambda: [10], min_length=1)  # paper 4.1: K = 10
     poolings: list[Literal["gndrp", "gap"]] = Field(default_factory=lambda: ["gndrp"], min_length=1)
-    evaluation: EvalConfig = Field(default_factory=lambda: EvalConfig(
-        thresholds=[round(0.05 + 0.01 * i, 2) for i in range(86)]))  # 0.05-0.90: wider than the paper's
+    evaluation: EvalConfig = Field(default_factory=lambda: EvalConfig(thresholds=wide_thresholds()))
     walk_thresholds: list[float] = Field(default_factory=_default_walk_thresholds)
+    # IRN's 8 (2^8 steps) and shorter walks, for maps smaller than VOC's.
+    walk_exp_times: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8], min_length=1)
     tune_walk: bool = True  # False: RIB and the seed threshold only (no IRN)
     limit: int | None = Field(None, ge=1, description="only the first N images of the tuning manifest")
 
@@ -65,6 +71,8 @@ class TuneConfig(BaseModel):
     def _ranges(self) -> TuneConfig:
         if any(not 0 < t < 1 for t in self.walk_thresholds):
             raise ValueError("walk_thresholds must lie in (0, 1)")
+        if any(not 0 <= e <= 12 for e in self.walk_exp_times):
+            raise ValueError("walk_exp_times must lie in 0-12 (2^k steps)")
         return self
 
 
@@ -106,25 +114,46 @@ def sweep_rib(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cf
 
 
 def walk_curve(irn_checkpoint: str, maps: Path, manifest: Manifest, refine: RefineConfig,
-               thresholds: Sequence[float], device: str) -> dict[float, float]:
-    """IRN mask mIoU at each background threshold; the walk runs once per image."""
+               thresholds: Sequence[float], exp_times: Sequence[int], device: str) -> dict[tuple[int, float], float]:
+    """IRN mask mIoU at each walk length (``exp_times``) and background threshold; IRN's boundary
+    map is computed once per image, the walk once per image and length."""
     model, _ = load_irn(irn_checkpoint)
     model.to(device)
     n = len(manifest.classes) + 1
-    confs = {t: np.zeros((n, n), np.int64) for t in thresholds}
+    confs = {(e, t): np.zeros((n, n), np.int64) for e in exp_times for t in thresholds}
     for r in manifest.records:
         lmap = LocalizationMap.load(maps / f"{r.id}.npz")
-        walked = walk_scores(lmap, boundary_map(model, load_image(manifest.image_uri(r)), device), refine.walk)
+        boundary = boundary_map(model, load_image(manifest.image_uri(r)), device)
         gt = load_mask(manifest.mask_uri(r))
-        for t in thresholds:
-            confs[t] += confusion(mask_from_scores(walked, lmap.keys, t), gt, n)
-    return {t: scores(c)["miou"] for t, c in confs.items()}
+        for e in exp_times:
+            walked = walk_scores(lmap, boundary, refine.walk.model_copy(update={"exp_times": e}))
+            for t in thresholds:
+                confs[e, t] += confusion(mask_from_scores(walked, lmap.keys, t), gt, n)
+    return {key: scores(c)["miou"] for key, c in confs.items()}
+
+
+def tuned_walk(start: RandomWalkConfig, exp_times: int, bg_threshold: float) -> RandomWalkConfig:
+    """The walk with a chosen length and background score; DeepLab's re-training thresholds keep
+    their offsets from the background score (the paper's 0.3 / 0.2 around RIB's 0.27)."""
+    shift = bg_threshold - start.bg_threshold
+    return start.model_copy(update={
+        "exp_times": exp_times, "bg_threshold": bg_threshold,
+        "retrain_fg_threshold": round(min(0.99, start.retrain_fg_threshold + shift), 4),
+        "retrain_bg_threshold": round(max(0.01, start.retrain_bg_threshold + shift), 4)})
+
+
+def _curve_json(curve: dict[tuple[int, float], float]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for (e, t), v in curve.items():
+        out.setdefault(str(e), {})[f"{t:.2f}"] = v
+    return out
 
 
 def _held_out(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cfg: TuneConfig,
-              chosen: RibConfig, chosen_threshold: float, default_threshold: float, device: str,
-              progress: bool) -> dict[str, Any]:
-    """The chosen setting against the starting one on images that took no part in the choice."""
+              chosen: RibConfig, chosen_threshold: float, default_threshold: float, walks: dict[str, Any] | None,
+              device: str, progress: bool) -> dict[str, Any]:
+    """The chosen setting against the starting one on images that took no part in the choice;
+    with ``walks`` (IRN's checkpoint and the starting and chosen walk settings) their masks too."""
     report: dict[str, Any] = {"images": len(manifest)}
     for label, rib, threshold in (("default", cfg.rib, default_threshold), ("tuned", chosen, chosen_threshold)):
         maps = run_rib(model, manifest, pool, out / "held_out" / _name(rib), rib, device, progress)
@@ -134,7 +163,15 @@ def _held_out(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cf
         report[label] = {"setting": _name(rib), "seed_threshold": threshold,
                          "seed_miou": sweep["curve"][f"{threshold:.2f}"],
                          "seed_miou_oracle_threshold": sweep["best"]["miou"]}
+        if walks is not None:
+            walk = walks[label]
+            curve = walk_curve(walks["irn_checkpoint"], maps, manifest, cfg.refine.model_copy(update={"walk": walk}),
+                               [walk.bg_threshold], [walk.exp_times], device)
+            report[label].update(walk_exp_times=walk.exp_times, walk_bg_threshold=walk.bg_threshold,
+                                 mask_miou=next(iter(curve.values())))
     report["gain"] = report["tuned"]["seed_miou"] - report["default"]["seed_miou"]
+    if walks is not None:
+        report["mask_gain"] = report["tuned"]["mask_miou"] - report["default"]["mask_miou"]
     return report
 
 
@@ -156,14 +193,17 @@ def tune(classifier: str, manifest: Manifest | str, out_dir: str | os.PathLike[s
     refine = cfg.refine.model_copy(update={"seed_threshold": best["seed_threshold"], "threshold_from_sweep": False})
     report: dict[str, Any] = {"tuning_images": len(tuning), "rib_sweep": rows, "chosen": best["setting"],
                               "seed_threshold": best["seed_threshold"]}
+    walks: dict[str, Any] | None = None
     if cfg.tune_walk and refine.use_irn:
         refined = refine_maps(best["maps"], tuning, out / "refine", refine, device=device, progress=progress,
                               classifier=classifier)
-        curve = walk_curve(refined["irn_checkpoint"], Path(best["maps"]), tuning, refine, cfg.walk_thresholds, device)
-        walk_bg = max(curve, key=lambda t: curve[t])
-        refine = refine.model_copy(update={"walk": refine.walk.model_copy(update={"bg_threshold": walk_bg})})
-        report.update(walk_curve={f"{t:.2f}": v for t, v in curve.items()}, walk_bg_threshold=walk_bg,
+        curve = walk_curve(refined["irn_checkpoint"], Path(best["maps"]), tuning, refine, cfg.walk_thresholds,
+                           cfg.walk_exp_times, device)
+        exp_times, walk_bg = max(curve, key=lambda key: curve[key])
+        refine = refine.model_copy(update={"walk": tuned_walk(refine.walk, exp_times, walk_bg)})
+        report.update(walk_curve=_curve_json(curve), walk_bg_threshold=walk_bg, walk_exp_times=exp_times,
                       irn_checkpoint=refined["irn_checkpoint"])
+        walks = {"irn_checkpoint": refined["irn_checkpoint"], "default": cfg.refine.walk, "tuned": refine.walk}
     if score_on is not None:
         held = _masked(score_on if isinstance(score_on, Manifest) else load_manifest(score_on), "score_on")
         overlap = {r.id for r in held.records} & {r.id for r in tuning.records}
@@ -172,7 +212,7 @@ def tune(classifier: str, manifest: Manifest | str, out_dir: str | os.PathLike[s
                              f"{sorted(overlap)[:3]}: score on images the choice never saw")
         default_threshold = next(row["seed_threshold"] for row in rows if row["setting"] == _name(cfg.rib))
         report["held_out"] = _held_out(model, held, pool, out, cfg, chosen, best["seed_threshold"],
-                                       default_threshold, device, progress)
+                                       default_threshold, walks, device, progress)
     (out / "rib.json").write_text(json.dumps(chosen.model_dump(mode="json"), indent=2))
     (out / "refine.json").write_text(json.dumps(refine.model_dump(mode="json"), indent=2))
     report["config"] = cfg.model_dump(mode="json")

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rib_core.artifacts import PIPELINE_IMAGE_FILES, pipeline_index, pipeline_key
+from rib_core.datasets import load_manifest
 from rib_core.demo_job import DemoJobConfig, run_demo
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import IrnTrainConfig, RefineConfig
@@ -54,6 +56,17 @@ def test_main_job_writes_a_report_that_a_browser_shows(demo_run, tmp_path):
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", report.as_uri()], check=True, capture_output=True,
                          text=True, timeout=120).stdout
     assert dom.count("<img") == 3 * 5  # every picture of every row made it into the rendered page
+
+
+@pytest.mark.slow
+def test_the_demo_folder_is_a_pipeline_jobs_work_folder(demo_run):
+    """The demo is the local form of a pipeline job: the service's index finds every image's files in it."""
+    job = "demo"
+    present = [pipeline_key(job, p.relative_to(demo_run).as_posix()) for p in demo_run.rglob("*") if p.is_file()]
+    ids = [r.id for r in load_manifest(demo_run / "data" / "train.jsonl").records[:6]]  # n_images=6
+    index = pipeline_index(job, ids, present)
+    assert [sorted(item["files"]) for item in index] == [sorted(PIPELINE_IMAGE_FILES)] * len(ids)
+    assert (demo_run / "classifier" / "classifier.pth").exists() and (demo_run / "refined" / "irn.pth").exists()
 
 
 def _rib(*args: str) -> subprocess.CompletedProcess[str]:

@@ -127,6 +127,11 @@ def test_a_pipeline_no_worker_runs_is_queued_then_cancelled(api: Api, demo: Demo
     restored = api.get(lost.headers["location"])
     assert restored.status_code == 200 and restored.json()["state"] == "queued", restored.text
     assert broker.llen("rib.training") == queued + 1  # its first stage, queued again
+    # A cancelled job Redis lost is rebuilt cancelled, and nothing is queued for it.
+    broker.delete(*broker.keys(f"rib:pipeline:{body['job_id']}*"))
+    rebuilt = api.get(url).json()
+    assert rebuilt["state"] == "cancelled" and {s["state"] for s in rebuilt["stages"].values()} == {"cancelled"}
+    assert broker.llen("rib.training") == queued + 1
     given = api.post("/v1/pipelines", json={"manifest_uri": manifest, "classifier_uri": f"s3://{BUCKET}/c.pth",
                                             "refine": irn(1)})
     assert given.json()["stages"] == ["classifier", "maps", "refine"]
@@ -221,6 +226,8 @@ def test_a_pipeline_job_runs_every_stage_end_to_end(pipeline_stack: PipelineStac
         assert all(np.isfinite(e["loss"]) for e in refine["irn"]["history"])
         deeplab = stages["deeplab"]["report"]
         assert deeplab["steps"] == DEEPLAB["iterations"] and 0 <= deeplab["evaluation"]["miou"] <= 1
+        shown = stages["deeplab"]["progress"]  # the last logged step of the last round
+        assert shown["step"] == shown["steps"] == DEEPLAB["iterations"] and np.isfinite(shown["loss"]), shown
         # Every stage's outputs under the job's prefix, its report last.
         prefix = f"results/jobs/{job_id}/pipeline/"
         keys = set(stack.objects(prefix))
@@ -306,3 +313,4 @@ def test_cancel_stops_a_pipeline_at_its_running_stage(pipeline_stack: PipelineSt
     assert (stages["refine"]["progress"] or {}).get("epoch", 0) < 8
     prefix = f"results/jobs/{job_id}/pipeline/"
     assert not stack.objects(f"{prefix}stages/refine.json") and not stack.objects(f"{prefix}deeplab/")
+    assert stack.objects(f"{prefix}cancelled.json")  # kept in storage: a rebuilt job stays cancelled

@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from contract.jobs import JobItem, JobStore
+from contract.pipelines import PipelineSpec, PipelineStore
 from contract.settings import Settings
 from rib_core.artifacts import image_key
 from rib_core.rib_config import RibConfig
@@ -160,3 +161,19 @@ def test_refine_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert refine_params(None, s.refine_defaults) == s.refine_defaults
     with pytest.raises(InputError, match="invalid refinement parameters"):
         refine_params({"crf": {"unary": "softmax"}}, s.refine_defaults)
+
+
+def test_refinement_waits_for_every_chunk_of_maps_counted_once(store: JobStore) -> None:
+    """A chunk delivered twice counts once; refinement may start only once every chunk is counted."""
+    pipelines = PipelineStore(store.r, ttl_s=600)
+    job_id = "e" * 32
+    spec = PipelineSpec(manifest="s3://b/m.jsonl", image_ids=["a", "b", "c"], chunks=[["a", "b"], ["c"]])
+    pipelines.create(job_id, spec, owner="o")
+    assert pipelines.chunk_done(job_id, 0, {}) == 1
+    assert pipelines.chunk_done(job_id, 0, {}) == 1  # delivered again after its count
+    assert pipelines.maps_ready(job_id) is False  # chunk 1 has not run: refinement waits
+    assert pipelines.chunk_done(job_id, 1, {"c": "no map written"}) == len(spec.chunks)
+    pipelines.finish(job_id, "maps", "done", {"images": 3, "maps": 2})  # what the last chunk's task does
+    assert pipelines.maps_ready(job_id) is True
+    pipelines.finish(job_id, "maps", "failed", error="x")
+    assert pipelines.maps_ready(job_id) is None  # never: the job has ended

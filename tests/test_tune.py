@@ -23,7 +23,7 @@ TINY_RIB = RibConfig(iterations=2, companions=2, crop_size=64, resize_long=(48, 
 def tuned(demo: DemoDataset, classifier_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     ids = [r.id for r in demo.train.records]
     out = tmp_path_factory.mktemp("tune")
-    cfg = TuneConfig(rib=TINY_RIB, lrs=[1e-4, 1e-3], walk_thresholds=[0.2, 0.5],
+    cfg = TuneConfig(rib=TINY_RIB, lrs=[1e-4, 1e-3], walk_thresholds=[0.2, 0.5], walk_exp_times=[3, 8],
                      refine=RefineConfig(irn=IrnTrainConfig(arch="resnet18", crop_size=64, batch_size=4, epochs=1,
                                                             radius=5)))
     report = tune(str(classifier_path), demo.train.subset(ids[:6]), out, cfg, companions=demo.train,
@@ -42,11 +42,20 @@ def test_tune_scores_every_point_and_keeps_the_best(tuned):
     assert chosen.crop_size == TINY_RIB.crop_size  # what is not swept is kept
     refine = RefineConfig.model_validate_json((out / "refine.json").read_text())
     assert refine.seed_threshold == rows[0]["seed_threshold"] and not refine.threshold_from_sweep
-    curve = report["walk_curve"]
-    assert set(curve) == {"0.20", "0.50"}
-    assert refine.walk.bg_threshold == max((float(t) for t in curve), key=lambda t: curve[f"{t:.2f}"])
+    curve = report["walk_curve"]  # mIoU by walk length (2^k steps), then background threshold
+    assert set(curve) == {"3", "8"} and all(set(c) == {"0.20", "0.50"} for c in curve.values())
+    points = {(int(e), float(t)): v for e, c in curve.items() for t, v in c.items()}
+    assert (refine.walk.exp_times, refine.walk.bg_threshold) == max(points, key=lambda k: points[k])
+    shift = refine.walk.bg_threshold - 0.27  # re-training labels keep the paper's 0.3 / 0.2 around it
+    assert (refine.walk.retrain_fg_threshold, refine.walk.retrain_bg_threshold) == pytest.approx(
+        (min(0.99, 0.3 + shift), max(0.01, 0.2 + shift)))
     held = report["held_out"]
     assert held["images"] == 3 and 0 <= held["tuned"]["seed_miou"] <= 1
+    # the held-out masks: the starting walk (IRN's 2^8 steps, 0.27) against the chosen one
+    assert (held["default"]["walk_exp_times"], held["default"]["walk_bg_threshold"]) == (8, 0.27)
+    assert (held["tuned"]["walk_exp_times"], held["tuned"]["walk_bg_threshold"]) == (
+        refine.walk.exp_times, refine.walk.bg_threshold)
+    assert held["mask_gain"] == pytest.approx(held["tuned"]["mask_miou"] - held["default"]["mask_miou"])
 
 
 def test_tuned_settings_are_accepted_by_rib_refine_and_the_service(tuned, demo, classifier_path, tmp_path,

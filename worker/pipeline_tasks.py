@@ -33,6 +33,7 @@ from worker.celery_app import app
 from worker.tasks import Runtime, beating, runtime
 
 log = logging.getLogger(__name__)
+MAPS_WAIT_S = 10  # how often a refinement stage started before the last chunk of maps looks again
 
 
 class CancelledError(Exception):
@@ -100,16 +101,21 @@ def classifier_uri(rt: Runtime, job_id: str, spec: PipelineSpec) -> str:
     return spec.classifier_uri or rt.storage.uri(pipeline_key(job_id, "classifier/classifier.pth"))
 
 
+def show_progress(job_id: str, stage: str, **values: Any) -> None:
+    """Show a training stage's progress; stop it (:class:`CancelledError`) if the job was cancelled."""
+    store = pipelines()
+    store.progress(job_id, stage, **values)
+    if store.cancelled(job_id):
+        raise CancelledError(f"cancelled at {values}")
+
+
 def epoch_hook(rt: Runtime, job_id: str, stage: str, work: Path, state: str, epochs: int) -> Callable[[int], None]:
     """After each epoch: store the training state (``state``, relative to ``work``), show the
     progress, and stop if the job was cancelled."""
-    store = pipelines()
 
     def after_epoch(epoch: int) -> None:
         rt.storage.put(pipeline_key(job_id, state), (work / state).read_bytes())
-        store.progress(job_id, stage, epoch=epoch, epochs=epochs)
-        if store.cancelled(job_id):
-            raise CancelledError(f"cancelled after epoch {epoch}")
+        show_progress(job_id, stage, epoch=epoch, epochs=epochs)
 
     return after_epoch
 
@@ -144,9 +150,11 @@ def run_deeplab(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, device
 
     assert spec.deeplab is not None  # the canvas has this stage only when DeepLab was asked for
     has_truth = any(r.mask for r in load_manifest(spec.manifest).records)
+    steps = spec.deeplab.iterations
     return deeplab_stage(rt.storage.uri(pipeline_key(job_id, "refined/masks.jsonl")),
                          rt.storage.uri(pipeline_key(job_id, "deeplab")), spec.deeplab,
-                         spec.manifest if has_truth else None, device)
+                         spec.manifest if has_truth else None, device,
+                         lambda entry: show_progress(job_id, "deeplab", **entry, steps=steps))
 
 
 STAGE_RUNNERS = {"classifier": run_classifier, "refine": run_refine, "deeplab": run_deeplab}
@@ -166,6 +174,10 @@ def pipeline_stage(self: Task, job_id: str, stage: str) -> None:
         if rt.storage.exists(marker):  # finished before (a redelivery, a restart)
             store.finish(job_id, stage, "done", json.loads(rt.storage.get(marker)))
             return
+        if stage == "refine" and (ready := store.maps_ready(job_id)) is not True:
+            if ready is None:  # the maps stage failed or was cancelled: the job has ended
+                raise Ignore()
+            raise self.retry(countdown=MAPS_WAIT_S, max_retries=None)  # the chord fired early
         store.start(job_id, stage)
         try:
             spec, device = load_spec(rt, job_id), str(resolve_device(rt.settings.device))

@@ -79,7 +79,7 @@ def submit_pipeline(req: PipelineRequest, owner: Owner, settings: SettingsDep, p
     try:
         queue.send_pipeline(job_id, spec)
     except Exception as e:
-        pipelines.cancel(job_id)
+        pipelines.cancel(job_id, storage)
         raise HTTPException(503, f"the task queue is unreachable ({type(e).__name__}); the job was cancelled, "
                                  "resubmit it later") from e
     body = PipelineAccepted(job_id=job_id, state="queued", total=len(spec.image_ids), stages=spec.stages(),
@@ -143,10 +143,14 @@ def export_pipeline(job_id: str, pipelines: OwnedPipeline, storage: StorageDep, 
 
 
 @router.delete("/pipelines/{job_id}", response_model=PipelineStatus)
-def cancel_pipeline(job_id: str, pipelines: OwnedPipeline) -> dict[str, Any]:
+def cancel_pipeline(job_id: str, pipelines: OwnedPipeline, storage: StorageDep) -> dict[str, Any]:
     """Stop the chain: stages not started end cancelled now, the running one at its next epoch or chunk."""
     state = pipelines.status(job_id)["state"]
     if state in ("done", "failed", "cancelled"):
         raise HTTPException(409, f"pipeline {job_id} already finished ({state}); nothing to cancel")
-    pipelines.cancel(job_id)
+    try:
+        pipelines.cancel(job_id, storage)
+    except STORAGE_ERRORS as e:
+        raise HTTPException(503, f"the results store is unreachable ({type(e).__name__}); pipeline {job_id} "
+                                 "was not cancelled, try again later") from e
     return pipelines.status(job_id)
