@@ -128,7 +128,7 @@ class PipelineStore:
                 self.finish(job_id, stage, "done", json.loads(storage.get(marker)))
         if storage.exists(pipeline_key(job_id, PIPELINE_CANCELLED)):
             self._set(job_id, cancelled="1")
-            self.cancel_pending(job_id, ("pending", "running"))
+            self.stop_all(job_id)
             return None
         return spec
 

@@ -31,7 +31,6 @@ from rib_core.report import write_html_report
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import EvalConfig, IrnTrainConfig, RandomWalkConfig, RefineConfig, wide_thresholds
 from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
-from rib_core.tune import tuned_walk
 from rib_core.visualize import label_png, map_overlay, png_bytes
 
 # The canvas (README "Why 96 px scenes"): at output stride 16 a 96 px scene is a 6x6 CAM in which a
@@ -82,7 +81,7 @@ class DemoJobConfig(BaseModel):
     # is what rib tune chose on 24 other training images (benchmarks/tune_demo.py).
     refine: RefineConfig = Field(default_factory=lambda: RefineConfig(
         irn=IrnTrainConfig(arch="resnet18", crop_size=DEMO_CANVAS, batch_size=8, epochs=100, radius=5),
-        walk=tuned_walk(RandomWalkConfig(), exp_times=4, bg_threshold=0.70),
+        walk=RandomWalkConfig().tuned(exp_times=4, bg_threshold=0.70),
         evaluation=EvalConfig(thresholds=wide_thresholds())))
     n_images: int = Field(24, ge=1, description="train images that get RIB maps and pseudo-masks (paper: all)")
     report_rows: int = Field(12, ge=0)
@@ -188,11 +187,12 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     with stage("classifier_s"):
         classifier = train_demo_classifier(out, cfg, train, data_dir / "val.jsonl", device, progress)
     ckpt = out / "classifier" / "classifier.pth"
-    subset = train.subset([r.id for r in train.records[: cfg.n_images]])
+    ids = [r.id for r in train.records[: cfg.n_images]]
+    subset = train.subset(ids)
     with stage("cam_s"):  # the baseline that RIB is scored against; not a stage of the pipeline job
         run_cam(load_classifier(ckpt)[0], subset, out / "cam", cfg.cam, device, progress)
     with stage("rib_s"):  # the training scenes are the companion pool, as in a pipeline job
-        maps_stage(out, train, [r.id for r in subset.records], ckpt, cfg.rib, device, progress)
+        maps_stage(out, train, ids, ckpt, cfg.rib, device, progress)
     with stage("refine_s"):
         # No ImageNet weights here: IRN's frozen backbone is the demo classifier's (irn_backbone's rule).
         refined = refine_stage(out, subset, ckpt, cfg.refine, device, progress=progress)

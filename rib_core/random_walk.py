@@ -65,21 +65,31 @@ def propagate(x: torch.Tensor, transition: torch.Tensor, steps: int) -> torch.Te
     return z.T.reshape(c, h, w)
 
 
+def walk_scores_at(lmap: LocalizationMap, boundary: torch.Tensor, cfg: RandomWalkConfig,
+                   lengths: Sequence[int]) -> dict[int, np.ndarray]:
+    """:func:`walk_scores` after 2^k steps for each k of ``lengths`` (``cfg.exp_times`` is not
+    used): one transition matrix, each longer walk continued from the shorter one."""
+    size = lmap.high_res.shape[1:]
+    cam = torch.from_numpy(lmap.cam).to(boundary.device, torch.float32)
+    if len(lmap.keys) == 0:
+        return {k: np.zeros((0, *size), np.float32) for k in lengths}
+    if cam.shape[-2:] != boundary.shape:
+        raise ValueError(f"map is {tuple(cam.shape[-2:])} at stride 4 but the boundary map is {tuple(boundary.shape)}")
+    transition = transition_matrix(boundary, cfg.radius, cfg.beta)
+    walked, done, out = cam.clamp_min(0) ** cfg.power * (1 - boundary), 0, {}
+    for k in sorted(set(lengths)):
+        walked, done = propagate(walked, transition, 2 ** k - done), 2 ** k
+        up = F.interpolate(walked[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :size[0], :size[1]]
+        peak = up.max()
+        out[k] = (up / peak if peak > 0 else torch.zeros_like(up)).cpu().numpy()
+    return out
+
+
 def walk_scores(lmap: LocalizationMap, boundary: torch.Tensor, cfg: RandomWalkConfig | None = None) -> np.ndarray:
     """The random walk's [K, H, W] values for the image's classes (``lmap.keys``), at full size and
     divided by the image's peak, as IRN's ``make_sem_seg_labels`` computes them before thresholding."""
     cfg = cfg or RandomWalkConfig()
-    size = lmap.high_res.shape[1:]
-    cam = torch.from_numpy(lmap.cam).to(boundary.device, torch.float32)
-    if len(lmap.keys) == 0:
-        return np.zeros((0, *size), np.float32)
-    if cam.shape[-2:] != boundary.shape:
-        raise ValueError(f"map is {tuple(cam.shape[-2:])} at stride 4 but the boundary map is {tuple(boundary.shape)}")
-    transition = transition_matrix(boundary, cfg.radius, cfg.beta)
-    walked = propagate(cam.clamp_min(0) ** cfg.power * (1 - boundary), transition, 2 ** cfg.exp_times)
-    up = F.interpolate(walked[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :size[0], :size[1]]
-    peak = up.max()
-    return (up / peak if peak > 0 else torch.zeros_like(up)).cpu().numpy()
+    return walk_scores_at(lmap, boundary, cfg, [cfg.exp_times])[cfg.exp_times]
 
 
 def mask_from_scores(scores_: np.ndarray, keys: Sequence[int], bg_threshold: float) -> np.ndarray:

@@ -81,6 +81,16 @@ class RandomWalkConfig(BaseModel):
             raise ValueError("retrain_bg_threshold must be below retrain_fg_threshold")
         return self
 
+    def tuned(self, exp_times: int, bg_threshold: float) -> RandomWalkConfig:
+        """This walk with another length and background score (``rib tune``'s choice); DeepLab's
+        re-training thresholds keep their offsets from the background score (the paper's 0.3 / 0.2
+        around RIB's 0.27)."""
+        shift = bg_threshold - self.bg_threshold
+        return self.model_copy(update={
+            "exp_times": exp_times, "bg_threshold": bg_threshold,
+            "retrain_fg_threshold": round(min(0.99, self.retrain_fg_threshold + shift), 4),
+            "retrain_bg_threshold": round(max(0.01, self.retrain_bg_threshold + shift), 4)})
+
 
 class IrnTrainConfig(BaseModel):
     """IRN training; defaults are the RIB/IRN ``run_sample.py`` and ``step/train_irn.py`` ones."""

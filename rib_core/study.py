@@ -109,8 +109,8 @@ def run_seed(seed: int, train: Manifest, val_path: Path, out: Path, cfg: StudyCo
     ckpt = out / "classifier" / "classifier.pth"
     model, _, _ = load_classifier(ckpt)
     row = {"classifier_map": classifier["val_map"]}
-    subset = train.subset([r.id for r in train.records[: demo.n_images]])
-    ids = [r.id for r in subset.records]
+    ids = [r.id for r in train.records[: demo.n_images]]
+    subset = train.subset(ids)
     row["cam_seed"] = _seed_score(run_cam(model, subset, out / "cam", demo.cam, device, progress), subset, demo)
     gndrp = demo.rib.model_copy(update={"pooling": "gndrp", "seed": seed})
     gap_maps = run_rib(model, subset, CompanionPool.from_manifest(train), out / "rib_gap",

@@ -36,10 +36,10 @@ from rib_core.companions import CompanionPool
 from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
 from rib_core.evaluation import confusion, scores, sweep_folder
 from rib_core.irn import boundary_map, load_irn
-from rib_core.random_walk import mask_from_scores, walk_scores
+from rib_core.random_walk import mask_from_scores, walk_scores_at
 from rib_core.refine import refine_maps
 from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import EvalConfig, RandomWalkConfig, RefineConfig, wide_thresholds
+from rib_core.stage_configs import EvalConfig, RefineConfig, wide_thresholds
 
 
 def _default_walk_thresholds() -> list[float]:
@@ -116,7 +116,7 @@ def sweep_rib(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cf
 def walk_curve(irn_checkpoint: str, maps: Path, manifest: Manifest, refine: RefineConfig,
                thresholds: Sequence[float], exp_times: Sequence[int], device: str) -> dict[tuple[int, float], float]:
     """IRN mask mIoU at each walk length (``exp_times``) and background threshold; IRN's boundary
-    map is computed once per image, the walk once per image and length."""
+    map is computed once per image, and one walk per image gives every length."""
     model, _ = load_irn(irn_checkpoint)
     model.to(device)
     n = len(manifest.classes) + 1
@@ -125,21 +125,10 @@ def walk_curve(irn_checkpoint: str, maps: Path, manifest: Manifest, refine: Refi
         lmap = LocalizationMap.load(maps / f"{r.id}.npz")
         boundary = boundary_map(model, load_image(manifest.image_uri(r)), device)
         gt = load_mask(manifest.mask_uri(r))
-        for e in exp_times:
-            walked = walk_scores(lmap, boundary, refine.walk.model_copy(update={"exp_times": e}))
+        for e, walked in walk_scores_at(lmap, boundary, refine.walk, exp_times).items():
             for t in thresholds:
                 confs[e, t] += confusion(mask_from_scores(walked, lmap.keys, t), gt, n)
     return {key: scores(c)["miou"] for key, c in confs.items()}
-
-
-def tuned_walk(start: RandomWalkConfig, exp_times: int, bg_threshold: float) -> RandomWalkConfig:
-    """The walk with a chosen length and background score; DeepLab's re-training thresholds keep
-    their offsets from the background score (the paper's 0.3 / 0.2 around RIB's 0.27)."""
-    shift = bg_threshold - start.bg_threshold
-    return start.model_copy(update={
-        "exp_times": exp_times, "bg_threshold": bg_threshold,
-        "retrain_fg_threshold": round(min(0.99, start.retrain_fg_threshold + shift), 4),
-        "retrain_bg_threshold": round(max(0.01, start.retrain_bg_threshold + shift), 4)})
 
 
 def _curve_json(curve: dict[tuple[int, float], float]) -> dict[str, dict[str, float]]:
@@ -200,7 +189,7 @@ def tune(classifier: str, manifest: Manifest | str, out_dir: str | os.PathLike[s
         curve = walk_curve(refined["irn_checkpoint"], Path(best["maps"]), tuning, refine, cfg.walk_thresholds,
                            cfg.walk_exp_times, device)
         exp_times, walk_bg = max(curve, key=lambda key: curve[key])
-        refine = refine.model_copy(update={"walk": tuned_walk(refine.walk, exp_times, walk_bg)})
+        refine = refine.model_copy(update={"walk": refine.walk.tuned(exp_times, walk_bg)})
         report.update(walk_curve=_curve_json(curve), walk_bg_threshold=walk_bg, walk_exp_times=exp_times,
                       irn_checkpoint=refined["irn_checkpoint"])
         walks = {"irn_checkpoint": refined["irn_checkpoint"], "default": cfg.refine.walk, "tuned": refine.walk}
