@@ -24,6 +24,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import redis
@@ -468,6 +469,11 @@ class JobStore:
         if not found or not owner or not hmac.compare_digest(found.get("owner", ""), owner):
             return None
         return {"spec": json.loads(found["spec"]), "created_at": float(found["created_at"])}
+
+    def training_attempt(self, job_id: str) -> int:
+        """Count a delivery of a training job; 0 when Redis no longer has it."""
+        script = self.r.register_script(resources.files("contract.lua").joinpath("count_attempt.lua").read_text())
+        return int(script(keys=[f"rib:training:{job_id}"]))
 
     def stats(self) -> dict[str, float]:
         return {key: float(v) for key, v in self.r.hgetall(STATS_KEY).items()}

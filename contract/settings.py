@@ -6,13 +6,14 @@ The API and both kinds of worker read the same variables, so one ``.env`` (or on
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rib_core.rib_config import RibConfig
@@ -52,9 +53,14 @@ class Settings(BaseSettings):
     # Where job inputs may be read from (manifests, images, checkpoints, initial weights); empty: the
     # bucket of an s3:// storage_uri, and nothing for a local one. Never "every bucket" by default.
     input_prefixes: CommaList = Field(default_factory=list)
-    # Where training jobs may write (their checkpoints are read back on resume); empty: inside storage_uri.
-    output_prefixes: CommaList = Field(default_factory=list)
-    allow_local_init_weights: bool = False  # training init_weights may name a path on the worker
+    # Initial weights (classifier, IRN, DeepLab) may name a path on the worker: off, so that no request
+    # reads the worker's files. Outputs are never a request's choice: each job writes under its own
+    # prefix in storage_uri (jobs/<id>/).
+    allow_local_init_weights: bool = False
+    # Key of the HMAC over every job record the service writes to storage (request.json,
+    # pipeline.json, training.json): a record is adopted (a job Redis lost, rebuilt) only when the
+    # service wrote it. Unset: derived from RIB_API_KEYS, which the API and the workers share.
+    signing_secret: SecretStr | None = None
     # Queues and delivery.
     image_queue: str = "rib.images"
     training_queue: str = "rib.training"
@@ -64,6 +70,9 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)   # job bookkeeping expires from Redis after this
     # delivery: every image ends done or failed, whatever happens to its worker, its chunk or Redis.
     max_attempts: int = Field(3, ge=1)  # attempts per image (worker lost, time limit) before it fails with the reason
+    # deliveries of one pipeline stage, map chunk or training job whose worker died (killed, out of
+    # memory) before the stage fails with the reason: a message that kills workers is dead-lettered.
+    max_stage_attempts: int = Field(3, ge=1, le=100)
     lease_s: int = Field(300, ge=2)     # a running image without a heartbeat this long is handed out again
     torch_threads: int | None = Field(None, ge=1)  # per worker; unset: OMP_NUM_THREADS, else cores / concurrency
     # Default RIB parameters of every request; a request overrides single fields.
@@ -72,7 +81,7 @@ class Settings(BaseSettings):
     # reads; a request overrides single fields. Workers without RIB_IRN_URI stop at seed + CRF.
     refine_defaults: RefineConfig = Field(default_factory=RefineConfig)
 
-    @field_validator("api_keys", "input_prefixes", "output_prefixes", mode="before")
+    @field_validator("api_keys", "input_prefixes", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -97,10 +106,18 @@ class Settings(BaseSettings):
     def _default_locations(self) -> Settings:
         if not self.input_prefixes and is_s3_uri(self.storage_uri):
             self.input_prefixes = [f"s3://{split_s3_uri(self.storage_uri)[0]}/"]
-        if not self.output_prefixes:
-            root = self.storage_uri if is_s3_uri(self.storage_uri) else str(Path(self.storage_uri).resolve())
-            self.output_prefixes = [root.rstrip("/") + "/"]
         return self
+
+    @property
+    def results_prefix(self) -> str:
+        """storage_uri as a prefix: no request names a location under it, except its own job's files."""
+        root = self.storage_uri if is_s3_uri(self.storage_uri) else str(Path(self.storage_uri).resolve())
+        return root.rstrip("/") + "/"
+
+    def signing_key(self) -> bytes:
+        if self.signing_secret is not None:
+            return self.signing_secret.get_secret_value().encode()
+        return hashlib.sha256(("rib-job-records\n" + "\n".join(sorted(self.api_keys))).encode()).digest()
 
     @property
     def state_redis_url(self) -> str:

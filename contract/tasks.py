@@ -18,12 +18,12 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from celery import Celery, chain, chord, group
+from celery import Celery
 from celery.result import AsyncResult
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contract.jobs import JobItem
-from contract.pipelines import PIPELINE_MAPS, PIPELINE_STAGE, PipelineSpec
+from contract.pipelines import PIPELINE_MAPS, PIPELINE_STAGE, STAGE, Send
 from contract.settings import Settings
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import DeepLabTrainConfig, RefineConfig
@@ -47,19 +47,43 @@ class ChunkPayload(BaseModel):
     refine: RefineConfig = Field(default_factory=RefineConfig)
 
 
-class TrainingJobPayload(BaseModel):
-    """An offline DeepLab job (``rib.training_job``, :func:`rib_core.train_deeplab.run_training_job`)."""
+class TrainingJobRequest(BaseModel):
+    """An offline DeepLab job as a user asks it: its inputs. Where it writes is the service's choice
+    (the job's own prefix, ``jobs/<id>/training/``), never a request's."""
 
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["train", "evaluate", "predict"]
-    manifest: str = Field(description="s3:// URI of a manifest (pseudo-masks to train on, or images to score)")
-    output: str = Field(description="s3:// prefix for checkpoints, reports or predictions")
-    checkpoint: str | None = Field(None, description="DeepLab checkpoint for evaluate and predict")
+    manifest: str = Field(description="s3:// URI of a manifest (pseudo-masks to train on, or images to score); "
+                                      "its records are frozen at submit")
+    checkpoint: str | None = Field(None, description="DeepLab checkpoint for evaluate and predict (yours: an input "
+                                                     "location, or a file of one of your own jobs)")
     evaluate_on: str | None = Field(None, description="train: s3:// manifest with ground truth to evaluate and "
                                                       "predict once trained")
     config: DeepLabTrainConfig = Field(default_factory=DeepLabTrainConfig,
                                        description="DeepLab settings (rib_core.stage_configs.DeepLabTrainConfig)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_output(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "output" in data:
+            raise ValueError("output is chosen by the service: a training job writes under its own prefix "
+                             "(jobs/<id>/training/, shown as result.output); leave output out")
+        return data
+
+
+class TrainingJobPayload(TrainingJobRequest):
+    """The training worker's message (``rib.training_job``, :func:`rib_core.train_deeplab.run_training_job`):
+    the request with its manifests frozen (their digests checked before use) and its output set."""
+
+    output: str = Field(description="the job's own prefix")
+    manifest_sha256: str
+    evaluate_on_sha256: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_output(cls, data: Any) -> Any:
+        return data
 
 
 def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
@@ -112,16 +136,15 @@ class TaskQueue:
         self.app.send_task(TRAINING_JOB, args=[payload.model_dump(mode="json", exclude_none=True)],
                            queue=self.settings.training_queue, task_id=job_id)
 
-    def send_pipeline(self, job_id: str, spec: PipelineSpec) -> None:
-        """A pipeline job as one Celery canvas: the classifier stage, a chord of RIB-map chunks (image
-        queue) whose callback is the refinement stage, then DeepLab if asked (training queue). Each
-        signature is immutable: a stage reads its inputs from storage, not from the one before."""
-        stage = [self.app.signature(PIPELINE_STAGE, args=[job_id, name], queue=self.settings.training_queue,
-                                    immutable=True) for name in ("classifier", "refine", "deeplab")]
-        maps = group(self.app.signature(PIPELINE_MAPS, args=[job_id, i], queue=self.settings.image_queue,
-                                        immutable=True) for i in range(len(spec.chunks)))
-        steps = [stage[0], chord(maps, stage[1])] + ([stage[2]] if spec.deeplab is not None else [])
-        chain(*steps).apply_async()
+    def send_pipeline(self, job_id: str, sends: Sequence[Send]) -> None:
+        """Send the pipeline units :meth:`contract.pipelines.PipelineStore.advance` decided on: a
+        stage on its queue (``STAGE``), or a chunk of maps on the image queue."""
+        for send in sends:
+            stage = STAGE[send.stage]
+            queue = self.settings.training_queue if stage.queue == "training" else self.settings.image_queue
+            args = [job_id, send.stage] if send.chunk is None else [job_id, send.chunk]
+            self.app.send_task(stage.task, args=args, queue=queue,
+                               task_id=f"{job_id}-{send.unit}-{uuid.uuid4().hex[:8]}")
 
     def training_result(self, job_id: str) -> tuple[str, Any]:
         """A training job's state (``TRAINING_STATES``) and its result or exception."""

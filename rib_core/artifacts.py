@@ -95,6 +95,16 @@ def index_key(job_id: str) -> str:
     return f"jobs/{job_id}/index.json"
 
 
+def training_key(job_id: str, name: str = "") -> str:
+    """A training job's own prefix (its output, frozen inputs and record) or a file under it."""
+    return f"jobs/{job_id}/training/{name}"
+
+
+def training_input_key(job_id: str, name: str) -> str:
+    """The frozen copy of a training job's manifest ``name`` (manifest, evaluate_on)."""
+    return training_key(job_id, f"inputs/{name}.jsonl")
+
+
 def request_key(job_id: str) -> str:
     return f"jobs/{job_id}/request.json"
 
@@ -118,6 +128,8 @@ def stored_files(storage: Storage, job_id: str) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- pipeline jobs
 
 PIPELINE_SPEC = "pipeline.json"
+PIPELINE_MANIFEST = "inputs/manifest.jsonl"          # the data set, frozen at submit
+PIPELINE_VAL_MANIFEST = "inputs/val_manifest.jsonl"  # the classifier's validation set, frozen at submit
 PIPELINE_INDEX = "index.json"
 PIPELINE_CANCELLED = "cancelled.json"  # written when the job is cancelled, so that a rebuilt job stays so
 # Per image, the files of a pipeline job's work folder (rib_core.dataset_job), by role; "mask" is the
@@ -138,6 +150,11 @@ def pipeline_key(job_id: str, relative: str = "") -> str:
 def stage_marker(stage: str) -> str:
     """A stage's report, relative to the work folder; written last."""
     return f"stages/{stage}.json"
+
+
+def chunk_marker(chunk: int) -> str:
+    """A finished chunk of maps (its images without a map, and why), relative to the work folder."""
+    return f"stages/maps/{chunk}.json"
 
 
 def pipeline_index(job_id: str, image_ids: Iterable[str], present: Iterable[str]) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from rib_core.storage import is_s3_uri, join_uri, parent_uri, read_bytes, uri_ex
 MANIFEST_FORMAT = "rib-manifest"
 MANIFEST_VERSION = 1
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs (about 7,000 x 5,700)
+MAX_CLASSES = 254  # label masks are 8-bit: 0 background, 1-254 classes, 255 ignore
 
 
 class ManifestError(ValueError):
@@ -155,6 +156,22 @@ def parse_records(items: Sequence[Any], classes: Sequence[str], first_line: int 
     return records, errors
 
 
+def class_list_errors(classes: Sequence[str]) -> list[str]:
+    """What is wrong with a class list: masks are 8-bit (0 background, ``i + 1`` a class, 255
+    ignore), so at most :data:`MAX_CLASSES`; names are non-empty printable text, each once."""
+    errors = []
+    if len(classes) > MAX_CLASSES:
+        errors.append(f"{len(classes)} classes; label masks are 8-bit, so at most {MAX_CLASSES} "
+                      "(0 is background and 255 ignore)")
+    bad = [c for c in classes if not c.strip() or not c.isprintable() or len(c) > 100]
+    if bad:
+        errors.append(f"class names must be 1-100 printable characters (no newline or control character); "
+                      f"fix {bad[:5]!r}")
+    if len(set(classes)) != len(classes):
+        errors.append("the class list has duplicates")
+    return errors
+
+
 def parse_manifest(text: str, base: str = ".", classes: Sequence[str] | None = None) -> Manifest:
     """Parse manifest text. ``classes`` is needed only when the text has no header line."""
     lines = [(n, ln) for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
@@ -173,8 +190,7 @@ def parse_manifest(text: str, base: str = ".", classes: Sequence[str] | None = N
     if not classes or not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         header_hint = '{"format": "rib-manifest", "version": 1, "classes": [...]}'
         raise ManifestError([*errors, (1, f"no class list: the first line must be {header_hint}")])
-    if len(set(classes)) != len(classes):
-        errors.append((1, "the class list has duplicates"))
+    errors += [(1, e) for e in class_list_errors(classes)]
     records, bad = parse_records([item for _, item in decoded], classes, line_numbers=[n for n, _ in decoded])
     errors += bad
     if not records and not errors:

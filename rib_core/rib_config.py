@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.presets import Preset, with_preset
+from rib_core.stage_configs import MAX_CROP, SideRange
 
 MAX_IMAGES_PER_BATCH = 64  # bound of max_images_per_batch, and the block rib_core.batching.run_rib loads
 
@@ -82,8 +83,8 @@ class RibConfig(BaseModel):
     # Code sums the CAMs computed before each update (theta_0 .. theta_{K-1}); the paper sums
     # theta_0 .. theta_K. "before_updates" = code (default), "all_iterates" = paper.
     map_iterates: Literal["before_updates", "all_iterates"] = "before_updates"
-    crop_size: int = Field(512, ge=16)                    # companion crops: VOC12RIBDataset crop_size=512
-    resize_long: tuple[int, int] = (320, 640)             # companion resize_long=(320, 640)
+    crop_size: int = Field(512, ge=16, le=MAX_CROP)       # companion crops: VOC12RIBDataset crop_size=512
+    resize_long: SideRange = (320, 640)                   # companion resize_long=(320, 640)
     seed: int = 0                                         # each image draws from image_seed(seed, its id)
     # Speed, not in the paper or the code (which run float32): "auto" = bfloat16 autocast and
     # channels_last on CUDA, plain float32 on the CPU. M is accumulated in float32 either way.

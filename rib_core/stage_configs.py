@@ -9,7 +9,7 @@ Defaults cite the paper or the official code (IRN, jbeomlee93/RIB, deeplab-pytor
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,6 +17,15 @@ from rib_core.presets import Preset, with_preset
 
 ModelKind = Literal["deeplabv2", "deeplabv3"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]  # the keys of networks.BACKBONES
+# Bounds on what sizes a worker's memory or time, so that no request can take a worker down (a crop of
+# 100,000 px asked 112 GiB). Each is far above the paper's settings (crops 321-512, batches 10-32,
+# 3-5 epochs, 30k-100k DeepLab iterations) and below what one 80 GB GPU runs.
+MAX_CROP = 1024        # training and companion crops, and resize_long
+MAX_BATCH = 256
+MAX_EPOCHS = 1000
+MAX_ITERATIONS = 1_000_000
+MAX_WORKERS = 16       # data-loader processes
+SideRange = tuple[Annotated[int, Field(ge=16, le=MAX_CROP)], Annotated[int, Field(ge=16, le=MAX_CROP)]]
 
 class CrfConfig(BaseModel):
     """Dense CRF parameters; defaults are IRN's ``crf_inference_label`` (misc/imutils.py)."""
@@ -97,14 +106,14 @@ class IrnTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: str = Field("resnet50", description="backbone (IRN: resnet50)")
+    arch: Backbone = Field("resnet50", description="backbone (IRN: resnet50)")
     # IRN starts from ImageNet weights (resnet50(pretrained=True)). Give a torchvision state dict or
     # a classifier checkpoint (ours or IRN's res50_cam.pth) whose backbone to use; None = the
     # classifier passed to train_irn / refine_maps (never a random backbone: see irn_backbone).
     init_weights: str | None = None
-    crop_size: int = Field(512, ge=32, multiple_of=16)  # --irn_crop_size 512
-    batch_size: int = Field(32, ge=1)                    # --irn_batch_size 32
-    epochs: int = Field(3, ge=1)                         # --irn_num_epoches 3
+    crop_size: int = Field(512, ge=32, le=MAX_CROP, multiple_of=16)  # --irn_crop_size 512
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)      # --irn_batch_size 32
+    epochs: int = Field(3, ge=1, le=MAX_EPOCHS)          # --irn_num_epoches 3
     lr: float = Field(0.1, gt=0)                         # --irn_learning_rate 0.1 (x10 on the displacement head)
     weight_decay: float = Field(1e-4, ge=0)              # --irn_weight_decay 1e-4
     momentum: float = Field(1e-4, ge=0)                  # PolyOptimizer passes weight_decay as momentum (optim.py)
@@ -112,7 +121,7 @@ class IrnTrainConfig(BaseModel):
     radius: int = Field(10, ge=2, le=20)                 # train_irn.py PathIndex(radius=10)
     rescale: tuple[float, float] = (0.5, 1.5)            # VOC12AffinityDataset rescale=(0.5, 1.5)
     hflip: bool = True                                   # hor_flip=True
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -142,16 +151,16 @@ class ClassifierTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     recipe: Literal["irn", "scratch"] = "irn"
-    arch: str = Field("resnet50", description="backbone: resnet18/34/50/101 (IRN: resnet50)")
-    batch_size: int = Field(16, ge=1)        # IRN run_sample.py --cam_batch_size 16
-    epochs: int = Field(5, ge=1)             # --cam_num_epoches 5
+    arch: Backbone = Field("resnet50", description="backbone: resnet18/34/50/101 (IRN: resnet50)")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)  # IRN run_sample.py --cam_batch_size 16
+    epochs: int = Field(5, ge=1, le=MAX_EPOCHS)      # --cam_num_epoches 5
     lr: float = Field(0.1, gt=0)             # --cam_learning_rate 0.1 (x10 on the classifier)
     weight_decay: float = Field(1e-4, ge=0)  # --cam_weight_decay 1e-4
     momentum: float = Field(1e-4, ge=0)      # what IRN's PolyOptimizer really passes to SGD (optim.py)
     poly_power: float = Field(0.9, gt=0)     # PolyOptimizer's exponent
     warmup_epochs: float = Field(0, ge=0, description="scratch recipe: linear warm-up before the cosine decay")
-    crop_size: int = Field(512, ge=16)       # train_cam.py crop_size=512
-    resize_long: tuple[int, int] = (320, 640)  # train_cam.py resize_long=(320, 640)
+    crop_size: int = Field(512, ge=16, le=MAX_CROP)  # train_cam.py crop_size=512
+    resize_long: SideRange = (320, 640)              # train_cam.py resize_long=(320, 640)
     hflip: bool = True
     colour_augment: bool = Field(False, description="random channel order and greyscale (scratch recipe)")
     # IRN fine-tunes ImageNet weights: stem frozen, stage 2 detached, BN statistics frozen. From
@@ -160,7 +169,7 @@ class ClassifierTrainConfig(BaseModel):
     from_scratch: bool = False
     init_weights: str | None = Field(None, description="backbone weights, path or s3://: a torchvision ResNet "
                                      "state dict or a classifier checkpoint (ours or IRN's)")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS)
     seed: int = 0
 
     @model_validator(mode="before")
@@ -263,14 +272,14 @@ class DeepLabTrainConfig(BaseModel):
     # Paper 4.1: "an initial model pre-trained on the ImageNet dataset". Path or s3:// URI of a
     # torchvision ResNet state dict, a CAM classifier or a DeepLab checkpoint; never downloaded.
     init_weights: str | None = None
-    batch_size: int = Field(10, ge=1)               # appendix A.1 (deeplab-pytorch: 5 x ITER_SIZE 2)
-    iterations: int = Field(30_000, ge=1)           # appendix A.1 VOC (COCO 100k; voc12.yaml: 20k)
+    batch_size: int = Field(10, ge=1, le=MAX_BATCH)  # appendix A.1 (deeplab-pytorch: 5 x ITER_SIZE 2)
+    iterations: int = Field(30_000, ge=1, le=MAX_ITERATIONS)  # appendix A.1 VOC (COCO 100k; voc12.yaml: 20k)
     lr: float = Field(2.0e-4, gt=0)                 # appendix A.1 VOC (COCO 2.5e-4; voc12.yaml LR 2.5e-4)
     head_lr_mult: float = Field(10.0, gt=0)         # main.py get_params "10x" (biases "20x", no decay)
     momentum: float = Field(0.9, ge=0)              # voc12.yaml MOMENTUM 0.9
     weight_decay: float = Field(5.0e-4, ge=0)       # voc12.yaml WEIGHT_DECAY 5.0e-4
     poly_power: float = Field(0.9, gt=0)            # voc12.yaml POLY_POWER 0.9
-    crop_size: int = Field(321, ge=16)              # paper 4.1 / voc12.yaml SIZE.TRAIN 321 (COCO 481)
+    crop_size: int = Field(321, ge=16, le=MAX_CROP)  # paper 4.1 / voc12.yaml SIZE.TRAIN 321 (COCO 481)
     scales: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])  # voc12.yaml SCALES
     hflip: bool = True                              # base.py _augmentation: flip=True
     # Mixed precision on CUDA only (the CPU always runs float32). Not in the paper or [42], which
@@ -292,7 +301,7 @@ class DeepLabTrainConfig(BaseModel):
     test_flip: bool = False
     use_crf: bool = False
     crf: CrfConfig = Field(default_factory=lambda: DEEPLAB_CRF.model_copy())
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS)
     seed: int = 0
 
     @model_validator(mode="before")

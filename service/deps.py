@@ -14,14 +14,18 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 import redis
+from botocore.exceptions import BotoCoreError
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
 
 from contract.jobs import JobStore, owner_of
+from contract.pipelines import PipelineStore
+from contract.records import Records
 from contract.settings import Settings
 from contract.tasks import TaskQueue
 from rib_core.datasets import load_manifest
-from rib_core.storage import Storage
+from rib_core.storage import Storage, uri_exists
+from service.validation import Locations
 
 
 @dataclass
@@ -105,3 +109,34 @@ def require_api_key(key: Annotated[str | None, Depends(api_key_header)], setting
 
 
 Owner = Annotated[str, Depends(require_api_key)]
+
+
+def records(settings: SettingsDep, storage: StorageDep) -> Records:
+    """The job records this service signs (``request.json``, ``pipeline.json``, ``training.json``)."""
+    return Records(storage, settings.signing_key())
+
+
+RecordsDep = Annotated[Records, Depends(records)]
+
+
+def _present(uri: str) -> bool:
+    try:
+        return uri_exists(uri)
+    except BotoCoreError as e:
+        raise HTTPException(503, f"the object store is unreachable ({type(e).__name__}); retry later") from e
+
+
+def locations(owner: Owner, settings: SettingsDep, store: StoreDep) -> Locations:
+    """The caller's view of where a request may read (:class:`service.validation.Locations`): its
+    own jobs' files under the results prefix, by their Redis records (image, pipeline and training
+    jobs)."""
+    pipelines = PipelineStore(store.r, store.ttl_s)
+
+    def owns(job_id: str) -> bool:
+        return (store.exists(job_id, owner) or pipelines.exists(job_id, owner)
+                or store.training(job_id, owner) is not None)
+
+    return Locations(settings.input_prefixes, settings.results_prefix, owns, _present)
+
+
+LocationsDep = Annotated[Locations, Depends(locations)]

@@ -2,7 +2,7 @@
 
 The request models carry the same settings objects the offline tools use (``RibConfig`` and
 ``RefineConfig`` fields are validated against them in :mod:`service.validation`; a training job is
-the task contract's :class:`~contract.tasks.TrainingJobPayload`).
+the task contract's :class:`~contract.tasks.TrainingJobRequest`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contract.tasks import TrainingJobPayload
+from contract.tasks import TrainingJobRequest
 
-TrainingJobRequest = TrainingJobPayload  # the request is the payload the training worker receives
+__all__ = ["TrainingJobRequest"]
 
 
 class JobRequest(BaseModel):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import gc
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
@@ -20,7 +21,16 @@ import numpy as np
 from pydantic import ValidationError
 
 from contract.jobs import JobItem
-from rib_core.datasets import ImageError, ImageTooLargeError, ManifestError, decode_image, parse_manifest, parse_records
+from rib_core.datasets import (
+    ImageError,
+    ImageTooLargeError,
+    Manifest,
+    ManifestError,
+    ManifestRecord,
+    decode_image,
+    parse_manifest,
+    parse_records,
+)
 from rib_core.presets import merge
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
@@ -59,6 +69,42 @@ def uri_error(uri: str, prefixes: Sequence[str], setting: str = "RIB_INPUT_PREFI
     if not any(uri.startswith(p) for p in prefixes):
         return f"{uri!r} is outside the allowed locations {list(prefixes)}; use one of them or change {setting}"
     return None
+
+
+@dataclass
+class Locations:
+    """The one check of every location a request names (images, masks, manifests, weights,
+    checkpoints), shared by ``/v1/jobs``, ``/v1/pipelines`` and ``/v1/training-jobs``: under
+    RIB_INPUT_PREFIXES, never through '..', and never inside the service's results
+    (RIB_STORAGE_URI) except the files of a job the caller owns (``owns``: job id -> bool).
+    ``exists`` (a location -> bool) checks the ones that must be present at submit."""
+
+    prefixes: Sequence[str]
+    results_prefix: str = ""
+    owns: Callable[[str], bool] = lambda job_id: False
+    exists: Callable[[str], bool] = lambda uri: True
+
+    def __call__(self, uri: str) -> str | None:
+        if self.results_prefix and uri.startswith(self.results_prefix):
+            job = re.fullmatch(r"jobs/([0-9a-f]{32})/.+", uri[len(self.results_prefix):])
+            if job is None or not self.owns(job.group(1)):
+                return (f"{uri!r} is inside the service's results ({self.results_prefix}); a request may read "
+                        "only its own jobs' files there: name your own input location")
+            path = uri.split("://", 1)[-1]
+            return f"{uri!r} contains '..'; give the location without it" if ".." in path.split("/") else None
+        return uri_error(uri, self.prefixes)
+
+    def check(self, named: dict[str, str | None], present: bool = True) -> None:
+        """422 listing every bad one of ``named`` (field -> location); with ``present``, each must exist."""
+        errors = [{"field": f, "error": e} for f, uri in named.items() if uri is not None and (e := self(uri))]
+        errors += [{"field": f, "error": f"nothing at {uri}: give an existing location"} for f, uri in named.items()
+                   if uri is not None and present and not any(e["field"] == f for e in errors) and not self.exists(uri)]
+        if errors:
+            raise InputError(422, "invalid locations; fix the listed fields", errors)
+
+
+def as_locations(where: Locations | Sequence[str]) -> Locations:
+    return where if isinstance(where, Locations) else Locations(list(where))
 
 
 def parse_labels(values: Sequence[str]) -> list[str]:
@@ -138,12 +184,12 @@ def deeplab_params(overrides: dict[str, Any]) -> DeepLabTrainConfig:
 
 
 def _check_items(records: Sequence[Any], uris: Sequence[str], where: Sequence[dict[str, Any]],
-                 classes: Sequence[str], prefixes: Sequence[str]) -> list[JobItem]:
+                 classes: Sequence[str], locations: Locations) -> list[JobItem]:
     known = set(classes)
     errors = []
     for record, uri, loc in zip(records, uris, where, strict=True):
         unknown = sorted(set(record.labels) - known)
-        problem = (id_error(record.id) or uri_error(uri, prefixes)
+        problem = (id_error(record.id) or locations(uri)
                    or (f"{record.id!r} has class(es) {unknown} the model does not know; known: {list(classes)}"
                        if unknown else None))
         if problem:
@@ -166,7 +212,7 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def manifest_items(text: str, base: str, classes: Sequence[str], prefixes: Sequence[str],
+def manifest_items(text: str, base: str, classes: Sequence[str], prefixes: Locations | Sequence[str],
                    max_images: int) -> list[JobItem]:
     """Every image of a manifest, or an InputError listing every bad line; linear in its length, and a
     manifest of more than ``max_images`` lines is refused before any line is parsed."""
@@ -182,12 +228,13 @@ def manifest_items(text: str, base: str, classes: Sequence[str], prefixes: Seque
                              [{"line": n, "error": m} for n, m in e.errors]) from e
         lines = numbered[1:] if len(numbered) > len(manifest.records) else numbered
         return _check_items(manifest.records, [manifest.image_uri(r) for r in manifest.records],
-                            [{"line": n} for n in lines], classes, prefixes)
+                            [{"line": n} for n in lines], classes, as_locations(prefixes))
 
 
-def dataset_items(text: str, base: str, prefixes: Sequence[str], max_images: int) -> tuple[list[str], list[JobItem]]:
-    """A data set's manifest for a pipeline job: its own header names the classes (a classifier is
-    trained on them). Returns the classes and the images, or an InputError listing every bad line."""
+def dataset_manifest(text: str, base: str, locations: Locations, max_images: int) -> Manifest:
+    """A data set's manifest for a pipeline or training job: its own header names the classes, every
+    line's image and mask pass :class:`Locations`. Returned with every location absolute: the copy
+    the job freezes at submit. An InputError lists every bad line."""
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
     try:
         classes = json.loads(first).get("classes")
@@ -196,10 +243,18 @@ def dataset_items(text: str, base: str, prefixes: Sequence[str], max_images: int
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise InputError(422, "the manifest must start with a header naming its classes: "
                               '{"format": "rib-manifest", "version": 1, "classes": [...]}')
-    return classes, manifest_items(text, base, classes, prefixes, max_images)
+    items = manifest_items(text, base, classes, locations, max_images)  # ids, images, labels, class list
+    manifest = parse_manifest(text, base=base)
+    bad = [{"line": n, "error": err} for n, r in enumerate(manifest.records, start=2)
+           if (mask := manifest.mask_uri(r)) is not None and (err := locations(mask))]
+    if bad:
+        raise InputError(422, f"{len(bad)} invalid mask location(s); fix them and resubmit", bad)
+    records = [ManifestRecord(it.id, it.image, it.labels, manifest.mask_uri(r))
+               for it, r in zip(items, manifest.records, strict=True)]
+    return Manifest(manifest.classes, records, base)
 
 
-def inline_items(items: Sequence[Any], classes: Sequence[str], prefixes: Sequence[str],
+def inline_items(items: Sequence[Any], classes: Sequence[str], prefixes: Locations | Sequence[str],
                  max_images: int) -> list[JobItem]:
     """Records given in the request body (``item`` numbers count from 1)."""
     if not items:
@@ -213,7 +268,7 @@ def inline_items(items: Sequence[Any], classes: Sequence[str], prefixes: Sequenc
             raise InputError(422, f"{len(errors)} invalid image record(s); fix them and resubmit",
                              [{"item": n, "error": m} for n, m in errors])
         return _check_items(records, [r.image for r in records], [{"item": n} for n in range(1, len(records) + 1)],
-                            classes, prefixes)
+                            classes, as_locations(prefixes))
 
 
 def default_image_id(filename: str | None) -> str:

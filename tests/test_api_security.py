@@ -66,40 +66,49 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """The app on a private redis-server and moto's S3 server, results in s3://rib/results."""
     with inprocess_api(tmp_path_factory.mktemp("redis"), CLASSES, [API_KEY, OTHER_KEY],
                        max_manifest_bytes=20000, max_job_images=100) as api:
+        header = json.dumps({"format": "rib-manifest", "version": 1, "classes": CLASSES})
+        line = json.dumps({"id": "a", "image": "a.png", "labels": ["cat"]})
+        api.s3.put_object(Bucket=BUCKET, Key="data/m.jsonl", Body=f"{header}\n{line}\n".encode())
         yield api
 
 
 def test_default_locations_are_the_configured_bucket_and_storage(tmp_path: Path) -> None:
     s3_settings = Settings(storage_uri="s3://data/results")
-    assert s3_settings.input_prefixes == ["s3://data/"] and s3_settings.output_prefixes == ["s3://data/results/"]
+    assert s3_settings.input_prefixes == ["s3://data/"] and s3_settings.results_prefix == "s3://data/results/"
     local = Settings(storage_uri=str(tmp_path / "results"))
-    assert local.input_prefixes == [] and local.output_prefixes == [f"{tmp_path}/results/"]
-    given = Settings(storage_uri="s3://data/results", input_prefixes="s3://a/,s3://b/x/", output_prefixes="s3://c/")
-    assert given.input_prefixes == ["s3://a/", "s3://b/x/"] and given.output_prefixes == ["s3://c/"]
+    assert local.input_prefixes == [] and local.results_prefix == f"{tmp_path}/results/"
+    given = Settings(storage_uri="s3://data/results", input_prefixes="s3://a/,s3://b/x/")
+    assert given.input_prefixes == ["s3://a/", "s3://b/x/"]
 
 
-def test_training_locations_are_checked_against_their_own_allow_lists(api: Api) -> None:
-    base = {"kind": "train", "manifest": f"s3://{BUCKET}/data/m.jsonl", "output": f"s3://{BUCKET}/results/run1",
-            "config": {"arch": "resnet18"}}
+def test_training_locations_are_checked_and_the_output_is_the_services(api: Api) -> None:
+    api.s3.put_object(Bucket=BUCKET, Key="data/c.pth", Body=b"a checkpoint")
+    base = {"kind": "train", "manifest": f"s3://{BUCKET}/data/m.jsonl", "config": {"arch": "resnet18"}}
     cases = {
-        "output in another bucket": ({"output": "s3://attacker/run"}, "output", "RIB_OUTPUT_PREFIXES"),
-        "output beside the results": ({"output": f"s3://{BUCKET}/data/run"}, "output", "RIB_OUTPUT_PREFIXES"),
-        "input in another bucket": ({"manifest": "s3://attacker/m.jsonl"}, "manifest", "RIB_INPUT_PREFIXES"),
         "checkpoint in another bucket": ({"kind": "evaluate", "checkpoint": "s3://attacker/c.pth"}, "checkpoint",
                                          "RIB_INPUT_PREFIXES"),
+        "checkpoint in the results": ({"kind": "evaluate", "checkpoint": f"s3://{BUCKET}/results/jobs/x/d.pth"},
+                                      "checkpoint", "inside the service's results"),
+        "checkpoint that does not exist": ({"kind": "evaluate", "checkpoint": f"s3://{BUCKET}/data/none.pth"},
+                                           "checkpoint", "nothing at"),
         "worker-local init weights": ({"config": {"arch": "resnet18", "init_weights": "/root/.ssh/id_rsa"}},
-                                      "config.init_weights", "RIB_ALLOW_LOCAL_INIT_WEIGHTS"),
+                                      "config.init_weights", "RIB_INPUT_PREFIXES"),
     }
-    for name, (change, field, setting) in cases.items():
+    for name, (change, field, message) in cases.items():
         r = api.post("/v1/training-jobs", json={**base, **change})
         assert r.status_code == 422, (name, r.text)
         errors = r.json()["errors"]
-        assert [e["field"] for e in errors] == [field] and setting in errors[0]["error"], (name, errors)
-    r = api.post("/v1/training-jobs", json=base)
-    assert r.status_code == 202, r.text
-    # Inputs of image jobs too: the configured bucket only, not every bucket.
+        assert [e["field"] for e in errors] == [field] and message in errors[0]["error"], (name, errors)
+    r = api.post("/v1/training-jobs", json={**base, "output": "s3://attacker/run"})
+    assert r.status_code == 422 and "output is chosen by the service" in r.text, r.text
+    r = api.post("/v1/training-jobs", json={**base, "manifest": "s3://attacker/m.jsonl"})
+    assert r.status_code == 422 and "RIB_INPUT_PREFIXES" in r.text, r.text
+    # Inputs of image jobs too: the configured bucket only, not every bucket, and never the results.
     r = api.post("/v1/jobs", json={"images": [{"id": "a", "image": "s3://attacker/a.png", "labels": ["cat"]}]})
     assert r.status_code == 422 and "RIB_INPUT_PREFIXES" in r.json()["errors"][0]["error"], r.text
+    r = api.post("/v1/jobs", json={"images": [{"id": "a", "image": f"s3://{BUCKET}/results/jobs/x/a.png",
+                                               "labels": ["cat"]}]})
+    assert r.status_code == 422 and "inside the service's results" in r.text, r.text
 
 
 def png(size: tuple[int, int] = (32, 32)) -> bytes:
@@ -121,7 +130,7 @@ def test_jobs_belong_to_the_key_that_made_them(api: Api) -> None:
     assert r.status_code == 202, r.text
     bulk_job = r.json()["job_id"]
     r = api.post("/v1/training-jobs", json={"kind": "train", "manifest": f"s3://{BUCKET}/data/m.jsonl",
-                                            "output": f"s3://{BUCKET}/results/t", "config": {"arch": "resnet18"}})
+                                            "config": {"arch": "resnet18"}})
     assert r.status_code == 202, r.text
     training_job = r.json()["job_id"]
     for job_id in (image_job, bulk_job):
@@ -218,13 +227,13 @@ def test_results_offset_out_of_range_is_a_422(api: Api) -> None:
 
 
 def test_training_jobs_check_arch_and_buckets(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    base = {"kind": "train", "manifest": f"s3://{BUCKET}/data/m.jsonl", "output": f"s3://{BUCKET}/results/r"}
+    base = {"kind": "train", "manifest": f"s3://{BUCKET}/data/m.jsonl"}
     r = api.post("/v1/training-jobs", json={**base, "config": {"arch": "resnet9000"}})
     assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["config.arch"], r.text
     assert "resnet101" in r.json()["errors"][0]["error"]
     monkeypatch.setattr(api.settings, "input_prefixes", [f"s3://{BUCKET}/", "s3://missing-data/"])
     r = api.post("/v1/training-jobs", json={**base, "manifest": "s3://missing-data/m.jsonl"})
-    assert r.status_code == 422 and "no bucket named missing-data" in r.json()["detail"], r.text
+    assert r.status_code == 422 and "no manifest at s3://missing-data/m.jsonl" in r.text, r.text
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -250,7 +259,7 @@ def test_messages_name_the_setting_and_the_media_type(api: Api) -> None:
     r = api.post("/v1/jobs", data={"manifest_uri": f"s3://{BUCKET}/m.jsonl"})
     assert r.status_code == 422 and "reads a application/json body" in r.json()["detail"], r.text
     # FastAPI's own checks answer in the service's shape.
-    r = api.post("/v1/training-jobs", json={"kind": "train", "manifest": f"s3://{BUCKET}/m", "output": "x",
+    r = api.post("/v1/training-jobs", json={"kind": "train", "manifest": f"s3://{BUCKET}/m",
                                             "config": {"lr": -1}})
     body = r.json()
     assert r.status_code == 422 and isinstance(body["detail"], str), r.text

@@ -132,6 +132,7 @@ def test_a_pipeline_no_worker_runs_is_queued_then_cancelled(api: Api, demo: Demo
     rebuilt = api.get(url).json()
     assert rebuilt["state"] == "cancelled" and {s["state"] for s in rebuilt["stages"].values()} == {"cancelled"}
     assert broker.llen("rib.training") == queued + 1
+    api.s3.put_object(Bucket=BUCKET, Key="c.pth", Body=b"a classifier")  # present at submit
     given = api.post("/v1/pipelines", json={"manifest_uri": manifest, "classifier_uri": f"s3://{BUCKET}/c.pth",
                                             "refine": irn(1)})
     assert given.json()["stages"] == ["classifier", "maps", "refine"]

@@ -97,7 +97,6 @@ def running_stack(demo: Any, classifier_path: Path, logs: Path, **settings: str)
                 **os.environ,
                 "RIB_BROKER_URL": f"{redis.url}/0", "RIB_RESULT_BACKEND": f"{redis.url}/1",
                 "RIB_STORAGE_URI": f"s3://{BUCKET}/results", "RIB_S3_ENDPOINT_URL": endpoint,
-                "RIB_OUTPUT_PREFIXES": f"s3://{BUCKET}/deeplab/",  # the training test writes there
                 "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                 "RIB_CLASSIFIER_URI": f"s3://{BUCKET}/models/classifier.pth",
                 "RIB_COMPANION_MANIFEST_URI": companions, "RIB_API_KEYS": f"other-key,{API_KEY}", "RIB_DEVICE": "cpu",
@@ -374,26 +373,26 @@ def test_training_jobs_run_on_the_training_queue(stack: Stack) -> None:
                 return wait_for(lambda: (s := c.get(url).json())["state"] in ("done", "failed") and s,
                                 300, "the training job", every=1)
 
-            trained = run({"kind": "train", "manifest": manifest_uri, "output": f"s3://{BUCKET}/deeplab/run",
-                           "config": tiny, "evaluate_on": manifest_uri})
+            trained = run({"kind": "train", "manifest": manifest_uri, "config": tiny, "evaluate_on": manifest_uri})
             assert trained["state"] == "done", (trained, trainer.tail())
+            out = f"results/jobs/{trained['job_id']}/training"  # the job's own prefix, the service's choice
             checkpoint = trained["result"]["checkpoint"]
-            assert checkpoint == f"s3://{BUCKET}/deeplab/run/deeplab.pth" and stack.objects("deeplab/run/deeplab.pth")
+            assert checkpoint == f"s3://{BUCKET}/{out}/deeplab.pth" and stack.objects(f"{out}/deeplab.pth")
             assert trained["result"]["steps"] == 3 and {k: trained["spec"]["config"][k] for k in tiny} == tiny
             # evaluate_on: the same job scored the trained network and predicted the manifest's images.
             evaluation = trained["result"]["evaluation"]
             assert evaluation["images"] == evaluation["predicted"] == 8
-            assert json.loads(stack.get("deeplab/run/evaluation/report.json"))["miou"] == evaluation["miou"]
-            assert len(stack.objects("deeplab/run/evaluation/masks/")) == 8
-            scored = run({"kind": "evaluate", "manifest": manifest_uri, "output": f"s3://{BUCKET}/deeplab/eval",
-                          "checkpoint": checkpoint, "config": tiny})
+            assert json.loads(stack.get(f"{out}/evaluation/report.json"))["miou"] == evaluation["miou"]
+            assert len(stack.objects(f"{out}/evaluation/masks/")) == 8
+            # The owner evaluates with its own job's checkpoint (a file of its own job in the results).
+            scored = run({"kind": "evaluate", "manifest": manifest_uri, "checkpoint": checkpoint, "config": tiny})
             assert scored["state"] == "done", (scored, trainer.tail())
-            report = json.loads(stack.get("deeplab/eval/report.json"))
+            report = json.loads(stack.get(f"results/jobs/{scored['job_id']}/training/report.json"))
             assert report["miou"] == scored["result"]["miou"] and 0 <= report["miou"] <= 1
             assert c.get("/v1/training-jobs/0123456789abcdef0123456789abcdef").status_code == 404
-            missing = run({"kind": "evaluate", "manifest": manifest_uri, "output": f"s3://{BUCKET}/deeplab/x",
-                           "checkpoint": f"s3://{BUCKET}/deeplab/none.pth"})
-            assert missing["state"] == "failed" and "none.pth" in missing["error"]
+            missing = c.post("/v1/training-jobs", json={"kind": "evaluate", "manifest": manifest_uri,
+                                                        "checkpoint": f"s3://{BUCKET}/deeplab/none.pth"})
+            assert missing.status_code == 422 and "none.pth" in missing.text, missing.text
     finally:
         trainer.stop()
         stack.new_worker("worker-3")

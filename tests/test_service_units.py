@@ -120,7 +120,8 @@ def test_rib_parameters_override_the_defaults_within_bounds() -> None:
     assert (coco.lr, coco.companions, coco.tau, coco.iterations) == (5e-6, 4, 0.5, 3)
     for bad, message in (({"pooling": "max"}, "invalid RIB"), ({"map_scales": [1.0, 9.0]}, "scales"),
                          ({"loss_scales": [3.0]}, "loss scale"), ([1, 2], "JSON object"),
-                         ({"resize_long": [320, 4096]}, "RIB_MAX_CROP_SIZE"), ({"unknown": 1}, "invalid RIB")):
+                         ({"resize_long": [320, 4096]}, "invalid RIB"),
+                         ({"crop_size": 100_000}, "invalid RIB"), ({"unknown": 1}, "invalid RIB")):
         with pytest.raises(InputError, match=message):
             rib_params(bad, defaults, 1024)
 
@@ -163,17 +164,16 @@ def test_refine_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
         refine_params({"crf": {"unary": "softmax"}}, s.refine_defaults)
 
 
-def test_refinement_waits_for_every_chunk_of_maps_counted_once(store: JobStore) -> None:
-    """A chunk delivered twice counts once; refinement may start only once every chunk is counted."""
+def test_the_maps_stage_is_completed_once_by_the_chunk_that_completes_it(store: JobStore) -> None:
+    """A chunk delivered twice counts once; exactly one call decides the maps stage is done."""
     pipelines = PipelineStore(store.r, ttl_s=600)
     job_id = "e" * 32
-    spec = PipelineSpec(manifest="s3://b/m.jsonl", image_ids=["a", "b", "c"], chunks=[["a", "b"], ["c"]])
-    pipelines.create(job_id, spec, owner="o")
-    assert pipelines.chunk_done(job_id, 0, {}) == 1
-    assert pipelines.chunk_done(job_id, 0, {}) == 1  # delivered again after its count
-    assert pipelines.maps_ready(job_id) is False  # chunk 1 has not run: refinement waits
-    assert pipelines.chunk_done(job_id, 1, {"c": "no map written"}) == len(spec.chunks)
-    pipelines.finish(job_id, "maps", "done", {"images": 3, "maps": 2})  # what the last chunk's task does
-    assert pipelines.maps_ready(job_id) is True
-    pipelines.finish(job_id, "maps", "failed", error="x")
-    assert pipelines.maps_ready(job_id) is None  # never: the job has ended
+    spec = PipelineSpec(manifest="s3://b/m.jsonl", image_ids=["a", "b", "c"], chunks=[["a", "b"], ["c"]], owner="o")
+    pipelines.create(job_id, spec)
+    assert pipelines.chunk_done(job_id, 0, {}, 2) == 0
+    assert pipelines.chunk_done(job_id, 0, {}, 2) == 0  # delivered again after its count
+    assert pipelines.stage_state(job_id, "maps") == "pending"  # chunk 1 has not run
+    assert pipelines.chunk_done(job_id, 1, {"c": "no map written"}, 2) == 1  # the one decision
+    assert pipelines.chunk_done(job_id, 1, {}, 2) == 0 and pipelines.stage_state(job_id, "maps") == "done"
+    assert pipelines.status(job_id)["stages"]["maps"]["progress"] == {"chunks_done": 2, "chunks": 2,
+                                                                      "images_failed": 1}

@@ -14,12 +14,14 @@ by Celery, and the image it was on is charged the attempt with that reason.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,9 +32,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contract.jobs import JobItem, JobStore
+from contract.records import Records
 from contract.settings import Settings, get_settings
 from contract.tasks import PROCESS_CHUNK, TRAINING_JOB, ChunkPayload, TaskQueue, TrainingJobPayload
-from rib_core.artifacts import MARKER, image_key, store_result
+from rib_core.artifacts import MARKER, image_key, store_result, training_input_key
 from rib_core.datasets import ImageError, decode_image
 from rib_core.pipeline import PseudoMaskPipeline, resolve_device
 from rib_core.rib_config import RibConfig
@@ -183,12 +186,29 @@ def claim(rt: Runtime, job_id: str, item: JobItem) -> bool:
 @app.task(name=TRAINING_JOB, bind=True)
 def training_job(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """An offline DeepLab job (a :class:`~contract.tasks.TrainingJobPayload`: train, evaluate or
-    predict) on this worker's device."""
+    predict) on this worker's device, on its frozen manifests (digests checked). Whatever it
+    raises, MemoryError included, fails the job and leaves the worker serving; a job whose
+    deliveries killed ``RIB_MAX_STAGE_ATTEMPTS`` workers fails with that reason instead of running."""
     from rib_core.train_deeplab import run_training_job
 
-    spec = TrainingJobPayload.model_validate(payload).model_dump(exclude_none=True)
+    rt = runtime()
+    job = TrainingJobPayload.model_validate(payload)
+    if rt.store.training_attempt(self.request.id) > rt.settings.max_stage_attempts:
+        raise RuntimeError(f"its worker stopped {rt.settings.max_stage_attempts} times while running it "
+                           "(killed, or out of memory); not retried")
+    records = Records(rt.storage, rt.settings.signing_key())
+    spec = job.model_dump(exclude_none=True, exclude={"manifest_sha256", "evaluate_on_sha256"})
     log.info("training job %s: %s", self.request.id, spec)
-    return run_training_job({**spec, "device": str(resolve_device(runtime().settings.device))})
+    with tempfile.TemporaryDirectory(prefix="rib-training-") as tmp:
+        for name, digest in (("manifest", job.manifest_sha256), ("evaluate_on", job.evaluate_on_sha256)):
+            if digest is not None:
+                path = Path(tmp) / f"{name}.jsonl"
+                path.write_bytes(records.get_frozen(training_input_key(self.request.id, name), digest))
+                spec[name] = str(path)
+        try:
+            return run_training_job({**spec, "device": str(resolve_device(rt.settings.device))})
+        except MemoryError as e:  # Celery takes a MemoryError for the worker's end: report it as the job's
+            raise RuntimeError(f"out of memory: {e}") from None
 
 
 def reap(store: JobStore, storage: Storage, queue: TaskQueue) -> None:
@@ -213,17 +233,24 @@ def start_reaper(**_: Any) -> None:
     storage = settings.storage()
     queue = TaskQueue(settings, app)
 
-    def loop() -> None:
-        record_classifier(store, settings)
-        while True:
-            time.sleep(settings.lease_s / 2)
-            try:
-                reap(store, storage, queue)
-            except Exception:  # an outage or a bug: log it, try again next round
-                log.exception("reaper round failed")
-
-    threading.Thread(target=loop, name="rib-reaper", daemon=True).start()
+    record_classifier(store, settings)
+    every(settings.lease_s / 2, lambda: reap(store, storage, queue), "rib-reaper")
     log.info("torch: %d thread(s) per worker process; reaper: every %.0f s", _threads, settings.lease_s / 2)
+
+
+def every(seconds: float, round_: Callable[[], None], name: str) -> None:
+    """Run ``round_`` every ``seconds`` on a daemon thread of this process; a round that fails (an
+    outage, a bug) is logged and the next one tries again."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(seconds)
+            try:
+                round_()
+            except Exception:
+                log.exception("%s: round failed", name)
+
+    threading.Thread(target=loop, name=name, daemon=True).start()
 
 
 def record_classifier(store: JobStore, settings: Settings) -> None:

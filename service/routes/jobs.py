@@ -14,10 +14,10 @@ from contract.settings import Settings
 from rib_core.artifacts import job_prefix
 from rib_core.exports import ExportConfig, ExportFormat, export_job
 from rib_core.storage import parent_uri, read_bytes, uri_size
-from service.deps import ClassesDep, Owner, SettingsDep
+from service.deps import ClassesDep, LocationsDep, Owner, SettingsDep
 from service.schemas import ExportLink, JobAccepted, JobRequest, JobStatus, ResultsPage
 from service.submissions import Jobs, JobsDep
-from service.validation import InputError, inline_items, manifest_items, refine_params, rib_params, uri_error
+from service.validation import InputError, Locations, inline_items, manifest_items, refine_params, rib_params
 
 MAX_OFFSET = 2**62     # results paging: Redis list indexes are 64-bit
 FINISHED = ("done", "failed", "cancelled")
@@ -34,9 +34,9 @@ def accepted(job_id: str, **extra: Any) -> JSONResponse:
                         headers={"Location": f"/v1/jobs/{job_id}"})
 
 
-def read_manifest(uri: str, s: Settings) -> str:
-    """The manifest's text, its size checked before it is downloaded."""
-    if err := uri_error(uri, s.input_prefixes):
+def read_manifest(uri: str, s: Settings, locations: Locations) -> str:
+    """The manifest's text, its location and size checked before it is downloaded."""
+    if err := locations(uri):
         raise InputError(422, f"manifest_uri: {err}")
     try:
         size = uri_size(uri)
@@ -56,7 +56,7 @@ def read_manifest(uri: str, s: Settings) -> str:
 
 @router.post("/jobs", status_code=202, response_model=JobAccepted)
 def submit_job(req: JobRequest, owner: Owner, settings: SettingsDep, jobs: JobsDep, classes: ClassesDep,
-               ) -> JSONResponse:
+               locations: LocationsDep) -> JSONResponse:
     """Many images at once; they are processed in chunks by every worker on the image queue."""
     s = settings
     if (req.manifest_uri is None) == (req.images is None):
@@ -64,10 +64,10 @@ def submit_job(req: JobRequest, owner: Owner, settings: SettingsDep, jobs: JobsD
     rib = rib_params(req.rib, s.rib_defaults, s.max_crop_size)
     refine = refine_params(req.refine, s.refine_defaults)
     if req.manifest_uri is not None:
-        text = read_manifest(req.manifest_uri, s)
-        items = manifest_items(text, parent_uri(req.manifest_uri), classes, s.input_prefixes, s.max_job_images)
+        text = read_manifest(req.manifest_uri, s, locations)
+        items = manifest_items(text, parent_uri(req.manifest_uri), classes, locations, s.max_job_images)
     else:
-        items = inline_items(req.images or [], classes, s.input_prefixes, s.max_job_images)
+        items = inline_items(req.images or [], classes, locations, s.max_job_images)
     job_id = uuid.uuid4().hex
     jobs.submit(job_id, "bulk", items, rib, refine, owner)
     return accepted(job_id, total=len(items))

@@ -1,56 +1,56 @@
-"""``/v1/training-jobs``: offline DeepLab jobs (train, evaluate, predict) on the training queue."""
+"""``/v1/training-jobs``: offline DeepLab jobs (train, evaluate, predict) on the training queue.
+
+A job's inputs are checked (:class:`service.validation.Locations`) and its manifests frozen into its
+own prefix at submit; it writes only under that prefix (``jobs/<id>/training/``), so no job can
+write into another's results or read another key's model.
+"""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
-from botocore.exceptions import BotoCoreError
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 
-from contract.settings import Settings
-from rib_core.storage import bucket_exists, is_s3_uri, split_s3_uri
-from service.deps import Owner, QueueDep, SettingsDep, StoreDep
+from contract.tasks import TrainingJobPayload
+from rib_core.artifacts import training_input_key, training_key
+from rib_core.storage import is_s3_uri, parent_uri
+from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep, StoreDep
+from service.routes.jobs import read_manifest
 from service.schemas import TrainingAccepted, TrainingJobRequest, TrainingStatus
-from service.validation import InputError, uri_error
+from service.submissions import STORAGE_ERRORS
+from service.validation import InputError, dataset_manifest
 
 router = APIRouter(tags=["training"])
 
 
-def _location_errors(req: TrainingJobRequest, s: Settings) -> list[dict[str, str]]:
-    """Inputs from RIB_INPUT_PREFIXES, the output inside RIB_OUTPUT_PREFIXES (kept apart: a worker
-    resumes from what lies under its output), initial weights never a worker-local path by default."""
-    checks = [(name, uri, s.input_prefixes, "RIB_INPUT_PREFIXES")
-              for name in ("manifest", "checkpoint", "evaluate_on") if (uri := getattr(req, name)) is not None]
-    checks.append(("output", req.output, s.output_prefixes, "RIB_OUTPUT_PREFIXES"))
-    init = req.config.init_weights
-    if init is not None and not (s.allow_local_init_weights and not is_s3_uri(init)):
-        checks.append(("config.init_weights", init, s.input_prefixes,
-                       "RIB_INPUT_PREFIXES, or RIB_ALLOW_LOCAL_INIT_WEIGHTS for a path on the worker"))
-    return [{"field": name, "error": err} for name, uri, prefixes, setting in checks
-            if (err := uri_error(uri, prefixes, setting))]
-
-
 @router.post("/training-jobs", status_code=202, response_model=TrainingAccepted)
 def submit_training(req: TrainingJobRequest, owner: Owner, settings: SettingsDep, store: StoreDep,
-                    queue: QueueDep) -> JSONResponse:
-    """A DeepLab job for the training workers; its inputs and output are checked here."""
-    if errors := _location_errors(req, settings):
-        raise InputError(422, "invalid locations", errors)
-    uris = [req.manifest, req.output, req.checkpoint, req.evaluate_on, req.config.init_weights]
-    buckets = sorted({split_s3_uri(u)[0] for u in uris if u is not None and is_s3_uri(u)})
-    try:
-        missing = [b for b in buckets if not bucket_exists(b)]
-    except BotoCoreError as e:
-        raise HTTPException(503, f"the object store is unreachable ({type(e).__name__}); retry later") from e
-    if missing:
-        raise InputError(422, f"no bucket named {', '.join(missing)}: create it or give another location")
+                    queue: QueueDep, records: RecordsDep, locations: LocationsDep) -> JSONResponse:
+    """A DeepLab job for the training workers; its inputs are checked and frozen here."""
     if req.kind != "train" and req.checkpoint is None:
         raise InputError(422, f"a {req.kind} job needs a checkpoint")
+    init = req.config.init_weights
+    local_init = init is not None and settings.allow_local_init_weights and not is_s3_uri(init)
+    locations.check({"checkpoint": req.checkpoint, "config.init_weights": None if local_init else init})
+    frozen = {name: dataset_manifest(read_manifest(uri, settings, locations), parent_uri(uri), locations,
+                                     settings.max_job_images)
+              for name, uri in (("manifest", req.manifest), ("evaluate_on", req.evaluate_on)) if uri is not None}
     job_id = uuid.uuid4().hex
-    store.create_training(job_id, req.model_dump(exclude_none=True), owner)
-    queue.send_training(job_id, req)
+    payload: dict[str, Any] = {**req.model_dump(mode="json", exclude_none=True),
+                               "output": records.storage.uri(training_key(job_id))}
+    try:
+        for name, manifest in frozen.items():
+            key = training_input_key(job_id, name)
+            payload[f"{name}_sha256"] = records.put_frozen(key, manifest.dumps().encode())
+            payload[name] = records.storage.uri(key)
+        records.put(training_key(job_id, "training.json"), {"job_id": job_id, "owner": owner, "payload": payload})
+    except STORAGE_ERRORS as e:
+        raise HTTPException(503, f"the results store is unreachable ({type(e).__name__}); nothing was queued, "
+                                 "submit the job again later") from e
+    store.create_training(job_id, req.model_dump(mode="json", exclude_none=True), owner)
+    queue.send_training(job_id, TrainingJobPayload.model_validate(payload))
     body = TrainingAccepted(job_id=job_id, state="queued", links={"status": f"/v1/training-jobs/{job_id}"})
     return JSONResponse(body.model_dump(exclude_none=True), status_code=202,
                         headers={"Location": f"/v1/training-jobs/{job_id}"})
