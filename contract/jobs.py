@@ -29,6 +29,7 @@ from typing import Any
 
 import redis
 
+from contract.records import Records, UntrustedRecordError
 from rib_core.artifacts import MARKER, image_key, index_key, request_key, stored_files
 from rib_core.storage import Storage
 
@@ -191,18 +192,19 @@ class JobItem:
         return cls(d["id"], d["image"], tuple(d["labels"]))
 
 
-def save_request(storage: Storage, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any],
+def save_request(records: Records, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any],
                  owner: str = "", refine: dict[str, Any] | None = None) -> None:
-    """Keep what a job was asked to do (and whose it is) next to its results, so that a job Redis
-    lost can be rebuilt."""
+    """Keep what a job was asked to do (and whose it is) next to its results, signed, so that a job
+    Redis lost can be rebuilt (and only from a record the service wrote)."""
     body = {"job_id": job_id, "kind": kind, "owner": owner, "rib": rib, "refine": refine or {},
             "items": [it.to_json() for it in items]}
-    storage.put(request_key(job_id), json.dumps(body).encode(), "application/json")
+    records.put(request_key(job_id), body)
 
 
-def load_request(storage: Storage, job_id: str) -> dict[str, Any]:
-    """The job's ``request.json`` (what :func:`save_request` kept). FileNotFoundError without one."""
-    return json.loads(storage.get(request_key(job_id)))
+def load_request(records: Records, job_id: str) -> dict[str, Any]:
+    """The job's ``request.json`` (what :func:`save_request` kept). FileNotFoundError without one,
+    UntrustedRecordError when the service did not write it."""
+    return records.get(request_key(job_id))
 
 
 def job_state(total: int, counts: dict[str, int], cancelled: bool) -> str:
@@ -364,19 +366,22 @@ class JobStore:
         return int(self._cancel(keys=[k["job"], k["order"], k["running"], k["done"], k["failed"], k["skipped"],
                                       STATS_KEY]))
 
-    def restore(self, job_id: str, storage: Storage) -> list[JobItem] | None:
+    def restore(self, job_id: str, records: Records) -> list[JobItem] | None:
         """Rebuild a job Redis no longer has (a restart without persistence, an eviction) from its
-        ``request.json``: images whose ``meta.json`` is in storage are done (their files reused),
-        the rest are returned, to be queued again. None when storage has no such job; [] while
-        another process is rebuilding it."""
-        if not JOB_ID.fullmatch(job_id) or not storage.exists(request_key(job_id)):
+        signed ``request.json``: images whose ``meta.json`` is in storage are done (their files
+        reused), the rest are returned, to be queued again. None when storage has no such job (or
+        only a record the service did not write); [] while another process is rebuilding it."""
+        if not JOB_ID.fullmatch(job_id):
+            return None
+        try:
+            request = load_request(records, job_id)
+        except (FileNotFoundError, UntrustedRecordError):
             return None
         if not self.r.set(f"rib:restoring:{job_id}", 1, nx=True, ex=60) or self.exists(job_id):
             return []
-        request = load_request(storage, job_id)
         items = [JobItem.from_json(d) for d in request["items"]]
         self.create(job_id, request["kind"], items, request["rib"], request.get("owner", ""), request.get("refine"))
-        files = stored_files(storage, job_id)
+        files = stored_files(records.storage, job_id)
         for it in items:
             if MARKER in files.get(it.id, []):
                 self.mark_done(job_id, it.id, files[it.id], None)
@@ -413,6 +418,25 @@ class JobStore:
             "rib": json.loads(job["rib"]),
             "refine": json.loads(job.get("refine") or "{}"),
         }
+
+    def total(self, job_id: str) -> int:
+        """The job's number of images (0 when Redis no longer has it)."""
+        return int(self.r.hget(self._keys(job_id)["job"], "total") or 0)
+
+    def cancelled(self, job_id: str) -> bool:
+        return self.r.hget(self._keys(job_id)["job"], "cancelled") == "1"
+
+    def pending_items(self, job_id: str, offset: int, limit: int) -> list[JobItem]:
+        """The images at positions ``offset`` to ``offset + limit`` of the job, less those done."""
+        k = self._keys(job_id)
+        ids = self.r.lrange(k["order"], offset, offset + limit - 1)
+        if not ids:
+            return []
+        with self.r.pipeline() as pipe:
+            pipe.hmget(k["items"], ids)
+            pipe.smismember(k["done"], ids)
+            raw, done = pipe.execute()
+        return [JobItem.from_json(json.loads(r)) for r, d in zip(raw, done, strict=True) if r and not d]
 
     def items(self, job_id: str, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         """Per-image records in submission order: status, labels, error, attempts, artifact names."""

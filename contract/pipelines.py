@@ -298,10 +298,11 @@ class PipelineStore:
         return self._call(lambda: self.r.hgetall(self.key(job_id, "map_failures")))
 
     # ---------------------------------------------------------------- what runs next: one decision
-    def advance(self, job_id: str, spec: PipelineSpec, dead_after_s: float) -> list[Send]:
+    def advance(self, job_id: str, spec: PipelineSpec, dead_after_s: float, limit: int | None = None) -> list[Send]:
         """The messages to send now for the job, each recorded as sent (``mark_queued.lua``): the
         first unfinished stage (every chunk of it, for maps) that was never sent, whose delivery died
-        (started, lease gone), or whose message is older than ``dead_after_s`` (lost with Redis). A
+        (started, lease gone), or whose message is older than ``dead_after_s`` (lost with Redis); at
+        most ``limit`` (the API's bound: the rest go with the next task's or the reaper's call). A
         job that is terminal leaves the reaper's scan and gets nothing."""
         raw = self._call(lambda: self.r.hgetall(self.key(job_id)))
         if not raw:
@@ -317,7 +318,13 @@ class PipelineStore:
             self._call(lambda: self.r.srem(ACTIVE_KEY, job_id))
             return []
         sends = [Send(current, n) for n in range(len(spec.chunks))] if current == "maps" else [Send(current)]
-        return [s for s in sends if self._due(job_id, s, dead_after_s)]
+        due: list[Send] = []
+        for send in sends:
+            if limit is not None and len(due) >= limit:
+                break
+            if self._due(job_id, send, dead_after_s):
+                due.append(send)
+        return due
 
     def _due(self, job_id: str, send: Send, dead_after_s: float) -> bool:
         if self._call(lambda: self.r.exists(self.key(job_id, f"lease:{send.unit}"))):

@@ -29,6 +29,8 @@ from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import DeepLabTrainConfig, RefineConfig
 
 PROCESS_CHUNK = "rib.process_chunk"
+FAN_OUT = "rib.fan_out"  # sends a large job's chunks from a worker, so that a submit answers at once
+FAN_OUT_INLINE = 64      # chunks a request sends itself; the rest are sent by FAN_OUT
 TRAINING_JOB = "rib.training_job"
 
 # Celery's states of a training job, as the API reports them.
@@ -103,6 +105,7 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.image_queue,
         task_routes={PROCESS_CHUNK: {"queue": settings.image_queue},
+                     FAN_OUT: {"queue": settings.image_queue},
                      TRAINING_JOB: {"queue": settings.training_queue},
                      PIPELINE_MAPS: {"queue": settings.image_queue},
                      PIPELINE_STAGE: {"queue": settings.training_queue}},
@@ -131,6 +134,21 @@ class TaskQueue:
                                                    "rib": rib, "refine": refine or {}})
             self.app.send_task(PROCESS_CHUNK, args=[payload.model_dump(mode="json")],
                                queue=self.settings.image_queue, task_id=f"{job_id}-{uuid.uuid4().hex[:8]}")
+
+    def send_job(self, job_id: str, items: Sequence[JobItem], rib: RibConfig | dict[str, Any],
+                 refine: RefineConfig | dict[str, Any] | None = None) -> None:
+        """Queue a recorded job: its first :data:`FAN_OUT_INLINE` chunks now, the rest from a
+        :data:`FAN_OUT` task (reading the job's images from its record), so that the caller's time
+        does not grow with the job."""
+        inline = FAN_OUT_INLINE * self.settings.chunk_size
+        self.send_chunks(job_id, items[:inline], rib, refine)
+        if len(items) > inline:
+            self.send_fan_out(job_id, inline)
+
+    def send_fan_out(self, job_id: str, start: int = 0) -> None:
+        """Queue the job's images from position ``start`` on (those not done yet), from a worker."""
+        self.app.send_task(FAN_OUT, args=[job_id, start], queue=self.settings.image_queue,
+                           task_id=f"{job_id}-fan-out-{uuid.uuid4().hex[:8]}")
 
     def send_training(self, job_id: str, payload: TrainingJobPayload) -> None:
         self.app.send_task(TRAINING_JOB, args=[payload.model_dump(mode="json", exclude_none=True)],

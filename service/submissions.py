@@ -15,6 +15,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import Depends, HTTPException
 
 from contract.jobs import JobItem, JobStore, save_request
+from contract.records import Records
 from contract.settings import Settings
 from contract.tasks import TaskQueue
 from rib_core.artifacts import final_files, image_key, upload_key
@@ -36,6 +37,10 @@ class Jobs:
     storage: Storage
     queue: TaskQueue
 
+    @property
+    def records(self) -> Records:
+        return Records(self.storage, self.settings.signing_key())
+
     def record(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, refine: RefineConfig,
                owner: str) -> None:
         """Record the job in Redis, then keep the request in storage, so that a job Redis loses can be
@@ -43,7 +48,7 @@ class Jobs:
         rib_json, refine_json = rib.model_dump(mode="json"), refine.model_dump(mode="json")
         self.store.create(job_id, kind, items, rib_json, owner, refine_json)
         try:
-            save_request(self.storage, job_id, kind, items, rib_json, owner, refine_json)
+            save_request(self.records, job_id, kind, items, rib_json, owner, refine_json)
         except STORAGE_ERRORS as e:
             self.fail_unstored(job_id, [it.id for it in items], e)
 
@@ -59,7 +64,7 @@ class Jobs:
                   refine: RefineConfig) -> None:
         """Queue a recorded job in chunks; a broker failure cancels the job instead of half-queueing it."""
         try:
-            self.queue.send_chunks(job_id, items, rib, refine)
+            self.queue.send_job(job_id, items, rib, refine)
         except Exception as e:
             self.store.cancel(job_id)
             raise HTTPException(503, f"the task queue is unreachable ({type(e).__name__}); the job was "
@@ -89,12 +94,12 @@ class Jobs:
         Another key's job is as unknown as one that never was: 404 either way."""
         unknown = HTTPException(404, f"no job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
         if not self.store.exists(job_id):
-            todo = self.store.restore(job_id, self.storage)
+            todo = self.store.restore(job_id, self.records)
             if todo is None:
                 raise unknown
             if not self.store.exists(job_id):
                 raise HTTPException(503, f"job {job_id} is being rebuilt from storage; retry in a moment")
-            self.queue.send_chunks(job_id, todo, self.store.rib(job_id), self.store.refine(job_id))
+            self.queue.send_fan_out(job_id)  # the images not done, from a worker
             self.store.finalize(job_id, self.storage)
         if not self.store.exists(job_id, owner):
             raise unknown

@@ -26,8 +26,9 @@ import pytest
 import redis
 import torch
 
-from contract.jobs import ACTIVE_KEY, JobItem, JobStore, save_request
-from rib_core.artifacts import MARKER, image_key
+from contract.jobs import ACTIVE_KEY, JobItem, JobStore, load_request, save_request
+from contract.records import Records
+from rib_core.artifacts import MARKER, image_key, request_key
 from rib_core.storage import LocalStorage
 from rib_core.threads import available_cores, torch_threads
 from tests.service_stack import StallingProxy, children, free_port, redis_server, wait_for
@@ -119,17 +120,21 @@ def test_the_reaper_hands_out_stale_images_again_then_fails_them(store: JobStore
 
 def test_a_job_redis_lost_is_rebuilt_from_storage(store: JobStore, tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
+    records = Records(storage, b"the server's secret")
     job_id = os.urandom(16).hex()
     items = [JobItem(f"img{i}", f"s3://b/img{i}.png", ("cat",)) for i in range(3)]
-    save_request(storage, job_id, "bulk", items, {"iterations": 2})
+    save_request(records, job_id, "bulk", items, {"iterations": 2})
+    planted = os.urandom(16).hex()  # a request.json the service did not write is never adopted
+    storage.put(request_key(planted), json.dumps({**load_request(records, job_id), "job_id": planted}).encode())
+    assert store.restore(planted, records) is None and not store.exists(planted)
     store.create(job_id, "bulk", items, {"iterations": 2})
     for name in ("map.npz", MARKER):  # img0 finished; img1 was cut off before its marker
         storage.put(image_key(job_id, "img0", name), b"x")
     storage.put(image_key(job_id, "img1", "map.npz"), b"x")
     forget(store, job_id)
-    assert store.restore(os.urandom(16).hex(), storage) is None  # storage has no such job
-    assert store.restore(job_id, storage) == items[1:]
-    assert store.restore(job_id, storage) == []  # rebuilt once
+    assert store.restore(os.urandom(16).hex(), records) is None  # storage has no such job
+    assert store.restore(job_id, records) == items[1:]
+    assert store.restore(job_id, records) == []  # rebuilt once
     status = store.status(job_id)
     assert status["counts"] == {"running": 0, "done": 1, "failed": 0, "skipped": 0, "queued": 2}
     assert store.items(job_id)[0]["artifacts"] == ["map.npz", MARKER]

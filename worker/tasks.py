@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from contract.jobs import JobItem, JobStore
 from contract.records import Records
 from contract.settings import Settings, get_settings
-from contract.tasks import PROCESS_CHUNK, TRAINING_JOB, ChunkPayload, TaskQueue, TrainingJobPayload
+from contract.tasks import FAN_OUT, PROCESS_CHUNK, TRAINING_JOB, ChunkPayload, TaskQueue, TrainingJobPayload
 from rib_core.artifacts import MARKER, image_key, store_result, training_input_key
 from rib_core.datasets import ImageError, decode_image
 from rib_core.pipeline import PseudoMaskPipeline, resolve_device
@@ -64,6 +64,12 @@ def runtime() -> Runtime:
     settings = get_settings()
     settings.export_s3_endpoint()
     return Runtime(settings, JobStore.from_url(settings.state_redis_url, settings.job_ttl_s), settings.storage())
+
+
+@cache
+def task_queue() -> TaskQueue:
+    """This worker process's sender (the worker's own Celery app)."""
+    return TaskQueue(runtime().settings, app)
 
 
 @cache
@@ -140,6 +146,19 @@ def process_chunk(payload: dict[str, Any]) -> None:
             log.warning("job %s: %s: %s; carrying on in %.0f s", job_id, type(e).__name__, e, pause)
             time.sleep(pause)
             pause = min(2 * pause, 30.0)
+
+
+@app.task(name=FAN_OUT, acks_late=True, ignore_result=True)
+def fan_out(job_id: str, start: int) -> None:
+    """Queue a large job's images from position ``start`` on, in pages, skipping those done (a job
+    rebuilt from storage, a redelivery). A cancelled job is not queued further."""
+    rt = runtime()
+    page = 125 * rt.settings.chunk_size
+    rib, refine = rt.store.rib(job_id), rt.store.refine(job_id)
+    for offset in range(start, rt.store.total(job_id), page):
+        if rt.store.cancelled(job_id):
+            return
+        task_queue().send_chunks(job_id, rt.store.pending_items(job_id, offset, page), rib, refine)
 
 
 @contextmanager

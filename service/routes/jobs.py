@@ -114,7 +114,7 @@ def export(job_id: str, jobs: OwnedJob, classes: ClassesDep, format: Annotated[E
     Studio task list with its labelling config, or VOC palette PNGs: one zip written under the
     job's prefix in storage, returned as a presigned link. Images still running are left out;
     call again when the job is done. Ignore pixels (255) are in no COCO or Label Studio region."""
-    uris = {d["id"]: d["image"] for d in load_request(jobs.storage, job_id)["items"]}
+    uris = {d["id"]: d["image"] for d in load_request(jobs.records, job_id)["items"]}
     cfg = ExportConfig(format=format, image_url_prefix=image_url_prefix)
     try:
         key = export_job(jobs.storage, job_prefix(job_id), classes, cfg, uris)

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from contract.pipelines import PipelineSpec, PipelineStore
 from contract.records import UntrustedRecordError
+from contract.tasks import FAN_OUT_INLINE
 from rib_core.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, PIPELINE_VAL_MANIFEST, pipeline_index, pipeline_key
 from rib_core.datasets import Manifest, parse_manifest
 from rib_core.exports import ExportConfig, ExportFormat, export_job, pipeline_masks
@@ -94,7 +95,7 @@ def submit_pipeline(req: PipelineRequest, owner: Owner, settings: SettingsDep, p
                                  "submit the job again later") from e
     pipelines.create(job_id, spec)
     try:
-        queue.send_pipeline(job_id, pipelines.advance(job_id, spec, settings.visibility_timeout_s))
+        queue.send_pipeline(job_id, pipelines.advance(job_id, spec, settings.visibility_timeout_s, FAN_OUT_INLINE))
     except Exception as e:
         pipelines.cancel(job_id, records.storage)
         raise HTTPException(503, f"the task queue is unreachable ({type(e).__name__}); the job was cancelled, "
@@ -113,7 +114,7 @@ def owned(job_id: str, owner: Owner, pipelines: PipelinesDep, records: RecordsDe
         spec = pipelines.restore(job_id, records)
         if spec is None or not pipelines.exists(job_id):
             raise unknown
-        queue.send_pipeline(job_id, pipelines.advance(job_id, spec, settings.visibility_timeout_s))
+        queue.send_pipeline(job_id, pipelines.advance(job_id, spec, settings.visibility_timeout_s, FAN_OUT_INLINE))
     if not pipelines.exists(job_id, owner):
         raise unknown
     try:
