@@ -15,6 +15,8 @@ from contract.tasks import TrainingJobRequest
 
 __all__ = ["TrainingJobRequest"]
 
+MAX_OFFSET = 2**62  # results paging: Redis list indexes are 64-bit
+
 
 class JobRequest(BaseModel):
     """A bulk job: a manifest (``s3://...`` JSONL, the rib-manifest format) or an inline list of records."""

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import Depends, HTTPException
+from fastapi.responses import JSONResponse
 
 from contract.jobs import JobItem, JobStore, save_request
 from contract.records import Records
@@ -24,8 +25,19 @@ from rib_core.stage_configs import RefineConfig
 from rib_core.storage import Storage
 from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep
 from service.metrics import SUBMITTED
+from service.schemas import JobAccepted
 
 STORAGE_ERRORS = (OSError, BotoCoreError, ClientError)
+FINISHED = ("done", "failed", "cancelled")  # a job's terminal states
+
+
+def accepted(job_id: str, **extra: Any) -> JSONResponse:
+    """202 with the job's links and a Location header."""
+    body = JobAccepted.model_validate({"job_id": job_id, "state": "queued", **extra,
+                                       "links": {"status": f"/v1/jobs/{job_id}",
+                                                 "results": f"/v1/jobs/{job_id}/results"}})
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=202,
+                        headers={"Location": f"/v1/jobs/{job_id}"})
 
 
 @dataclass

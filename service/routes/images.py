@@ -12,9 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import ClassesDep, Owner, SettingsDep
-from service.routes.jobs import FINISHED, accepted
 from service.schemas import FinishedUpload, JobAccepted
-from service.submissions import JobsDep
+from service.submissions import FINISHED, JobsDep, accepted
 from service.validation import check_upload, decode_upload, default_image_id, parse_labels, refine_params, rib_params
 
 router = APIRouter(tags=["jobs"])

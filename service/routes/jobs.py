@@ -5,53 +5,20 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 
 from contract.jobs import load_request
-from contract.settings import Settings
 from rib_core.artifacts import job_prefix
 from rib_core.exports import ExportConfig, ExportFormat, export_job
-from rib_core.storage import parent_uri, read_bytes, uri_size
+from rib_core.storage import parent_uri
 from service.deps import ClassesDep, LocationsDep, Owner, SettingsDep
-from service.schemas import ExportLink, JobAccepted, JobRequest, JobStatus, ResultsPage
-from service.submissions import Jobs, JobsDep
-from service.validation import InputError, Locations, inline_items, manifest_items, refine_params, rib_params
-
-MAX_OFFSET = 2**62     # results paging: Redis list indexes are 64-bit
-FINISHED = ("done", "failed", "cancelled")
+from service.inputs import read_manifest
+from service.schemas import MAX_OFFSET, ExportLink, JobAccepted, JobRequest, JobStatus, ResultsPage
+from service.submissions import Jobs, JobsDep, accepted
+from service.validation import InputError, inline_items, manifest_items, refine_params, rib_params
 
 router = APIRouter(tags=["jobs"])
-
-
-def accepted(job_id: str, **extra: Any) -> JSONResponse:
-    """202 with the job's links and a Location header."""
-    body = JobAccepted.model_validate({"job_id": job_id, "state": "queued", **extra,
-                                       "links": {"status": f"/v1/jobs/{job_id}",
-                                                 "results": f"/v1/jobs/{job_id}/results"}})
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=202,
-                        headers={"Location": f"/v1/jobs/{job_id}"})
-
-
-def read_manifest(uri: str, s: Settings, locations: Locations) -> str:
-    """The manifest's text, its location and size checked before it is downloaded."""
-    if err := locations(uri):
-        raise InputError(422, f"manifest_uri: {err}")
-    try:
-        size = uri_size(uri)
-        if size > s.max_manifest_bytes:
-            raise InputError(422, f"the manifest at {uri} is {size} bytes; the limit is {s.max_manifest_bytes} "
-                                  "(RIB_MAX_MANIFEST_BYTES): split the job")
-        return read_bytes(uri).decode("utf-8")
-    except FileNotFoundError as e:
-        raise InputError(422, f"no manifest at {uri}") from e
-    except UnicodeDecodeError as e:
-        raise InputError(422, f"the manifest at {uri} is not UTF-8 text") from e
-    except ClientError as e:
-        raise InputError(422, f"cannot read the manifest at {uri}: {e}") from e
-    except BotoCoreError as e:
-        raise HTTPException(503, f"the object store is unreachable: {e}") from e
 
 
 @router.post("/jobs", status_code=202, response_model=JobAccepted)

@@ -14,16 +14,14 @@ from contract.tasks import FAN_OUT_INLINE
 from rib_core.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, PIPELINE_VAL_MANIFEST, pipeline_index, pipeline_key
 from rib_core.datasets import Manifest, parse_manifest
 from rib_core.exports import ExportConfig, ExportFormat, export_job, pipeline_masks
-from rib_core.storage import parent_uri
 from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep, StorageDep, StoreDep
-from service.routes.jobs import MAX_OFFSET, read_manifest
-from service.schemas import ExportLink, PipelineAccepted, PipelineRequest, PipelineResults, PipelineStatus
+from service.inputs import frozen_manifest
+from service.schemas import MAX_OFFSET, ExportLink, PipelineAccepted, PipelineRequest, PipelineResults, PipelineStatus
 from service.submissions import STORAGE_ERRORS
 from service.validation import (
     InputError,
     Locations,
     classifier_params,
-    dataset_manifest,
     deeplab_params,
     refine_params,
     rib_params,
@@ -39,11 +37,6 @@ def pipeline_store(store: StoreDep) -> PipelineStore:
 PipelinesDep = Annotated[PipelineStore, Depends(pipeline_store)]
 
 
-def _frozen(uri: str, s: SettingsDep, locations: Locations) -> Manifest:
-    """A manifest the request names, read and checked line by line: the copy the job keeps."""
-    return dataset_manifest(read_manifest(uri, s, locations), parent_uri(uri), locations, s.max_job_images)
-
-
 def _spec(req: PipelineRequest, settings: SettingsDep, owner: str, locations: Locations,
           ) -> tuple[PipelineSpec, Manifest, Manifest | None]:
     """The request checked: locations, every stage's settings, and a data set large enough to train on."""
@@ -56,8 +49,8 @@ def _spec(req: PipelineRequest, settings: SettingsDep, owner: str, locations: Lo
                "refine.irn.init_weights": refine.irn.init_weights,
                "deeplab.init_weights": deeplab.init_weights if deeplab else None}
     locations.check(weights)
-    manifest = _frozen(req.manifest_uri, s, locations)
-    validation = _frozen(req.val_manifest_uri, s, locations) if req.val_manifest_uri else None
+    manifest = frozen_manifest(req.manifest_uri, s, locations)
+    validation = frozen_manifest(req.val_manifest_uri, s, locations) if req.val_manifest_uri else None
     if validation is not None and validation.classes != manifest.classes:
         raise InputError(422, f"val_manifest_uri's classes {validation.classes} differ from the data set's "
                               f"{manifest.classes}")
@@ -84,10 +77,10 @@ def submit_pipeline(req: PipelineRequest, owner: Owner, settings: SettingsDep, p
     spec, manifest, validation = _spec(req, settings, owner, locations)
     job_id = uuid.uuid4().hex
     try:
-        digest = records.put_frozen(pipeline_key(job_id, PIPELINE_MANIFEST), manifest.dumps().encode())
+        digest = records.putfrozen_manifest(pipeline_key(job_id, PIPELINE_MANIFEST), manifest.dumps().encode())
         spec.manifest_sha256 = digest
         if validation is not None:
-            spec.val_manifest_sha256 = records.put_frozen(pipeline_key(job_id, PIPELINE_VAL_MANIFEST),
+            spec.val_manifest_sha256 = records.putfrozen_manifest(pipeline_key(job_id, PIPELINE_VAL_MANIFEST),
                                                           validation.dumps().encode())
         records.put(pipeline_key(job_id, PIPELINE_SPEC), spec.model_dump(mode="json"))
     except STORAGE_ERRORS as e:
@@ -159,7 +152,7 @@ def export_pipeline(job_id: str, spec: OwnedPipeline, records: RecordsDep, setti
     job's prefix, as for bulk jobs (``/v1/jobs/{id}/export``). Read from the job's frozen manifest."""
     storage = records.storage
     try:
-        text = records.get_frozen(pipeline_key(job_id, PIPELINE_MANIFEST), spec.manifest_sha256).decode()
+        text = records.getfrozen_manifest(pipeline_key(job_id, PIPELINE_MANIFEST), spec.manifest_sha256).decode()
         manifest = parse_manifest(text)
         images = pipeline_masks(storage, job_id, manifest)
         key = export_job(storage, pipeline_key(job_id), manifest.classes,

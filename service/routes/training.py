@@ -15,12 +15,12 @@ from fastapi.responses import JSONResponse
 
 from contract.tasks import TrainingJobPayload
 from rib_core.artifacts import training_input_key, training_key
-from rib_core.storage import is_s3_uri, parent_uri
+from rib_core.storage import is_s3_uri
 from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep, StoreDep
-from service.routes.jobs import read_manifest
+from service.inputs import frozen_manifest
 from service.schemas import TrainingAccepted, TrainingJobRequest, TrainingStatus
 from service.submissions import STORAGE_ERRORS
-from service.validation import InputError, dataset_manifest
+from service.validation import InputError
 
 router = APIRouter(tags=["training"])
 
@@ -34,8 +34,7 @@ def submit_training(req: TrainingJobRequest, owner: Owner, settings: SettingsDep
     init = req.config.init_weights
     local_init = init is not None and settings.allow_local_init_weights and not is_s3_uri(init)
     locations.check({"checkpoint": req.checkpoint, "config.init_weights": None if local_init else init})
-    frozen = {name: dataset_manifest(read_manifest(uri, settings, locations), parent_uri(uri), locations,
-                                     settings.max_job_images)
+    frozen = {name: frozen_manifest(uri, settings, locations)
               for name, uri in (("manifest", req.manifest), ("evaluate_on", req.evaluate_on)) if uri is not None}
     job_id = uuid.uuid4().hex
     payload: dict[str, Any] = {**req.model_dump(mode="json", exclude_none=True),
