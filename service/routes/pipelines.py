@@ -77,10 +77,10 @@ def submit_pipeline(req: PipelineRequest, owner: Owner, settings: SettingsDep, p
     spec, manifest, validation = _spec(req, settings, owner, locations)
     job_id = uuid.uuid4().hex
     try:
-        digest = records.putfrozen_manifest(pipeline_key(job_id, PIPELINE_MANIFEST), manifest.dumps().encode())
+        digest = records.put_frozen(pipeline_key(job_id, PIPELINE_MANIFEST), manifest.dumps().encode())
         spec.manifest_sha256 = digest
         if validation is not None:
-            spec.val_manifest_sha256 = records.putfrozen_manifest(pipeline_key(job_id, PIPELINE_VAL_MANIFEST),
+            spec.val_manifest_sha256 = records.put_frozen(pipeline_key(job_id, PIPELINE_VAL_MANIFEST),
                                                           validation.dumps().encode())
         records.put(pipeline_key(job_id, PIPELINE_SPEC), spec.model_dump(mode="json"))
     except STORAGE_ERRORS as e:
@@ -152,7 +152,7 @@ def export_pipeline(job_id: str, spec: OwnedPipeline, records: RecordsDep, setti
     job's prefix, as for bulk jobs (``/v1/jobs/{id}/export``). Read from the job's frozen manifest."""
     storage = records.storage
     try:
-        text = records.getfrozen_manifest(pipeline_key(job_id, PIPELINE_MANIFEST), spec.manifest_sha256).decode()
+        text = records.get_frozen(pipeline_key(job_id, PIPELINE_MANIFEST), spec.manifest_sha256).decode()
         manifest = parse_manifest(text)
         images = pipeline_masks(storage, job_id, manifest)
         key = export_job(storage, pipeline_key(job_id), manifest.classes,
