@@ -51,6 +51,8 @@ class Records:
     def get(self, key: str) -> dict[str, Any]:
         """The record without its signature. FileNotFoundError when absent, UntrustedRecordError when the
         service did not write it."""
+        if not self.storage.exists(key):
+            raise FileNotFoundError(key)
         try:
             body = json.loads(self.storage.get(key))
         except json.JSONDecodeError as e:
