@@ -164,13 +164,16 @@ def cmd_cam(args: argparse.Namespace) -> None:
 def cmd_rib(args: argparse.Namespace) -> None:
     from rib_core.batching import run_rib
     from rib_core.companions import CompanionPool
-    from rib_core.datasets import load_manifest
+    from rib_core.datasets import load_manifest, median_long_side
     from rib_core.rib_config import RibConfig
 
     model, manifest = _classifier_and_manifest(args)
     companions = load_manifest(args.companions) if args.companions else manifest
+    cfg, note = build_config(RibConfig, args).fitted_to(median_long_side(companions))
+    if note:
+        print(note, file=sys.stderr)
     pool = CompanionPool.from_manifest(companions, progress=not args.quiet)
-    print(run_rib(model, manifest, pool, args.out, build_config(RibConfig, args), _dev(args), not args.quiet))
+    print(run_rib(model, manifest, pool, args.out, cfg, _dev(args), not args.quiet))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -246,6 +249,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
     report = tune(args.classifier, args.manifest, args.out, build_config(TuneConfig, args), args.companions,
                   args.score_on, _dev(args), not args.quiet)
+    if report.get("sizes"):
+        print(report["sizes"], file=sys.stderr)
     for row in report["rib_sweep"]:
         print(f"{row['setting']:<28} seed mIoU {100 * row['seed_miou']:5.1f} (threshold {row['seed_threshold']:.2f})")
     print(f"chosen: {report['chosen']}, seed threshold {report['seed_threshold']:.2f}"

@@ -4,6 +4,7 @@ MNIST scenes; the structure of the output and resumption are checked, not the sc
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -14,10 +15,12 @@ import torchvision
 from PIL import Image
 
 from rib_core.classes import COCO_CLASSES, VOC_CLASSES
-from rib_core.cli import main
+from rib_core.cli import build_config, main, parser
 from rib_core.datasets import load_manifest, load_mask
 from rib_core.demo_data import DemoDataConfig, DemoDataset, make_demo_dataset
+from rib_core.demo_job import DemoJobConfig, scene_scale, single_digits
 from rib_core.reproduce import PAPER, STAGES, ReproduceConfig, train_aug_ids
+from rib_core.stage_configs import ClassifierTrainConfig
 
 SCENES = DemoDataConfig(n_train=40, n_val=8, canvas=64, digit_size=(26, 36), digits=[0, 1, 2, 3, 4],
                         max_per_image=2, seed=3)
@@ -194,3 +197,20 @@ def test_reproduce_coco_runs_every_stage_and_skips_them_after(coco: Path, weight
     assert json.loads((out / "deeplab" / "evaluation" / "report.json").read_text())["images"] == 8
     second = _run(capsys, *args)
     assert second.count("done before") == len(STAGES) and "running" not in second
+
+
+def test_the_usage_recipe_is_the_demos_classifier_recipe() -> None:
+    """docs/USAGE.md's command lines build the demo's data and classifier configs."""
+    text = (Path(__file__).parents[1] / "docs" / "USAGE.md").read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("rib demo-data runs/", "rib train-classifier runs/"))]
+    built = []
+    for line in lines:
+        args = parser().parse_args(shlex.split(line)[1:])
+        built.append(build_config(DemoDataConfig if args.command == "demo-data" else ClassifierTrainConfig, args))
+    digits, pretrain, scenes_cfg, classifier = built
+    demo = DemoJobConfig()
+    assert (scenes_cfg, pretrain) == (demo.data, demo.pretrain)
+    assert digits == single_digits(demo.data, demo.pretrain, demo.pretrain_images,
+                                   scene_scale(demo.classifier, demo.data.canvas))
+    assert classifier.model_copy(update={"init_weights": None}) == demo.classifier
+    assert classifier.init_weights == str(Path(lines[1].split()[3]) / "classifier.pth")
