@@ -133,7 +133,7 @@ def test_the_dataset_fills_the_authors_settings_and_explicit_values_win() -> Non
     assert (coco.rib.lr, coco.rib.tau, coco.rib.crop_size, coco.rib.resize_long) == (5e-6, 0.45, 512, (320, 640))
     assert coco.refine.walk.bg_threshold == 0.22 and not coco.deeplab.retrain and coco.deeplab.crop_size == 481
     voc = ReproduceConfig()
-    assert voc.rib.lr == 8e-6 and voc.deeplab.retrain and voc.evaluation.thresholds[0] == 0.20
+    assert voc.rib.lr == 8e-6 and voc.deeplab.retrain and voc.deeplab.use_crf and voc.evaluation.thresholds[0] == 0.20
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
