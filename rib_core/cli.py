@@ -240,6 +240,8 @@ def cmd_compare_pooling(args: argparse.Namespace) -> None:
 
     report = compare_pooling(args.classifier, args.manifest, args.out, build_config(SeedQualityConfig, args),
                              _dev(args), not args.quiet)
+    if report["sizes"]:
+        print(report["sizes"], file=sys.stderr)
     for row in report["rows"]:
         print(f"{row['method']:<22} seed mIoU {100 * row['miou']:.1f} (threshold {row['threshold']:.2f})")
 

@@ -248,7 +248,7 @@ class Reproduction:
         path = self.marker(stage)
         if path.exists():
             done = json.loads(path.read_text())
-            self.say(f"[{stage}] done before (delete {path} to run it again)")
+            self.say(f"[{stage}] done before (to redo it, delete {path} and the stage's output)")
             if done["settings"] != self.settings(stage):
                 self.say(f"warning: [{stage}] ran with other settings than this run's; its output is kept")
             result = done["result"]
