@@ -119,6 +119,15 @@ def test_train_aug_is_sbd_and_voc_train_without_voc_val(voc: tuple[Path, Path]) 
     assert set((devkit / "ImageSets/Segmentation/train.txt").read_text().split()) <= set(ids)
 
 
+def test_help_explains_the_inputs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce", "--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert all(word in text for word in ("SegmentationClass", "--sbd", "train2014", "instances_train2014.json",
+                                          "ImageNet ResNet-50", "--smoke", *STAGES))
+
+
 def test_missing_inputs_are_refused_with_what_to_give(voc: tuple[Path, Path], weights: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     devkit, _ = voc
