@@ -125,7 +125,7 @@ class RibConfig(BaseModel):
         scale = long_side / VOC_LONG_SIDE
         low, high = RibConfig.model_fields["resize_long"].default
         derived: dict[str, Any] = {"crop_size": max(16, round(RibConfig.model_fields["crop_size"].default * scale)),
-                                   "resize_long": (max(1, round(low * scale)), max(1, round(high * scale)))}
+                                   "resize_long": (max(16, round(low * scale)), max(16, round(high * scale)))}
         update = {k: v for k, v in derived.items() if k not in self.model_fields_set}
         if not update:
             return self, (f"warning: RIB's crop_size {self.crop_size} and resize_long {self.resize_long[0]}-"
