@@ -30,9 +30,11 @@ C = TypeVar("C", bound=BaseModel)
 AddCommand = Callable[[str, Callable[[argparse.Namespace], None], str], argparse.ArgumentParser]
 
 
-def build_config(cls: type[C], args: argparse.Namespace) -> C:
-    """The stage config from ``--config`` then ``--set`` overrides."""
-    data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+def build_config(cls: type[C], args: argparse.Namespace, base: dict[str, Any] | None = None) -> C:
+    """The stage config from ``base``, then ``--config``, then ``--set`` overrides."""
+    from rib_core.presets import merge
+
+    data = merge(base or {}, json.loads(Path(args.config).read_text()) if args.config else {})
     for item in args.set or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -162,13 +164,16 @@ def cmd_cam(args: argparse.Namespace) -> None:
 def cmd_rib(args: argparse.Namespace) -> None:
     from rib_core.batching import run_rib
     from rib_core.companions import CompanionPool
-    from rib_core.datasets import load_manifest
+    from rib_core.datasets import load_manifest, median_long_side
     from rib_core.rib_config import RibConfig
 
     model, manifest = _classifier_and_manifest(args)
     companions = load_manifest(args.companions) if args.companions else manifest
+    cfg, note = build_config(RibConfig, args).fitted_to(median_long_side(companions))
+    if note:
+        print(note, file=sys.stderr)
     pool = CompanionPool.from_manifest(companions, progress=not args.quiet)
-    print(run_rib(model, manifest, pool, args.out, build_config(RibConfig, args), _dev(args), not args.quiet))
+    print(run_rib(model, manifest, pool, args.out, cfg, _dev(args), not args.quiet))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -235,6 +240,8 @@ def cmd_compare_pooling(args: argparse.Namespace) -> None:
 
     report = compare_pooling(args.classifier, args.manifest, args.out, build_config(SeedQualityConfig, args),
                              _dev(args), not args.quiet)
+    if report["sizes"]:
+        print(report["sizes"], file=sys.stderr)
     for row in report["rows"]:
         print(f"{row['method']:<22} seed mIoU {100 * row['miou']:.1f} (threshold {row['threshold']:.2f})")
 
@@ -244,6 +251,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
     report = tune(args.classifier, args.manifest, args.out, build_config(TuneConfig, args), args.companions,
                   args.score_on, _dev(args), not args.quiet)
+    if report.get("sizes"):
+        print(report["sizes"], file=sys.stderr)
     for row in report["rib_sweep"]:
         print(f"{row['setting']:<28} seed mIoU {100 * row['seed_miou']:5.1f} (threshold {row['seed_threshold']:.2f})")
     print(f"chosen: {report['chosen']}, seed threshold {report['seed_threshold']:.2f}"
@@ -276,6 +285,45 @@ def cmd_deeplab(args: argparse.Namespace) -> None:
             "evaluate_on": args.evaluate_on, "device": _dev(args), "progress": not args.quiet}
     summary = run_training_job({k: v for k, v in spec.items() if v is not None})
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from rib_core.presets import merge
+    from rib_core.reproduce import SMOKE, DataInputs, ReproduceConfig, run_reproduce
+
+    weights = str(Path(args.weights).resolve())
+    deeplab = {"arch": "resnet101", "init_weights": str(Path(args.deeplab_weights).resolve())} \
+        if args.deeplab_weights else {"arch": "resnet50", "init_weights": weights}
+    base = {"dataset": args.dataset, "classifier": {"init_weights": weights},
+            "refine": {"irn": {"init_weights": weights}}, "deeplab": deeplab}
+    cfg = build_config(ReproduceConfig, args, merge(base, SMOKE) if args.smoke else base)
+    inputs = DataInputs(Path(args.data), Path(args.sbd) if args.sbd else None,
+                        Path(args.train_list) if args.train_list else None)
+    run_reproduce(args.out, inputs, cfg, _dev(args), not args.quiet, args.stop_after)
+    print(f"summary: {Path(args.out) / 'reproduce.json'}")
+
+
+REPRODUCE_INPUTS = """inputs:
+  voc   DATA is the devkit's VOC2012 folder: JPEGImages/, Annotations/ (image labels),
+        SegmentationClass/ (VOC's masks: seeds and masks are scored on VOC train, DeepLab on
+        val) and ImageSets/Segmentation/{train,val}.txt. The training images are the paper's
+        train_aug (10,582): give SBD's folder (benchmark_RELEASE, or its dataset/ folder with
+        train.txt and val.txt) with --sbd, or an id list such as IRN's voc12/train_aug.txt with
+        --train-list. SegmentationClassAug is not needed.
+  coco  DATA holds train2014/ and val2014/ (images) and annotations/instances_train2014.json and
+        instances_val2014.json; ground-truth masks are rendered from the polygons.
+  --weights  torchvision's ImageNet ResNet-50 state dict (resnet50-*.pth), never downloaded:
+        the classifier starts from it and IRN's frozen backbone is it, as in the authors' code.
+        DeepLab starts from --deeplab-weights (a torchvision ResNet-101 state dict: the paper's
+        DeepLab-v2-ResNet101) or, without it, from --weights with a ResNet-50 backbone.
+
+stages (each skipped when OUT/stages/<stage>.json exists; a killed stage continues):
+  data, classifier, cam, maps, seeds, refine, deeplab. After each, the measured figure is
+  printed beside the paper's (Tables 1, 2, 4, 5c), with a warning when they differ by more
+  than `margin` points (default 2; --set margin=3). Settings: --set rib.lr=1e-5,
+  --set refine.walk.exp_times=7, ...; --smoke runs every stage in seconds on 32 training and
+  8 val images at 64 px sizes (figures meaningless: it checks the set-up).
+"""
 
 
 def _exec_module(module: str, *args: str) -> None:
@@ -374,7 +422,20 @@ def _refinement_commands(add: AddCommand) -> None:
 
 
 def _job_commands(add: AddCommand) -> None:
-    """DeepLab, the toy experiment, and the service's processes."""
+    """DeepLab, the paper's reproduction, the toy experiment, and the service's processes."""
+    p = _device(_with_config(add("reproduce", cmd_reproduce, "the paper's whole chain on PASCAL VOC or MS COCO with "
+                                 "the authors' settings, each stage's figure beside the paper's (resumable)")))
+    p.formatter_class, p.epilog = argparse.RawDescriptionHelpFormatter, REPRODUCE_INPUTS
+    p.add_argument("dataset", choices=["voc", "coco"])
+    p.add_argument("data", help="VOC: the VOC2012 devkit folder; COCO: the folder with train2014/, val2014/, "
+                   "annotations/")
+    p.add_argument("--weights", required=True, help="torchvision ImageNet ResNet-50 state dict file")
+    p.add_argument("--deeplab-weights", help="torchvision ImageNet ResNet-101 state dict for DeepLab (the paper's)")
+    p.add_argument("--sbd", help="VOC: SBD's folder (its train.txt and val.txt give train_aug)")
+    p.add_argument("--train-list", help="VOC: training id list instead of --sbd (e.g. IRN's voc12/train_aug.txt)")
+    p.add_argument("--out", required=True, help="output folder; rerunning resumes")
+    p.add_argument("--smoke", action="store_true", help="tiny settings: every stage in seconds (checks a set-up)")
+    p.add_argument("--stop-after", metavar="STAGE", help="stop after this stage (a later run continues)")
     p = _device(_with_config(add("deeplab", cmd_deeplab, "DeepLab on pseudo-masks: train, eval or predict")))
     p.add_argument("action", choices=["train", "evaluate", "predict"])
     p.add_argument("manifest")

@@ -27,7 +27,7 @@ from rib_core.batching import run_rib
 from rib_core.checkpoints import load_classifier, read_checkpoint
 from rib_core.classifier_eval import classifier_quality
 from rib_core.companions import CompanionPool
-from rib_core.datasets import Manifest
+from rib_core.datasets import Manifest, median_long_side
 from rib_core.irn import load_irn
 from rib_core.refine import refine_maps
 from rib_core.rib_config import RibConfig
@@ -62,9 +62,11 @@ def classifier_stage(work: Path, manifest: Manifest, cfg: ClassifierTrainConfig,
 def maps_stage(work: Path, manifest: Manifest, ids: Sequence[str], classifier: str | os.PathLike[str],
                cfg: RibConfig, device: str = "cpu", progress: bool = False) -> Path:
     """RIB maps of the images ``ids`` into ``work/maps`` (:func:`run_rib`, as ``rib rib`` and the
-    demo): the data set itself is the companion pool, as in the demo. Existing maps are kept."""
+    demo): the data set itself is the companion pool, as in the demo, and the companion sizes not
+    given follow its images (:meth:`RibConfig.fitted_to`). Existing maps are kept."""
     model, _, _ = load_classifier(classifier, manifest.classes)
     pool = CompanionPool.from_manifest(manifest)
+    cfg, _ = cfg.fitted_to(median_long_side(manifest))
     return run_rib(model, manifest.subset(ids), pool, work / "maps", cfg, device, progress=progress)
 
 

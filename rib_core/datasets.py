@@ -226,6 +226,19 @@ def load_manifest(uri: str | os.PathLike[str], verify_files: bool = True) -> Man
     return manifest
 
 
+def median_long_side(manifest: Manifest, sample: int = 64) -> int:
+    """The median long side (px) of up to ``sample`` images spread evenly over ``manifest``, read
+    from their headers: the scale that size settings made for another data set must meet."""
+    records = manifest.records[::max(1, len(manifest) // sample)][:sample]
+    if not records:
+        raise ValueError("the manifest lists no images")
+    sides = []
+    for r in records:
+        with Image.open(io.BytesIO(read_bytes(manifest.image_uri(r)))) as im:
+            sides.append(max(im.size))
+    return int(np.median(sides))
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Bytes -> uint8 HxWx3 RGB. Refuses non-images, truncated files and decompression bombs."""
     try:

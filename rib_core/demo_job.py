@@ -92,17 +92,20 @@ def scene_scale(cfg: ClassifierTrainConfig, canvas: int) -> float:
     return sum(cfg.resize_long) / 2 / canvas
 
 
-def digit_pretraining(out: Path, data: DemoDataConfig, cfg: ClassifierTrainConfig, images: int,
-                      scale: float, device: str = "cpu", progress: bool = True) -> Path:
-    """Pretrain on single digits of ``data``'s training half (the stand-in for ImageNet weights).
-
-    Each image holds one digit on a canvas of the pretraining crop, drawn like the scenes but with
-    the digit scaled by ``scale`` (:func:`scene_scale` of the scene training), so that the digits
-    look as large as in the scene crops. Returns the classifier checkpoint to start from.
-    """
-    single = data.model_copy(update={
+def single_digits(data: DemoDataConfig, cfg: ClassifierTrainConfig, images: int, scale: float) -> DemoDataConfig:
+    """The pretraining data: ``images`` canvases of the pretraining crop, each with one digit drawn
+    like the scenes' but scaled by ``scale`` (:func:`scene_scale` of the scene training), so that
+    the digits look as large as in the scene crops."""
+    return data.model_copy(update={
         "n_train": images, "n_val": 100, "canvas": cfg.crop_size, "min_per_image": 1, "max_per_image": 1,
         "digit_size": tuple(round(s * scale) for s in data.digit_size)})
+
+
+def digit_pretraining(out: Path, data: DemoDataConfig, cfg: ClassifierTrainConfig, images: int,
+                      scale: float, device: str = "cpu", progress: bool = True) -> Path:
+    """Pretrain on single digits of ``data``'s training half (:func:`single_digits`; the stand-in
+    for ImageNet weights). Returns the classifier checkpoint to start from."""
+    single = single_digits(data, cfg, images, scale)
     if not (out / "data" / "val.jsonl").exists():
         make_demo_dataset(out / "data", single)
     ckpt = out / "classifier.pth"

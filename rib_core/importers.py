@@ -66,10 +66,13 @@ def _voc_labels_from_npy(path: Path) -> dict[str, list[str]]:
 
 
 def import_voc(devkit: str | os.PathLike[str], id_list: str | os.PathLike[str], out: str | os.PathLike[str],
-               cls_labels: str | os.PathLike[str] | None = None) -> Manifest:
+               cls_labels: str | os.PathLike[str] | None = None,
+               mask_dirs: Sequence[str] = ("SegmentationClassAug", "SegmentationClass")) -> Manifest:
     """Manifest for the ids in ``id_list`` of a VOC2012 devkit folder (``.../VOC2012``).
 
-    Images without any of the 20 classes are left out (RIB needs at least one label).
+    Images without any of the 20 classes are left out (RIB needs at least one label). An image's
+    ground truth is its PNG in the first of ``mask_dirs`` that has one; ``("SegmentationClass",)``
+    keeps VOC's own masks only, which is what the paper scores on (SBD's have no 255 borders).
     """
     root = Path(devkit).resolve()
     if not (root / "JPEGImages").is_dir():
@@ -81,7 +84,7 @@ def import_voc(devkit: str | os.PathLike[str], id_list: str | os.PathLike[str], 
         labels = table[image_id] if table is not None else _voc_labels_from_xml(root, image_id)
         if not labels:
             continue
-        mask = next((f"{d}/{image_id}.png" for d in ("SegmentationClassAug", "SegmentationClass")
+        mask = next((f"{d}/{image_id}.png" for d in mask_dirs
                      if (root / d / f"{image_id}.png").exists()), None)
         records.append(ManifestRecord(image_id, f"JPEGImages/{image_id}.jpg", tuple(labels), mask))
     manifest = Manifest(list(VOC_CLASSES), records, str(root))

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rib_core.presets import Preset, with_preset
 from rib_core.stage_configs import MAX_CROP, SideRange
 
+# PASCAL VOC's images are 500 px on the long side (nearly all 500x375 or 375x500): the scale that
+# the companion crop (512) and resize-long (320-640) of the official code were set for.
+VOC_LONG_SIDE = 500
 MAX_IMAGES_PER_BATCH = 64  # bound of max_images_per_batch, and the block rib_core.batching.run_rib loads
 
 
@@ -110,6 +113,32 @@ class RibConfig(BaseModel):
         return RibPlan(batched=batched, bf16=self.precision == "bf16" or (self.precision == "auto" and cuda),
                        images_per_step=(self.max_images_per_batch or (0 if cuda else 1)) if batched else 1,
                        images_loaded=MAX_IMAGES_PER_BATCH if batched else 1)
+
+    def fitted_to(self, long_side: int) -> tuple[RibConfig, str | None]:
+        """This config for images whose median long side is ``long_side`` px, and a note saying
+        what was done. VOC's companion sizes resize every image to a long side of 320-640: fine for
+        images at least that large, but smaller ones would be enlarged up to 640 / ``long_side``
+        times, against a target seen at its own size. Then the sizes not given explicitly are VOC's
+        scaled by ``long_side`` / 500; given ones are
+        kept, with a warning."""
+        if long_side >= self.resize_long[0]:
+            return self, None
+        scale = long_side / VOC_LONG_SIDE
+        low, high = RibConfig.model_fields["resize_long"].default
+        derived: dict[str, Any] = {"crop_size": max(16, round(RibConfig.model_fields["crop_size"].default * scale)),
+                                   "resize_long": (max(16, round(low * scale)), max(16, round(high * scale)))}
+        update = {k: v for k, v in derived.items() if k not in self.model_fields_set}
+        if not update:
+            return self, (f"warning: RIB's crop_size {self.crop_size} and resize_long {self.resize_long[0]}-"
+                          f"{self.resize_long[1]} enlarge these images (median long side {long_side} px) "
+                          f"{self.resize_long[0] / long_side:.1f}-{self.resize_long[1] / long_side:.1f}x; "
+                          f"leave them unset to derive {derived['crop_size']} and {derived['resize_long'][0]}-"
+                          f"{derived['resize_long'][1]} from the images")
+        fitted = self.model_copy(update=update)
+        return fitted, (f"RIB's companion sizes follow the images (median long side {long_side} px, which VOC's "
+                        f"resize-long 320-640 would enlarge): crop_size {fitted.crop_size}, resize_long "
+                        f"{fitted.resize_long[0]}-{fitted.resize_long[1]} (VOC's scaled by {long_side}/"
+                        f"{VOC_LONG_SIDE}; given values kept); set crop_size / resize_long to choose others")
 
     def uses_bf16(self, device: str) -> bool:
         """``plan(device).bf16``."""

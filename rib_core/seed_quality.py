@@ -12,7 +12,7 @@ from rib_core.batching import run_rib
 from rib_core.cam import CamConfig, run_cam
 from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
-from rib_core.datasets import load_manifest, load_mask
+from rib_core.datasets import load_manifest, load_mask, median_long_side
 from rib_core.evaluation import all_background_miou, sweep_folder, write_report
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import EvalConfig
@@ -43,12 +43,14 @@ def compare_pooling(classifier: str, manifest_uri: str, out_dir: str | os.PathLi
         raise ValueError("every image needs a ground-truth mask to score seeds")
     model, _, _ = load_classifier(classifier, manifest.classes)
     out = Path(out_dir)
-    pool = CompanionPool.from_manifest(load_manifest(cfg.companions) if cfg.companions else manifest)
+    companions = load_manifest(cfg.companions) if cfg.companions else manifest
+    pool = CompanionPool.from_manifest(companions)
+    fitted, sizes = cfg.rib.fitted_to(median_long_side(companions))
     variants: dict[str, Path] = {"CAM": run_cam(model, manifest, out / "cam", cfg.cam, device, progress)}
-    variants["RIB-GAP"] = run_rib(model, manifest, pool, out / "rib_gap", cfg.rib.model_copy(update={"pooling": "gap"}),
+    variants["RIB-GAP"] = run_rib(model, manifest, pool, out / "rib_gap", fitted.model_copy(update={"pooling": "gap"}),
                                   device, progress)
     for tau in cfg.taus:
-        rib = cfg.rib.model_copy(update={"pooling": "gndrp", "tau": tau})
+        rib = fitted.model_copy(update={"pooling": "gndrp", "tau": tau})
         variants[f"RIB-GNDRP (tau={tau})"] = run_rib(model, manifest, pool, out / f"rib_gndrp_{tau}", rib, device,
                                                      progress)
     gts = {r.id: load_mask(manifest.mask_uri(r)) for r in manifest.records}
@@ -60,6 +62,6 @@ def compare_pooling(classifier: str, manifest_uri: str, out_dir: str | os.PathLi
                      "precision": best["precision"], "recall": best["recall"], "f1": best["f1"],
                      "curve": sweep["curve"]})
     report = {"images": len(gts), "all_background_miou": all_background_miou(gts.values(), len(manifest.classes)),
-              "rows": rows, "config": cfg.model_dump()}
+              "rows": rows, "sizes": sizes, "config": cfg.model_copy(update={"rib": fitted}).model_dump()}
     write_report(report, out / "seed_quality.json")
     return report

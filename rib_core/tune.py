@@ -33,7 +33,7 @@ from rib_core.batching import run_rib
 from rib_core.cam import LocalizationMap
 from rib_core.checkpoints import load_classifier
 from rib_core.companions import CompanionPool
-from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
+from rib_core.datasets import Manifest, load_image, load_manifest, load_mask, median_long_side
 from rib_core.evaluation import confusion, scores, sweep_folder
 from rib_core.irn import boundary_map, load_irn
 from rib_core.random_walk import mask_from_scores, walk_scores_at
@@ -66,6 +66,26 @@ class TuneConfig(BaseModel):
     walk_exp_times: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8], min_length=1)
     tune_walk: bool = True  # False: RIB and the seed threshold only (no IRN)
     limit: int | None = Field(None, ge=1, description="only the first N images of the tuning manifest")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys(cls, data: Any) -> Any:
+        """``crop_size=64`` as well as ``rib.crop_size=64``: a key that is not one of this config's
+        own (``iterations`` is its sweep) goes to ``rib`` and/or ``refine``, whichever has it."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for key in [k for k in data if k not in cls.model_fields]:
+            targets = [name for name, model in (("rib", RibConfig), ("refine", RefineConfig))
+                       if key in model.model_fields]
+            value = out.pop(key) if targets else None
+            for name in targets:
+                nested = out.get(name) or {}
+                nested = nested.model_dump(exclude_unset=True) if isinstance(nested, BaseModel) else dict(nested)
+                if key in nested:
+                    raise ValueError(f"{key} is given twice, flat and as {name}.{key}: give one")
+                out[name] = {**nested, key: value}
+        return out
 
     @model_validator(mode="after")
     def _ranges(self) -> TuneConfig:
@@ -174,14 +194,17 @@ def tune(classifier: str, manifest: Manifest | str, out_dir: str | os.PathLike[s
     tuning = _masked(manifest if isinstance(manifest, Manifest) else load_manifest(manifest), "tuning", cfg.limit)
     model, _, _ = load_classifier(classifier, tuning.classes)
     pool_manifest = companions if companions is not None else tuning
-    pool = CompanionPool.from_manifest(pool_manifest if isinstance(pool_manifest, Manifest)
-                                       else load_manifest(pool_manifest))
+    pool_manifest = pool_manifest if isinstance(pool_manifest, Manifest) else load_manifest(pool_manifest)
+    pool = CompanionPool.from_manifest(pool_manifest)
+    # The sizes are fixed before the sweep, so every setting and rib.json share them.
+    fitted, sizes_note = cfg.rib.fitted_to(median_long_side(pool_manifest))
+    cfg = cfg.model_copy(update={"rib": fitted})
     rows = sweep_rib(model, tuning, pool, out, cfg, device, progress)
     best = rows[0]
     chosen = cfg.rib.model_copy(update={k: best[k] for k in ("pooling", "lr", "iterations")})
     refine = cfg.refine.model_copy(update={"seed_threshold": best["seed_threshold"], "threshold_from_sweep": False})
     report: dict[str, Any] = {"tuning_images": len(tuning), "rib_sweep": rows, "chosen": best["setting"],
-                              "seed_threshold": best["seed_threshold"]}
+                              "seed_threshold": best["seed_threshold"], "sizes": sizes_note}
     walks: dict[str, Any] | None = None
     if cfg.tune_walk and refine.use_irn:
         refined = refine_maps(best["maps"], tuning, out / "refine", refine, device=device, progress=progress,

@@ -10,7 +10,7 @@ import pytest
 
 from contract.settings import Settings
 from rib_core.cli import main
-from rib_core.datasets import Manifest
+from rib_core.datasets import Manifest, load_image, median_long_side
 from rib_core.demo_data import DemoDataset
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import IrnTrainConfig, RefineConfig
@@ -88,3 +88,29 @@ def test_tune_refuses_images_without_masks_and_overlapping_held_out_sets(demo, c
     with pytest.raises(ValueError, match="score_on shares"):
         tune(str(classifier_path), same, tmp_path / "b", TuneConfig(rib=TINY_RIB, lrs=[1e-4], tune_walk=False),
              score_on=same, progress=False)
+
+
+def test_tune_takes_flat_keys_as_well_as_nested_ones() -> None:
+    flat = TuneConfig.model_validate({"crop_size": 96, "resize_long": [72, 120], "preset": "coco",
+                                      "seed_threshold": 0.3, "iterations": [5]})
+    nested = TuneConfig.model_validate({"rib": {"crop_size": 96, "resize_long": [72, 120], "preset": "coco"},
+                                        "refine": {"seed_threshold": 0.3, "preset": "coco"}, "iterations": [5]})
+    assert flat == nested and flat.rib.lr == 5e-6 and flat.refine.walk.bg_threshold == 0.22
+    with pytest.raises(ValueError, match="given twice"):
+        TuneConfig.model_validate({"crop_size": 96, "rib": {"crop_size": 64}})
+    with pytest.raises(ValueError, match="bogus"):
+        TuneConfig.model_validate({"bogus": 1})
+
+
+def test_rib_sizes_follow_small_images_unless_given(demo: DemoDataset) -> None:
+    side = median_long_side(demo.train)
+    assert side == max(load_image(demo.train.image_uri(demo.train.records[0])).shape[:2])
+    fitted, note = RibConfig().fitted_to(side)
+    # VOC's crop and resize-long scaled from VOC's 500 px to these images; nothing else moves.
+    assert fitted.crop_size < side * 1.1 and fitted.resize_long[0] < side < fitted.resize_long[1]
+    assert fitted.model_dump(exclude={"crop_size", "resize_long"}) == RibConfig().model_dump(
+        exclude={"crop_size", "resize_long"}) and "follow the images" in note
+    assert fitted.fitted_to(side) == (fitted, None)  # fitted once, kept
+    kept, warning = RibConfig(crop_size=512, resize_long=(320, 640)).fitted_to(side)
+    assert (kept.crop_size, kept.resize_long) == (512, (320, 640)) and warning.startswith("warning")
+    assert RibConfig().fitted_to(500) == (RibConfig(), None)  # VOC-sized images keep VOC's sizes
