@@ -28,6 +28,8 @@ class JobRequest(BaseModel):
                                                                   "(rib_core.rib_config.RibConfig)")
     refine: dict[str, Any] = Field(default_factory=dict, description="refinement settings overriding the defaults "
                                                                      "(rib_core.stage_configs.RefineConfig)")
+    callback_url: str | None = Field(None, description="URL the job's final state is POSTed to once, signed "
+                                                       "(docs/SERVICE.md, Webhooks)")
 
 
 # ----------------------------------------------------------------------------- health

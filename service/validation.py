@@ -20,6 +20,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from contract.jobs import JobItem
+from contract.settings import Settings
+from contract.webhooks import check_callback
 from rib_core.datasets import ImageError, ImageTooLargeError, ManifestError, decode_image, parse_manifest, parse_records
 from rib_core.presets import merge
 from rib_core.rib_config import RibConfig
@@ -59,6 +61,13 @@ def uri_error(uri: str, prefixes: Sequence[str], setting: str = "RIB_INPUT_PREFI
     if not any(uri.startswith(p) for p in prefixes):
         return f"{uri!r} is outside the allowed locations {list(prefixes)}; use one of them or change {setting}"
     return None
+
+
+def callback_url(url: str | None, settings: Settings) -> str | None:
+    """The job's ``callback_url`` (:mod:`contract.webhooks`), refused with 422 when this server may not call it."""
+    if err := check_callback(url, settings):
+        raise InputError(422, f"callback_url: {err}")
+    return url
 
 
 def parse_labels(values: Sequence[str]) -> list[str]:

@@ -32,6 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from contract.jobs import JobItem, JobStore
 from contract.settings import Settings, get_settings
 from contract.tasks import PROCESS_CHUNK, TRAINING_JOB, ChunkPayload, TaskQueue, TrainingJobPayload
+from contract.webhooks import deliver_due
 from rib_core.artifacts import MARKER, image_key, store_result
 from rib_core.datasets import ImageError, decode_image
 from rib_core.pipeline import PseudoMaskPipeline, resolve_device
@@ -223,7 +224,21 @@ def start_reaper(**_: Any) -> None:
                 log.exception("reaper round failed")
 
     threading.Thread(target=loop, name="rib-reaper", daemon=True).start()
+    if settings.webhook_secret is not None:
+        threading.Thread(target=send_webhooks, args=(store, settings), name="rib-webhooks", daemon=True).start()
     log.info("torch: %d thread(s) per worker process; reaper: every %.0f s", _threads, settings.lease_s / 2)
+
+
+def send_webhooks(store: JobStore, settings: Settings, every_s: float = 1.0) -> None:
+    """The webhook sender of this worker: every second, the callbacks that are due
+    (:func:`contract.webhooks.deliver_due`; each worker takes its own, so one slow receiver holds up
+    only the worker sending to it)."""
+    while True:
+        time.sleep(every_s)
+        try:
+            deliver_due(store.r, settings)
+        except Exception:  # an outage or a bug: log it, try again next round
+            log.exception("webhook round failed")
 
 
 def record_classifier(store: JobStore, settings: Settings) -> None:

@@ -17,10 +17,17 @@ from rib_core.storage import parent_uri, read_bytes, uri_size
 from service.deps import ClassesDep, Owner, SettingsDep
 from service.schemas import ExportLink, JobAccepted, JobRequest, JobStatus, ResultsPage
 from service.submissions import Jobs, JobsDep
-from service.validation import InputError, inline_items, manifest_items, refine_params, rib_params, uri_error
+from service.validation import (
+    InputError,
+    callback_url,
+    inline_items,
+    manifest_items,
+    refine_params,
+    rib_params,
+    uri_error,
+)
 
 MAX_OFFSET = 2**62     # results paging: Redis list indexes are 64-bit
-FINISHED = ("done", "failed", "cancelled")
 
 router = APIRouter(tags=["jobs"])
 
@@ -63,13 +70,14 @@ def submit_job(req: JobRequest, owner: Owner, settings: SettingsDep, jobs: JobsD
         raise InputError(422, "give exactly one of manifest_uri and images")
     rib = rib_params(req.rib, s.rib_defaults, s.max_crop_size)
     refine = refine_params(req.refine, s.refine_defaults)
+    callback = callback_url(req.callback_url, s)
     if req.manifest_uri is not None:
         text = read_manifest(req.manifest_uri, s)
         items = manifest_items(text, parent_uri(req.manifest_uri), classes, s.input_prefixes, s.max_job_images)
     else:
         items = inline_items(req.images or [], classes, s.input_prefixes, s.max_job_images)
     job_id = uuid.uuid4().hex
-    jobs.submit(job_id, "bulk", items, rib, refine, owner)
+    jobs.submit(job_id, "bulk", items, rib, refine, owner, callback)
     return accepted(job_id, total=len(items))
 
 
