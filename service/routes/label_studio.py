@@ -8,7 +8,8 @@ per task: a brush region (Label Studio's RLE) per class of the final pseudo-mask
 the mean of RIB's map M for that class inside the region, and the prediction's score, the mean of
 its regions' scores. RIB needs each image's class labels; they come from the task, in this order:
 ``data.labels`` (a list, or names separated by commas), else the ``Choices`` on the image in the
-task's latest annotation, else in its latest prediction. A task without labels is refused (422).
+task's latest annotation, else in its latest prediction; a task with none gets the classifier's
+(:meth:`rib_core.pipeline.PseudoMaskPipeline.predict_labels`; the image's ``meta.json`` says which).
 
 The task's image is the ``Image`` tag's ``$value``: an ``s3://`` URI under ``RIB_INPUT_PREFIXES``
 (the workers read it), or a file Label Studio serves (``/data/upload/...``, or a URL on the host of
@@ -44,6 +45,7 @@ from service.validation import (
     InputError,
     check_upload,
     decode_upload,
+    id_error,
     parse_labels,
     refine_params,
     rib_params,
@@ -135,7 +137,7 @@ def brush_target(label_config: str | None, classes: list[str]) -> Target:
 
 
 def task_labels(task: dict[str, Any], target: Target) -> list[str]:
-    """The task's class labels (module docstring); [] when it has none."""
+    """The task's class labels (module docstring); [] when it has none (the worker's classifier picks them)."""
     given = (task.get("data") or {}).get("labels")
     if given:
         return parse_labels(given if isinstance(given, list) else [str(given)])
@@ -183,12 +185,11 @@ def task_items(tasks: list[dict[str, Any]], target: Target, classes: list[str], 
     uploads: dict[str, bytes] = {}
     for n, task in enumerate(tasks):
         where = f"task {task.get('id', n)}"
-        labels = task_labels(task, target)
-        if not labels:
-            raise InputError(422, f"{where}: no class labels; RIB needs the image's classes: give them in "
-                                  "data.labels or choose them in a Choices tag on the image")
+        image_id, labels = f"task-{task.get('id', n)}", task_labels(task, target)
         try:
-            image_id, names = check_upload(f"task-{task.get('id', n)}", labels, classes)
+            names = check_upload(image_id, labels, classes)[1] if labels else ()  # none: the classifier's
+            if err := id_error(image_id):
+                raise InputError(422, err)
         except InputError as e:
             raise InputError(e.status, f"{where}: {e.message}") from e
         source = (task.get("data") or {}).get(target.value)
