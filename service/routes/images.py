@@ -54,7 +54,7 @@ async def submit_image(
     image_id, names = check_upload(image_id or default_image_id(file.filename), parse_labels(labels), classes)
     rib_cfg = rib_params(rib, s.rib_defaults, s.max_crop_size)
     refine_cfg = refine_params(refine, s.refine_defaults)
-    callback = callback_url(callback, s)
+    callback = await run_in_threadpool(callback_url, callback, s)  # resolves the host name
     await run_in_threadpool(decode_upload, data, s.max_upload_bytes, s.max_image_pixels)
     job_id = uuid.uuid4().hex
     await run_in_threadpool(jobs.submit_upload, job_id, image_id, names, data, rib_cfg, refine_cfg, owner, callback)
