@@ -72,13 +72,14 @@ def label_studio() -> Iterator[LabelStudioFiles]:
 def stack(demo: DemoDataset, classifier_path: Path, label_studio: LabelStudioFiles,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with running_stack(demo, classifier_path, tmp_path_factory.mktemp("ls-logs"),
-                       RIB_LABEL_STUDIO_URL=label_studio.url, RIB_LABEL_STUDIO_TOKEN=TOKEN) as stack:
+                       RIB_LABEL_STUDIO_URL=label_studio.url, RIB_LABEL_STUDIO_TOKEN=TOKEN,
+                       RIB_LABEL_STUDIO_WAIT_S="600") as stack:  # 2 shared CPU cores: a slow first model load
         yield stack
 
 
 def ls_client(stack: Stack, password: str = API_KEY) -> httpx.Client:
     """A client as Label Studio connects to an ML backend with Basic Authentication."""
-    return httpx.Client(base_url=f"{stack.url}/ls", auth=("label-studio", password), timeout=180)
+    return httpx.Client(base_url=f"{stack.url}/ls", auth=("label-studio", password), timeout=660)
 
 
 def config(classes: list[str]) -> str:
