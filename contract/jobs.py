@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from contract.records import Records, UntrustedRecordError
+from contract.webhooks import notify_finished
 from rib_core.artifacts import MARKER, image_key, index_key, request_key, stored_files
 from rib_core.storage import Storage
 
@@ -193,11 +194,11 @@ class JobItem:
 
 
 def save_request(records: Records, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any],
-                 owner: str = "", refine: dict[str, Any] | None = None) -> None:
+                 owner: str = "", refine: dict[str, Any] | None = None, callback_url: str | None = None) -> None:
     """Keep what a job was asked to do (and whose it is) next to its results, signed, so that a job
     Redis lost can be rebuilt (and only from a record the service wrote)."""
     body = {"job_id": job_id, "kind": kind, "owner": owner, "rib": rib, "refine": refine or {},
-            "items": [it.to_json() for it in items]}
+            "callback_url": callback_url, "items": [it.to_json() for it in items]}
     records.put(request_key(job_id), body)
 
 
@@ -263,15 +264,17 @@ class JobStore:
 
     # ---------------------------------------------------------------- lifecycle
     def create(self, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any],
-               owner: str = "", refine: dict[str, Any] | None = None) -> None:
+               owner: str = "", refine: dict[str, Any] | None = None, callback_url: str | None = None) -> None:
         """``owner``: :func:`owner_of` the API key that submits the job; only that key sees it (no key
-        sees a job without one). ``rib`` and ``refine``: the job's settings, as JSON."""
+        sees a job without one). ``rib`` and ``refine``: the job's settings, as JSON. ``callback_url``:
+        where :meth:`finalize` has the final state POSTed (:mod:`contract.webhooks`)."""
         k = self._keys(job_id)
         with self.r.pipeline() as pipe:
             pipe.hset(k["job"], mapping={"id": job_id, "kind": kind, "owner": owner, "total": len(items),
                                          "cancelled": "0",
                                          "created_at": time.time(), "rib": json.dumps(rib),
-                                         "refine": json.dumps(refine or {}), "seconds_sum": 0})
+                                         "refine": json.dumps(refine or {}), "seconds_sum": 0,
+                                         **({"callback_url": callback_url} if callback_url else {})})
             for start in range(0, len(items), 1000):
                 batch = items[start:start + 1000]
                 pipe.rpush(k["order"], *[it.id for it in batch])
@@ -380,7 +383,8 @@ class JobStore:
         if not self.r.set(f"rib:restoring:{job_id}", 1, nx=True, ex=60) or self.exists(job_id):
             return []
         items = [JobItem.from_json(d) for d in request["items"]]
-        self.create(job_id, request["kind"], items, request["rib"], request.get("owner", ""), request.get("refine"))
+        self.create(job_id, request["kind"], items, request["rib"], request.get("owner", ""), request.get("refine"),
+                    request.get("callback_url"))
         files = stored_files(records.storage, job_id)
         for it in items:
             if MARKER in files.get(it.id, []):
@@ -464,7 +468,8 @@ class JobStore:
         return out
 
     def finalize(self, job_id: str, storage: Storage) -> bool:
-        """Once every image is accounted for, stamp the end time and write ``index.json`` (idempotent)."""
+        """Once every image is accounted for, stamp the end time, write ``index.json`` and queue the
+        job's callback, if it has one (idempotent: the callback is sent once)."""
         if not self.exists(job_id):
             return False
         status = self.status(job_id)
@@ -479,6 +484,8 @@ class JobStore:
         index = {key: status[key] for key in ("job_id", "kind", "state", "total", "counts", "timing", "rib", "refine")}
         storage.put(index_key(job_id), json.dumps({**index, "images": images}, indent=1).encode(),
                     "application/json")
+        callback_url, owner = self.r.hmget(self._keys(job_id)["job"], ["callback_url", "owner"])
+        notify_finished(self.r, "image", job_id, self.status(job_id), callback_url, owner or "", self.ttl_s)
         return True
 
     # ---------------------------------------------------------------- offline training jobs

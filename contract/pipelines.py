@@ -43,6 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contract.jobs import JOB_ID
 from contract.records import Records, UntrustedRecordError
+from contract.webhooks import notify_finished
 from rib_core.artifacts import PIPELINE_CANCELLED, PIPELINE_SPEC, chunk_marker, pipeline_key, stage_marker
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
@@ -308,14 +309,11 @@ class PipelineStore:
         if not raw:
             return []
         states = {s: raw.get(f"{s}.state", "pending") for s in spec.stages()}
-        if raw.get("cancelled") == "1" or "failed" in states.values():
+        current = next((s for s in spec.stages() if states[s] not in ("done", "skipped")), None)
+        if raw.get("cancelled") == "1" or "failed" in states.values() or current is None:
             if raw.get("cancelled") == "1":
                 self.stop_all(job_id)
-            self._call(lambda: self.r.srem(ACTIVE_KEY, job_id))
-            return []
-        current = next((s for s in spec.stages() if states[s] not in ("done", "skipped")), None)
-        if current is None:
-            self._call(lambda: self.r.srem(ACTIVE_KEY, job_id))
+            self._ended(job_id, spec)
             return []
         sends = [Send(current, n) for n in range(len(spec.chunks))] if current == "maps" else [Send(current)]
         due: list[Send] = []
@@ -325,6 +323,11 @@ class PipelineStore:
             if self._due(job_id, send, dead_after_s):
                 due.append(send)
         return due
+
+    def _ended(self, job_id: str, spec: PipelineSpec) -> None:
+        """The job is terminal: it leaves the reaper's scan, and its callback (if any) is queued, once."""
+        self._call(lambda: self.r.srem(ACTIVE_KEY, job_id))
+        notify_finished(self.r, "pipeline", job_id, self.status(job_id), spec.callback_url, spec.owner, self.ttl_s)
 
     def _due(self, job_id: str, send: Send, dead_after_s: float) -> bool:
         if self._call(lambda: self.r.exists(self.key(job_id, f"lease:{send.unit}"))):

@@ -80,8 +80,17 @@ class Settings(BaseSettings):
     # Default refinement (seed + CRF, IRN's random walk) of every request, the object ``rib refine``
     # reads; a request overrides single fields. Workers without RIB_IRN_URI stop at seed + CRF.
     refine_defaults: RefineConfig = Field(default_factory=RefineConfig)
+    # Webhooks (contract.webhooks): a job's final state POSTed once to its callback_url, signed.
+    webhook_secret: SecretStr | None = None  # unset: no callbacks (a callback_url is refused)
+    webhook_allowed_hosts: CommaList = Field(default_factory=list)  # host names, IPs, CIDR ranges, "*": any public host
+    webhook_retry_s: Annotated[list[float], NoDecode] = Field(default_factory=lambda: [5, 30, 120, 600, 1800, 3600])
+    webhook_timeout_s: float = Field(10, gt=0, le=120)
+    # Label Studio ML backend (/ls): the Label Studio whose task images the API may download, and its token.
+    label_studio_url: str | None = None
+    label_studio_token: SecretStr | None = None
+    label_studio_wait_s: float = Field(90, ge=1, le=3600)  # /ls/predict waits this long for its images
 
-    @field_validator("api_keys", "input_prefixes", mode="before")
+    @field_validator("api_keys", "input_prefixes", "webhook_allowed_hosts", "webhook_retry_s", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):

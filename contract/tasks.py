@@ -64,6 +64,8 @@ class TrainingJobRequest(BaseModel):
                                                       "predict once trained")
     config: DeepLabTrainConfig = Field(default_factory=DeepLabTrainConfig,
                                        description="DeepLab settings (rib_core.stage_configs.DeepLabTrainConfig)")
+    callback_url: str | None = Field(None, description="URL the job's final state is POSTed to, signed "
+                                                       "(docs/SERVICE.md, Webhooks)")
 
     @model_validator(mode="before")
     @classmethod
@@ -79,6 +81,7 @@ class TrainingJobPayload(TrainingJobRequest):
     the request with its manifests frozen (their digests checked before use) and its output set."""
 
     output: str = Field(description="the job's own prefix")
+    owner: str = Field("", description="digest of the API key that made the job (its callback is signed for it)")
     manifest_sha256: str
     evaluate_on_sha256: str | None = None
 

@@ -138,17 +138,23 @@ def _brush_rle(binary: np.ndarray) -> list[int]:
     return [int(b) for b in mask2rle(binary.astype(np.uint8) * 255)]
 
 
+def brush_regions(mask: np.ndarray, labels: Mapping[int, str], region_id: str, from_name: str = LS_BRUSH,
+                  to_name: str = LS_IMAGE) -> list[dict[str, Any]]:
+    """One Label Studio brush region per value of ``labels`` (mask value -> label name) present in the
+    label map ``mask``, with ids ``<region_id>-<value>``."""
+    height, width = mask.shape
+    return [{"id": f"{region_id}-{value}", "from_name": from_name, "to_name": to_name, "type": "brushlabels",
+             "original_width": width, "original_height": height, "image_rotation": 0,
+             "value": {"format": "rle", "rle": _brush_rle(mask == value), "brushlabels": [labels[value]]}}
+            for value in _present(mask) if value in labels]
+
+
 def labelstudio_tasks(images: Iterable[MaskedImage], classes: Sequence[str],
                       image_url_prefix: str | None = None) -> list[dict[str, Any]]:
     """Label Studio tasks with the masks as predictions, one brush region per class present."""
     tasks = []
     for item in images:
-        mask = _checked_mask(item, len(classes))
-        height, width = mask.shape
-        regions = [{"id": f"{item.id}-{value}", "from_name": LS_BRUSH, "to_name": LS_IMAGE, "type": "brushlabels",
-                    "original_width": width, "original_height": height, "image_rotation": 0,
-                    "value": {"format": "rle", "rle": _brush_rle(mask == value), "brushlabels": [classes[value - 1]]}}
-                   for value in _present(mask)]
+        regions = brush_regions(_checked_mask(item, len(classes)), dict(enumerate(classes, start=1)), item.id)
         url = item.image if image_url_prefix is None else image_url_prefix + item.file_name
         tasks.append({"data": {"image": url, "image_id": item.id},
                       "predictions": [{"model_version": MODEL_VERSION, "result": regions}]})

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rib_core.artifacts import Artifacts, encode_result
+from rib_core.augment import normalize, to_chw
 from rib_core.batching import RibBatcher
 from rib_core.cam import LocalizationMap
 from rib_core.checkpoints import load_classifier
@@ -28,6 +29,10 @@ from rib_core.refine import refine_one
 from rib_core.rib import RibRunner
 from rib_core.rib_config import RibConfig, image_seed
 from rib_core.stage_configs import RefineConfig
+
+# An image sent without labels gets the classes whose probability is above this (the classifier's own
+# decision point, where rib eval-classifier measures F1), or its most probable class when none is.
+LABEL_THRESHOLD = 0.5
 
 
 class PipelineConfig(BaseModel):
@@ -93,6 +98,15 @@ class PseudoMaskPipeline:
             raise ValueError(f"labels must be a non-empty subset of {self.classes}; unknown: {unknown}")
         return sorted({self.classes.index(c) for c in labels})
 
+    @torch.no_grad()
+    def predict_labels(self, image: np.ndarray) -> list[str]:
+        """The classes the classifier sees in ``image`` (:data:`LABEL_THRESHOLD`), for an image sent
+        without labels."""
+        logits = self.model.logits(to_chw(normalize(image))[None].to(self.device))[0]
+        probabilities = torch.sigmoid(logits.float()).cpu().numpy()
+        chosen = np.flatnonzero(probabilities > LABEL_THRESHOLD).tolist() or [int(probabilities.argmax())]
+        return [self.classes[i] for i in chosen]
+
     def process(self, image: np.ndarray, labels: Sequence[str], rib: RibConfig | None = None,
                 image_id: str = "", refine: RefineConfig | None = None) -> ImageResult:
         """RIB and refinement for one image; raises what fails."""
@@ -107,8 +121,9 @@ class PseudoMaskPipeline:
         """RIB (batched where ``rib.engine`` says so: by default on CUDA) and refinement for several
         images. Each image's RIB seed follows from its id (:func:`~rib_core.rib_config.image_seed`),
         as in ``rib rib``, so both paths give an image the same M; images without an id share the
-        id "". ``rib`` and ``refine`` default to the pipeline's config. A failing image gets its
-        exception in place of a result; the others go on."""
+        id "". An image with no labels gets the classifier's (:meth:`predict_labels`; its stats
+        say ``labels_from``). ``rib`` and ``refine`` default to the pipeline's config. A failing image
+        gets its exception in place of a result; the others go on."""
         cfg = rib or self.config.rib
         refine_cfg = refine or self.config.refine
         ids = list(image_ids) if image_ids is not None else [""] * len(images)
@@ -116,8 +131,8 @@ class PseudoMaskPipeline:
         keys: dict[int, list[int]] = {}
         for j, names in enumerate(labels):
             try:
-                keys[j] = self.keys_for(names)
-            except ValueError as e:
+                keys[j] = self.keys_for(names or self.predict_labels(images[j]))
+            except (ValueError, RuntimeError) as e:  # unknown labels; the classifier out of memory
                 results[j] = e
         engine = cfg.plan(str(self.device)).engine
         todo = sorted(keys)
@@ -133,6 +148,6 @@ class PseudoMaskPipeline:
                 results[j] = e.with_traceback(None)
                 continue
             results[j] = ImageResult(ids[j], [self.classes[k] for k in keys[j]], outcome.map, masks,
-                                     {**outcome.stats(), "device": str(self.device),
-                                      "engine": engine})
+                                     {**outcome.stats(), "device": str(self.device), "engine": engine,
+                                      "labels_from": "request" if labels[j] else "classifier"})
         return [results[j] for j in range(len(images))]

@@ -1,7 +1,8 @@
 """The HTTP API's factory (:func:`create_app`; ``service.main:app`` is its app for the environment):
 validate, schedule, report.
 
-Every ``/v1`` route needs an API key in the ``X-API-Key`` header; ``/healthz``, ``/readyz``,
+Every ``/v1`` route needs an API key in the ``X-API-Key`` header, and so does the Label Studio ML
+backend under ``/ls`` (there also as the password of HTTP basic auth); ``/healthz``, ``/readyz``,
 ``/metrics`` and the OpenAPI docs (``/docs``) do not. Input is checked here and refused with a 4xx
 that says what to fix, so that nothing invalid is stored or reaches a worker. The science runs in
 the workers: this process imports neither ``worker`` nor torch (``contract`` is what both share).
@@ -17,7 +18,7 @@ from rib_core import __version__
 from service import middleware
 from service.deps import Clients, require_api_key
 from service.metrics import RedisStatsCollector
-from service.routes import health, images, jobs, pipelines, training
+from service.routes import health, images, jobs, label_studio, pipelines, training, webhooks
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -36,8 +37,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                          [settings.image_queue, settings.training_queue]))
     middleware.install(app, settings.max_upload_bytes)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-    for resource in (images, jobs, pipelines, training):
+    for resource in (images, jobs, pipelines, training, webhooks):
         v1.include_router(resource.router)
     app.include_router(health.router)
     app.include_router(v1)
+    app.include_router(label_studio.router)
     return app

@@ -30,6 +30,8 @@ class JobRequest(BaseModel):
                                                                   "(rib_core.rib_config.RibConfig)")
     refine: dict[str, Any] = Field(default_factory=dict, description="refinement settings overriding the defaults "
                                                                      "(rib_core.stage_configs.RefineConfig)")
+    callback_url: str | None = Field(None, description="URL the job's final state is POSTed to once, signed "
+                                                       "(docs/SERVICE.md, Webhooks)")
 
 
 # ----------------------------------------------------------------------------- health
@@ -199,6 +201,8 @@ class PipelineRequest(BaseModel):
                                                                      "defaults (rib_core.stage_configs.RefineConfig)")
     deeplab: dict[str, Any] | None = Field(None, description="set (even {}): train DeepLab on the pseudo-masks "
                                                              "(rib_core.stage_configs.DeepLabTrainConfig)")
+    callback_url: str | None = Field(None, description="URL the job's final state is POSTed to, signed "
+                                                       "(docs/SERVICE.md, Webhooks)")
 
 
 class PipelineAccepted(BaseModel):

@@ -7,13 +7,16 @@ failed with the reason instead of waiting forever; with the broker down it is ca
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import Depends, HTTPException
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from contract.jobs import JobItem, JobStore, save_request
 from contract.records import Records
@@ -54,13 +57,13 @@ class Jobs:
         return Records(self.storage, self.settings.signing_key())
 
     def record(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, refine: RefineConfig,
-               owner: str) -> None:
+               owner: str, callback_url: str | None = None) -> None:
         """Record the job in Redis, then keep the request in storage, so that a job Redis loses can be
         rebuilt from it; with storage down the job ends failed (:meth:`fail_unstored`)."""
         rib_json, refine_json = rib.model_dump(mode="json"), refine.model_dump(mode="json")
-        self.store.create(job_id, kind, items, rib_json, owner, refine_json)
+        self.store.create(job_id, kind, items, rib_json, owner, refine_json, callback_url)
         try:
-            save_request(self.records, job_id, kind, items, rib_json, owner, refine_json)
+            save_request(self.records, job_id, kind, items, rib_json, owner, refine_json, callback_url)
         except STORAGE_ERRORS as e:
             self.fail_unstored(job_id, [it.id for it in items], e)
 
@@ -84,21 +87,41 @@ class Jobs:
         SUBMITTED.labels(kind).inc(len(items))
 
     def submit(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, refine: RefineConfig,
-               owner: str) -> None:
-        self.record(job_id, kind, items, rib, refine, owner)
+               owner: str, callback_url: str | None = None, uploads: Mapping[str, bytes] | None = None) -> None:
+        """Record the job first, then store its uploaded images (``uploads``: image id -> bytes, for the
+        items made by :meth:`upload_item`), then queue it."""
+        self.record(job_id, kind, items, rib, refine, owner, callback_url)
+        for image_id, data in (uploads or {}).items():
+            try:
+                self.storage.put(upload_key(job_id, image_id), data)  # opaque bytes, whatever type was claimed
+            except STORAGE_ERRORS as e:
+                self.fail_unstored(job_id, [it.id for it in items], e)
         self.queue_job(job_id, kind, items, rib, refine)
 
+    def upload_item(self, job_id: str, image_id: str, labels: tuple[str, ...]) -> JobItem:
+        """The item of an image the API stores itself (:meth:`submit`'s ``uploads``)."""
+        return JobItem(image_id, self.storage.uri(upload_key(job_id, image_id)), labels)
+
     def submit_upload(self, job_id: str, image_id: str, labels: tuple[str, ...], data: bytes, rib: RibConfig,
-                      refine: RefineConfig, owner: str) -> None:
-        """Record the job first, then store the image, then queue it."""
-        key = upload_key(job_id, image_id)
-        item = JobItem(image_id, self.storage.uri(key), labels)
-        self.record(job_id, "upload", [item], rib, refine, owner)
-        try:
-            self.storage.put(key, data)  # stored as opaque bytes, whatever type the client claimed
-        except STORAGE_ERRORS as e:
-            self.fail_unstored(job_id, [image_id], e)
-        self.queue_job(job_id, "upload", [item], rib, refine)
+                      refine: RefineConfig, owner: str, callback_url: str | None = None) -> None:
+        """One uploaded image as a job of its own."""
+        self.submit(job_id, "upload", [self.upload_item(job_id, image_id, labels)], rib, refine, owner, callback_url,
+                    {image_id: data})
+
+    async def wait(self, job_id: str, seconds: float) -> dict[str, Any] | None:
+        """The job's status once it is finished, or None when it is not within ``seconds``.
+
+        Async: a waiting client holds no thread, so waiting requests never stall the API; the
+        look-ups run in the thread pool and back off to one a second."""
+        deadline, delay = time.monotonic() + seconds, 0.2
+        while True:
+            status = await run_in_threadpool(self.store.status, job_id)
+            if status["state"] in FINISHED:
+                return status
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(1.0, delay * 1.5)
 
     def find(self, job_id: str, owner: str) -> None:
         """Raise 404 unless the job is in Redis and belongs to ``owner``. A job Redis lost but storage

@@ -21,6 +21,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from contract.jobs import JobItem
+from contract.settings import Settings
+from contract.webhooks import check_callback
 from rib_core.datasets import (
     ImageError,
     ImageTooLargeError,
@@ -105,6 +107,11 @@ class Locations:
 
 def as_locations(where: Locations | Sequence[str]) -> Locations:
     return where if isinstance(where, Locations) else Locations(list(where))
+def callback_url(url: str | None, settings: Settings) -> str | None:
+    """The job's ``callback_url`` (:mod:`contract.webhooks`), refused with 422 when this server may not call it."""
+    if err := check_callback(url, settings):
+        raise InputError(422, f"callback_url: {err}")
+    return url
 
 
 def parse_labels(values: Sequence[str]) -> list[str]:

@@ -35,6 +35,7 @@ from contract.jobs import JobItem, JobStore
 from contract.records import Records
 from contract.settings import Settings, get_settings
 from contract.tasks import FAN_OUT, PROCESS_CHUNK, TRAINING_JOB, ChunkPayload, TaskQueue, TrainingJobPayload
+from contract.webhooks import deliver_due, notify_finished
 from rib_core.artifacts import MARKER, image_key, store_result, training_input_key
 from rib_core.datasets import ImageError, decode_image
 from rib_core.pipeline import PseudoMaskPipeline, resolve_device
@@ -216,7 +217,8 @@ def training_job(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"its worker stopped {rt.settings.max_stage_attempts} times while running it "
                            "(killed, or out of memory); not retried")
     records = Records(rt.storage, rt.settings.signing_key())
-    spec = job.model_dump(exclude_none=True, exclude={"manifest_sha256", "evaluate_on_sha256"})
+    spec = job.model_dump(exclude_none=True, exclude={"manifest_sha256", "evaluate_on_sha256", "owner",
+                                                      "callback_url"})
     log.info("training job %s: %s", self.request.id, spec)
     with tempfile.TemporaryDirectory(prefix="rib-training-") as tmp:
         for name, digest in (("manifest", job.manifest_sha256), ("evaluate_on", job.evaluate_on_sha256)):
@@ -225,9 +227,17 @@ def training_job(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
                 path.write_bytes(records.get_frozen(training_input_key(self.request.id, name), digest))
                 spec[name] = str(path)
         try:
-            return run_training_job({**spec, "device": str(resolve_device(rt.settings.device))})
-        except MemoryError as e:  # Celery takes a MemoryError for the worker's end: report it as the job's
-            raise RuntimeError(f"out of memory: {e}") from None
+            result = run_training_job({**spec, "device": str(resolve_device(rt.settings.device))})
+        except (Exception, MemoryError) as e:  # Celery takes a MemoryError for the worker's end: the job's
+            error = RuntimeError(f"out of memory: {e}") if isinstance(e, MemoryError) else e
+            notify_finished(rt.store.r, "training", self.request.id,
+                            {"job_id": self.request.id, "state": "failed", "error": f"{type(error).__name__}: {error}"},
+                            job.callback_url, job.owner, rt.settings.job_ttl_s)
+            raise error from None
+    notify_finished(rt.store.r, "training", self.request.id, {"job_id": self.request.id, "state": "done",
+                                                              "result": result},
+                    job.callback_url, job.owner, rt.settings.job_ttl_s)
+    return result
 
 
 def reap(store: JobStore, storage: Storage, queue: TaskQueue) -> None:
@@ -254,6 +264,10 @@ def start_reaper(**_: Any) -> None:
 
     record_classifier(store, settings)
     every(settings.lease_s / 2, lambda: reap(store, storage, queue), "rib-reaper")
+    if settings.webhook_secret is not None:
+        # each worker sends the callbacks that are due (contract.webhooks.deliver_due): one slow
+        # receiver holds up only the worker sending to it
+        every(1.0, lambda: deliver_due(store.r, settings), "rib-webhooks")
     log.info("torch: %d thread(s) per worker process; reaper: every %.0f s", _threads, settings.lease_s / 2)
 
 

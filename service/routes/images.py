@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from typing import Annotated, Any
 
@@ -13,8 +11,16 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import ClassesDep, Owner, SettingsDep
 from service.schemas import FinishedUpload, JobAccepted
-from service.submissions import FINISHED, JobsDep, accepted
-from service.validation import check_upload, decode_upload, default_image_id, parse_labels, refine_params, rib_params
+from service.submissions import JobsDep, accepted
+from service.validation import (
+    callback_url,
+    check_upload,
+    decode_upload,
+    default_image_id,
+    parse_labels,
+    refine_params,
+    rib_params,
+)
 
 router = APIRouter(tags=["jobs"])
 
@@ -34,31 +40,25 @@ async def submit_image(
     rib: Annotated[str | None, Form(description="JSON object of RIB parameters overriding the defaults")] = None,
     refine: Annotated[str | None, Form(description="JSON object of refinement settings overriding the "
                                                    "defaults (RefineConfig)")] = None,
+    callback: Annotated[str | None, Form(alias="callback_url", description="URL the final state is POSTed to, "
+                                                                          "signed (docs/SERVICE.md, Webhooks)")] = None,
     wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for the result")] = 0,
 ) -> Any:
     """One image and its class names; returns a job id, or the result itself when it is ready within ``wait``.
 
-    Async: a client waiting for its result holds no thread, so waiting uploads never stall the API.
-    Blocking work (decoding, Redis, storage) runs in the thread pool.
+    Async: blocking work (decoding, Redis, storage) runs in the thread pool.
     """
     s = settings
     data = await file.read(s.max_upload_bytes + 1)
     image_id, names = check_upload(image_id or default_image_id(file.filename), parse_labels(labels), classes)
     rib_cfg = rib_params(rib, s.rib_defaults, s.max_crop_size)
     refine_cfg = refine_params(refine, s.refine_defaults)
+    callback = await run_in_threadpool(callback_url, callback, s)  # resolves the host name
     await run_in_threadpool(decode_upload, data, s.max_upload_bytes, s.max_image_pixels)
     job_id = uuid.uuid4().hex
-    await run_in_threadpool(jobs.submit_upload, job_id, image_id, names, data, rib_cfg, refine_cfg, owner)
-    deadline, delay = time.monotonic() + wait, 0.2
-    while wait:
-        status = await run_in_threadpool(jobs.store.status, job_id)
-        if status["state"] in FINISHED:
-            results = await run_in_threadpool(jobs.results, job_id, 0, 1)
-            return JSONResponse(FinishedUpload.model_validate({**status, "results": results}).model_dump(),
-                                status_code=200)
-        if time.monotonic() >= deadline:
-            break
-        # Back off to one look a second: many waiting clients must not keep the thread pool busy.
-        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(1.0, delay * 1.5)
+    await run_in_threadpool(jobs.submit_upload, job_id, image_id, names, data, rib_cfg, refine_cfg, owner, callback)
+    if wait and (status := await jobs.wait(job_id, wait)) is not None:
+        results = await run_in_threadpool(jobs.results, job_id, 0, 1)
+        return JSONResponse(FinishedUpload.model_validate({**status, "results": results}).model_dump(),
+                            status_code=200)
     return accepted(job_id, image_id=image_id)

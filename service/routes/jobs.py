@@ -16,7 +16,7 @@ from service.deps import ClassesDep, LocationsDep, Owner, SettingsDep
 from service.inputs import read_manifest
 from service.schemas import MAX_OFFSET, ExportLink, JobAccepted, JobRequest, JobStatus, ResultsPage
 from service.submissions import Jobs, JobsDep, accepted
-from service.validation import InputError, inline_items, manifest_items, refine_params, rib_params
+from service.validation import InputError, callback_url, inline_items, manifest_items, refine_params, rib_params
 
 router = APIRouter(tags=["jobs"])
 
@@ -30,13 +30,14 @@ def submit_job(req: JobRequest, owner: Owner, settings: SettingsDep, jobs: JobsD
         raise InputError(422, "give exactly one of manifest_uri and images")
     rib = rib_params(req.rib, s.rib_defaults, s.max_crop_size)
     refine = refine_params(req.refine, s.refine_defaults)
+    callback = callback_url(req.callback_url, s)
     if req.manifest_uri is not None:
         text = read_manifest(req.manifest_uri, s, locations)
         items = manifest_items(text, parent_uri(req.manifest_uri), classes, locations, s.max_job_images)
     else:
         items = inline_items(req.images or [], classes, locations, s.max_job_images)
     job_id = uuid.uuid4().hex
-    jobs.submit(job_id, "bulk", items, rib, refine, owner)
+    jobs.submit(job_id, "bulk", items, rib, refine, owner, callback)
     return accepted(job_id, total=len(items))
 
 

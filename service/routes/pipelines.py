@@ -21,6 +21,7 @@ from service.submissions import STORAGE_ERRORS
 from service.validation import (
     InputError,
     Locations,
+    callback_url,
     classifier_params,
     deeplab_params,
     refine_params,
@@ -63,7 +64,7 @@ def _spec(req: PipelineRequest, settings: SettingsDep, owner: str, locations: Lo
     ids = [r.id for r in manifest.records]
     spec = PipelineSpec(manifest=req.manifest_uri, classifier_uri=req.classifier_uri,
                         val_manifest=req.val_manifest_uri, classifier=classifier, rib=rib, refine=refine,
-                        deeplab=deeplab, image_ids=ids, owner=owner,
+                        deeplab=deeplab, image_ids=ids, owner=owner, callback_url=callback_url(req.callback_url, s),
                         chunks=[ids[i:i + s.chunk_size] for i in range(0, len(ids), s.chunk_size)])
     return spec, manifest, validation
 

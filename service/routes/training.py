@@ -20,7 +20,7 @@ from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep,
 from service.inputs import frozen_manifest
 from service.schemas import TrainingAccepted, TrainingJobRequest, TrainingStatus
 from service.submissions import STORAGE_ERRORS
-from service.validation import InputError
+from service.validation import InputError, callback_url
 
 router = APIRouter(tags=["training"])
 
@@ -34,11 +34,12 @@ def submit_training(req: TrainingJobRequest, owner: Owner, settings: SettingsDep
     init = req.config.init_weights
     local_init = init is not None and settings.allow_local_init_weights and not is_s3_uri(init)
     locations.check({"checkpoint": req.checkpoint, "config.init_weights": None if local_init else init})
+    callback_url(req.callback_url, settings)
     frozen = {name: frozen_manifest(uri, settings, locations)
               for name, uri in (("manifest", req.manifest), ("evaluate_on", req.evaluate_on)) if uri is not None}
     job_id = uuid.uuid4().hex
     payload: dict[str, Any] = {**req.model_dump(mode="json", exclude_none=True),
-                               "output": records.storage.uri(training_key(job_id))}
+                               "output": records.storage.uri(training_key(job_id)), "owner": owner}
     try:
         for name, manifest in frozen.items():
             key = training_input_key(job_id, name)
