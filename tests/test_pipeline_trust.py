@@ -36,7 +36,8 @@ BUCKET = "rib"
 @pytest.fixture(scope="module")
 def api(demo: DemoDataset, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     with inprocess_api(tmp_path_factory.mktemp("redis"), demo.train.classes, [KEY_A, KEY_B],
-                       max_stage_attempts=3, chunk_size=2) as api:
+                       max_stage_attempts=3, chunk_size=2, webhook_secret="server-secret",
+                       webhook_allowed_hosts=["127.0.0.1"]) as api:
         yield api
 
 
@@ -194,11 +195,15 @@ def test_a_stage_out_of_memory_fails_its_job_and_the_worker_serves_on(api: Api, 
         raise MemoryError("cannot allocate 112 GiB")
 
     monkeypatch.setitem(pt.RUNNERS, "classifier", out_of_memory)
-    first = submit(api, {"manifest_uri": manifest, "classifier": {"batch_size": 2}, "refine": {"use_irn": False}})
+    first = submit(api, {"manifest_uri": manifest, "classifier": {"batch_size": 2}, "refine": {"use_irn": False},
+                         "callback_url": "http://127.0.0.1:9/hook"})
     run_task(pt.pipeline_stage, first, "classifier")  # returns: the task itself does not raise
     assert stage(api, first, "classifier")["state"] == "failed"
     assert "MemoryError: cannot allocate" in stage(api, first, "classifier")["error"]
     assert api.get(f"/v1/pipelines/{first}").json()["state"] == "failed"
+    # Its callback is queued once, with the final state (contract.webhooks sends it).
+    delivery = json.loads(worker.store.r.hget("rib:webhooks:delivery", f"pipeline:{first}"))
+    assert json.loads(delivery["body"])["state"] == "failed" and delivery["url"] == "http://127.0.0.1:9/hook"
     monkeypatch.setitem(pt.RUNNERS, "classifier", lambda *_: {"val_map": 0.5})
     second = submit(api, {"manifest_uri": manifest, "classifier": {"batch_size": 2}, "refine": {"use_irn": False}})
     run_task(pt.pipeline_stage, second, "classifier")  # the same process serves the next job
