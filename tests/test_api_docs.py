@@ -7,19 +7,17 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from contract.settings import Settings
 from service.app import create_app
-from tests.service_stack import free_port, wait_for
+from tests.service_stack import served
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -27,17 +25,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def docs_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The app (no worker, no request reaches Redis or S3 here) under uvicorn in a thread."""
-    app = create_app(Settings(storage_uri=str(tmp_path_factory.mktemp("results"))))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or None, 30, "uvicorn")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served(create_app(Settings(storage_uri=str(tmp_path_factory.mktemp("results"))))) as url:
+        yield url
 
 
 def test_the_docs_pages_name_no_other_host(docs_url: str) -> None:
