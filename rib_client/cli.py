@@ -20,6 +20,7 @@ import httpx
 from pydantic import BaseModel
 
 from rib_client.client import ApiError, RibClient, WaitTimeoutError
+from rib_client.models import Accepted
 
 EXIT_FAILED, EXIT_REFUSED = 1, 3
 
@@ -64,26 +65,31 @@ def _follow(c: RibClient, args: argparse.Namespace, job_id: str, pipeline: bool)
     return 0 if status.state == "done" else EXIT_FAILED
 
 
+def _submitted(c: RibClient, args: argparse.Namespace, accepted: Accepted, pipeline: bool) -> int:
+    """The accepted job, or with ``--wait`` its final status (one JSON document on stdout either way)."""
+    if args.wait:
+        return _follow(c, args, accepted.job_id, pipeline)
+    _print(accepted)
+    return 0
+
+
 def cmd_upload(c: RibClient, args: argparse.Namespace) -> int:
     labels = [name.strip() for value in args.labels for name in value.split(",")]
     accepted = c.submit_upload(args.image, labels, image_id=args.image_id, rib=args.rib, refine=args.refine)
-    _print(accepted)
-    return _follow(c, args, accepted.job_id, False) if args.wait else 0
+    return _submitted(c, args, accepted, False)
 
 
 def cmd_job(c: RibClient, args: argparse.Namespace) -> int:
     images = _records(args.images) if args.images else None
     accepted = c.submit_job(manifest_uri=args.manifest, images=images, rib=args.rib, refine=args.refine)
-    _print(accepted)
-    return _follow(c, args, accepted.job_id, False) if args.wait else 0
+    return _submitted(c, args, accepted, False)
 
 
 def cmd_pipeline(c: RibClient, args: argparse.Namespace) -> int:
     accepted = c.submit_pipeline(args.manifest, classifier_uri=args.classifier_uri,
                                  val_manifest_uri=args.val_manifest_uri, classifier=args.classifier, rib=args.rib,
                                  refine=args.refine, deeplab=args.deeplab)
-    _print(accepted)
-    return _follow(c, args, accepted.job_id, True) if args.wait else 0
+    return _submitted(c, args, accepted, True)
 
 
 def cmd_status(c: RibClient, args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ class ApiError(Exception):
         except ValueError:
             body = None
         detail: Any = body.get("detail") if isinstance(body, dict) else None
-        errors = body.get("errors") or [] if isinstance(body, dict) else []
+        errors = (body.get("errors") or []) if isinstance(body, dict) else []
         if not isinstance(detail, str):  # FastAPI's own validation answer: a list of {loc, msg}
             errors = errors or (detail if isinstance(detail, list) else [])
             detail = r.reason_phrase if detail is None or isinstance(detail, list) else json.dumps(detail)
