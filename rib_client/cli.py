@@ -1,6 +1,6 @@
-"""``rib-remote`` (also ``rib remote``): the service from the command line, through :class:`RibClient`.
+"""rib-remote (also: rib remote): the RIB service from the command line, through rib_client.RibClient.
 
-The service's address and key come from ``--url``/``--api-key`` or ``RIB_URL``/``RIB_API_KEY``.
+The service's address and key come from --url/--api-key or RIB_URL/RIB_API_KEY.
 Answers are JSON on stdout (results: one JSON line per image); progress bars go to stderr.
 Exit codes: 0 success, 2 bad usage, 3 the API refused the request (4xx; the message says what to
 fix), 1 anything else (the service failed or is unreachable, or a waited-for job did not end done).
