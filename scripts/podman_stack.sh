@@ -4,7 +4,7 @@
 #   1. podman (with the runc runtime), runc and mmdebstrap, from apt when missing;
 #   2. a Debian bookworm base image made here (mmdebstrap, then podman import) that trusts the host's
 #      CA bundle (HOST_CA), for machines whose HTTPS goes through a proxy with its own CA;
-#   3. rib-api and rib-worker built from docker/*.Dockerfile on that base (ulimits nofile/nproc raised);
+#   3. rib-api and rib-worker built from docker/*.Dockerfile on that base (ulimits nofile/nproc: the host's);
 #   4. on the host: an S3 server (moto) with a small classifier trained here and its companion
 #      manifest, and Redis (RIB_PODMAN_REDIS, default the local one, databases 7 and 8);
 #   5. the API and one CPU worker as containers on the host's network, and two demo images sent
@@ -25,7 +25,11 @@ S3_PORT=${S3_PORT:-8766}
 KEY=podman-stack-key
 BASE=localhost/rib-debian:bookworm
 VERSION=$("$PY" -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
-LIMITS=(--ulimit nofile=65536:65536 --ulimit nproc=65536:65536)
+# Limits runc may set: podman's defaults are above the hard limits of many machines, where runc fails
+# with "error setting rlimit type 7 (nofile) / 6 (nproc): operation not permitted". nofile: this
+# shell's hard limit; nproc: 4096 (the host's hard limit was refused too).
+nproc=$(( $(ulimit -Hu) < 4096 ? $(ulimit -Hu) : 4096 ))
+LIMITS=(--ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit "nproc=$nproc:$nproc")
 pod() { podman --runtime runc "$@"; }
 step() { printf '\n== %s (%s)\n' "$*" "$(date +%T)"; }
 mkdir -p "$WORK"
