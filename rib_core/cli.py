@@ -339,6 +339,12 @@ def cmd_worker(args: argparse.Namespace) -> None:
     _exec_module("worker", *(["--training"] if args.training else []))
 
 
+def cmd_remote(args: argparse.Namespace) -> None:
+    """``rib remote ...`` is ``rib-remote ...`` (rib_client), run in a new process: rib_core never imports
+    the client. :func:`main` hands the arguments over before parsing them (they are the client's)."""
+    _exec_module("rib_client", *args.remote_args)
+
+
 def _data_commands(add: AddCommand) -> None:
     """The demo and the importers: data in, manifests out."""
     p = _device(_with_config(add("demo", cmd_demo, "the main job on the demo data: classifier, CAM, RIB, "
@@ -449,6 +455,8 @@ def _job_commands(add: AddCommand) -> None:
     p.add_argument("--port", type=int, default=8000)
     p = add("worker", cmd_worker, "run a Celery worker on RIB_IMAGE_QUEUE (or RIB_TRAINING_QUEUE with --training)")
     p.add_argument("--training", action="store_true")
+    add("remote", cmd_remote, "the service over HTTP (rib-remote: submit, wait, results, export; "
+        "'rib remote --help')")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -466,6 +474,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["remote"]:
+        cmd_remote(argparse.Namespace(remote_args=argv[1:]))
     args = parser().parse_args(argv)
     try:
         if args.command not in ("serve", "worker"):  # those two set their own, per worker process

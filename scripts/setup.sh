@@ -9,10 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# Another apt process (unattended upgrades, on many fresh machines) may hold the dpkg or the lists
+# lock: apt-get waits up to 10 minutes for it (DPkg::Lock::Timeout covers both in apt >= 2.x) instead of
+# failing at once with exit 100.
+apt_get() { as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 "$@"; }
 apt_updated=0
 apt_install() {
-  if [ $apt_updated = 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+  if [ $apt_updated = 0 ]; then apt_get update -qq; apt_updated=1; fi
+  apt_get install -y -qq "$@" >/dev/null
 }
 redis_up() {  # PING over bash's /dev/tcp: no client needed, and quick
   local reply=""

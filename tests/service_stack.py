@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import boto3
 import httpx
 import redis
+import uvicorn
 
 from rib_core.datasets import Manifest, ManifestRecord
 
@@ -157,6 +158,22 @@ def start_api(env: dict[str, str], log: Path) -> tuple[Process, str]:
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, f"uvicorn ({log})")
     return proc, url
+
+
+@contextmanager
+def served(app: Any) -> Iterator[str]:
+    """``app`` (an ASGI app already started, e.g. by a TestClient) under uvicorn in a thread of this
+    process, for clients that need a real URL (a browser, a subprocess); yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or None, 30, "uvicorn")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def start_worker(env: dict[str, str], log: Path, queue: str, name: str, pool: str = "solo") -> Process:

@@ -1,5 +1,7 @@
 """The layers stay apart (issue 15): ``service`` and ``worker`` share only ``contract`` and never import
 each other, the API process never loads torch, and OpenAPI shows a response model on every route.
+The Python client (``rib_client``, issue 26) imports nothing of the project, and nothing of the
+project imports it (``rib remote`` runs it in a new process).
 
 Each import is checked in a fresh interpreter, so that what another test imported cannot hide a
 dependency.
@@ -47,6 +49,19 @@ def test_the_worker_never_imports_the_api(module: str, tmp_path: Path) -> None:
 def test_the_contract_imports_neither_side_nor_torch(tmp_path: Path) -> None:
     loaded = modules_after_import("contract.tasks", tmp_path)
     assert not (_package(loaded, "service") or _package(loaded, "worker") or _package(loaded, "torch"))
+
+
+@pytest.mark.parametrize("module", ["rib_client", "rib_client.cli"])
+def test_the_client_imports_nothing_of_the_project(module: str, tmp_path: Path) -> None:
+    loaded = modules_after_import(module, tmp_path)
+    for layer in ("rib_core", "service", "worker", "contract", "torch", "numpy"):
+        assert not _package(loaded, layer), (module, layer, _package(loaded, layer))
+    assert "httpx" in loaded and "pydantic" in loaded
+
+
+@pytest.mark.parametrize("module", ["rib_core.cli", "service.main", "worker.tasks"])
+def test_nothing_of_the_project_imports_the_client(module: str, tmp_path: Path) -> None:
+    assert not _package(modules_after_import(module, tmp_path), "rib_client")
 
 
 def test_every_route_documents_a_success_body(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ CI fails on an empty or failing suite."""
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import json
 import os
@@ -177,8 +178,31 @@ def test_dockerfiles_copy_what_exists_and_run_the_compose_commands():
         assert SERVICES[service]["build"]["dockerfile"] == f"docker/{name}"
         assert _cmd(_dockerfile(name)) == SERVICES[service]["command"]
     assert "torch==2.14.1 torchvision==0.29.1" in _dockerfile("worker.Dockerfile")
-    # The API also exports a job's masks (the `export` extra); the workers need no exporter.
-    assert "'.[api,export]'" in _dockerfile("api.Dockerfile") and "'.[worker]'" in _dockerfile("worker.Dockerfile")
+    assert "'.[worker]'" in _dockerfile("worker.Dockerfile")
+
+
+def test_the_api_image_installs_what_the_api_needs_and_no_torch():
+    """The API also exports a job's masks (the `export` extra); torch, torchvision and the CRF stay out."""
+    text = _dockerfile("api.Dockerfile")
+    (command,) = re.findall(r"python (requirements\.py [^>]+)>", text)
+    assert "pip install --no-deps ." in text and '! python -c "import torch"' in text  # the build checks it
+    out = subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"), *command.split()[1:],
+                          "--pyproject", str(ROOT / "pyproject.toml")], capture_output=True, text=True, check=True)
+    names = {re.match(r"[\w.-]+", line).group(0).lower() for line in out.stdout.splitlines()}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["api"],
+              *project["optional-dependencies"]["export"]]
+    assert names == {re.match(r"[\w.-]+", line).group(0).lower() for line in wanted} - {"torch", "torchvision",
+                                                                                         "pydensecrf2"}
+
+
+def test_the_torch_index_is_a_build_argument():
+    """No Dockerfile names a package index; the worker's comes from TORCH_INDEX_URL (compose passes cu130's)."""
+    for name in ("api.Dockerfile", "worker.Dockerfile"):
+        assert "--index-url http" not in _dockerfile(name) and "download.pytorch.org" not in _dockerfile(name)
+    worker = _dockerfile("worker.Dockerfile")
+    assert re.search(r"^ARG TORCH_INDEX_URL=$", worker, flags=re.M) and '--index-url "$TORCH_INDEX_URL"' in worker
+    assert SERVICES["worker"]["build"]["args"]["TORCH_INDEX_URL"].startswith("${TORCH_INDEX_URL:-https://")
 
 
 @pytest.mark.heavy  # starts processes
@@ -299,6 +323,24 @@ def test_setup_and_ci_scripts():
         subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/setup.sh" in ci and "ruff check" in ci and "scripts/test.sh" in ci
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None, reason="needs apt-get, as root")
+def test_setup_waits_for_the_dpkg_lock_instead_of_failing(tmp_path):
+    """Another process holds dpkg's lock (as unattended upgrades do): setup.sh's apt-get waits for it."""
+    script = (ROOT / "scripts" / "setup.sh").read_text()
+    helpers = "\n".join(re.findall(r"^(?:as_root|apt_get)\(\) \{.*\}$", script, flags=re.M))
+    calls = [line for line in script.splitlines() if "apt-get" in line and not line.lstrip().startswith("#")]
+    assert len(calls) == 1 and calls[0].startswith("apt_get()")  # every apt-get call goes through apt_get
+    with open("/var/lib/dpkg/lock-frontend", "w") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+        # Installing a package that is there already: apt-get takes the lock, then has nothing to do.
+        waiting = subprocess.Popen(["bash", "-c", f"{helpers}\napt_get install -y -qq bash"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):  # still waiting: without the timeout, exit 100 at once
+            waiting.wait(timeout=3)
+        fcntl.lockf(lock, fcntl.LOCK_UN)
+    assert waiting.wait(timeout=120) == 0, waiting.stdout.read() if waiting.stdout else ""
 
 
 def test_readme_quick_start_is_two_commands_that_set_up_first_and_ci_runs_the_test_one():
