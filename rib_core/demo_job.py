@@ -27,6 +27,7 @@ from rib_core.dataset_job import classifier_stage, maps_stage, refine_stage
 from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
 from rib_core.evaluation import all_background_miou, sweep_folder
+from rib_core.provenance import run_record
 from rib_core.report import write_html_report
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import EvalConfig, IrnTrainConfig, RandomWalkConfig, RefineConfig, wide_thresholds
@@ -171,6 +172,7 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     cfg = cfg or DemoJobConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run = run_record(device)  # taken at the start: the code that ran, not what changed meanwhile
     timing: dict[str, float] = {}
 
     @contextmanager
@@ -201,7 +203,7 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     rows = report_rows(out, subset, cfg.report_rows)
     validation = classifier["validation"] or {}
     quality = {k: v for k, v in classifier.items() if k not in ("history", "validation")}
-    summary = {"classifier": {**quality, "f1": validation.get("f1"), "ap": validation.get("ap")},
+    summary = {"run": run, "classifier": {**quality, "f1": validation.get("f1"), "ap": validation.get("ap")},
                "metrics": metrics, "timing": timing, "images": len(subset),
                **sweeps, "refine": refined}
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=float))
