@@ -65,7 +65,7 @@ DIFFERENCES = (
 
 
 def _small_deeplab() -> DeepLabTrainConfig:
-    # The README's demo DeepLab command: ResNet-18, from the classifier's weights (see
+    # The demo DeepLab command of docs/USAGE.md: ResNet-18, from the classifier's weights (see
     # StudyConfig.deeplab_from_classifier), batch norm trained, no multi-scale inputs.
     return DeepLabTrainConfig(arch="resnet18", batch_size=10, iterations=300, lr=2e-3, freeze_bn=False,
                               msc_scales=[])
@@ -157,7 +157,7 @@ def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, Any]:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    """The table as Markdown (percent), for the README and the report."""
+    """The table as Markdown (percent), for docs/RESULTS.md and study.md."""
     n = len(summary["seeds"])
     lines = [f"| stage ({n} seeds) | mean % | std |", "|---|---|---|"]
     labels = dict(ROWS)
