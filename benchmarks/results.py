@@ -65,8 +65,11 @@ def provenance(result: dict[str, Any]) -> str:
     if not run:
         return "*Date, commit and machine: not recorded in this file.*"
     m = run["machine"]
+    load = m.get("load_average_1m")
+    busy = "" if load is None else f", load average {load} at the start"
     return (f"*Measured {run['date']} (UTC), commit `{run['commit']}`, on {m['device_name']} ({m['device']}; "
-            f"{m['cpus']} CPUs, torch threads: {m['torch_threads']}), Python {m['python']}, torch {m['torch']}.*")
+            f"{m['cpus']} CPUs, torch threads: {m['torch_threads']}{busy}), Python {m['python']}, "
+            f"torch {m['torch']}.*")
 
 
 def pct(value: float | None) -> str:

@@ -50,5 +50,7 @@ def run_record(device: torch.device | str = "cpu") -> dict[str, Any]:
         "commit": git_commit(),
         "machine": {"device": str(device), "device_name": device_name(device), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "os": platform.platform(terse=True),
-                    "python": platform.python_version(), "torch": torch.__version__},
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    # how busy the machine was: timings on a shared machine are slower than on a quiet one
+                    "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
     }
