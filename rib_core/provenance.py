@@ -33,14 +33,23 @@ def device_name(device: torch.device | str) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True,
+                          cwd=Path(__file__).resolve().parent).stdout.strip()
+
+
 def git_commit() -> str | None:
-    """The checkout's commit (with ``-dirty`` when files differ from it), or None outside git."""
+    """The checkout's commit, with ``-dirty`` when code differs from it, or None outside git.
+
+    Changed docs (``docs/``, Markdown) do not count: result files are written there, and they do
+    not change what ran."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
-                             text=True, timeout=10, cwd=Path(__file__).resolve().parent, check=True)
+        commit = _git("rev-parse", "--short=12", "HEAD")
+        changed = _git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)docs",
+                       ":(top,exclude)*.md")
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return f"{commit}-dirty" if changed else commit
 
 
 def run_record(device: torch.device | str = "cpu") -> dict[str, Any]:
