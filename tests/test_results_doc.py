@@ -4,8 +4,11 @@
 tests/test_main_job.py, which runs the demo on a small config.)"""
 
 import json
+import os
 import re
 import shutil
+import subprocess
+from datetime import datetime
 
 import pytest
 
@@ -82,3 +85,12 @@ def test_the_readme_is_short_and_links_documents_that_exist():
     assert {"docs/RESULTS.md", "docs/USAGE.md", "docs/SERVICE.md", "docs/ARCHITECTURE.md"} <= set(links)
     for link in links:
         assert (ROOT / link).exists(), link
+
+
+def test_a_run_record_names_this_checkout_and_machine():
+    run = run_record("cpu")
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert run["commit"] in (head, f"{head}-dirty")
+    assert datetime.fromisoformat(run["date"]).utcoffset().total_seconds() == 0
+    assert run["machine"]["cpus"] == os.cpu_count() and run["machine"]["device"] == "cpu"
