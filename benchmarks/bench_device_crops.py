@@ -21,11 +21,11 @@ import tempfile
 import numpy as np
 import torch
 
-from benchmarks.bench_rib import device_name
 from rib_core.augment import apply_crop, draw_crop
 from rib_core.companions import CompanionPool, DeviceCompanions
 from rib_core.datasets import load_image
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
+from rib_core.provenance import device_name, run_record
 
 VOC_SHAPES = ((375, 500), (500, 375), (500, 500))  # the common VOC 2012 image sizes (h, w)
 
@@ -72,7 +72,8 @@ def main() -> None:
             gap = (crop - host).abs()[:, pasted]
             gaps["shrunk" if max(d.size) < max(images[i].shape[:2]) else "enlarged"].append(gap.flatten())
     every = torch.cat([g for parts in gaps.values() for g in parts])
-    out = {"device": device_name(device), "images": len(images), "crops": args.rounds * len(images),
+    out = {"run": run_record(device), "device": device_name(device),
+           "images": len(images), "crops": args.rounds * len(images),
            "crop": args.crop, "resize_long": list(args.resize_long), "units": "normalised: (x / 255 - mean) / std",
            "all": summary(every), **{k: summary(torch.cat(v)) for k, v in gaps.items() if v}}
     print(json.dumps(out, indent=2))

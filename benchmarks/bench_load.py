@@ -41,6 +41,7 @@ from rib_core.checkpoints import save_classifier
 from rib_core.datasets import Manifest
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
 from rib_core.networks import CamNet
+from rib_core.provenance import run_record
 from tests.service_stack import moto_s3, redis_server, s3, start_api, start_worker, upload_dataset, wait_for
 
 BUCKET = "rib"
@@ -110,7 +111,8 @@ def main() -> None:
                                                            digit_size=(26, 40), digits=[0, 1, 2], max_per_image=2))
     classifier = work / "classifier.pth"
     save_classifier(CamNet(len(demo.train.classes), "resnet18"), demo.train.classes, classifier)
-    report: dict[str, Any] = {"uploads": args.uploads, "wait_s": args.wait, "bulk": args.bulk, "rib": SMALL_RIB}
+    report: dict[str, Any] = {"run": run_record(), "uploads": args.uploads,
+                              "wait_s": args.wait, "bulk": args.bulk, "rib": SMALL_RIB}
     with redis_server(work) as redis_url, moto_s3() as endpoint:
         client = s3(endpoint)
         client.create_bucket(Bucket=BUCKET)

@@ -14,6 +14,7 @@ import random
 import time
 
 from rib_core.classes import VOC_CLASSES
+from rib_core.provenance import run_record
 from service.validation import manifest_items
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     assert len(items) == args.lines
     best = min(times)
     # CPU seconds next to wall seconds: on a shared machine the wall time includes waiting for a core.
-    print(json.dumps({"lines": args.lines, "bytes": len(text.encode()), "best_s": round(best, 3),
+    print(json.dumps({"run": run_record(), "lines": args.lines, "bytes": len(text.encode()), "best_s": round(best, 3),
                       "runs_s": [round(t, 3) for t in times], "cpu_s": [round(t, 3) for t in cpu],
                       "lines_per_s": round(args.lines / best)}))
 

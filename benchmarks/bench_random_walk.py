@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.bench_rib import device_name
 from rib_core.cam import LocalizationMap
+from rib_core.provenance import device_name, run_record
 from rib_core.random_walk import random_walk
 from rib_core.stage_configs import RandomWalkConfig
 
@@ -64,6 +64,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     pixels = boundary.numel()
     print(json.dumps({
+        "run": run_record(device),
         "image": f"{args.size[0]}x{args.size[1]}", "stride4_map": list(boundary.shape), "classes": args.classes,
         "device": device_name(device),
         "peak_memory_mb": round(peak, 1), "seconds": round(seconds, 3), "mask_shape": list(mask.shape),

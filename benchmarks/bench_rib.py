@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Callable
 
@@ -35,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from rib_core.batching import RibBatcher
 from rib_core.companions import CompanionPool
 from rib_core.networks import CamNet
+from rib_core.provenance import device_name, run_record
 from rib_core.rib import RibRunner
 from rib_core.rib_config import RibConfig
 from tests.rib_reference import reference_rib
@@ -54,11 +54,6 @@ def synthetic_pool(n: int, size: int, classes: int, rng: np.random.Generator) ->
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's (for the figures' records)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
 def matmul_peak(device: torch.device, n: int, repeats: int = 5) -> float:
@@ -151,6 +146,7 @@ def main() -> None:
     peak = max(matmul_peak(device, args.matmul or (8192 if device.type == "cuda" else 2048)) for _ in range(3))
     fast = seconds["default"]
     result = {
+        "run": run_record(device),
         "device": device_name(device), "threads": torch.get_num_threads(), "config": vars(args),
         "default_path": ("batched" if default.batched(str(device)) else "plain")
                         + (", bf16" if default.uses_bf16(str(device)) else ", fp32")

@@ -27,13 +27,14 @@ from rib_core.dataset_job import classifier_stage, maps_stage, refine_stage
 from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
 from rib_core.evaluation import all_background_miou, sweep_folder
+from rib_core.provenance import run_record
 from rib_core.report import write_html_report
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import EvalConfig, IrnTrainConfig, RandomWalkConfig, RefineConfig, wide_thresholds
 from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
 from rib_core.visualize import label_png, map_overlay, png_bytes
 
-# The canvas (README "Why 96 px scenes"): at output stride 16 a 96 px scene is a 6x6 CAM in which a
+# The canvas (docs/RESULTS.md notes, "Why 96 px scenes"): at output stride 16 a 96 px scene is a 6x6 CAM in which a
 # 30-46 px digit covers 2-3 cells, and IRN's stride-4 walk gets a 24x24 map in which a digit's
 # thickened strokes (4-7 px) are one to two cells wide; a 64 px scene gave a 4x4 CAM and strokes narrower
 # than one walk cell. Larger canvases cost RIB (per image) and the classifier (per epoch) about
@@ -48,7 +49,7 @@ def _demo_rib() -> RibConfig:
 
 
 def scene_classifier(canvas: int) -> ClassifierTrainConfig:
-    """The from-scratch scene recipe for scenes of side ``canvas`` (README "The classifier").
+    """The from-scratch scene recipe for scenes of side ``canvas`` (docs/USAGE.md "The classifier").
 
     Crops and resize-long follow the canvas (80 px crops of the scene resized to a long side of
     72-120 px at 96 px: the scale the classifier is used at); epochs keep the pixel budget of 3
@@ -66,7 +67,7 @@ class DemoJobConfig(BaseModel):
 
     data: DemoDataConfig = Field(default_factory=lambda: DemoDataConfig(
         n_train=1500, n_val=100, canvas=DEMO_CANVAS, digit_size=(30, 46), max_per_image=3))
-    # No ImageNet weights here: single-digit pretraining stands in for them (README "Classifier").
+    # No ImageNet weights here: single-digit pretraining stands in for them (docs/USAGE.md "The classifier").
     pretrain: ClassifierTrainConfig | None = Field(default_factory=lambda: ClassifierTrainConfig(
         recipe="scratch", batch_size=16, epochs=3, crop_size=48, resize_long=(44, 52)))
     pretrain_images: int = Field(4000, ge=1, description="single-digit images for the pretraining")
@@ -76,7 +77,7 @@ class DemoJobConfig(BaseModel):
     # The seed sweep is wide (0.05-0.90, not VOC's 0.20-0.49): with the VOC sweep the demo's best
     # threshold sat at its upper edge (0.49), so the sweep, not the maps, set the seed score.
     # IRN trains for 100 epochs (300 steps on the 24 images): IRN's 3 epochs are ~990 steps on VOC's
-    # 10,582 images but 9 on 24, after which its boundaries carry nothing (README "IRN and the walk").
+    # 10,582 images but 9 on 24, after which its boundaries carry nothing (docs/RESULTS.md notes, "IRN and the walk").
     # The walk (2^4 steps, background 0.70; re-training labels around it as the paper's around 0.27)
     # is what rib tune chose on 24 other training images (benchmarks/tune_demo.py).
     refine: RefineConfig = Field(default_factory=lambda: RefineConfig(
@@ -174,6 +175,7 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     cfg = cfg or DemoJobConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run = run_record(device)  # taken at the start: the code that ran, not what changed meanwhile
     timing: dict[str, float] = {}
 
     @contextmanager
@@ -204,7 +206,7 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     rows = report_rows(out, subset, cfg.report_rows)
     validation = classifier["validation"] or {}
     quality = {k: v for k, v in classifier.items() if k not in ("history", "validation")}
-    summary = {"classifier": {**quality, "f1": validation.get("f1"), "ap": validation.get("ap")},
+    summary = {"run": run, "classifier": {**quality, "f1": validation.get("f1"), "ap": validation.get("ap")},
                "metrics": metrics, "timing": timing, "images": len(subset),
                **sweeps, "refine": refined}
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -134,7 +134,7 @@ class IrnTrainConfig(BaseModel):
 
 
 # The from-scratch recipe's values where they differ from IRN's (measured on MNIST scenes of
-# several recipes: README "Classifier", benchmarks/classifier_recipes.py). A setting given
+# several recipes: docs/USAGE.md "The classifier", benchmarks/classifier_recipes.py). A setting given
 # explicitly wins over these.
 SCRATCH_RECIPE: dict[str, Any] = {
     "arch": "resnet18", "batch_size": 8, "epochs": 12, "lr": 1e-3, "weight_decay": 0.05,

@@ -36,6 +36,7 @@ from rib_core.deeplab_training import train_deeplab, train_with_retraining
 from rib_core.demo_data import make_demo_dataset
 from rib_core.demo_job import DemoJobConfig, train_demo_classifier
 from rib_core.evaluation import sweep_folder
+from rib_core.provenance import run_record
 from rib_core.stage_configs import DeepLabTrainConfig
 
 # Rows of the table: (key, label). Scores are mIoU except the classifier's mAP.
@@ -64,7 +65,7 @@ DIFFERENCES = (
 
 
 def _small_deeplab() -> DeepLabTrainConfig:
-    # The README's demo DeepLab command: ResNet-18, from the classifier's weights (see
+    # The demo DeepLab command of docs/USAGE.md: ResNet-18, from the classifier's weights (see
     # StudyConfig.deeplab_from_classifier), batch norm trained, no multi-scale inputs.
     return DeepLabTrainConfig(arch="resnet18", batch_size=10, iterations=300, lr=2e-3, freeze_bn=False,
                               msc_scales=[])
@@ -156,7 +157,7 @@ def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, Any]:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    """The table as Markdown (percent), for the README and the report."""
+    """The table as Markdown (percent), for docs/RESULTS.md and study.md."""
     n = len(summary["seeds"])
     lines = [f"| stage ({n} seeds) | mean % | std |", "|---|---|---|"]
     labels = dict(ROWS)
@@ -178,12 +179,13 @@ def run_study(out_dir: str | os.PathLike[str], cfg: StudyConfig | None = None, d
     """Every seed under ``out_dir/seed_<s>/``; ``study.json`` and ``study.md`` at the top. Resumable."""
     cfg = cfg or StudyConfig()
     out = Path(out_dir)
+    run = run_record(device)  # at the start: the code that ran
     data_dir = out / "data"
     if not (data_dir / "val.jsonl").exists():
         make_demo_dataset(data_dir, cfg.demo.data)
     train, val_path = load_manifest(data_dir / "train.jsonl"), data_dir / "val.jsonl"
     per_seed = {s: run_seed(s, train, val_path, out / f"seed_{s}", cfg, device, progress) for s in cfg.seeds}
-    summary = {**summarise(per_seed), "per_seed": per_seed, "images": min(cfg.demo.n_images, len(train)),
+    summary = {"run": run, **summarise(per_seed), "per_seed": per_seed, "images": min(cfg.demo.n_images, len(train)),
                "val_images": len(load_manifest(val_path)),
                "note": "seed rows: best threshold of the sweep, chosen on the scored images (as the paper); "
                        "every other setting fixed before the run",

@@ -4,7 +4,7 @@
 poly SGD with 10x learning rate on the classifier, random resize-long, flip and crop.
 ``recipe="scratch"`` (no ImageNet weights, e.g. the demo): the same loss and crops, every stage
 trained with batch statistics, AdamW with a linear warm-up then a cosine decay, and colour
-augmentation; its defaults were chosen by measurement (README, benchmarks/classifier_recipes.py).
+augmentation; its defaults were chosen by measurement (docs/RESULTS.md notes, benchmarks/classifier_recipes.py).
 Checkpoints after every epoch; ``resume`` continues a run where it stopped, with the same
 optimiser state and data order. With a validation manifest, every epoch is scored
 (:mod:`rib_core.classifier_eval`) into ``train_report.json`` and the final checkpoint records it.

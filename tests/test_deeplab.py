@@ -148,7 +148,7 @@ def test_three_way_labels_and_fill() -> None:
 @pytest.mark.slow
 def test_train_evaluate_predict_jobs_on_demo(demo: DemoDataset, tmp_path: Path) -> None:
     """Train on the demo's ground-truth masks (the machinery, not the pseudo-masks' quality: the
-    README's command trains on those), evaluate on val, predict PNG masks: one job, then the
+    docs/USAGE.md's command trains on those), evaluate on val, predict PNG masks: one job, then the
     evaluate and predict jobs on their own. From scratch with batch norm trained."""
     torch.set_num_threads(2)
     cfg = {**TINY, "iterations": 200, "lr": 2e-3, "freeze_bn": False}

@@ -3,18 +3,23 @@ exit codes."""
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.results import COLUMNS, GAP, HEADER, demo_picture, readme_blocks, results_doc
 from rib_core.artifacts import PIPELINE_IMAGE_FILES, pipeline_index, pipeline_key
 from rib_core.datasets import load_manifest
-from rib_core.demo_job import DemoJobConfig, run_demo
+from rib_core.demo_job import DemoJobConfig, report_rows, run_demo
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import IrnTrainConfig, RefineConfig
 from tests.conftest import SMALL_CLASSIFIER, SMALL_DEMO
@@ -67,6 +72,32 @@ def test_the_demo_folder_is_a_pipeline_jobs_work_folder(demo_run):
     index = pipeline_index(job, ids, present)
     assert [sorted(item["files"]) for item in index] == [sorted(PIPELINE_IMAGE_FILES)] * len(ids)
     assert (demo_run / "classifier" / "classifier.pth").exists() and (demo_run / "refined" / "irn.pth").exists()
+
+
+@pytest.mark.slow
+def test_the_report_records_its_run_and_gives_the_results_doc_its_table_and_picture(demo_run, tmp_path):
+    """report.json says when, from which commit and where it ran; docs/RESULTS.md and the README's
+    blocks are made from it (every stage row), and the picture holds the report's own pictures."""
+    report = json.loads((demo_run / "report.json").read_text())
+    run = report["run"]
+    assert datetime.fromisoformat(run["date"]).tzinfo is not None
+    assert run["machine"]["device"] == "cpu" and run["machine"]["cpus"] == os.cpu_count()
+    (tmp_path / "demo.json").write_text(json.dumps(report))
+    for text in (results_doc(tmp_path), readme_blocks(tmp_path)["demo table"]):
+        assert run["date"] in text and str(run["commit"]) in text
+        for row in report["metrics"]:
+            assert f"| {row['method']} | {100 * row['miou']:.1f} |" in text
+
+    sheet = demo_picture(demo_run, rows=2, zoom=1)
+    subset = load_manifest(demo_run / "data" / "train.jsonl")
+    rows = report_rows(demo_run, subset.subset([r.id for r in subset.records[:2]]), 2)
+    w, h = Image.open(io.BytesIO(rows[0]["input"])).size
+    assert sheet.size == (len(COLUMNS) * (w + GAP) - GAP, HEADER + 2 * (h + GAP) - GAP)
+    for i, row in enumerate(rows):
+        for j, column in enumerate(COLUMNS):
+            cell = sheet.crop((j * (w + GAP), HEADER + i * (h + GAP), j * (w + GAP) + w, HEADER + i * (h + GAP) + h))
+            expected = Image.open(io.BytesIO(row[column])).convert("RGB")
+            assert np.array_equal(np.asarray(cell), np.asarray(expected)), (i, column)
 
 
 def _rib(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,233 @@
+"""docs/RESULTS.md and the README's demo picture and table, generated from the files under docs/results/.
+
+Figures in the docs were typed by hand and went stale; here every table is made from a committed
+result file (the demo's ``report.json``, ``rib study``'s ``study.json``, the benchmarks' JSON), and
+each section states the date, commit and machine its file recorded
+(:func:`rib_core.provenance.run_record`). A section whose file is missing says how to produce it.
+``docs/results/notes.md`` is the hand-written narrative, appended as it is and marked as such.
+Usage: ``python -m benchmarks.results`` (rewrite both), ``--demo runs/demo`` (first take a
+finished demo run's ``report.json`` and its picture together, so both show one run), ``--check``
+(exit 1 when either differs from what the files give; tests/test_results_doc.py does the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from rib_core.datasets import load_manifest
+from rib_core.demo_job import report_rows
+from rib_core.study import ROWS
+from rib_core.study import markdown as study_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "docs" / "results"
+RESULTS_MD = ROOT / "docs" / "RESULTS.md"
+README = ROOT / "README.md"
+PICTURE_LINK = "docs/img/demo.png"  # as the README links it
+PICTURE = ROOT / PICTURE_LINK
+GAP, HEADER = 4, 16  # the picture's gap between cells and its header row (px)
+COLUMNS = ("input", "CAM", "RIB map M", "pseudo-mask", "ground truth")  # the report's picture columns
+
+DEMO_HOWTO = ("`rib demo --out runs/demo` (or `bash scripts/demo.sh`), then "
+              "`python -m benchmarks.results --demo runs/demo`")
+STUDY_HOWTO = ("`rib study --out runs/study` (about 50 min on 2 cores), then "
+               "`cp runs/study/study.json docs/results/study.json` and `python -m benchmarks.results`")
+# (file stem, title, the command that writes the file)
+BENCHMARKS = (
+    ("bench_rib", "RIB's speed: FLOPs, seconds per image, fraction of peak",
+     "python -m benchmarks.bench_rib --threads 2 > docs/results/bench_rib.json"),
+    ("bench_random_walk", "Memory and time of the random walk on a VOC-sized image",
+     "python -m benchmarks.bench_random_walk --size 500 375 > docs/results/bench_random_walk.json"),
+    ("bench_device_crops", "Device crops against IRN's host crops",
+     "python -m benchmarks.bench_device_crops > docs/results/bench_device_crops.json"),
+    ("bench_manifest", "Manifest validation time",
+     "python -m benchmarks.bench_manifest --lines 100000 > docs/results/bench_manifest.json"),
+    ("bench_load", "The service under load, against the CLI",
+     "python -m benchmarks.bench_load --uploads 50 --bulk 8 > docs/results/bench_load.json"),
+)
+
+
+def load(folder: Path, stem: str) -> dict[str, Any] | None:
+    """A result file's content, or None when it has not been committed."""
+    path = folder / f"{stem}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def provenance(result: dict[str, Any]) -> str:
+    """One line: when, from which commit and on which machine the file's figures were measured."""
+    run = result.get("run")
+    if not run:
+        return "*Date, commit and machine: not recorded in this file.*"
+    m = run["machine"]
+    load = m.get("load_average_1m")
+    busy = "" if load is None else f", load average {load} at the start"
+    return (f"*Measured {run['date']} (UTC), commit `{run['commit']}`, on {m['device_name']} ({m['device']}; "
+            f"{m['cpus']} CPUs, torch threads: {m['torch_threads']}{busy}), Python {m['python']}, "
+            f"torch {m['torch']}.*")
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def demo_table(report: dict[str, Any]) -> str:
+    """The demo's stage table: every row of its report, mIoU and pixel scores in percent."""
+    lines = ["| stage | mIoU % | precision % | recall % | F1 % | how |", "|---|---|---|---|---|---|"]
+    for row in report["metrics"]:
+        lines.append(f"| {row['method']} | {pct(row['miou'])} | {pct(row.get('precision'))} | "
+                     f"{pct(row.get('recall'))} | {pct(row.get('f1'))} | {row['detail']} |")
+    labels = report["refine"].get("ir_labels")
+    if labels:
+        lines.append(f"| IRN confident labels | {pct(labels['miou'])} | | | | "
+                     f"{pct(labels['ignored_fraction'])}% of pixels left unlabelled |")
+    return "\n".join(lines)
+
+
+def demo_summary(report: dict[str, Any]) -> str:
+    """The lines under the demo table: classifier quality, images scored, stage times."""
+    c = report["classifier"]
+    timing = ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in report["timing"].items())
+    return (f"Classifier validation mAP {pct(c['val_map'])}% (F1 at 0.5: {pct(c.get('f1'))}%); "
+            f"{report['images']} training images scored. Stage times (s; a stage whose output already "
+            f"existed is skipped): {timing}.")
+
+
+def demo_section(report: dict[str, Any] | None) -> str:
+    head = "## The demo (`rib demo`, `docs/results/demo.json`)\n\n"
+    if report is None:
+        return head + f"No result committed yet. To produce it: {DEMO_HOWTO}.\n"
+    return head + "\n\n".join([provenance(report), demo_table(report), demo_summary(report)]) + "\n"
+
+
+def study_section(summary: dict[str, Any] | None) -> str:
+    head = "## Every stage's gain over seeds (`rib study`, `docs/results/study.json`)\n\n"
+    if summary is None:
+        return head + f"No result committed yet. To produce it: {STUDY_HOWTO}.\n"
+    labels = dict(ROWS)
+    seeds = [str(s) for s in summary["seeds"]]
+    per_seed = ["| stage | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for key in summary["table"]:
+        per_seed.append(f"| {labels[key].strip()} | " + " | ".join(pct(summary["per_seed"][s][key]) for s in seeds)
+                        + " |")
+    return head + "\n\n".join([provenance(summary), f"{summary['images']} scored training images, "
+                               f"{summary['val_images']} validation images; {summary['note']}.",
+                               study_markdown(summary).strip(), "\n".join(per_seed)]) + "\n"
+
+
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested dicts as dotted keys; lists and scalars as compact JSON."""
+    if isinstance(value, dict):
+        return [row for k, v in value.items() for row in flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    return [(prefix, json.dumps(value))]
+
+
+def bench_section(stem: str, title: str, command: str, result: dict[str, Any] | None) -> str:
+    head = f"### {title} (`benchmarks/{stem}.py`)\n\n"
+    if result is None:
+        return head + f"No result committed yet. To produce it: `{command}`.\n"
+    rows = [f"| `{k}` | {v} |" for k, v in flatten({k: v for k, v in result.items() if k != "run"})]
+    table = "\n".join(["| figure | value |", "|---|---|", *rows])
+    return head + provenance(result) + f" Made by `{command}`.\n\n{table}\n"
+
+
+def results_doc(folder: Path = RESULTS_DIR) -> str:
+    """docs/RESULTS.md from the files in ``folder``."""
+    parts = [
+        "# Results\n\nGenerated by `python -m benchmarks.results` from the files in `docs/results/`: do not "
+        "edit; edit the files (or `docs/results/notes.md`, the hand-written part) and regenerate. Every "
+        "section states the date, commit and machine its file recorded. Scores are on MNIST scenes (the "
+        "demo data), not on VOC or COCO; mIoU in percent.\n",
+        demo_section(load(folder, "demo")),
+        study_section(load(folder, "study")),
+        "## Benchmarks\n\nSpeed and resource figures; timings depend on the machine and on what else ran on "
+        "it.\n",
+        *(bench_section(stem, title, command, load(folder, stem)) for stem, title, command in BENCHMARKS),
+    ]
+    notes = folder / "notes.md"
+    if notes.exists():
+        parts.append("## Notes (hand-written narrative, not regenerated: `docs/results/notes.md`)\n\n"
+                     + notes.read_text().strip() + "\n")
+    return "\n".join(parts)
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The comments around the README's generated block ``name``."""
+    return (f"<!-- {name}: generated by `python -m benchmarks.results` from docs/results/; do not edit -->",
+            f"<!-- end of {name} -->")
+
+
+def readme_blocks(folder: Path = RESULTS_DIR, picture: Path = PICTURE) -> dict[str, str]:
+    """The README's generated blocks by name: the demo run's picture and its table with its date."""
+    report = load(folder, "demo")
+    if report is None:
+        table = f"No demo result committed yet: {DEMO_HOWTO}."
+    else:
+        table = "\n\n".join([provenance(report), demo_table(report), demo_summary(report)])
+    if picture.exists():
+        shown = (f"![Rows of the demo's report: {', '.join(COLUMNS)}]({PICTURE_LINK})\n\n"
+                 f"*The first rows of the committed demo run's report (its table is below): "
+                 f"{', '.join(COLUMNS)}.*")
+    else:
+        shown = f"*No picture of a demo run committed yet: {DEMO_HOWTO}.*"
+    return {"demo picture": shown, "demo table": table}
+
+
+def with_readme_blocks(readme: str, blocks: dict[str, str]) -> str:
+    """``readme`` with the text between each block's markers replaced by the block."""
+    for name, body in blocks.items():
+        begin, end = markers(name)
+        if begin not in readme or end not in readme:
+            raise ValueError(f"README.md lacks the markers of its generated block {name!r}: {begin} ... {end}")
+        readme = readme[:readme.index(begin) + len(begin)] + f"\n{body}\n" + readme[readme.index(end):]
+    return readme
+
+
+def demo_picture(run_dir: Path, rows: int = 3, zoom: int = 2) -> Image.Image:
+    """The first ``rows`` rows of a demo run's report (the same pictures as its report.html,
+    :func:`rib_core.demo_job.report_rows`) as one image, columns headed by name."""
+    train = load_manifest(run_dir / "data" / "train.jsonl")
+    report = report_rows(run_dir, train.subset([r.id for r in train.records[:rows]]), rows)
+    cells = [[Image.open(io.BytesIO(row[c])).convert("RGB") for c in COLUMNS] for row in report]
+    w, h = (zoom * max(im.size[i] for r in cells for im in r) for i in (0, 1))
+    sheet = Image.new("RGB", (len(COLUMNS) * (w + GAP) - GAP, HEADER + len(cells) * (h + GAP) - GAP), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, name in enumerate(COLUMNS):
+        draw.text((j * (w + GAP) + 2, 2), name, fill="black")
+    for i, row in enumerate(cells):
+        for j, im in enumerate(row):
+            sheet.paste(im.resize((zoom * im.size[0], zoom * im.size[1]), Image.Resampling.NEAREST),
+                        (j * (w + GAP), HEADER + i * (h + GAP)))
+    return sheet
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 if docs/RESULTS.md or the README's blocks are stale")
+    p.add_argument("--demo", type=Path, metavar="RUN_DIR", help="first take a finished demo run (e.g. runs/demo): "
+                   "its report.json as docs/results/demo.json and its picture as docs/img/demo.png")
+    args = p.parse_args()
+    if args.demo:
+        (RESULTS_DIR / "demo.json").write_text((args.demo / "report.json").read_text())
+        PICTURE.parent.mkdir(parents=True, exist_ok=True)
+        demo_picture(args.demo).save(PICTURE, optimize=True)
+        print(f"took {args.demo / 'report.json'}; wrote {PICTURE.relative_to(ROOT)}")
+    expected = {RESULTS_MD: results_doc(), README: with_readme_blocks(README.read_text(), readme_blocks())}
+    stale = [path for path, text in expected.items() if not path.exists() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is stale: run python -m benchmarks.results", file=sys.stderr)
+        sys.exit(1 if stale else 0)
+    for path in stale:
+        path.write_text(expected[path])
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""docs/RESULTS.md and the README's generated blocks are what the committed result files give.
+
+(A real demo run's report.json through the same renderer, and its picture, are checked in
+tests/test_main_job.py, which runs the demo on a small config.)"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from datetime import datetime
+
+import pytest
+
+from benchmarks.results import (
+    PICTURE_LINK,
+    README,
+    RESULTS_DIR,
+    RESULTS_MD,
+    ROOT,
+    readme_blocks,
+    results_doc,
+    with_readme_blocks,
+)
+from rib_core.provenance import run_record
+
+
+def test_results_doc_and_the_readme_blocks_are_regenerated_from_the_files():
+    assert RESULTS_MD.read_text() == results_doc(), "docs/RESULTS.md is stale: run python -m benchmarks.results"
+    readme = README.read_text()
+    assert with_readme_blocks(readme, readme_blocks()) == readme, "README's blocks are stale: same command"
+
+
+def test_every_figure_and_the_date_come_from_the_files(tmp_path):
+    folder = tmp_path / "results"
+    shutil.copytree(RESULTS_DIR, folder)
+    (folder / "demo.json").unlink(missing_ok=True)
+    text = results_doc(folder)
+    assert "No result committed yet. To produce it: `rib demo" in text
+    assert "No demo result committed yet" in readme_blocks(folder)["demo table"]
+
+    # the renderer's input, as run_demo writes it (a run record of this machine, stage rows, times)
+    report = {"run": run_record("cpu"), "images": 7, "timing": {"data_s": 1.0, "rib_s": 2.5},
+              "classifier": {"val_map": 0.9012, "f1": 0.8},
+              "metrics": [{"method": "all background", "miou": 0.05, "detail": "the floor"},
+                          {"method": "CAM seed", "miou": 0.01234, "precision": 0.5, "recall": 0.25, "f1": 0.33,
+                           "detail": "best threshold 0.60"}],
+              "refine": {"ir_labels": {"miou": 0.7, "ignored_fraction": 0.125}}}
+    (folder / "demo.json").write_text(json.dumps(report))
+    text = results_doc(folder)
+    table = readme_blocks(folder)["demo table"]
+    for shown in (text, table):
+        assert "| CAM seed | 1.2 | 50.0 | 25.0 | 33.0 | best threshold 0.60 |" in shown
+        assert report["run"]["date"] in shown and report["run"]["commit"] in shown
+        assert "mAP 90.1%" in shown and "12.5% of pixels left unlabelled" in shown
+    del report["run"]
+    (folder / "demo.json").write_text(json.dumps(report))
+    assert "not recorded in this file" in results_doc(folder)
+
+    walk = json.loads((folder / "bench_random_walk.json").read_text())
+    walk["peak_memory_mb"] = 123456.5
+    (folder / "bench_random_walk.json").write_text(json.dumps(walk))
+    assert "| `peak_memory_mb` | 123456.5 |" in results_doc(folder)
+    (folder / "bench_random_walk.json").unlink()
+    assert ("`python -m benchmarks.bench_random_walk --size 500 375 > docs/results/bench_random_walk.json`"
+            in results_doc(folder))
+
+
+def test_the_picture_is_shown_once_there_is_one(tmp_path):
+    picture = tmp_path / "demo.png"
+    assert "No picture" in readme_blocks(picture=picture)["demo picture"]
+    picture.write_bytes(b"")
+    assert f"]({PICTURE_LINK})" in readme_blocks(picture=picture)["demo picture"]
+
+
+def test_a_readme_without_the_markers_is_refused():
+    with pytest.raises(ValueError, match="markers"):
+        with_readme_blocks("# a README\n", readme_blocks())
+
+
+def test_the_readme_is_short_and_links_documents_that_exist():
+    readme = README.read_text()
+    assert len(readme.splitlines()) <= 150
+    links = re.findall(r"\]\(([^)#]+)", readme)
+    assert {"docs/RESULTS.md", "docs/USAGE.md", "docs/SERVICE.md", "docs/ARCHITECTURE.md"} <= set(links)
+    for link in links:
+        assert (ROOT / link).exists(), link
+
+
+def test_a_run_record_names_this_checkout_and_machine():
+    run = run_record("cpu")
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert run["commit"] in (head, f"{head}-dirty")
+    assert datetime.fromisoformat(run["date"]).utcoffset().total_seconds() == 0
+    assert run["machine"]["cpus"] == os.cpu_count() and run["machine"]["device"] == "cpu"
