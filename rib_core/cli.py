@@ -167,7 +167,7 @@ def cmd_rib(args: argparse.Namespace) -> None:
 
     model, manifest = _classifier_and_manifest(args)
     companions = load_manifest(args.companions) if args.companions else manifest
-    pool = CompanionPool.from_manifest(companions, progress=not args.quiet)
+    pool = CompanionPool.from_manifest(companions)
     print(run_rib(model, manifest, pool, args.out, build_config(RibConfig, args), _dev(args), not args.quiet))
 
 
