@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +52,7 @@ class ImageCache:
         self.bound = bound
         self.nbytes = 0
         self.decodes = 0  # images decoded into the cache, repeats after an eviction included
+        self.load_seconds = 0.0  # spent reading and decoding them, on whichever thread asked
         self._items: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -63,9 +65,11 @@ class ImageCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
+        started = time.perf_counter()
         image = load()
         with self._lock:
             self.decodes += 1
+            self.load_seconds += time.perf_counter() - started
             if key not in self._items and image.nbytes <= self.bound:
                 while self.nbytes + image.nbytes > self.bound:
                     self.nbytes -= self._items.popitem(last=False)[1].nbytes
@@ -193,7 +197,7 @@ def _drained(executor: ThreadPoolExecutor, pending: Future, steps: Iterator[T]) 
 
 
 class PoolRegistry:
-    """The companion pools of this process, one per data set (the manifest's :meth:`~Manifest.digest`
+    """The companion pools of this process, one per data set (the manifest's :attr:`~rib_core.datasets.Manifest.digest`
     and the cache settings): built once, shared by every chunk and job that uses that data set.
     ``builds`` counts the pools made."""
 
@@ -208,7 +212,7 @@ class PoolRegistry:
         """The pool of ``manifest`` (its first ``limit`` images), built on the first call."""
         if limit:
             manifest = Manifest(manifest.classes, manifest.records[:limit], manifest.base)
-        key = (manifest.digest(), cache_bytes, os.fspath(disk_cache) if disk_cache else None)
+        key = (manifest.digest, cache_bytes, os.fspath(disk_cache) if disk_cache else None)
         with self._lock:
             if key not in self._pools:
                 self._pools[key] = CompanionPool.from_manifest(manifest, cache_bytes=cache_bytes,

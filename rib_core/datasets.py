@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +109,11 @@ class Manifest:
             out[n, [index[c] for c in r.labels]] = True
         return out
 
+    @cached_property
     def digest(self) -> str:
         """SHA-256 of the class list and every record with its image resolved: the data set's
-        identity (equal digests name the same images with the same labels, in the same order)."""
+        identity (equal digests name the same images with the same labels, in the same order).
+        Computed once per manifest object (a manifest is not changed once made)."""
         rows = [json.dumps(self.classes)] + [json.dumps([r.id, self.image_uri(r), r.labels]) for r in self.records]
         return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
