@@ -302,7 +302,15 @@ def main() -> None:
     save_classifier(CamNet(len(VOC_CLASSES), args.arch), VOC_CLASSES, classifier)
     spec_args = {k: v for k, v in vars(args).items() if k != "child"}
     cache_bytes = args.cache_mib * 2**20
-    results = []
+    results: list[dict[str, Any]] = []
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": platform.processor() or "cpu",
+        "cores": len(os.sched_getaffinity(0)), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cache_bytes": cache_bytes, "config": spec_args,
+        "data": f"{args.distinct} distinct {VOC_SIZE[0]}x{VOC_SIZE[1]} JPEGs written under many names "
+                f"(mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB)",
+        "results": results, "submit_latency": {},
+    }
     try:
         with moto_s3() as endpoint:
             env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
@@ -324,20 +332,12 @@ def main() -> None:
                     result = {"size": size, "storage": storage, "generate_s": made, **run_child(spec, env)}
                     print(f"{size} {storage}: {json.dumps(result)}", file=sys.stderr, flush=True)
                     results.append(result)
-                    Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+                    Path(args.out).write_text(json.dumps(report, indent=2))  # so far
                     if storage == "local":
                         shutil.rmtree(work / f"local-{size}")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    report: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": platform.processor() or "cpu",
-        "cores": len(os.sched_getaffinity(0)), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cache_bytes": cache_bytes, "config": spec_args,
-        "data": f"{args.distinct} distinct {VOC_SIZE[0]}x{VOC_SIZE[1]} JPEGs written under many names "
-                f"(mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB)",
-        "results": results, "submit_latency": {},
-    }
     for measure in SUBMIT_LATENCY:
         report["submit_latency"].update(measure(args))
     if args.flops or not args.no_paper_flops:

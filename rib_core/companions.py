@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from typing import TypeVar
 
 import numpy as np
@@ -172,11 +173,12 @@ class CompanionPool:
             imgs = torch.stack([apply_crop(self.image(i), d) for i, d in zip(chosen, crops, strict=True)])
             yield imgs, torch.from_numpy(self.labels[chosen].astype(np.float32))
 
-    def ahead(self, steps: Iterator[T]) -> Iterator[T]:
-        """``steps`` one item ahead on a background thread, so that reading, decoding and cropping
-        the next step's companions overlaps the current RIB step (inline when ``prefetch`` is off).
-        The first item starts at once. The items and their order are those of ``steps``: only that
-        thread advances it."""
+    def ahead(self, steps: Iterator[T], count: int) -> Iterator[T]:
+        """The first ``count`` items of ``steps``, each made one item ahead on a background thread,
+        so that reading, decoding and cropping the next step's companions overlaps the current RIB
+        step (inline when ``prefetch`` is off). The first item starts at once; nothing is made past
+        ``count``. The items and their order are those of ``steps``: only that thread advances it."""
+        steps = islice(steps, count)
         if not self.prefetch:
             return steps
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="companions")

@@ -219,7 +219,8 @@ class RibRunner:
         """Each step's companions of every image, ([n, k, 3, crop, crop], [n, k, C]) on the device,
         or None when there are none. Each image draws from its own ``random.Random(seed)`` in the
         same order on both engines; on the host they are cropped by PIL as IRN does. The next step's
-        companions are made on a background thread (:meth:`CompanionPool.ahead`)."""
+        companions are made on a background thread (:meth:`CompanionPool.ahead`), for at most
+        ``cfg.iterations`` steps."""
         per_image = [(keys, cfg.companions, cfg.crop_size, cfg.resize_long, random.Random(seed))
                      for keys, seed in zip(keys_list, seeds, strict=True)]
         if on_device:
@@ -230,7 +231,8 @@ class RibRunner:
                     chosen, crops = [c for c, _ in step], [d for _, d in step]
                     yield (chosen, crops, device_pool.host_batch(chosen)) if _any_companions(chosen) else None
 
-            return (None if item is None else device_pool.crops(*item) for item in self.pool.ahead(host_steps()))
+            return (None if item is None else device_pool.crops(*item)
+                    for item in self.pool.ahead(host_steps(), cfg.iterations))
 
         def host_batches() -> Iterator[tuple | None]:  # draws, reads and PIL crops: on the prefetch thread
             for step in zip(*(self.pool.batches(*args) for args in per_image), strict=True):
@@ -238,7 +240,7 @@ class RibRunner:
                 yield (torch.stack([x for x, _ in step]), torch.stack([y for _, y in step])) if has else None
 
         return (None if item is None else (item[0].to(self.device), item[1].to(self.device))
-                for item in self.pool.ahead(host_batches()))
+                for item in self.pool.ahead(host_batches(), cfg.iterations))
 
 
 def _any_companions(per_image: Sequence[Sized]) -> bool:

@@ -5,7 +5,10 @@ no training (an untrained ResNet-18 where a classifier is needed)."""
 
 from __future__ import annotations
 
+import itertools
 import random
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -37,9 +40,9 @@ def test_lazy_pool_gives_the_bytes_of_a_pool_decoded_whole(demo):
     lazy = CompanionPool.from_manifest(demo.train, cache_bytes=8 * IMAGE_BYTES)
     assert len(lazy.cache) == 0  # building the index decodes nothing
     args = (KEYS, 5, 48, (40, 80))
-    steps = zip(range(STEPS), lazy.ahead(lazy.batches(*args, random.Random(3))), eager.batches(*args, random.Random(3)),
-                strict=False)  # the batches are endless: STEPS of them
-    for _, got, want in steps:
+    ahead = list(lazy.ahead(lazy.batches(*args, random.Random(3)), STEPS))  # made on the prefetch thread
+    assert len(ahead) == STEPS
+    for got, want in zip(ahead, eager.batches(*args, random.Random(3)), strict=False):  # eager's are endless
         assert got[0].shape == (5, 3, 48, 48)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert lazy.cache.decodes > len(lazy.cache)  # images were evicted and read again
@@ -56,19 +59,33 @@ def test_lazy_pool_gives_the_bytes_of_a_pool_decoded_whole(demo):
         assert not y_lazy[..., KEYS].any()
 
 
+def test_prefetch_runs_on_a_thread_and_stops_at_the_steps_asked_for(demo):
+    made: list[str] = []
+
+    def steps() -> Iterator[int]:
+        for n in itertools.count():
+            made.append(threading.current_thread().name)
+            yield n
+
+    pool = CompanionPool.from_manifest(demo.train)
+    assert list(pool.ahead(steps(), 3)) == [0, 1, 2]
+    assert len(made) == 3 and threading.current_thread().name not in made
+    pool.prefetch = False
+    made.clear()
+    assert list(pool.ahead(steps(), 2)) == [0, 1] and made == [threading.current_thread().name] * 2
+
+
 @pytest.mark.parametrize("bound_images", [1, 3, 7])
 def test_the_cache_never_exceeds_its_bound(demo, bound_images):
     bound = bound_images * IMAGE_BYTES + IMAGE_BYTES // 2
     pool = CompanionPool.from_manifest(demo.train, cache_bytes=bound)
     drawn: set[int] = set()
-    for step, (chosen, _) in enumerate(pool.ahead(pool.draws([1], 4, 32, (24, 48), random.Random(0)))):
+    for step, (chosen, _) in enumerate(pool.ahead(pool.draws([1], 4, 32, (24, 48), random.Random(0)), 40)):
         drawn.update(chosen)
         for i in chosen:
             pool.image(i)
         assert 0 < pool.cache.nbytes <= bound, (step, pool.cache.nbytes, bound)
         assert len(pool.cache) <= bound_images
-        if step == 40:
-            break
     assert len(drawn) > 2 * bound_images and pool.cache.decodes > len(pool.cache)
 
 
@@ -117,8 +134,8 @@ def test_s3_images_are_fetched_once_through_the_disk_cache(demo, tmp_path, monke
         eager = decoded_whole(demo.train.subset([r.id for r in manifest.records]))
         pool = CompanionPool.from_manifest(manifest, cache_bytes=2 * IMAGE_BYTES, disk_cache=tmp_path / "disk")
         args = ([2], 4, 32, (24, 48))  # 21 steps of 4: every candidate drawn several times
-        for _, got, want in zip(range(21), pool.ahead(pool.batches(*args, random.Random(1))),
-                                eager.batches(*args, random.Random(1)), strict=False):
+        for got, want in zip(pool.ahead(pool.batches(*args, random.Random(1)), 21),
+                             eager.batches(*args, random.Random(1)), strict=False):
             assert torch.equal(got[0], want[0])
         candidates = set(np.flatnonzero(~pool.labels[:, 2]).tolist())
         assert pool.cache.decodes > len(candidates)          # evicted images were read again...
