@@ -14,7 +14,7 @@ not share a peak RSS) runs what a worker runs for a pipeline's maps stage:
   disk cache); the goal is on the warm one;
 - times each RIB **step** with the prefetch on (the chunks before the last) and off (the last chunk:
   companions read and decoded inline);
-- reports its **peak RSS** (``getrusage``), with the cache bound and what the cache held.
+- reports its **peak RSS** (``VmHWM``), with the cache bound and what the cache held.
 
 Generating 100k distinct images would take longer than the measurement: ``--distinct`` JPEGs are
 encoded once and written under many names (every file a real copy, read through the page cache).
@@ -39,7 +39,6 @@ import io
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -60,6 +59,14 @@ from rib_core.datasets import MANIFEST_FORMAT, MANIFEST_VERSION
 VOC_SIZE = (500, 375)  # width, height
 BUCKET = "bench-scale"
 SUBMIT_LATENCY: list[Callable[[argparse.Namespace], dict[str, Any]]] = []
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
 
 
 def distinct_jpegs(count: int, seed: int) -> list[bytes]:
@@ -127,7 +134,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     args = argparse.Namespace(**spec["args"])
     cfg = rib_config(args)
     load_classifier(spec["classifier"])  # the model's share of the RSS, before any pool
-    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_model = memory("VmRSS")
     started = time.perf_counter()
     manifest = load_manifest(spec["manifest"], verify_files=False)
     parsed = time.perf_counter()
@@ -159,9 +166,18 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                        "overhead_s": wall - in_rib["seconds"], "step_s": in_rib["seconds"] / max(1, in_rib["steps"]),
                        "decode_s": pool.cache.load_seconds - loading})
     return {"parse_s": parsed - started, "index_s": indexed - parsed, "chunks": chunks, "pool_builds": POOLS.builds,
-            "rss_model_bytes": rss_model, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_model_bytes": rss_model, "peak_rss_bytes": memory("VmHWM"),
             "cache_held_bytes": pool.cache.nbytes, "cache_decodes": pool.cache.decodes,
             "remote_reads": pool.reader.remote_reads, "threads": torch.get_num_threads()}
+
+
+def memory(field: str) -> int:
+    """This process's ``VmRSS`` (now) or ``VmHWM`` (peak) in bytes. Not ``getrusage``: its peak
+    survives ``exec`` and would be the parent's (moto holds the S3 data sets in memory)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def run_child(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
@@ -315,7 +331,7 @@ def main() -> None:
     cache_bytes = args.cache_mib * 2**20
     results: list[dict[str, Any]] = []
     report: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": platform.processor() or "cpu",
+        "date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": cpu_name(),
         "cores": len(os.sched_getaffinity(0)), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cache_bytes": cache_bytes, "config": spec_args,
         "data": f"{args.distinct} distinct {VOC_SIZE[0]}x{VOC_SIZE[1]} JPEGs written under many names "
