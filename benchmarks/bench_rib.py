@@ -69,6 +69,21 @@ def matmul_peak(device: torch.device, n: int, repeats: int = 5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - started)
 
 
+def rib_flops(runner: RibRunner, image: np.ndarray, keys: list[int], cfg: RibConfig) -> tuple[float, float]:
+    """FLOPs of one RIB step and of one image (all ``cfg.iterations`` steps) on the plain path,
+    counted by ``FlopCounterMode`` on two real runs (1 step, then all): a step is the target's CAM
+    at every scale and the companions, forward and backward; the rest of an image's count is one-off
+    (the target's stage 1-2 features). ``cfg`` should not stop early (huge margin, no explosion)."""
+    with FlopCounterMode(display=False) as counter:
+        runner.run(image, keys, cfg.model_copy(update={"iterations": 1}), seed=0)
+    flops_one_step = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        runner.run(image, keys, cfg, seed=0)
+    flops_image = counter.get_total_flops()
+    flops_step = (flops_image - flops_one_step) / (cfg.iterations - 1) if cfg.iterations > 1 else flops_one_step
+    return flops_step, flops_image
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet18")
@@ -107,15 +122,7 @@ def main() -> None:
     keys = [[j % args.classes] for j in range(args.images)]
     seeds = list(range(args.images))
 
-    with FlopCounterMode(display=False) as counter:
-        runner.run(images[0], keys[0], plain.model_copy(update={"iterations": 1}), seed=0)
-    flops_one_step = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        runner.run(images[0], keys[0], plain, seed=0)  # also the plain path's warm-up
-    flops_image = counter.get_total_flops()
-    # a step = the target's CAM at every scale + companions, forward and backward; the rest of an
-    # image's count is one-off (stage 1-2 features of the target)
-    flops_step = (flops_image - flops_one_step) / (args.iterations - 1) if args.iterations > 1 else flops_one_step
+    flops_step, flops_image = rib_flops(runner, images[0], keys[0], plain)  # also the plain path's warm-up
 
     def per_image(fn: Callable[[], object], count: int = args.images) -> float:
         sync(device)

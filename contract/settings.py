@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     companion_manifest_uri: str | None = None
     irn_uri: str | None = None
     device: str = "auto"
+    # The companion pool is an index; images are decoded on demand into a cache of this many bytes
+    # per worker process (rib_core.companions.DEFAULT_CACHE_BYTES: 512 MiB), and s3:// images are
+    # kept in this folder once fetched (unset: fetched again after eviction).
+    companion_cache_bytes: int = Field(512 * 2**20, ge=2**20)
+    companion_disk_cache: str | None = None
     # Access and input limits.
     api_keys: CommaList = Field(default_factory=list)
     max_upload_bytes: int = Field(20 * 2**20, ge=1024)

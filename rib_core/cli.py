@@ -172,7 +172,7 @@ def cmd_rib(args: argparse.Namespace) -> None:
     cfg, note = build_config(RibConfig, args).fitted_to(median_long_side(companions))
     if note:
         print(note, file=sys.stderr)
-    pool = CompanionPool.from_manifest(companions, progress=not args.quiet)
+    pool = CompanionPool.from_manifest(companions)
     print(run_rib(model, manifest, pool, args.out, cfg, _dev(args), not args.quiet))
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from rib_core.batching import run_rib
 from rib_core.checkpoints import load_classifier, read_checkpoint
 from rib_core.classifier_eval import classifier_quality
-from rib_core.companions import CompanionPool
+from rib_core.companions import DEFAULT_CACHE_BYTES, POOLS
 from rib_core.datasets import Manifest, median_long_side
 from rib_core.irn import load_irn
 from rib_core.refine import refine_maps
@@ -59,14 +59,27 @@ def classifier_stage(work: Path, manifest: Manifest, cfg: ClassifierTrainConfig,
             "validation": extra.get("validation")}
 
 
+_LONG_SIDES: dict[str, int] = {}  # manifest digest -> its images' median long side, read once per process
+
+
+def long_side(manifest: Manifest) -> int:
+    """:func:`median_long_side` of a data set, measured once per process (it reads image headers)."""
+    if manifest.digest not in _LONG_SIDES:
+        _LONG_SIDES[manifest.digest] = median_long_side(manifest)
+    return _LONG_SIDES[manifest.digest]
+
+
 def maps_stage(work: Path, manifest: Manifest, ids: Sequence[str], classifier: str | os.PathLike[str],
-               cfg: RibConfig, device: str = "cpu", progress: bool = False) -> Path:
+               cfg: RibConfig, device: str = "cpu", progress: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES,
+               disk_cache: str | None = None) -> Path:
     """RIB maps of the images ``ids`` into ``work/maps`` (:func:`run_rib`, as ``rib rib`` and the
-    demo): the data set itself is the companion pool, as in the demo, and the companion sizes not
-    given follow its images (:meth:`RibConfig.fitted_to`). Existing maps are kept."""
+    demo): the data set itself is the companion pool, the process's one pool of it
+    (:data:`~rib_core.companions.POOLS`), so every chunk of a job reuses it, and the companion sizes
+    not given follow its images (:meth:`RibConfig.fitted_to`, measured once per data set). Existing
+    maps are kept."""
     model, _, _ = load_classifier(classifier, manifest.classes)
-    pool = CompanionPool.from_manifest(manifest)
-    cfg, _ = cfg.fitted_to(median_long_side(manifest))
+    pool = POOLS.get(manifest, cache_bytes=cache_bytes, disk_cache=disk_cache)
+    cfg, _ = cfg.fitted_to(long_side(manifest))
     return run_rib(model, manifest.subset(ids), pool, work / "maps", cfg, device, progress=progress)
 
 

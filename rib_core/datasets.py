@@ -15,11 +15,13 @@ Torch-free (manifests, records, image decoding): the API process imports it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,22 @@ class Manifest:
         v = np.zeros(len(self.classes), np.float32)
         v[self.label_indices(r)] = 1.0
         return v
+
+    def label_matrix(self) -> np.ndarray:
+        """[N, C] multi-hot bool labels of every record, in one pass."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        out = np.zeros((len(self.records), len(self.classes)), bool)
+        for n, r in enumerate(self.records):
+            out[n, [index[c] for c in r.labels]] = True
+        return out
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of the class list and every record with its image resolved: the data set's
+        identity (equal digests name the same images with the same labels, in the same order).
+        Computed once per manifest object (a manifest is not changed once made)."""
+        rows = [json.dumps(self.classes)] + [json.dumps([r.id, self.image_uri(r), r.labels]) for r in self.records]
+        return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
     def subset(self, ids: Iterable[str]) -> Manifest:
         return Manifest(self.classes, [self.by_id(i) for i in ids], self.base)

@@ -21,7 +21,7 @@ from rib_core.augment import normalize, to_chw
 from rib_core.batching import RibBatcher
 from rib_core.cam import LocalizationMap
 from rib_core.checkpoints import load_classifier
-from rib_core.companions import CompanionPool
+from rib_core.companions import DEFAULT_CACHE_BYTES, POOLS, CompanionPool
 from rib_core.datasets import load_manifest
 from rib_core.irn import IrnNet, load_irn
 from rib_core.networks import CamNet
@@ -84,11 +84,13 @@ class PseudoMaskPipeline:
     @classmethod
     def load(cls, classifier_uri: str, companion_manifest_uri: str, irn_uri: str | None = None,
              device: str = "auto", config: PipelineConfig | None = None, companion_limit: int | None = None,
-             ) -> PseudoMaskPipeline:
-        """Load the classifier, decode the companion pool and the IRN from paths or s3:// URIs."""
+             cache_bytes: int = DEFAULT_CACHE_BYTES, disk_cache: str | None = None) -> PseudoMaskPipeline:
+        """Load the classifier and the IRN from paths or s3:// URIs, with the process's companion
+        pool of the manifest (:data:`~rib_core.companions.POOLS`: read lazily, ``cache_bytes`` of
+        decoded images at most, s3:// images kept in ``disk_cache`` when given)."""
         companions = load_manifest(companion_manifest_uri, verify_files=False)
         model, classes, _ = load_classifier(classifier_uri, companions.classes)
-        pool = CompanionPool.from_manifest(companions, limit=companion_limit)
+        pool = POOLS.get(companions, companion_limit, cache_bytes, disk_cache)
         irn = load_irn(irn_uri)[0] if irn_uri else None
         return cls(model, classes, pool, irn, device, config)
 

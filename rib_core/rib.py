@@ -153,10 +153,8 @@ class RibRunner:
 
     @cached_property
     def device_pool(self) -> DeviceCompanions:
-        """The companion pool in device memory, made on the batched engine's first use. On CUDA it
-        takes at most a quarter of the free memory; a larger pool stays in pinned host memory."""
-        budget = torch.cuda.mem_get_info(self.device)[0] // 4 if self.device.type == "cuda" else None
-        return DeviceCompanions(self.pool, self.device, budget)
+        """Each step's companions uploaded to the device, for the batched engine's crops."""
+        return DeviceCompanions(self.pool, self.device)
 
     def run(self, image: np.ndarray, keys: Sequence[int], cfg: RibConfig | None = None,
             seed: int | None = None) -> RibOutcome:
@@ -193,6 +191,7 @@ class RibRunner:
     def _run(self, images: Sequence[np.ndarray], keys_list: list[list[int]], cfg: RibConfig, seeds: list[int],
              batched: bool, device_crops: bool) -> list[RibOutcome]:
         started = time.perf_counter()
+        companions = self._companion_steps(keys_list, cfg, seeds, device_crops)  # starts reading them now
         engine = self._engine(cfg, len(images) if batched else 0)
         scales = list(cfg.map_scales)
         lows = [engine.low(torch.stack(per_image)) for per_image in
@@ -200,7 +199,6 @@ class RibRunner:
         targets = torch.zeros(len(images), len(self.pool.classes), device=self.device)
         for j, keys in enumerate(keys_list):
             targets[j, keys] = 1.0
-        companions = self._companion_steps(keys_list, cfg, seeds, device_crops)
         m, stops = fine_tune(engine, lows, targets, [scales.index(s) for s in cfg.loss_scales], companions, cfg)
         elapsed = (time.perf_counter() - started) / len(images)
         steps, reasons, sums = stops.steps.tolist(), stops.reason.tolist(), stops.logit_sums.T.tolist()
@@ -220,20 +218,29 @@ class RibRunner:
                          on_device: bool) -> CompanionSteps:
         """Each step's companions of every image, ([n, k, 3, crop, crop], [n, k, C]) on the device,
         or None when there are none. Each image draws from its own ``random.Random(seed)`` in the
-        same order on both engines; on the host they are cropped by PIL as IRN does."""
+        same order on both engines; on the host they are cropped by PIL as IRN does. The next step's
+        companions are made on a background thread (:meth:`CompanionPool.ahead`), for at most
+        ``cfg.iterations`` steps."""
         per_image = [(keys, cfg.companions, cfg.crop_size, cfg.resize_long, random.Random(seed))
                      for keys, seed in zip(keys_list, seeds, strict=True)]
         if on_device:
-            for step in zip(*(self.pool.draws(*args) for args in per_image), strict=True):
-                chosen, crops = [c for c, _ in step], [d for _, d in step]
-                yield self.device_pool.crops(chosen, crops) if _any_companions(chosen) else None
-        else:
+            device_pool = self.device_pool
+
+            def host_steps() -> Iterator[tuple | None]:  # draws, reads and padding: on the prefetch thread
+                for step in zip(*(self.pool.draws(*args) for args in per_image), strict=True):
+                    chosen, crops = [c for c, _ in step], [d for _, d in step]
+                    yield (chosen, crops, device_pool.host_batch(chosen)) if _any_companions(chosen) else None
+
+            return (None if item is None else device_pool.crops(*item)
+                    for item in self.pool.ahead(host_steps(), cfg.iterations))
+
+        def host_batches() -> Iterator[tuple | None]:  # draws, reads and PIL crops: on the prefetch thread
             for step in zip(*(self.pool.batches(*args) for args in per_image), strict=True):
-                if _any_companions([x for x, _ in step]):
-                    yield (torch.stack([x for x, _ in step]).to(self.device),
-                           torch.stack([y for _, y in step]).to(self.device))
-                else:
-                    yield None
+                has = _any_companions([x for x, _ in step])
+                yield (torch.stack([x for x, _ in step]), torch.stack([y for _, y in step])) if has else None
+
+        return (None if item is None else (item[0].to(self.device), item[1].to(self.device))
+                for item in self.pool.ahead(host_batches(), cfg.iterations))
 
 
 def _any_companions(per_image: Sequence[Sized]) -> bool:

@@ -7,8 +7,10 @@ AWS, MinIO or moto. Nothing here downloads from the internet on its own.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +70,38 @@ def read_bytes(uri: str | os.PathLike[str], client: Any = None) -> bytes:
         except client.exceptions.NoSuchKey as e:
             raise FileNotFoundError(f"no object at {uri}") from e
     return Path(uri).read_bytes()
+
+
+class ObjectReader:
+    """Reads many objects by URI with one S3 client (a client per read costs more than a small GET),
+    optionally through a local folder that keeps every s3:// object once fetched, so a worker reads
+    each object of a data set from S3 once per folder. Objects are taken as immutable (data sets are
+    frozen): a changed object under the same URI is not noticed. ``remote_reads`` counts the GETs."""
+
+    def __init__(self, disk_cache: str | os.PathLike[str] | None = None, client: Any = None) -> None:
+        self.disk_cache = Path(disk_cache) if disk_cache else None
+        if self.disk_cache is not None:
+            self.disk_cache.mkdir(parents=True, exist_ok=True)
+        self._client = client
+        self._lock = threading.Lock()
+        self.remote_reads = 0
+
+    def read(self, uri: str) -> bytes:
+        """Bytes at a local path or an s3:// URI (from the disk cache when it holds them)."""
+        if not is_s3_uri(uri):
+            return read_bytes(uri)
+        cached = self.disk_cache / hashlib.sha256(uri.encode()).hexdigest() if self.disk_cache else None
+        if cached is not None and cached.exists():
+            return cached.read_bytes()
+        with self._lock:
+            self._client = self._client or s3_client()
+            self.remote_reads += 1
+        data = read_bytes(uri, self._client)
+        if cached is not None:
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, cached)  # atomic: a reader in another process never sees half an object
+        return data
 
 
 def uri_size(uri: str, client: Any = None) -> int:

@@ -218,9 +218,9 @@ def test_classifier_training_resumes_the_same_run(demo, tmp_path):
 
 
 def test_device_crops_make_the_host_crops(demo):
-    """The batched device crops (one grid_sample from the pool held as one tensor) follow the same
-    draws as IRN's PIL path: equal without a resize, close with one (torch's bicubic is not PIL's
-    and does not antialias; docs/FIDELITY.md), zero in the same padding."""
+    """The batched device crops (one grid_sample over a step's companions, uploaded as one batch)
+    follow the same draws as IRN's PIL path: equal without a resize, close with one (torch's bicubic
+    is not PIL's and does not antialias; docs/FIDELITY.md), zero in the same padding."""
     images = [load_image(demo.train.image_uri(r)) for r in demo.train.records[:6]]
     images = [im[: 40 + 5 * j, : 64 - 4 * j] for j, im in enumerate(images)]  # sizes differ
     pool = CompanionPool(images, np.eye(6, 5, dtype=bool), [str(j) for j in range(6)], [f"c{c}" for c in range(5)])

@@ -123,8 +123,14 @@ def frozen_text(key: str, digest: str) -> str:
 
 
 def frozen_manifest(job_id: str, spec: PipelineSpec) -> Manifest:
-    """The data set as validated at submit (every location absolute), whatever the user's files are now."""
-    return parse_manifest(frozen_text(pipeline_key(job_id, PIPELINE_MANIFEST), spec.manifest_sha256))
+    """The data set as validated at submit (every location absolute), whatever the user's files are
+    now; parsed once per worker process, so every chunk shares it (and its companion pool)."""
+    return _parsed(pipeline_key(job_id, PIPELINE_MANIFEST), spec.manifest_sha256)
+
+
+@lru_cache(maxsize=4)
+def _parsed(key: str, digest: str) -> Manifest:
+    return parse_manifest(frozen_text(key, digest))
 
 
 def deliver(task: Task, job_id: str, send: Send, body: Callable[[PipelineSpec], None]) -> None:
@@ -331,7 +337,8 @@ def _maps(rt: Runtime, job_id: str, spec: PipelineSpec, todo: list[str]) -> dict
         work = Path(tmp)
         error = ""
         try:
-            maps_stage(work, frozen_manifest(job_id, spec), todo, classifier_uri(rt, job_id, spec), spec.rib, device)
+            maps_stage(work, frozen_manifest(job_id, spec), todo, classifier_uri(rt, job_id, spec), spec.rib, device,
+                       cache_bytes=rt.settings.companion_cache_bytes, disk_cache=rt.settings.companion_disk_cache)
         except (Exception, MemoryError) as e:  # per image below: the maps written are kept
             error = f"{type(e).__name__}: {e}"
             log.warning("job %s: maps of %s: %s", job_id, todo, error)

@@ -80,7 +80,8 @@ def pipeline() -> PseudoMaskPipeline:
     if not s.classifier_uri or not s.companion_manifest_uri:
         raise RuntimeError("RIB_CLASSIFIER_URI and RIB_COMPANION_MANIFEST_URI must be set on the worker")
     started = time.perf_counter()
-    pipe = PseudoMaskPipeline.load(s.classifier_uri, s.companion_manifest_uri, s.irn_uri, device=s.device)
+    pipe = PseudoMaskPipeline.load(s.classifier_uri, s.companion_manifest_uri, s.irn_uri, device=s.device,
+                                   cache_bytes=s.companion_cache_bytes, disk_cache=s.companion_disk_cache)
     log.info("pipeline loaded in %.1f s on %s (%d classes)", time.perf_counter() - started, pipe.device,
              len(pipe.classes))
     return pipe
