@@ -25,9 +25,8 @@ settings: on this CPU (the achieved FLOP/s of the chunks' RIB runs) and on one H
 fraction of its bf16 dense peak, ``--h100-tflops`` x ``--h100-fraction``; not measured here),
 both plus the per-image overhead measured here.
 
-The submit latency of a 100k-image bulk job and pipeline (the API's part of issue 23) is measured
-by the functions in ``SUBMIT_LATENCY`` (empty until the API's fan-out lands); each gets the
-arguments and returns figures for the JSON and the table.
+The submit latency of a bulk job and a pipeline of the largest size (the API's part of issue 23)
+is :mod:`benchmarks.bench_submit`'s measurement, run here with ``--submit`` (or on its own).
 
 Usage: ``OMP_NUM_THREADS=1 python -m benchmarks.bench_scale --sizes 1000 10000 --out scale.json``.
 """
@@ -53,12 +52,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from benchmarks.bench_submit import run as submit_latency
 from rib_core.classes import VOC_CLASSES
 from rib_core.datasets import MANIFEST_FORMAT, MANIFEST_VERSION
 
 VOC_SIZE = (500, 375)  # width, height
 BUCKET = "bench-scale"
-SUBMIT_LATENCY: list[Callable[[argparse.Namespace], dict[str, Any]]] = []
 
 
 def cpu_name() -> str:
@@ -272,7 +271,7 @@ def table(report: dict[str, Any]) -> str:
                  f"({p['cpu_achieved_tflop_per_s']:.3f} TFLOP/s achieved in the chunks' RIB runs); one H100 "
                  f"{p['h100_hours']:.1f} h (assumed {p['h100_assumed_tflop_per_s']:.0f} TFLOP/s, not measured); "
                  f"both + {p['overhead_s_per_image']:.2f} s/image overhead measured here."]
-    latency = json.dumps(report["submit_latency"]) if report.get("submit_latency") else "not measured by this script"
+    latency = json.dumps(report["submit_latency"]) if report.get("submit_latency") else "not measured (--submit)"
     rows += ["", f"Submit latency (bulk job / pipeline of 100k images): {latency}"]
     return "\n".join(rows)
 
@@ -280,6 +279,8 @@ def table(report: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--submit", action="store_true", help="also time submitting a bulk job and a pipeline of the "
+                                                         "largest size (benchmarks.bench_submit)")
     p.add_argument("--storage", nargs="+", choices=["local", "s3"], default=["local", "s3"])
     p.add_argument("--s3-max", type=int, default=10000,
                    help="largest data set also put on S3 (moto holds it in memory)")
@@ -336,7 +337,7 @@ def main() -> None:
         "cache_bytes": cache_bytes, "config": spec_args,
         "data": f"{args.distinct} distinct {VOC_SIZE[0]}x{VOC_SIZE[1]} JPEGs written under many names "
                 f"(mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB)",
-        "results": results, "submit_latency": {},
+        "results": results, "submit_latency": [],
     }
     try:
         with moto_s3() as endpoint:
@@ -365,8 +366,8 @@ def main() -> None:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    for measure in SUBMIT_LATENCY:
-        report["submit_latency"].update(measure(args))
+    if args.submit:
+        report["submit_latency"] = submit_latency([max(args.sizes)], repeats=3)["rows"]
     if args.flops or not args.no_paper_flops:
         flops = json.loads(Path(args.flops).read_text()) if args.flops else flop_model(args)
         report["flops"] = flops
