@@ -166,7 +166,7 @@ def _coco_region(binary: np.ndarray) -> dict[str, Any]:
             "area": float(coco_mask.area(rle)), "bbox": [float(v) for v in coco_mask.toBbox(rle)]}
 
 
-def coco_file_names(images: Sequence[MaskedImage]) -> list[str]:
+def _coco_file_names(images: Sequence[MaskedImage]) -> list[str]:
     """The images' names under ``images/``: their own file names, or, when two share one, the ids
     with the file name's extension (ids are unique)."""
     names = [item.file_name for item in images]
@@ -186,7 +186,7 @@ def _coco_files(images: Iterable[MaskedImage], classes: Sequence[str], with_imag
         "info": {"description": "RIB pseudo-masks", "version": "1.0"}, "licenses": [],
         "images": [], "annotations": [],
         "categories": [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(classes)]}
-    for image_id, (item, name) in enumerate(zip(items, coco_file_names(items), strict=True), start=1):
+    for image_id, (item, name) in enumerate(zip(items, _coco_file_names(items), strict=True), start=1):
         mask, scores = _scored(item, len(classes))
         if with_images:
             yield f"images/{name}", item.image_bytes()
