@@ -113,6 +113,20 @@ def test_coco_export_decodes_to_the_masks_in_the_standard_layout(masks, demo, tm
     assert coco.getAnnIds(imgIds=[empty]) == []
 
 
+def test_coco_names_images_that_share_a_file_name_by_their_ids(masks, demo, tmp_path):
+    """Two images from different folders with one file name: images/ holds both, named by id."""
+    first, second = _items(masks, demo)[:2]
+    twin = tmp_path / "elsewhere" / Path(first.image).name
+    twin.parent.mkdir()
+    twin.write_bytes(Path(second.image).read_bytes())
+    items = [first, MaskedImage("other", str(twin), second.read_mask)]
+    write_export(items, demo.train.classes, ExportConfig(format="coco"), tmp_path / "out")
+    coco = json.loads((tmp_path / "out" / COCO_ANNOTATIONS).read_text())
+    assert [e["file_name"] for e in coco["images"]] == [f"{first.id}.png", "other.png"]
+    assert (tmp_path / "out" / "images" / "other.png").read_bytes() == Path(second.image).read_bytes()
+    assert (tmp_path / "out" / "images" / f"{first.id}.png").read_bytes() == Path(first.image).read_bytes()
+
+
 def _coco_eval(gt_path: Path, results: list[dict]) -> dict[str, float]:
     """COCOeval's segmentation AP and AP50 of ``results`` against the ground truth file."""
     from pycocotools.coco import COCO
