@@ -1,7 +1,7 @@
 """Pseudo-masks in the formats other tools read as they are: COCO, Label Studio and PASCAL VOC.
 
 A mask here is a label map: 0 background, ``i + 1`` for ``classes[i]``, 255 ignore (pixels the
-refinement left undecided). The exports (docs/USAGE.md "Exports"):
+refinement left undecided). The exports (docs/EXPORTS.md):
 
 - ``coco``: the layout CVAT and Datumaro import, ``annotations/instances_default.json`` and the
   images under ``images/``. One annotation per class present in an image (all of that class's

@@ -5,7 +5,7 @@ pixel for pixel, ignore pixels included, and the images as they were.
 The masks are the demo generator's ground truth (real MNIST scenes) with a ring of ignore pixels
 around every digit (as the refinement leaves undecided borders), several classes per image, and
 one image with no foreground at all. Datumaro is not installed beside this project's pins (every
-release changes pillow, pandas or numpy): docs/USAGE.md "Exports" has the check made in a
+release changes pillow, pandas or numpy): docs/EXPORTS.md has the check made in a
 separate environment."""
 
 from __future__ import annotations
