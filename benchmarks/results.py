@@ -189,12 +189,19 @@ def with_readme_blocks(readme: str, blocks: dict[str, str]) -> str:
     return readme
 
 
+def seed_sweeps(run_dir: Path) -> dict[str, Any]:
+    """The CAM and M seed sweeps of a demo run, from its report.json (the rows' seeds use their best thresholds)."""
+    report = json.loads((run_dir / "report.json").read_text())
+    return {name: report[name] for name in ("cam_seed", "rib_seed")}
+
+
 def demo_picture(run_dir: Path, rows: int = 3, zoom: int = 2) -> Image.Image:
     """The first ``rows`` rows of a demo run's report (the same pictures as its report.html,
     :func:`rib_core.demo_job.report_rows`) as one image, columns headed by name."""
     train = load_manifest(run_dir / "data" / "train.jsonl")
-    report = report_rows(run_dir, train.subset([r.id for r in train.records[:rows]]), rows)
-    cells = [[Image.open(io.BytesIO(row[c])).convert("RGB") for c in COLUMNS] for row in report]
+    ids = [r.id for r in train.records[:rows]]
+    _, pictures = report_rows(run_dir, train.subset(ids), rows, seed_sweeps(run_dir))
+    cells = [[Image.open(io.BytesIO(pictures[i][c])).convert("RGB") for c in COLUMNS] for i in ids]
     w, h = (zoom * max(im.size[i] for r in cells for im in r) for i in (0, 1))
     sheet = Image.new("RGB", (len(COLUMNS) * (w + GAP) - GAP, HEADER + len(cells) * (h + GAP) - GAP), "white")
     draw = ImageDraw.Draw(sheet)

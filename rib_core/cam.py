@@ -1,17 +1,10 @@
-"""Class activation maps as IRN computes them (``step/make_cam.py``), and the map file format.
-
-A localization map, CAM or RIB's M, is stored the way IRN stores it: the classes present in the
-image (``keys``, indices into the class list), the map at stride 4 (``cam``) and at full resolution
-(``high_res``), each normalised per class by its maximum. We write ``.npz`` instead of IRN's pickled
-``.npy`` dict, so that loading a map never runs code.
-"""
+"""Class activation maps as IRN computes them (``step/make_cam.py``); the map file format is
+:mod:`rib_core.localization_map`'s."""
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +15,7 @@ from tqdm import tqdm
 
 from rib_core.augment import multiscale_flip_batches, strided_size, strided_up_size
 from rib_core.datasets import Manifest, load_image
+from rib_core.localization_map import LocalizationMap
 from rib_core.networks import CamNet
 
 
@@ -32,32 +26,6 @@ class CamConfig(BaseModel):
 
     scales: tuple[float, ...] = Field((1.0, 0.5, 1.5, 2.0),  # IRN run_sample.py --cam_scales
                                       description="input scales, each with its horizontal flip")
-
-
-@dataclass
-class LocalizationMap:
-    """Per-class maps of one image, normalised per class to a maximum of (almost) 1."""
-
-    keys: np.ndarray       # [K] class indices (0-based, no background) present in the image
-    cam: np.ndarray        # [K, ceil(H/4), ceil(W/4)] float32, stride 4
-    high_res: np.ndarray   # [K, H, W] float32, full resolution
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, keys=self.keys, cam=self.cam, high_res=self.high_res)
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> LocalizationMap:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return cls(z["keys"], z["cam"], z["high_res"])
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_bytes(self.to_bytes())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> LocalizationMap:
-        return cls.from_bytes(Path(path).read_bytes())
 
 
 def flip_fused(raw: torch.Tensor) -> torch.Tensor:

@@ -211,7 +211,7 @@ def cmd_refine(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from rib_core.exports import ExportConfig, job_masks, results_masks, write_export
 
-    cfg = ExportConfig(format=args.format, image_url_prefix=args.image_url_prefix)
+    cfg = ExportConfig(format=args.format, image_url_prefix=args.image_url_prefix, images=not args.no_images)
     if args.classes:  # a service job's folder: its class list is the service's companion manifest's
         from rib_core.datasets import load_manifest
         from rib_core.storage import is_s3_uri, open_storage
@@ -219,11 +219,14 @@ def cmd_export(args: argparse.Namespace) -> None:
         if not is_s3_uri(args.results) and not Path(args.results, "images").is_dir():
             raise FileNotFoundError(f"{args.results} is no job folder (no images/ in it)")
         classes = load_manifest(args.classes, verify_files=False).classes
-        images = job_masks(open_storage(args.results), "")
+        storage = open_storage(args.results)
+        # request.json (rib_core.artifacts' layout) names the images; a job without one exports without them
+        request = json.loads(storage.get("request.json")) if storage.exists("request.json") else {"items": []}
+        images = job_masks(storage, "", {it["id"]: it["image"] for it in request["items"]})
         if not images:
             raise ValueError(f"no finished image in {args.results} (images/<id>/meta.json)")
     else:
-        classes, images = results_masks(args.results, args.masks)
+        classes, images = results_masks(args.results, args.masks, args.maps)
     files = write_export(images, classes, cfg, args.out)
     print(f"{len(images)} images, {len(classes)} classes -> {args.format}: {len(files)} files in {args.out}")
 
@@ -404,8 +407,8 @@ def _refinement_commands(add: AddCommand) -> None:
     p.add_argument("--classifier", help="the classifier checkpoint the maps came from: IRN's frozen backbone "
                    "when irn.init_weights is not set (training IRN needs one of the two)")
     p.add_argument("--saliency", help="folder of <id>.png saliency maps (RIB-Sal)")
-    p = add("export", cmd_export, "pseudo-masks to COCO (RLE annotations), Label Studio (tasks with brush "
-            "predictions + labelling config) or VOC (palette PNGs + class list)")
+    p = add("export", cmd_export, "pseudo-masks to COCO (scored RLE annotations + images), Label Studio (tasks "
+            "with scored brush predictions + labelling config) or VOC (palette PNGs, images, labelmap.txt)")
     p.add_argument("results", help="a rib refine output folder (its masks.jsonl), a manifest with masks, or, "
                    "with --classes, a service job's folder (local or s3://.../jobs/<id>)")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
@@ -413,6 +416,10 @@ def _refinement_commands(add: AddCommand) -> None:
     p.add_argument("--masks", default="masks", help="mask folder of a rib refine output: masks (final, default), "
                    "crf (seed + CRF), retrain_labels, ...")
     p.add_argument("--classes", help="manifest whose class list a service job used (the companion manifest)")
+    p.add_argument("--maps", help="the maps folder (<id>.npz) the masks came from: each region's score is the "
+                   "map's mean inside it (default: a service job's own maps; without maps every score is 1)")
+    p.add_argument("--no-images", action="store_true", help="COCO and VOC: leave the images out (annotations "
+                   "and masks only)")
     p.add_argument("--image-url-prefix", help="Label Studio: a task's image URL is this + the image's file name, "
                    "e.g. '/data/local-files/?d=images/' (default: the image's path or URI)")
     p = _device(_with_config(add("study", cmd_study, "every stage's gain over several seeds on the demo data: "

@@ -19,15 +19,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from rib_core.cam import CamConfig, LocalizationMap, run_cam
 from rib_core.checkpoints import load_classifier
+from rib_core.classifier_eval import evaluate_classifier
 from rib_core.dataset_job import classifier_stage, maps_stage, refine_stage
-from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
+from rib_core.datasets import Manifest, decode_mask, load_image, load_manifest, load_mask
 from rib_core.demo_data import DemoDataConfig, make_demo_dataset
-from rib_core.evaluation import all_background_miou, sweep_folder
+from rib_core.evaluation import all_background_miou, seed_from_map, sweep_folder
 from rib_core.provenance import run_record
+from rib_core.refine import MaskScorer
 from rib_core.report import write_html_report
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import EvalConfig, IrnTrainConfig, RandomWalkConfig, RefineConfig, wide_thresholds
@@ -135,38 +138,72 @@ def train_demo_classifier(out: Path, cfg: DemoJobConfig, train: Manifest, val_ma
 def stage_scores(out: Path, subset: Manifest, cfg: DemoJobConfig, refined: dict[str, Any],
                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The demo's stage table (the all-background floor, CAM and RIB seeds at the best threshold of
-    the sweep as the paper reports them, seed + CRF, the IRN pseudo-mask) and the two seed sweeps."""
+    the sweep as the paper reports them, seed + CRF, IRN's confident labels, the IRN pseudo-mask),
+    each with its per-class IoU, and the two seed sweeps."""
     cam_seed = sweep_folder(out / "cam", subset, cfg.refine.evaluation)
     rib_seed = sweep_folder(out / "maps", subset, cfg.refine.evaluation)
     floor = all_background_miou((load_mask(subset.mask_uri(r)) for r in subset.records), len(subset.classes))
 
     def row(method: str, s: dict[str, Any], detail: str) -> dict[str, Any]:
         return {"method": method, "miou": s["miou"], "precision": s["precision"], "recall": s["recall"],
-                "f1": s["f1"], "detail": detail}
+                "f1": s["f1"], "iou": s["iou"], "detail": detail}
 
+    # IRN's confident labels: scored by refine when it trains IRN; a run that resumed with IRN trained scores its files
+    labels = refined.get("ir_labels") or _folder_scores(out / "refined" / "ir_labels", subset)
+    irn = [row("IRN confident labels", labels, "what IRN trains on; 255 left out")] if labels else []
     return [
         {"method": "all background", "miou": floor, "detail": "the floor"},
         row("CAM seed", cam_seed["best"], f"best threshold {cam_seed['best_threshold']:.2f}"),
         row("RIB seed (M)", rib_seed["best"], f"best threshold {rib_seed['best_threshold']:.2f}"),
         row("RIB seed + CRF", refined["seeds_crf"], f"threshold {refined['seed_threshold']:.2f}"),
+        *irn,
         row("RIB + IRN pseudo-mask", refined["masks"], "random walk on M"),
     ], {"cam_seed": cam_seed, "rib_seed": rib_seed}
 
 
-def report_rows(out: Path, subset: Manifest, n: int) -> list[dict[str, Any]]:
-    """Pictures of the first ``n`` images: input, CAM, M, pseudo-mask and ground truth (PNG bytes)."""
-    rows = []
+def _folder_scores(folder: Path, subset: Manifest) -> dict[str, Any] | None:
+    """Scores of the label maps ``folder/<id>.png`` against the truth (None without the folder)."""
+    if not folder.is_dir():
+        return None
+    scorer = MaskScorer(list(subset.classes))
+    for r in subset.records:
+        scorer.add(load_mask(str(folder / f"{r.id}.png")), load_mask(subset.mask_uri(r)))
+    return scorer.report()
+
+
+REPORT_COLUMNS = ("input", "CAM", "RIB map M", "pseudo-mask", "ground truth")
+
+
+def _miou(pred: np.ndarray, truth: np.ndarray, classes: list[str]) -> float:
+    """One image's mIoU, pseudo-mask ignore pixels left out as in the stage table."""
+    scorer = MaskScorer(classes)
+    scorer.add(pred, truth)
+    return scorer.report()["miou"]
+
+
+def report_rows(out: Path, subset: Manifest, n: int, sweeps: dict[str, Any],
+                ) -> tuple[list[dict[str, Any]], dict[str, dict[str, bytes]]]:
+    """The first ``n`` images: per image its id, labels and mIoU of the CAM and M seeds (at each
+    sweep's best threshold) and of the pseudo-mask (for report.json), and its pictures (input, CAM,
+    M, pseudo-mask, ground truth: PNG bytes by column)."""
+    rows, pictures = [], {}
+    classes = list(subset.classes)
     for r in subset.records[:n]:
-        image = load_image(subset.image_uri(r))
+        image, truth = load_image(subset.image_uri(r)), load_mask(subset.mask_uri(r))
         cam, rib = LocalizationMap.load(out / "cam" / f"{r.id}.npz"), LocalizationMap.load(out / "maps" / f"{r.id}.npz")
-        rows.append({
-            "id": r.id, "labels": list(r.labels), "input": png_bytes(image),
+        mask_png = (out / "refined" / "masks" / f"{r.id}.png").read_bytes()
+        rows.append({"id": r.id, "labels": list(r.labels), "miou": {
+            "CAM": _miou(seed_from_map(cam, sweeps["cam_seed"]["best_threshold"]), truth, classes),
+            "RIB map M": _miou(seed_from_map(rib, sweeps["rib_seed"]["best_threshold"]), truth, classes),
+            "pseudo-mask": _miou(decode_mask(mask_png), truth, classes)}})
+        pictures[r.id] = {
+            "input": png_bytes(image),
             "CAM": png_bytes(map_overlay(image, cam.high_res.max(0))),
             "RIB map M": png_bytes(map_overlay(image, rib.high_res.max(0))),
-            "pseudo-mask": (out / "refined" / "masks" / f"{r.id}.png").read_bytes(),
-            "ground truth": label_png(load_mask(subset.mask_uri(r))),
-        })
-    return rows
+            "pseudo-mask": mask_png,
+            "ground truth": label_png(truth),
+        }
+    return rows, pictures
 
 
 def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str = "cpu",
@@ -203,20 +240,21 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
         refined = refine_stage(out, subset, ckpt, cfg.refine, device, progress=progress)
 
     metrics, sweeps = stage_scores(out, subset, cfg, refined)
-    rows = report_rows(out, subset, cfg.report_rows)
-    validation = classifier["validation"] or {}
+    rows, pictures = report_rows(out, subset, cfg.report_rows, sweeps)
+    # A classifier put in place (not trained here) recorded no validation: measure it for the report
+    validation = classifier["validation"] or evaluate_classifier(load_classifier(ckpt)[0],
+                                                                 load_manifest(data_dir / "val.jsonl"), device)
     quality = {k: v for k, v in classifier.items() if k not in ("history", "validation")}
-    summary = {"run": run, "classifier": {**quality, "f1": validation.get("f1"), "ap": validation.get("ap")},
+    summary = {"run": run, "classifier": {**quality, "f1": validation.get("f1"), "map": validation.get("map"),
+                                          "ap": validation.get("ap"), "f1_per_class": validation.get("f1_per_class")},
                "metrics": metrics, "timing": timing, "images": len(subset),
-               **sweeps, "refine": refined}
+               **sweeps, "refine": refined, "rows": rows}
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=float))
-    write_html_report(out / "report.html", "RIB on MNIST scenes (demo)", metrics,
-                      ["input", "CAM", "RIB map M", "pseudo-mask", "ground truth"], rows,
-                      warnings=[quality["warning"]] if quality["warning"] else [],
-                      notes=[quality["summary"],
-                             f"{len(subset)} training images; classifier trained from scratch (no ImageNet "
-                             f"weights here); timings of this run (s; a stage whose output already existed is "
-                             f"skipped): {timing}",
+    write_html_report(out / "report.html", "RIB on MNIST scenes (demo)", json.loads((out / "report.json").read_text()),
+                      subset.classes, REPORT_COLUMNS, pictures,
+                      notes=[f"{len(subset)} training images; classifier trained from scratch (no ImageNet weights "
+                             "here); a stage whose output already existed is skipped, so its time is the check's.",
                              "Seeds: the best background threshold of the sweep, as the paper reports them "
-                             "(section 4.2.1). Pseudo-mask pixels of value 255 (ignore) are left out of its scores."])
+                             "(section 4.2.1), per image in the captions too. Pseudo-mask pixels of value 255 "
+                             "(ignore) are left out of its scores."])
     return summary

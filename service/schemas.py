@@ -7,8 +7,9 @@ the task contract's :class:`~contract.tasks.TrainingJobRequest`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.tasks import TrainingJobRequest
@@ -16,6 +17,9 @@ from contract.tasks import TrainingJobRequest
 __all__ = ["TrainingJobRequest"]
 
 MAX_OFFSET = 2**62  # results paging: Redis list indexes are 64-bit
+# An export's images: COCO's images/ and VOC's JPEGImages/ (every image read into the zip) or not.
+ExportImages = Annotated[bool, Query(description="put the images in the archive (COCO images/, VOC JPEGImages/); "
+                                                 "false: the masks and annotations only")]
 
 
 class JobRequest(BaseModel):

@@ -253,8 +253,12 @@ def test_a_pipeline_job_runs_every_stage_end_to_end(pipeline_stack: PipelineStac
         export = c.get(f"{url}/export", params={"format": "coco"})
         assert export.status_code == 200 and export.json()["images"] == IMAGES, export.text
         assert export.json()["key"] == f"jobs/{job_id}/pipeline/exports/coco.zip"
-        coco = json.loads(zipfile.ZipFile(io.BytesIO(httpx.get(export.json()["url"]).content)).read("annotations.json"))
+        archive = zipfile.ZipFile(io.BytesIO(httpx.get(export.json()["url"]).content))
+        coco = json.loads(archive.read("annotations/instances_default.json"))
         assert len(coco["images"]) == IMAGES
+        assert len([n for n in archive.namelist() if n.startswith("images/")]) == IMAGES
+        scores = [a["score"] for a in coco["annotations"]]  # M's mean inside each region
+        assert all(0 <= v <= 1 for v in scores) and max(scores) > 0
         assert c.delete(url).status_code == 409
     figures = {"images": IMAGES, "stage_seconds": {k: s["seconds"] for k, s in stages.items()},
                "classifier_val_map": classifier["val_map"], "seed_best": refine["seeds"]["best"]["miou"],

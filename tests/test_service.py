@@ -271,12 +271,17 @@ def test_a_job_exports_its_masks_to_coco_labelstudio_and_voc(stack: Stack) -> No
             assert link.json()["uri"] == f"s3://{BUCKET}/results/jobs/{job_id}/exports/{fmt}.zip"
             archives[fmt] = zipfile.ZipFile(io.BytesIO(httpx.get(link.json()["url"]).content))
     classes = stack.train.classes
-    coco = json.loads(archives["coco"].read("annotations.json"))
+    coco = json.loads(archives["coco"].read("annotations/instances_default.json"))
     tasks = json.loads(archives["labelstudio"].read("tasks.json"))
+    assert all(0 <= a["score"] <= 1 for a in coco["annotations"])  # COCOeval reads it as results too
+    assert all(0 <= r["score"] <= 1 for t in tasks for r in t["predictions"][0]["result"])
     for rec in records:
         mask = stored[rec.id]
         known = mask != 255
         image = next(i for i in coco["images"] if i["file_name"] == rec.image.rsplit("/", 1)[1])
+        source = stack.get(f"companions/{rec.image}")  # the images travel with COCO and VOC
+        assert archives["coco"].read(f"images/{image['file_name']}") == source
+        assert f"JPEGImages/{rec.id}.jpg" in archives["voc"].namelist()
         painted = np.zeros_like(mask)
         for a in (a for a in coco["annotations"] if a["image_id"] == image["id"]):
             painted[coco_mask.decode(a["segmentation"]) > 0] = a["category_id"]

@@ -10,11 +10,11 @@ from fastapi.responses import JSONResponse
 
 from contract.jobs import load_request
 from rib_core.artifacts import job_prefix
-from rib_core.exports import ExportConfig, ExportFormat, export_job
+from rib_core.exports import ExportConfig, ExportFormat, export_job, presigned_image_url
 from rib_core.storage import parent_uri
 from service.deps import ClassesDep, LocationsDep, Owner, SettingsDep
 from service.inputs import read_manifest
-from service.schemas import MAX_OFFSET, ExportLink, JobAccepted, JobRequest, JobStatus, ResultsPage
+from service.schemas import MAX_OFFSET, ExportImages, ExportLink, JobAccepted, JobRequest, JobStatus, ResultsPage
 from service.submissions import Jobs, JobsDep, accepted
 from service.validation import InputError, callback_url, inline_items, manifest_items, refine_params, rib_params
 
@@ -77,15 +77,16 @@ def cancel_job(job_id: str, jobs: OwnedJob) -> dict[str, Any]:
 
 @router.get("/jobs/{job_id}/export", response_model=ExportLink)
 def export(job_id: str, jobs: OwnedJob, classes: ClassesDep, format: Annotated[ExportFormat, Query()],
-           image_url_prefix: str | None = None) -> dict[str, Any]:
+           image_url_prefix: str | None = None, images: ExportImages = True) -> dict[str, Any]:
     """The job's finished pseudo-masks (IRN's, else seed + CRF's) as COCO (pycocotools RLE), a Label
     Studio task list with its labelling config, or VOC palette PNGs: one zip written under the
     job's prefix in storage, returned as a presigned link. Images still running are left out;
     call again when the job is done. Ignore pixels (255) are in no COCO or Label Studio region."""
     uris = {d["id"]: d["image"] for d in load_request(jobs.records, job_id)["items"]}
-    cfg = ExportConfig(format=format, image_url_prefix=image_url_prefix)
+    cfg = ExportConfig(format=format, image_url_prefix=image_url_prefix, images=images)
     try:
-        key = export_job(jobs.storage, job_prefix(job_id), classes, cfg, uris)
+        key = export_job(jobs.storage, job_prefix(job_id), classes, cfg, uris,
+                         image_url=presigned_image_url(jobs.storage, jobs.settings.presign_expires_s))
     except ValueError as e:
         raise HTTPException(409, f"job {job_id}: {e}") from e
     images = int(jobs.store.status(job_id, max_errors=0)["counts"]["done"])

@@ -13,10 +13,18 @@ from contract.records import UntrustedRecordError
 from contract.tasks import FAN_OUT_INLINE
 from rib_core.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, PIPELINE_VAL_MANIFEST, pipeline_index, pipeline_key
 from rib_core.datasets import Manifest, parse_manifest
-from rib_core.exports import ExportConfig, ExportFormat, export_job, pipeline_masks
+from rib_core.exports import ExportConfig, ExportFormat, export_job, pipeline_masks, presigned_image_url
 from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep, StorageDep, StoreDep
 from service.inputs import frozen_manifest
-from service.schemas import MAX_OFFSET, ExportLink, PipelineAccepted, PipelineRequest, PipelineResults, PipelineStatus
+from service.schemas import (
+    MAX_OFFSET,
+    ExportImages,
+    ExportLink,
+    PipelineAccepted,
+    PipelineRequest,
+    PipelineResults,
+    PipelineStatus,
+)
 from service.submissions import STORAGE_ERRORS
 from service.validation import (
     InputError,
@@ -148,21 +156,23 @@ def pipeline_results(job_id: str, spec: OwnedPipeline, storage: StorageDep, sett
 
 @router.get("/pipelines/{job_id}/export", response_model=ExportLink)
 def export_pipeline(job_id: str, spec: OwnedPipeline, records: RecordsDep, settings: SettingsDep,
-                    format: Annotated[ExportFormat, Query()], image_url_prefix: str | None = None) -> dict[str, Any]:
+                    format: Annotated[ExportFormat, Query()], image_url_prefix: str | None = None,
+                    images: ExportImages = True) -> dict[str, Any]:
     """The final pseudo-masks written so far (IRN's) as COCO, Label Studio or VOC: one zip under the
     job's prefix, as for bulk jobs (``/v1/jobs/{id}/export``). Read from the job's frozen manifest."""
     storage = records.storage
     try:
         text = records.get_frozen(pipeline_key(job_id, PIPELINE_MANIFEST), spec.manifest_sha256).decode()
         manifest = parse_manifest(text)
-        images = pipeline_masks(storage, job_id, manifest)
+        masks = pipeline_masks(storage, job_id, manifest)
         key = export_job(storage, pipeline_key(job_id), manifest.classes,
-                         ExportConfig(format=format, image_url_prefix=image_url_prefix), images=images)
+                         ExportConfig(format=format, image_url_prefix=image_url_prefix, images=images), images=masks,
+                         image_url=presigned_image_url(storage, settings.presign_expires_s))
     except STORAGE_ERRORS as e:
         raise HTTPException(503, f"the results store is unreachable ({type(e).__name__}); retry later") from e
     except (ValueError, UntrustedRecordError) as e:  # no mask yet, or a frozen input that changed
         raise HTTPException(409, f"pipeline {job_id}: {e}") from e
-    return {"format": format, "images": len(images), "key": key, "uri": storage.uri(key),
+    return {"format": format, "images": len(masks), "key": key, "uri": storage.uri(key),
             "url": storage.url(key, settings.presign_expires_s)}
 
 
