@@ -26,8 +26,9 @@ class UntrustedRecordError(ValueError):
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
-    return json.dumps({k: v for k, v in body.items() if k != SIGNATURE}, sort_keys=True,
-                      separators=(",", ":")).encode()
+    """The record's bytes without its signature: compact JSON in the record's own key order (which
+    a JSON round trip keeps), so that the stored record is these bytes with the signature added."""
+    return json.dumps({k: v for k, v in body.items() if k != SIGNATURE}, separators=(",", ":")).encode()
 
 
 def sha256(data: bytes) -> str:
@@ -41,12 +42,14 @@ class Records:
     storage: Storage
     key: bytes
 
-    def _mac(self, body: dict[str, Any]) -> str:
-        return hmac.new(self.key, _canonical(body), hashlib.sha256).hexdigest()
+    def _mac(self, canonical: bytes) -> str:
+        return hmac.new(self.key, canonical, hashlib.sha256).hexdigest()
 
     def put(self, key: str, body: dict[str, Any]) -> None:
-        signed = {**body, SIGNATURE: self._mac(body)}
-        self.storage.put(key, json.dumps(signed, indent=1).encode(), "application/json")
+        canonical = _canonical({k: v for k, v in body.items() if k != SIGNATURE})
+        signed = canonical[:-1] + (b"," if len(canonical) > 2 else b"") + \
+            f'"{SIGNATURE}":"{self._mac(canonical)}"}}'.encode()
+        self.storage.put(key, signed, "application/json")
 
     def get(self, key: str) -> dict[str, Any]:
         """The record without its signature. FileNotFoundError when absent, UntrustedRecordError when the
@@ -57,7 +60,8 @@ class Records:
             body = json.loads(self.storage.get(key))
         except json.JSONDecodeError as e:
             raise UntrustedRecordError(f"{key} is not a job record") from e
-        if not isinstance(body, dict) or not hmac.compare_digest(str(body.get(SIGNATURE, "")), self._mac(body)):
+        if not isinstance(body, dict) or not hmac.compare_digest(str(body.get(SIGNATURE, "")),
+                                                                 self._mac(_canonical(body))):
             raise UntrustedRecordError(f"{key} was not written by this service")
         return {k: v for k, v in body.items() if k != SIGNATURE}
 

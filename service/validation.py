@@ -223,6 +223,12 @@ def manifest_items(text: str, base: str, classes: Sequence[str], prefixes: Locat
                    max_images: int) -> list[JobItem]:
     """Every image of a manifest, or an InputError listing every bad line; linear in its length, and a
     manifest of more than ``max_images`` lines is refused before any line is parsed."""
+    return _checked_manifest(text, base, classes, as_locations(prefixes), max_images)[1]
+
+
+def _checked_manifest(text: str, base: str, classes: Sequence[str], locations: Locations,
+                      max_images: int) -> tuple[Manifest, list[JobItem]]:
+    """The parsed manifest and its images checked (:func:`manifest_items`), from one parse."""
     numbered = [n for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
     if len(numbered) > max_images + 1:  # + the header
         raise InputError(422, f"the manifest has {len(numbered)} lines; a job takes at most {max_images} images "
@@ -234,8 +240,8 @@ def manifest_items(text: str, base: str, classes: Sequence[str], prefixes: Locat
             raise InputError(422, "invalid manifest; fix the listed lines and resubmit",
                              [{"line": n, "error": m} for n, m in e.errors]) from e
         lines = numbered[1:] if len(numbered) > len(manifest.records) else numbered
-        return _check_items(manifest.records, [manifest.image_uri(r) for r in manifest.records],
-                            [{"line": n} for n in lines], classes, as_locations(prefixes))
+        return manifest, _check_items(manifest.records, [manifest.image_uri(r) for r in manifest.records],
+                                      [{"line": n} for n in lines], classes, locations)
 
 
 def dataset_manifest(text: str, base: str, locations: Locations, max_images: int) -> Manifest:
@@ -250,15 +256,15 @@ def dataset_manifest(text: str, base: str, locations: Locations, max_images: int
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise InputError(422, "the manifest must start with a header naming its classes: "
                               '{"format": "rib-manifest", "version": 1, "classes": [...]}')
-    items = manifest_items(text, base, classes, locations, max_images)  # ids, images, labels, class list
-    manifest = parse_manifest(text, base=base)
-    bad = [{"line": n, "error": err} for n, r in enumerate(manifest.records, start=2)
-           if (mask := manifest.mask_uri(r)) is not None and (err := locations(mask))]
-    if bad:
-        raise InputError(422, f"{len(bad)} invalid mask location(s); fix them and resubmit", bad)
-    records = [ManifestRecord(it.id, it.image, it.labels, manifest.mask_uri(r))
-               for it, r in zip(items, manifest.records, strict=True)]
-    return Manifest(manifest.classes, records, base)
+    manifest, items = _checked_manifest(text, base, classes, locations, max_images)  # ids, images, labels
+    with _collector_paused():
+        masks = [manifest.mask_uri(r) for r in manifest.records]
+        bad = [{"line": n, "error": err} for n, mask in enumerate(masks, start=2)
+               if mask is not None and (err := locations(mask))]
+        if bad:
+            raise InputError(422, f"{len(bad)} invalid mask location(s); fix them and resubmit", bad)
+        records = [ManifestRecord(it.id, it.image, it.labels, mask) for it, mask in zip(items, masks, strict=True)]
+        return Manifest(manifest.classes, records, base)
 
 
 def inline_items(items: Sequence[Any], classes: Sequence[str], prefixes: Locations | Sequence[str],
