@@ -24,11 +24,11 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis
 
+from contract.lua import script
 from contract.records import Records, UntrustedRecordError
 from contract.webhooks import notify_finished
 from rib_core.artifacts import MARKER, image_key, index_key, request_key, stored_files
@@ -247,6 +247,7 @@ class JobStore:
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._note_lost = client.register_script(_NOTE_LOST)
         self._stamp_finished = client.register_script(_STAMP_FINISHED)
+        self._count_attempt = client.register_script(script("count_attempt"))
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 7 * 24 * 3600) -> JobStore:
@@ -503,8 +504,7 @@ class JobStore:
 
     def training_attempt(self, job_id: str) -> int:
         """Count a delivery of a training job; 0 when Redis no longer has it."""
-        script = self.r.register_script(resources.files("contract.lua").joinpath("count_attempt.lua").read_text())
-        return int(script(keys=[f"rib:training:{job_id}"]))
+        return int(self._count_attempt(keys=[f"rib:training:{job_id}"]))
 
     def stats(self) -> dict[str, float]:
         return {key: float(v) for key, v in self.r.hgetall(STATS_KEY).items()}

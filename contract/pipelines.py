@@ -32,7 +32,6 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Literal, TypeVar
 
 import redis
@@ -42,6 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contract.jobs import JOB_ID
+from contract.lua import script
 from contract.records import Records, UntrustedRecordError
 from contract.webhooks import notify_finished
 from rib_core.artifacts import PIPELINE_CANCELLED, PIPELINE_SPEC, chunk_marker, pipeline_key, stage_marker
@@ -124,10 +124,6 @@ def pipeline_state(stages: dict[str, dict[str, Any]], cancelled: bool) -> str:
     return "running" if any(s != "pending" for s in states) else "queued"
 
 
-def _script(name: str) -> str:
-    return resources.files("contract.lua").joinpath(f"{name}.lua").read_text()
-
-
 @dataclass(frozen=True)
 class Send:
     """A message :meth:`PipelineStore.advance` decided to send: a stage, or chunk ``chunk`` of maps."""
@@ -151,10 +147,10 @@ class PipelineStore:
         self.r = client
         self.ttl_s = ttl_s
         self.patience_s = patience_s
-        self._update = client.register_script(_script("update"))
-        self._start = client.register_script(_script("start"))
-        self._chunk_done = client.register_script(_script("chunk_done"))
-        self._mark_queued = client.register_script(_script("mark_queued"))
+        self._update = client.register_script(script("update"))
+        self._start = client.register_script(script("start"))
+        self._chunk_done = client.register_script(script("chunk_done"))
+        self._mark_queued = client.register_script(script("mark_queued"))
 
     @staticmethod
     def key(job_id: str, part: str = "") -> str:

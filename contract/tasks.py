@@ -49,9 +49,8 @@ class ChunkPayload(BaseModel):
     refine: RefineConfig = Field(default_factory=RefineConfig)
 
 
-class TrainingJobRequest(BaseModel):
-    """An offline DeepLab job as a user asks it: its inputs. Where it writes is the service's choice
-    (the job's own prefix, ``jobs/<id>/training/``), never a request's."""
+class TrainingJobInputs(BaseModel):
+    """What an offline DeepLab job reads and how it trains (the request's fields and the payload's)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -67,6 +66,11 @@ class TrainingJobRequest(BaseModel):
     callback_url: str | None = Field(None, description="URL the job's final state is POSTed to, signed "
                                                        "(docs/SERVICE.md, Webhooks)")
 
+
+class TrainingJobRequest(TrainingJobInputs):
+    """An offline DeepLab job as a user asks it. Where it writes is the service's choice (the job's
+    own prefix, ``jobs/<id>/training/``), never a request's."""
+
     @model_validator(mode="before")
     @classmethod
     def _no_output(cls, data: Any) -> Any:
@@ -76,19 +80,14 @@ class TrainingJobRequest(BaseModel):
         return data
 
 
-class TrainingJobPayload(TrainingJobRequest):
+class TrainingJobPayload(TrainingJobInputs):
     """The training worker's message (``rib.training_job``, :func:`rib_core.train_deeplab.run_training_job`):
-    the request with its manifests frozen (their digests checked before use) and its output set."""
+    the inputs with their manifests frozen (digests checked before use) and the output set."""
 
     output: str = Field(description="the job's own prefix")
     owner: str = Field("", description="digest of the API key that made the job (its callback is signed for it)")
     manifest_sha256: str
     evaluate_on_sha256: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_output(cls, data: Any) -> Any:
-        return data
 
 
 def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:

@@ -87,14 +87,13 @@ class Locations:
     exists: Callable[[str], bool] = lambda uri: True
 
     def __call__(self, uri: str) -> str | None:
-        if self.results_prefix and uri.startswith(self.results_prefix):
-            job = re.fullmatch(r"jobs/([0-9a-f]{32})/.+", uri[len(self.results_prefix):])
-            if job is None or not self.owns(job.group(1)):
-                return (f"{uri!r} is inside the service's results ({self.results_prefix}); a request may read "
-                        "only its own jobs' files there: name your own input location")
-            path = uri.split("://", 1)[-1]
-            return f"{uri!r} contains '..'; give the location without it" if ".." in path.split("/") else None
-        return uri_error(uri, self.prefixes)
+        if not (self.results_prefix and uri.startswith(self.results_prefix)):
+            return uri_error(uri, self.prefixes)
+        job = re.fullmatch(r"jobs/([0-9a-f]{32})/.+", uri[len(self.results_prefix):])
+        if job is None or not self.owns(job.group(1)):
+            return (f"{uri!r} is inside the service's results ({self.results_prefix}); a request may read "
+                    "only its own jobs' files there: name your own input location")
+        return uri_error(uri, [self.results_prefix])  # its own job's file: still never through '..'
 
     def check(self, named: dict[str, str | None], present: bool = True) -> None:
         """422 listing every bad one of ``named`` (field -> location); with ``present``, each must exist."""
@@ -105,8 +104,6 @@ class Locations:
             raise InputError(422, "invalid locations; fix the listed fields", errors)
 
 
-def as_locations(where: Locations | Sequence[str]) -> Locations:
-    return where if isinstance(where, Locations) else Locations(list(where))
 def callback_url(url: str | None, settings: Settings) -> str | None:
     """The job's ``callback_url`` (:mod:`contract.webhooks`), refused with 422 when this server may not call it."""
     if err := check_callback(url, settings):
@@ -219,11 +216,11 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def manifest_items(text: str, base: str, classes: Sequence[str], prefixes: Locations | Sequence[str],
+def manifest_items(text: str, base: str, classes: Sequence[str], locations: Locations,
                    max_images: int) -> list[JobItem]:
     """Every image of a manifest, or an InputError listing every bad line; linear in its length, and a
     manifest of more than ``max_images`` lines is refused before any line is parsed."""
-    return _checked_manifest(text, base, classes, as_locations(prefixes), max_images)[1]
+    return _checked_manifest(text, base, classes, locations, max_images)[1]
 
 
 def _checked_manifest(text: str, base: str, classes: Sequence[str], locations: Locations,
@@ -267,7 +264,7 @@ def dataset_manifest(text: str, base: str, locations: Locations, max_images: int
         return Manifest(manifest.classes, records, base)
 
 
-def inline_items(items: Sequence[Any], classes: Sequence[str], prefixes: Locations | Sequence[str],
+def inline_items(items: Sequence[Any], classes: Sequence[str], locations: Locations,
                  max_images: int) -> list[JobItem]:
     """Records given in the request body (``item`` numbers count from 1)."""
     if not items:
@@ -281,7 +278,7 @@ def inline_items(items: Sequence[Any], classes: Sequence[str], prefixes: Locatio
             raise InputError(422, f"{len(errors)} invalid image record(s); fix them and resubmit",
                              [{"item": n, "error": m} for n, m in errors])
         return _check_items(records, [r.image for r in records], [{"item": n} for n in range(1, len(records) + 1)],
-                            classes, as_locations(prefixes))
+                            classes, locations)
 
 
 def default_image_id(filename: str | None) -> str:

@@ -15,7 +15,15 @@ from contract.settings import Settings
 from rib_core.artifacts import image_key
 from rib_core.rib_config import RibConfig
 from rib_core.storage import LocalStorage
-from service.validation import InputError, default_image_id, manifest_items, parse_labels, refine_params, rib_params
+from service.validation import (
+    InputError,
+    Locations,
+    default_image_id,
+    manifest_items,
+    parse_labels,
+    refine_params,
+    rib_params,
+)
 from tests.service_stack import redis_server
 
 CLASSES = ["cat", "dog", "bird"]
@@ -100,14 +108,15 @@ def test_manifest_lines_and_service_rules() -> None:
                       json.dumps({"id": "b", "image": "b.png", "labels": ["fish"]}),
                       json.dumps({"id": "c", "image": "/tmp/c.png", "labels": ["dog"]})])
     with pytest.raises(InputError) as e:
-        manifest_items(text, "s3://bucket/data", CLASSES, ["s3://bucket/"], 100)
+        manifest_items(text, "s3://bucket/data", CLASSES, Locations(["s3://bucket/"]), 100)
     assert e.value.status == 422
     assert [(x["line"], x["error"].split()[0]) for x in e.value.errors] == [(5, "'b'"), (6, "'/tmp/c.png'")]
-    good = manifest_items("\n".join(text.splitlines()[:4]), "s3://bucket/data", CLASSES, ["s3://bucket/"], 100)
+    good = manifest_items("\n".join(text.splitlines()[:4]), "s3://bucket/data", CLASSES,
+                          Locations(["s3://bucket/"]), 100)
     assert good == [JobItem("a", "s3://bucket/data/a.png", ("cat",))]
     # Without a header line the model's classes apply.
     plain = json.dumps({"id": "x", "image": "x.png", "labels": ["dog"]})
-    assert manifest_items(plain, "s3://bucket", CLASSES, ["s3://"], 100)[0].labels == ("dog",)
+    assert manifest_items(plain, "s3://bucket", CLASSES, Locations(["s3://"]), 100)[0].labels == ("dog",)
 
 
 def test_rib_parameters_override_the_defaults_within_bounds() -> None:

@@ -22,7 +22,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from worker.tasks import Runtime, beating, every, runtime
 
 log = logging.getLogger(__name__)
 OUTAGE_WAIT_S = 600  # how long a task's Redis write waits out an outage (a restart) before giving up
+SPECS_KEPT = 64      # pipeline specs a process keeps (Pipelines.specs)
 
 
 class CancelledError(Exception):
@@ -66,6 +67,9 @@ class Pipelines:
     records: Records
     queue: TaskQueue
     settings: Settings
+    # Specs read and verified so far, by job (a spec never changes once signed): every chunk of a
+    # job, and every reaper round, would otherwise fetch its pipeline.json (ids of the whole data set).
+    specs: dict[str, PipelineSpec] = field(default_factory=dict)
 
     @classmethod
     def connect(cls, settings: Settings, store: PipelineStore | None = None, storage: Storage | None = None,
@@ -76,7 +80,11 @@ class Pipelines:
                    settings)
 
     def spec(self, job_id: str) -> PipelineSpec:
-        return PipelineSpec.model_validate(self.records.get(pipeline_key(job_id, PIPELINE_SPEC)))
+        if job_id not in self.specs:
+            if len(self.specs) >= SPECS_KEPT:
+                self.specs.pop(next(iter(self.specs)))
+            self.specs[job_id] = PipelineSpec.model_validate(self.records.get(pipeline_key(job_id, PIPELINE_SPEC)))
+        return self.specs[job_id]
 
     def advance(self, job_id: str, spec: PipelineSpec) -> None:
         """Send what runs next (the one decision: :meth:`PipelineStore.advance`)."""

@@ -213,31 +213,32 @@ def training_job(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     from rib_core.train_deeplab import run_training_job
 
     rt = runtime()
-    job = TrainingJobPayload.model_validate(payload)
-    if rt.store.training_attempt(self.request.id) > rt.settings.max_stage_attempts:
-        raise RuntimeError(f"its worker stopped {rt.settings.max_stage_attempts} times while running it "
-                           "(killed, or out of memory); not retried")
-    records = Records(rt.storage, rt.settings.signing_key())
+    job, job_id = TrainingJobPayload.model_validate(payload), self.request.id
+
+    def finished(**state: Any) -> None:  # the job's callback, if it has one, with its final state
+        notify_finished(rt.store.r, "training", job_id, {"job_id": job_id, **state}, job.callback_url, job.owner,
+                        rt.settings.job_ttl_s)
+
     spec = job.model_dump(exclude_none=True, exclude={"manifest_sha256", "evaluate_on_sha256", "owner",
                                                       "callback_url"})
-    log.info("training job %s: %s", self.request.id, spec)
-    with tempfile.TemporaryDirectory(prefix="rib-training-") as tmp:
-        for name, digest in (("manifest", job.manifest_sha256), ("evaluate_on", job.evaluate_on_sha256)):
-            if digest is not None:
-                path = Path(tmp) / f"{name}.jsonl"
-                path.write_bytes(records.get_frozen(training_input_key(self.request.id, name), digest))
-                spec[name] = str(path)
-        try:
+    log.info("training job %s: %s", job_id, spec)
+    try:
+        if rt.store.training_attempt(job_id) > rt.settings.max_stage_attempts:
+            raise RuntimeError(f"its worker stopped {rt.settings.max_stage_attempts} times while running it "
+                               "(killed, or out of memory); not retried")
+        records = Records(rt.storage, rt.settings.signing_key())
+        with tempfile.TemporaryDirectory(prefix="rib-training-") as tmp:
+            for name, digest in (("manifest", job.manifest_sha256), ("evaluate_on", job.evaluate_on_sha256)):
+                if digest is not None:
+                    path = Path(tmp) / f"{name}.jsonl"
+                    path.write_bytes(records.get_frozen(training_input_key(job_id, name), digest))
+                    spec[name] = str(path)
             result = run_training_job({**spec, "device": str(resolve_device(rt.settings.device))})
-        except (Exception, MemoryError) as e:  # Celery takes a MemoryError for the worker's end: the job's
-            error = RuntimeError(f"out of memory: {e}") if isinstance(e, MemoryError) else e
-            notify_finished(rt.store.r, "training", self.request.id,
-                            {"job_id": self.request.id, "state": "failed", "error": f"{type(error).__name__}: {error}"},
-                            job.callback_url, job.owner, rt.settings.job_ttl_s)
-            raise error from None
-    notify_finished(rt.store.r, "training", self.request.id, {"job_id": self.request.id, "state": "done",
-                                                              "result": result},
-                    job.callback_url, job.owner, rt.settings.job_ttl_s)
+    except (Exception, MemoryError) as e:  # Celery takes a MemoryError for the worker's end: it is the job's
+        error = RuntimeError(f"out of memory: {e}") if isinstance(e, MemoryError) else e
+        finished(state="failed", error=f"{type(error).__name__}: {error}")
+        raise error from None
+    finished(state="done", result=result)
     return result
 
 
@@ -263,7 +264,8 @@ def start_reaper(**_: Any) -> None:
     storage = settings.storage()
     queue = TaskQueue(settings, app)
 
-    record_classifier(store, settings)
+    # reads the checkpoint (S3, torch): off the start-up path, as the reaper's first round was before
+    threading.Thread(target=record_classifier, args=(store, settings), name="rib-classifier", daemon=True).start()
     every(settings.lease_s / 2, lambda: reap(store, storage, queue), "rib-reaper")
     if settings.webhook_secret is not None:
         # each worker sends the callbacks that are due (contract.webhooks.deliver_due): one slow

@@ -97,7 +97,7 @@ def submit_pipeline(req: PipelineRequest, owner: Owner, settings: SettingsDep, p
                                  "submit the job again later") from e
     pipelines.create(job_id, spec)
     try:
-        queue.send_pipeline(job_id, pipelines.advance(job_id, spec, settings.visibility_timeout_s, FAN_OUT_INLINE))
+        send_next(job_id, spec, pipelines, queue, settings)
     except Exception as e:
         pipelines.cancel(job_id, records.storage)
         raise HTTPException(503, f"the task queue is unreachable ({type(e).__name__}); the job was cancelled, "
@@ -107,18 +107,33 @@ def submit_pipeline(req: PipelineRequest, owner: Owner, settings: SettingsDep, p
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": f"/v1/pipelines/{job_id}"})
 
 
+def send_next(job_id: str, spec: PipelineSpec, pipelines: PipelineStore, queue: QueueDep,
+              settings: SettingsDep) -> None:
+    """Send what runs next, at most FAN_OUT_INLINE units from a request (the tasks and the reaper send the rest)."""
+    queue.send_pipeline(job_id, pipelines.advance(job_id, spec, settings.visibility_timeout_s, FAN_OUT_INLINE))
+
+
 def owned(job_id: str, owner: Owner, pipelines: PipelinesDep, records: RecordsDep, queue: QueueDep,
-          settings: SettingsDep) -> PipelineSpec:
-    """The job's spec, once ``job_id`` is known to be the caller's pipeline (404 otherwise); a job Redis
+          settings: SettingsDep) -> PipelineStore:
+    """The store, once ``job_id`` is known to be the caller's pipeline (404 otherwise); a job Redis
     lost is rebuilt from its signed record in storage first and what it needs next is sent."""
     unknown = HTTPException(404, f"no pipeline job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
     if not pipelines.exists(job_id):
         spec = pipelines.restore(job_id, records)
         if spec is None or not pipelines.exists(job_id):
             raise unknown
-        queue.send_pipeline(job_id, pipelines.advance(job_id, spec, settings.visibility_timeout_s, FAN_OUT_INLINE))
+        send_next(job_id, spec, pipelines, queue, settings)
     if not pipelines.exists(job_id, owner):
         raise unknown
+    return pipelines
+
+
+OwnedPipeline = Annotated[PipelineStore, Depends(owned)]
+
+
+def owned_spec(job_id: str, _: OwnedPipeline, records: RecordsDep) -> PipelineSpec:
+    """The caller's pipeline's spec, read from its signed record (only the routes that need it: a
+    status poll reads Redis alone)."""
     try:
         return PipelineSpec.model_validate(records.get(pipeline_key(job_id, PIPELINE_SPEC)))
     except (FileNotFoundError, UntrustedRecordError) as e:
@@ -127,17 +142,17 @@ def owned(job_id: str, owner: Owner, pipelines: PipelinesDep, records: RecordsDe
         raise HTTPException(503, f"the results store is unreachable ({type(e).__name__}); retry later") from e
 
 
-OwnedPipeline = Annotated[PipelineSpec, Depends(owned)]
+OwnedSpec = Annotated[PipelineSpec, Depends(owned_spec)]
 
 
 @router.get("/pipelines/{job_id}", response_model=PipelineStatus)
-def pipeline_status(job_id: str, _: OwnedPipeline, pipelines: PipelinesDep) -> dict[str, Any]:
+def pipeline_status(job_id: str, pipelines: OwnedPipeline) -> dict[str, Any]:
     """Each stage's state, time, progress, report and error."""
     return pipelines.status(job_id)
 
 
 @router.get("/pipelines/{job_id}/results", response_model=PipelineResults)
-def pipeline_results(job_id: str, spec: OwnedPipeline, storage: StorageDep, settings: SettingsDep,
+def pipeline_results(job_id: str, spec: OwnedSpec, storage: StorageDep, settings: SettingsDep,
                      offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     """Per image, links to the files written so far: map, CRF mask, final (IRN) mask, overlay,
@@ -155,7 +170,7 @@ def pipeline_results(job_id: str, spec: OwnedPipeline, storage: StorageDep, sett
 
 
 @router.get("/pipelines/{job_id}/export", response_model=ExportLink)
-def export_pipeline(job_id: str, spec: OwnedPipeline, records: RecordsDep, settings: SettingsDep,
+def export_pipeline(job_id: str, spec: OwnedSpec, records: RecordsDep, settings: SettingsDep,
                     format: Annotated[ExportFormat, Query()], image_url_prefix: str | None = None,
                     images: ExportImages = True) -> dict[str, Any]:
     """The final pseudo-masks written so far (IRN's) as COCO, Label Studio or VOC: one zip under the
@@ -177,7 +192,7 @@ def export_pipeline(job_id: str, spec: OwnedPipeline, records: RecordsDep, setti
 
 
 @router.delete("/pipelines/{job_id}", response_model=PipelineStatus)
-def cancel_pipeline(job_id: str, _: OwnedPipeline, pipelines: PipelinesDep, storage: StorageDep) -> dict[str, Any]:
+def cancel_pipeline(job_id: str, pipelines: OwnedPipeline, storage: StorageDep) -> dict[str, Any]:
     """Stop the chain: stages not started end cancelled now, the running one at its next epoch or chunk."""
     state = pipelines.status(job_id)["state"]
     if state in ("done", "failed", "cancelled"):
