@@ -3,7 +3,8 @@
 Each stage's module (:mod:`rib_core.crf`, :mod:`rib_core.confident_labels`,
 :mod:`rib_core.random_walk`, :mod:`rib_core.irn_training`, :mod:`rib_core.evaluation`,
 :mod:`rib_core.refine`, :mod:`rib_core.train_deeplab`) runs with the config defined here; the API
-process validates requests (``refine``, training jobs) with the same objects and never loads torch.
+process validates requests (``refine``, training jobs) with the same objects and never loads torch;
+its OpenAPI shows each field's description, written here.
 Defaults cite the paper or the official code (IRN, jbeomlee93/RIB, deeplab-pytorch) on each field.
 """
 
@@ -29,13 +30,14 @@ SideRange = tuple[Annotated[int, Field(ge=16, le=MAX_CROP)], Annotated[int, Fiel
 
 
 def _defaults_example(schema: dict[str, Any], cls: type[BaseModel]) -> None:
-    """A config's JSON schema shows its defaults as the example (OpenAPI, ``rib`` help)."""
+    """A config's JSON schema (the API's OpenAPI) shows its defaults as the example."""
     schema["examples"] = [cls().model_dump(mode="json")]
 
 
 class StageConfig(BaseModel):
     """Base of every stage's settings: unknown fields are refused (a typo never passes silently), and
-    each field carries its description, which the API's schema and the CLI show."""
+    each field carries its description (the API derives its request bodies from these classes and
+    shows it; so could the CLI's help)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_defaults_example)
 
