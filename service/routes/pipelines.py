@@ -14,14 +14,15 @@ from contract.tasks import FAN_OUT_INLINE
 from rib_core.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, PIPELINE_VAL_MANIFEST, pipeline_index, pipeline_key
 from rib_core.datasets import Manifest, parse_manifest
 from rib_core.exports import ExportConfig, ExportFormat, export_job, pipeline_masks, presigned_image_url
+from service.bodies import PipelineRequest
 from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep, StorageDep, StoreDep
+from service.errors import error_responses
 from service.inputs import frozen_manifest
 from service.schemas import (
     MAX_OFFSET,
     ExportImages,
     ExportLink,
     PipelineAccepted,
-    PipelineRequest,
     PipelineResults,
     PipelineStatus,
 )
@@ -77,7 +78,8 @@ def _spec(req: PipelineRequest, settings: SettingsDep, owner: str, locations: Lo
     return spec, manifest, validation
 
 
-@router.post("/pipelines", status_code=202, response_model=PipelineAccepted)
+@router.post("/pipelines", status_code=202, response_model=PipelineAccepted,
+             responses=error_responses(413, 422, 503))
 def submit_pipeline(req: PipelineRequest, owner: Owner, settings: SettingsDep, pipelines: PipelinesDep,
                     records: RecordsDep, queue: QueueDep, locations: LocationsDep) -> JSONResponse:
     """Classifier (unless one is given) -> RIB maps (image workers, in chunks) -> confident labels, IRN,
@@ -145,13 +147,14 @@ def owned_spec(job_id: str, _: OwnedPipeline, records: RecordsDep) -> PipelineSp
 OwnedSpec = Annotated[PipelineSpec, Depends(owned_spec)]
 
 
-@router.get("/pipelines/{job_id}", response_model=PipelineStatus)
+@router.get("/pipelines/{job_id}", response_model=PipelineStatus, responses=error_responses(404, 422, 503))
 def pipeline_status(job_id: str, pipelines: OwnedPipeline) -> dict[str, Any]:
     """Each stage's state, time, progress, report and error."""
     return pipelines.status(job_id)
 
 
-@router.get("/pipelines/{job_id}/results", response_model=PipelineResults)
+@router.get("/pipelines/{job_id}/results", response_model=PipelineResults,
+            responses=error_responses(404, 409, 422, 503))
 def pipeline_results(job_id: str, spec: OwnedSpec, storage: StorageDep, settings: SettingsDep,
                      offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
@@ -169,7 +172,7 @@ def pipeline_results(job_id: str, spec: OwnedSpec, storage: StorageDep, settings
             "next_offset": end if end < total else None, "items": items}
 
 
-@router.get("/pipelines/{job_id}/export", response_model=ExportLink)
+@router.get("/pipelines/{job_id}/export", response_model=ExportLink, responses=error_responses(404, 409, 422, 503))
 def export_pipeline(job_id: str, spec: OwnedSpec, records: RecordsDep, settings: SettingsDep,
                     format: Annotated[ExportFormat, Query()], image_url_prefix: str | None = None,
                     images: ExportImages = True) -> dict[str, Any]:
@@ -191,7 +194,8 @@ def export_pipeline(job_id: str, spec: OwnedSpec, records: RecordsDep, settings:
             "url": storage.url(key, settings.presign_expires_s)}
 
 
-@router.delete("/pipelines/{job_id}", response_model=PipelineStatus)
+@router.delete("/pipelines/{job_id}", response_model=PipelineStatus,
+               responses=error_responses(404, 409, 422, 503))
 def cancel_pipeline(job_id: str, pipelines: OwnedPipeline, storage: StorageDep) -> dict[str, Any]:
     """Stop the chain: stages not started end cancelled now, the running one at its next epoch or chunk."""
     state = pipelines.status(job_id)["state"]
