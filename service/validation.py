@@ -161,10 +161,15 @@ def _overridden(section: str, cls: type[Config], defaults: Config, given: Given)
         given = given.model_dump(exclude_unset=True)
     if not isinstance(given, Mapping | None):
         raise InputError(422, f"{section} must be a JSON object of {SECTIONS[section]}")
+    # Only what the defaults set explicitly, so that a request's ``preset`` fills every field the
+    # operator left to the preset (a full dump would pin the VOC values); but a nested section the
+    # request changes starts from the defaults' whole section (DeepLab's CRF is not CrfConfig()).
+    base = defaults.model_dump(exclude_unset=True)
+    for key, value in (given or {}).items():
+        if isinstance(value, Mapping) and isinstance(getattr(defaults, key, None), BaseModel):
+            base[key] = getattr(defaults, key).model_dump()
     try:
-        # Only what the defaults set explicitly, so that a request's ``preset`` fills every field
-        # the operator left to the preset (a full dump would pin the VOC values).
-        return cls.model_validate(merge(defaults.model_dump(exclude_unset=True), given or {}))
+        return cls.model_validate(merge(base, given or {}))
     except ValidationError as e:
         raise invalid(SECTIONS[section], [(".".join(map(str, err["loc"])), err["msg"]) for err in e.errors()]) from e
 
