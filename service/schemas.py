@@ -2,7 +2,7 @@
 
 The request models carry the same settings objects the offline tools use (``RibConfig`` and
 ``RefineConfig`` fields are validated against them in :mod:`service.validation`; a training job is
-the task contract's :class:`~contract.tasks.TrainingJobRequest`).
+the contract's :class:`~contract.training.TrainingJobRequest`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from contract.tasks import TrainingJobRequest
+from contract.training import TrainingJobRequest
 
 __all__ = ["TrainingJobRequest"]
 
