@@ -25,7 +25,7 @@ from typing import Any
 
 from celery import Task, signals
 
-from contract.job_kinds import PIPELINE, TRAINING
+from contract.job_kinds import PIPELINE, TRAINING, JobKind
 from contract.settings import get_settings
 from contract.stages import PIPELINE_MAPS, PIPELINE_STAGE, STAGE, TRAINING_JOB, PipelineSpec, Send
 from rib_core.artifacts import chunk_marker, pipeline_key, stage_marker
@@ -104,21 +104,25 @@ def run_stage(p: Pipelines, job_id: str, stage: str, spec: Any) -> None:
     store.finish(job_id, stage, "done", json.loads(text))
 
 
+def run_staged(task: Task, kind: JobKind, job_id: str, stage: str) -> None:
+    """One delivery of a stage on the training queue, for a job of ``kind``."""
+    if stage not in RUNNERS or STAGE[stage].job != kind.name:
+        log.error("job %s: no %s stage %r; dropped", job_id, kind.name, stage)
+        return
+    p = staged.pipes(kind)
+    deliver(task, p, job_id, Send(stage), lambda spec: run_stage(p, job_id, stage, spec))  # type: ignore[arg-type]
+
+
 @app.task(name=PIPELINE_STAGE, bind=True, acks_late=True, ignore_result=True)
 def pipeline_stage(self: Task, job_id: str, stage: str) -> None:
     """One training stage of a pipeline job."""
-    if stage not in RUNNERS or STAGE[stage].job != "pipeline":
-        log.error("job %s: no stage %r; dropped", job_id, stage)
-        return
-    p = staged.pipes(PIPELINE)
-    deliver(self, p, job_id, Send(stage), lambda spec: run_stage(p, job_id, stage, spec))  # type: ignore[arg-type]
+    run_staged(self, PIPELINE, job_id, stage)
 
 
 @app.task(name=TRAINING_JOB, bind=True, acks_late=True, ignore_result=True)
-def training_job(self: Task, job_id: str, stage: str = "training") -> None:
+def training_job(self: Task, job_id: str, stage: str) -> None:
     """The one stage of an offline training job (train, evaluate or predict DeepLab)."""
-    p = staged.pipes(TRAINING)
-    deliver(self, p, job_id, Send("training"), lambda spec: run_stage(p, job_id, "training", spec))
+    run_staged(self, TRAINING, job_id, stage)
 
 
 def count_chunk(job_id: str, spec: PipelineSpec, chunk: int, failures: dict[str, str]) -> None:

@@ -40,8 +40,9 @@ class Pipelines:
     queue: TaskQueue
     settings: Settings
     # Specs read and verified so far, by job (a spec never changes once signed): every chunk of a
-    # job, and every reaper round, would otherwise fetch its pipeline.json (ids of the whole data set).
-    specs: dict[str, Any] = field(default_factory=dict)
+    # job, and every reaper round, would otherwise fetch its signed record (a pipeline's holds the
+    # ids of the whole data set).
+    specs: dict[str, JobPlan] = field(default_factory=dict)
 
     @classmethod
     def connect(cls, settings: Settings, kind: JobKind = PIPELINE, client: redis.Redis | None = None,
@@ -51,7 +52,7 @@ class Pipelines:
         return cls(store, Records(storage or settings.storage(), settings.signing_key()), TaskQueue(settings, app),
                    settings)
 
-    def spec(self, job_id: str) -> Any:
+    def spec(self, job_id: str) -> JobPlan:
         """The job's spec (a :class:`PipelineSpec` or a :class:`contract.training.TrainingSpec`)."""
         if job_id not in self.specs:
             if len(self.specs) >= SPECS_KEPT:
@@ -63,7 +64,7 @@ class Pipelines:
         """Send what runs next (the one decision: :meth:`PipelineStore.advance`)."""
         self.queue.send_pipeline(job_id, self.store.advance(job_id, spec, self.settings.visibility_timeout_s))
 
-    def ensure(self, job_id: str) -> Any:
+    def ensure(self, job_id: str) -> JobPlan | None:
         """The job's spec, its Redis record rebuilt from storage first when Redis lost it (then what it
         needs next is sent). None when storage has no job the service wrote by that id."""
         if self.store.exists(job_id):
