@@ -20,55 +20,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from contract.job_requests import JobItem, load_request, request_items
 from contract.job_status import status_body
 from contract.lua import script
 from contract.records import Records, UntrustedRecordError
 from contract.stores import JOB_ID, RedisJobs
 from contract.webhooks import notify_finished
 from contract.worker_reports import STATS_KEY
-from rib_core.artifacts import MARKER, image_key, index_key, request_key, stored_files
+from rib_core.artifacts import MARKER, image_key, index_key, stored_files
 from rib_core.storage import Storage
 
 _STATUS_SETS = ("running", "done", "skipped")
 
 ACTIVE_KEY = "rib:jobs:active"  # jobs with an image started and not yet finalized: what the reaper scans
 LOST_REASON = "its worker stopped before finishing it (killed, out of memory, or its chunk was lost)"
-
-
-@dataclass(frozen=True)
-class JobItem:
-    """One image of a job: where to read it and its class names."""
-
-    id: str
-    image: str
-    labels: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "image": self.image, "labels": list(self.labels)}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> JobItem:
-        return cls(d["id"], d["image"], tuple(d["labels"]))
-
-
-def save_request(records: Records, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any],
-                 owner: str = "", refine: dict[str, Any] | None = None, callback_url: str | None = None) -> None:
-    """Keep what a job was asked to do (and whose it is) next to its results, signed, so that a job
-    Redis lost can be rebuilt (and only from a record the service wrote)."""
-    body = {"job_id": job_id, "kind": kind, "owner": owner, "rib": rib, "refine": refine or {},
-            "callback_url": callback_url, "items": [it.to_json() for it in items]}
-    records.put(request_key(job_id), body)
-
-
-def load_request(records: Records, job_id: str) -> dict[str, Any]:
-    """The job's ``request.json`` (what :func:`save_request` kept). FileNotFoundError without one,
-    UntrustedRecordError when the service did not write it."""
-    return records.get(request_key(job_id))
 
 
 class JobStore(RedisJobs):
@@ -205,11 +174,11 @@ class JobStore(RedisJobs):
             return None
         try:
             request = load_request(records, job_id)
+            items = request_items(records, request)
         except (FileNotFoundError, UntrustedRecordError):
             return None
         if not self.r.set(f"rib:restoring:{job_id}", 1, nx=True, ex=60) or self.exists(job_id):
             return []
-        items = [JobItem.from_json(d) for d in request["items"]]
         self.create(job_id, request["kind"], items, request["rib"], request.get("owner", ""), request.get("refine"),
                     request.get("callback_url"))
         files = stored_files(records.storage, job_id)

@@ -21,7 +21,7 @@ from typing import Any
 from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field
 
-from contract.jobs import JobItem
+from contract.job_requests import JobItem
 from contract.settings import Settings
 from contract.stages import PIPELINE_MAPS, PIPELINE_STAGE, STAGE, TRAINING_JOB, Send
 from rib_core.rib_config import RibConfig

@@ -21,8 +21,8 @@ import pytest
 import redis
 from PIL import Image
 
+from contract.job_requests import JobItem
 from contract.job_status import progress
-from contract.jobs import JobItem
 from contract.tasks import ChunkPayload
 from contract.worker_reports import record_classifier
 from rib_core.demo_data import DemoDataset

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from contract.jobs import JobItem, JobStore
+from contract.job_requests import JobItem
+from contract.jobs import JobStore
 from contract.pipelines import PipelineSpec, PipelineStore
 from contract.settings import Settings
 from contract.worker_reports import stats

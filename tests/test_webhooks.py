@@ -18,7 +18,8 @@ import httpx
 import pytest
 import redis
 
-from contract.jobs import JobItem, JobStore, load_request
+from contract.job_requests import JobItem, load_request
+from contract.jobs import JobStore
 from contract.records import Records
 from contract.settings import Settings
 from contract.stores import owner_of

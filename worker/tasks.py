@@ -29,7 +29,8 @@ from celery import signals
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from contract.jobs import JobItem, JobStore
+from contract.job_requests import JobItem
+from contract.jobs import JobStore
 from contract.settings import Settings, get_settings
 from contract.tasks import FAN_OUT, PROCESS_CHUNK, ChunkPayload, TaskQueue
 from contract.webhooks import deliver_due
