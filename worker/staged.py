@@ -11,9 +11,10 @@ from typing import Any
 import redis
 
 from contract.job_kinds import PIPELINE, JobKind, JobPlan
-from contract.pipelines import PipelineSpec, PipelineStore
+from contract.pipelines import PipelineStore
 from contract.records import Records, UntrustedRecordError
 from contract.settings import Settings
+from contract.stages import PipelineSpec
 from contract.tasks import TaskQueue
 from rib_core.artifacts import PIPELINE_MANIFEST, pipeline_key
 from rib_core.datasets import Manifest, parse_manifest
