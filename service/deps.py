@@ -142,14 +142,14 @@ def _present(uri: str) -> bool:
         raise HTTPException(503, f"the object store is unreachable ({type(e).__name__}); retry later") from e
 
 
-def locations(owner: Owner, settings: SettingsDep, store: StoreDep, pipelines: PipelinesDep,
-              trainings: TrainingsDep) -> Locations:
+def locations(owner: Owner, settings: SettingsDep, store: StoreDep) -> Locations:
     """The caller's view of where a request may read (:class:`service.validation.Locations`): its
     own jobs' files under the results prefix, by their Redis records (image, pipeline and training
     jobs)."""
+    stores = (store, pipeline_store(store), training_store(store))
 
     def owns(job_id: str) -> bool:
-        return any(jobs.exists(job_id, owner) for jobs in (store, pipelines, trainings))
+        return any(jobs.exists(job_id, owner) for jobs in stores)
 
     return Locations(settings.input_prefixes, settings.results_prefix, owns, _present)
 
