@@ -1,15 +1,18 @@
-"""Pipeline jobs: a whole data set through the paper's chain, shared by the API and the workers.
+"""Staged jobs, shared by the API and the workers: pipeline jobs (a whole data set through the
+paper's chain) and offline training jobs (a job of one stage), one state machine for both.
 
-A pipeline job is a list of stages (:data:`STAGES`, the one registry: classifier, maps, refine,
-optionally DeepLab) run one after the other; the maps stage runs as chunks of images on the image
-queue, the others as one task each on the training queue. There is no Celery canvas: every
+A pipeline job is a list of stages (:data:`contract.stages.STAGES`, the one registry: classifier,
+maps, refine, optionally DeepLab) run one after the other; the maps stage runs as chunks of images
+on the image queue, the others as one task each on the training queue; a training job's one stage,
+``training``, runs on the training queue. There is no Celery canvas: every
 decision of what runs next is :meth:`PipelineStore.advance`'s, made from the job's state, and a
 unit (a stage or a chunk) is done exactly once in Redis (the maps stage by the chunk whose count
 completes it: ``chunk_done.lua``, the single completion decision).
 
-What the job was asked is :class:`PipelineSpec`, kept in storage (``jobs/<id>/pipeline/pipeline.json``,
-signed by the service) with its inputs frozen beside it (``manifest.jsonl``: the validated records,
-every location absolute); a task carries only the job id and its unit. Delivery is at-least-once:
+What the job was asked is its spec (:class:`PipelineSpec` in ``jobs/<id>/pipeline/pipeline.json``,
+:class:`contract.training.TrainingSpec` in ``jobs/<id>/training/training.json``), signed by the
+service, with its inputs frozen beside it (the validated records, every location absolute); a task
+carries only the job id and its unit. Delivery is at-least-once:
 
 - a *lease* (a Redis key with a time to live, renewed by a heartbeat) lets one copy of a unit run;
   a copy delivered while another holds it is dropped;
@@ -27,88 +30,20 @@ Every job ends ``done``, ``failed`` (a stage failed: its error is shown) or ``ca
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import BusyLoadingError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from contract.jobs import JOB_ID
+from contract.job_kinds import PIPELINE, JobKind, JobPlan
 from contract.lua import script
 from contract.records import Records, UntrustedRecordError
+from contract.stages import FINISHED, PipelineSpec, Send
+from contract.stores import JOB_ID, RedisJobs
 from contract.webhooks import notify_finished
-from rib_core.artifacts import PIPELINE_CANCELLED, PIPELINE_SPEC, chunk_marker, pipeline_key, stage_marker
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
-
-PIPELINE_STAGE = "rib.pipeline_stage"  # a training stage (training queue)
-PIPELINE_MAPS = "rib.pipeline_maps"    # a chunk of RIB maps (image queue)
-ACTIVE_KEY = "rib:pipelines:active"    # jobs not yet terminal: what the reaper scans
-
-Stage = Literal["classifier", "maps", "refine", "deeplab"]
-FINISHED = ("done", "skipped", "failed", "cancelled")
-OUTAGES = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class StageDef:
-    """One stage of the chain: its task and queue, the work-folder directories it writes, and whether
-    a job may leave it out."""
-
-    name: Stage
-    task: str
-    queue: Literal["training", "images"]
-    folders: tuple[str, ...]
-    optional: bool = False
-
-
-# The registry: every stage once, in order. The worker's runners, the spec's stage list, the
-# API's answers and the demo (rib_core.dataset_job's functions, same folders) follow it.
-STAGES: tuple[StageDef, ...] = (
-    StageDef("classifier", PIPELINE_STAGE, "training", ("classifier",)),
-    StageDef("maps", PIPELINE_MAPS, "images", ("maps",)),
-    StageDef("refine", PIPELINE_STAGE, "training", ("refined",)),
-    StageDef("deeplab", PIPELINE_STAGE, "training", ("deeplab",), optional=True),
-)
-STAGE = {s.name: s for s in STAGES}
-
-
-class PipelineSpec(BaseModel):
-    """What a pipeline job runs: its frozen data set, an optional classifier to start from, and each
-    stage's settings (the objects ``rib demo`` / ``rib refine`` / ``rib deeplab`` read)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    manifest: str = Field(description="the job's frozen copy of the data set's manifest (in its own prefix)")
-    source_manifest: str = Field("", description="the manifest the user gave, as it was at submit")
-    manifest_sha256: str = Field("", description="digest of the frozen manifest, checked on every read")
-    classifier_uri: str | None = Field(None, description="a trained classifier: the classifier stage is skipped")
-    val_manifest: str | None = Field(None, description="frozen labelled manifest the classifier is scored on "
-                                                       "every epoch; default: the data set itself")
-    classifier: ClassifierTrainConfig = Field(default_factory=ClassifierTrainConfig)
-    rib: RibConfig = Field(default_factory=RibConfig)
-    refine: RefineConfig = Field(default_factory=RefineConfig)
-    deeplab: DeepLabTrainConfig | None = Field(None, description="set: train DeepLab on the pseudo-masks, then "
-                                                                 "evaluate and predict with it")
-    image_ids: list[str] = Field(description="the manifest's image ids, in order")
-    chunks: list[list[str]] = Field(description="the image ids of each RIB-map chunk")
-    owner: str = Field("", description="digest of the API key that made the job (contract.jobs.owner_of)")
-    callback_url: str | None = Field(None, description="POSTed the job's final state (webhooks)")
-
-    def stages(self) -> list[Stage]:
-        return [s.name for s in STAGES if not s.optional or self.deeplab is not None]
-
-    def skipped(self) -> list[Stage]:
-        """Stages the job has but does not run: the classifier when one is given."""
-        return ["classifier"] if self.classifier_uri else []
+from rib_core.artifacts import PIPELINE_CANCELLED, chunk_marker, stage_marker
 
 
 def pipeline_state(stages: dict[str, dict[str, Any]], cancelled: bool) -> str:
@@ -124,49 +59,22 @@ def pipeline_state(stages: dict[str, dict[str, Any]], cancelled: bool) -> str:
     return "running" if any(s != "pending" for s in states) else "queued"
 
 
-@dataclass(frozen=True)
-class Send:
-    """A message :meth:`PipelineStore.advance` decided to send: a stage, or chunk ``chunk`` of maps."""
+class PipelineStore(RedisJobs):
+    """The Redis record of every staged job of one ``kind`` (pipeline jobs, or training jobs: a job of
+    one stage): ``rib:<kind>:<id>`` (a hash: owner, stages, cancel flag, per stage
+    ``<stage>.state|started|finished|error|progress|report``), per unit its attempts, start and send
+    times (``...:units``), the images without a map (``...:map_failures``) and the leases
+    (``...:lease:<unit>``). ``patience_s``: how long a call waits out a Redis outage (the workers
+    wait; the API answers 503 at once)."""
 
-    stage: Stage
-    chunk: int | None = None
-
-    @property
-    def unit(self) -> str:
-        return self.stage if self.chunk is None else f"maps-{self.chunk}"
-
-
-class PipelineStore:
-    """The Redis record of every pipeline job: ``rib:pipeline:<id>`` (a hash: owner, stages, cancel
-    flag, per stage ``<stage>.state|started|finished|error|progress|report``), per unit its attempts,
-    start and send times (``...:units``), the images without a map (``...:map_failures``) and the
-    leases (``...:lease:<unit>``). ``patience_s``: how long a call waits out a Redis outage (the
-    workers wait; the API answers 503 at once)."""
-
-    def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600, patience_s: float = 0.0) -> None:
-        self.r = client
-        self.ttl_s = ttl_s
-        self.patience_s = patience_s
+    def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600, patience_s: float = 0.0,
+                 kind: JobKind = PIPELINE) -> None:
+        super().__init__(client, f"rib:{kind.name}", ttl_s, patience_s)
+        self.kind = kind
         self._update = client.register_script(script("update"))
         self._start = client.register_script(script("start"))
         self._chunk_done = client.register_script(script("chunk_done"))
         self._mark_queued = client.register_script(script("mark_queued"))
-
-    @staticmethod
-    def key(job_id: str, part: str = "") -> str:
-        return f"rib:pipeline:{job_id}" + (f":{part}" if part else "")
-
-    def _call(self, fn: Callable[[], T]) -> T:
-        """``fn()``, retried through a Redis outage for up to ``patience_s``."""
-        deadline, pause = time.monotonic() + self.patience_s, 0.5
-        while True:
-            try:
-                return fn()
-            except OUTAGES:
-                if time.monotonic() + pause > deadline:
-                    raise
-                time.sleep(pause)
-                pause = min(2 * pause, 15.0)
 
     def _set(self, job_id: str, **fields: Any) -> bool:
         """Write fields of a job Redis has; False (nothing written) when it has not."""
@@ -176,9 +84,10 @@ class PipelineStore:
         return bool(self._call(lambda: self._update(keys=[self.key(job_id)], args=args)))
 
     # ---------------------------------------------------------------- lifecycle
-    def create(self, job_id: str, spec: PipelineSpec) -> None:
+    def create(self, job_id: str, spec: JobPlan) -> None:
         fields: dict[str, Any] = {"owner": spec.owner, "created_at": time.time(), "stages": spec.stages(),
-                                  "total": len(spec.image_ids), "chunks": len(spec.chunks), "chunks_done": 0}
+                                  "total": spec.total, "chunks": len(spec.chunks), "chunks_done": 0,
+                                  "request": self.kind.shown(spec)}
         for stage in spec.stages():
             fields[f"{stage}.state"] = "skipped" if stage in spec.skipped() else "pending"
         mapping = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
@@ -187,13 +96,18 @@ class PipelineStore:
             with self.r.pipeline() as pipe:
                 pipe.hset(self.key(job_id), mapping=mapping)
                 pipe.expire(self.key(job_id), self.ttl_s)
-                pipe.sadd(ACTIVE_KEY, job_id)
+                pipe.sadd(self.kind.active_key, job_id)
                 pipe.execute()
 
         self._call(write)
 
-    def restore(self, job_id: str, records: Records) -> PipelineSpec | None:
-        """Rebuild a job Redis no longer has from storage: its signed ``pipeline.json`` (a record the
+    def read_spec(self, job_id: str, records: Records) -> JobPlan:
+        """The job's spec, from its signed record in storage: FileNotFoundError without one,
+        UntrustedRecordError when the service did not write it."""
+        return self.kind.parse(records.get(self.kind.folder(job_id, self.kind.record)))
+
+    def restore(self, job_id: str, records: Records) -> JobPlan | None:
+        """Rebuild a job Redis no longer has from storage: its signed record (``pipeline.json``; a record the
         service did not write is never adopted), stages whose report is stored done, chunks whose
         marker is stored counted, a job cancelled before cancelled. Returns its spec (the caller
         then :meth:`advance`-s it), or None when storage has no such job, or another process is
@@ -201,7 +115,7 @@ class PipelineStore:
         if not JOB_ID.fullmatch(job_id):
             return None
         try:
-            spec = PipelineSpec.model_validate(records.get(pipeline_key(job_id, PIPELINE_SPEC)))
+            spec = self.read_spec(job_id, records)
         except (FileNotFoundError, UntrustedRecordError):
             return None
         if not self._call(lambda: self.r.set(self.key(job_id, "restoring"), 1, nx=True, ex=60)):
@@ -211,27 +125,18 @@ class PipelineStore:
         self.create(job_id, spec)
         storage = records.storage
         for stage in spec.stages():
-            if storage.exists(marker := pipeline_key(job_id, stage_marker(stage))):
+            if storage.exists(marker := self.kind.folder(job_id, stage_marker(stage))):
                 self.finish(job_id, stage, "done", json.loads(storage.get(marker)))
         if self.stage_state(job_id, "maps") not in FINISHED:
             for n in range(len(spec.chunks)):
-                if storage.exists(marker := pipeline_key(job_id, chunk_marker(n))):
+                if storage.exists(marker := self.kind.folder(job_id, chunk_marker(n))):
                     failures = json.loads(storage.get(marker))["failures"]
                     if self.chunk_done(job_id, n, failures, len(spec.chunks)) == 1:
                         self.maps_complete(job_id, spec, storage)
-        if storage.exists(pipeline_key(job_id, PIPELINE_CANCELLED)):
+        if storage.exists(self.kind.folder(job_id, PIPELINE_CANCELLED)):
             self._set(job_id, cancelled="1")
             self.stop_all(job_id)
         return spec
-
-    def exists(self, job_id: str, owner: str | None = None) -> bool:
-        """Whether the job is known (and, given an ``owner``, belongs to it: a job without one belongs to nobody)."""
-        if not JOB_ID.fullmatch(job_id):
-            return False
-        if owner is None:
-            return bool(self._call(lambda: self.r.exists(self.key(job_id))))
-        found = self._call(lambda: self.r.hget(self.key(job_id), "owner"))
-        return found is not None and bool(owner) and hmac.compare_digest(found, owner)
 
     def stage_state(self, job_id: str, stage: str) -> str:
         return self._call(lambda: self.r.hget(self.key(job_id), f"{stage}.state")) or "pending"
@@ -266,36 +171,42 @@ class PipelineStore:
     def maps_complete(self, job_id: str, spec: PipelineSpec, storage: Any) -> None:
         """The maps stage is done (its last chunk counted): keep its report, the stage's marker."""
         report = {"images": len(spec.image_ids), "maps": len(spec.image_ids) - len(self.map_failures(job_id))}
-        storage.put(pipeline_key(job_id, stage_marker("maps")), json.dumps(report).encode(), "application/json")
+        storage.put(self.kind.folder(job_id, stage_marker("maps")), json.dumps(report).encode(), "application/json")
         self.finish(job_id, "maps", "done", report)
 
     def cancel(self, job_id: str, storage: Any) -> None:
         """Flag the job; stages not started end cancelled now, the running one when it notices. The
         flag is kept in storage too (:data:`PIPELINE_CANCELLED`): a job rebuilt from storage stays
         cancelled."""
-        storage.put(pipeline_key(job_id, PIPELINE_CANCELLED), json.dumps({"cancelled_at": time.time()}).encode(),
+        storage.put(self.kind.folder(job_id, PIPELINE_CANCELLED), json.dumps({"cancelled_at": time.time()}).encode(),
                     "application/json")
         self._set(job_id, cancelled="1")
-        self._cancel_stages(job_id, ("pending",))
+        self._end_stages(job_id, ("pending",), "cancelled")
 
     def cancelled(self, job_id: str) -> bool:
         return self._call(lambda: self.r.hget(self.key(job_id), "cancelled")) == "1"
 
-    def _cancel_stages(self, job_id: str, states: tuple[str, ...]) -> None:
+    def _end_stages(self, job_id: str, states: tuple[str, ...], state: str, error: str | None = None) -> None:
         for stage in json.loads(self._call(lambda: self.r.hget(self.key(job_id), "stages")) or "[]"):
             if self.stage_state(job_id, stage) in states:
-                self.finish(job_id, stage, "cancelled")
+                self.finish(job_id, stage, state, error=error)
 
     def stop_all(self, job_id: str) -> None:
         """A task of a cancelled job ends it: every stage not finished ends cancelled."""
-        self._cancel_stages(job_id, ("pending", "running"))
+        self._end_stages(job_id, ("pending", "running"), "cancelled")
+
+    def fail_open(self, job_id: str, reason: str) -> None:
+        """A job whose record in storage cannot be read any more: every stage not finished fails with
+        the reason, and the job leaves the reaper's scan (nothing of it can run)."""
+        self._end_stages(job_id, ("pending", "running"), "failed", reason)
+        self._call(lambda: self.r.srem(self.kind.active_key, job_id))
 
     def map_failures(self, job_id: str) -> dict[str, str]:
         """Images without a map, and why."""
         return self._call(lambda: self.r.hgetall(self.key(job_id, "map_failures")))
 
     # ---------------------------------------------------------------- what runs next: one decision
-    def advance(self, job_id: str, spec: PipelineSpec, dead_after_s: float, limit: int | None = None) -> list[Send]:
+    def advance(self, job_id: str, spec: JobPlan, dead_after_s: float, limit: int | None = None) -> list[Send]:
         """The messages to send now for the job, each recorded as sent (``mark_queued.lua``): the
         first unfinished stage (every chunk of it, for maps) that was never sent, whose delivery died
         (started, lease gone), or whose message is older than ``dead_after_s`` (lost with Redis); at
@@ -320,10 +231,10 @@ class PipelineStore:
                 due.append(send)
         return due
 
-    def _ended(self, job_id: str, spec: PipelineSpec) -> None:
+    def _ended(self, job_id: str, spec: JobPlan) -> None:
         """The job is terminal: it leaves the reaper's scan, and its callback (if any) is queued, once."""
-        self._call(lambda: self.r.srem(ACTIVE_KEY, job_id))
-        notify_finished(self.r, "pipeline", job_id, self.status(job_id), spec.callback_url, spec.owner, self.ttl_s)
+        self._call(lambda: self.r.srem(self.kind.active_key, job_id))
+        notify_finished(self.r, self.kind.name, job_id, self.status(job_id), spec.callback_url, spec.owner, self.ttl_s)
 
     def _due(self, job_id: str, send: Send, dead_after_s: float) -> bool:
         if self._call(lambda: self.r.exists(self.key(job_id, f"lease:{send.unit}"))):
@@ -333,11 +244,11 @@ class PipelineStore:
 
     def active(self) -> Iterator[str]:
         """Jobs the reaper looks after (not yet terminal); jobs Redis no longer has leave the set."""
-        for job_id in self._call(lambda: self.r.smembers(ACTIVE_KEY)):
+        for job_id in self._call(lambda: self.r.smembers(self.kind.active_key)):
             if self.exists(job_id):
                 yield job_id
             else:
-                self._call(lambda j=job_id: self.r.srem(ACTIVE_KEY, j))
+                self._call(lambda j=job_id: self.r.srem(self.kind.active_key, j))
 
     # ---------------------------------------------------------------- leases
     def claim(self, job_id: str, unit: str, token: str, lease_s: float) -> bool:
@@ -357,6 +268,10 @@ class PipelineStore:
             self._call(lambda: self.r.delete(key))
 
     # ---------------------------------------------------------------- reading
+    def request(self, job_id: str) -> dict[str, Any]:
+        """What the job's status shows of its request (:attr:`JobKind.shown`)."""
+        return json.loads(self._call(lambda: self.r.hget(self.key(job_id), "request")) or "{}")
+
     def status(self, job_id: str) -> dict[str, Any]:
         raw = self._call(lambda: self.r.hgetall(self.key(job_id)))
         failures = self.map_failures(job_id)
@@ -373,8 +288,9 @@ class PipelineStore:
                 "report": json.loads(raw[f"{stage}.report"]) if f"{stage}.report" in raw else None,
                 "error": raw.get(f"{stage}.error"),
             }
-        stages["maps"]["progress"] = {"chunks_done": int(raw.get("chunks_done", 0)), "chunks": int(raw["chunks"]),
-                                      "images_failed": len(failures)}
+        if "maps" in stages:
+            stages["maps"]["progress"] = {"chunks_done": int(raw.get("chunks_done", 0)),
+                                          "chunks": int(raw["chunks"]), "images_failed": len(failures)}
         if failures:
             stages["maps"]["error"] = stages["maps"]["error"] or "; ".join(
                 f"{k}: {v}" for k, v in sorted(failures.items())[:10])

@@ -16,26 +16,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 from celery import Celery
-from celery.result import AsyncResult
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from contract.jobs import JobItem
-from contract.pipelines import PIPELINE_MAPS, PIPELINE_STAGE, STAGE, Send
+from contract.job_requests import JobItem
 from contract.settings import Settings
+from contract.stages import PIPELINE_MAPS, PIPELINE_STAGE, STAGE, TRAINING_JOB, Send
 from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import DeepLabTrainConfig, RefineConfig
+from rib_core.stage_configs import RefineConfig
 
 PROCESS_CHUNK = "rib.process_chunk"
 FAN_OUT = "rib.fan_out"  # sends a large job's chunks from a worker, so that a submit answers at once
 FAN_OUT_INLINE = 64      # chunks a request sends itself; the rest are sent by FAN_OUT
-TRAINING_JOB = "rib.training_job"
-
-# Celery's states of a training job, as the API reports them.
-TRAINING_STATES = {"PENDING": "queued", "RECEIVED": "queued", "RETRY": "queued", "STARTED": "running",
-                   "SUCCESS": "done", "FAILURE": "failed", "REVOKED": "cancelled"}
 
 
 class ChunkPayload(BaseModel):
@@ -47,52 +41,6 @@ class ChunkPayload(BaseModel):
     items: list[JobItem]
     rib: RibConfig
     refine: RefineConfig = Field(default_factory=RefineConfig)
-
-
-class TrainingJobInputs(BaseModel):
-    """What an offline DeepLab job reads and how it trains (the request's fields and the payload's)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["train", "evaluate", "predict"] = Field(description="train a DeepLab on the manifest's masks, "
-                                                                "score a checkpoint on them, or predict masks")
-    manifest: str = Field(description="s3:// URI of a manifest (pseudo-masks to train on, or images to score); "
-                                      "its records are frozen at submit")
-    checkpoint: str | None = Field(None, description="DeepLab checkpoint for evaluate and predict (yours: an input "
-                                                     "location, or a file of one of your own jobs)")
-    evaluate_on: str | None = Field(None, description="train: s3:// manifest with ground truth to evaluate and "
-                                                      "predict once trained")
-    config: DeepLabTrainConfig = Field(default_factory=DeepLabTrainConfig,
-                                       description="DeepLab settings (rib_core.stage_configs.DeepLabTrainConfig)")
-    callback_url: str | None = Field(None, description="URL the job's final state is POSTed to, signed "
-                                                       "(docs/SERVICE.md, Webhooks)")
-
-
-class TrainingJobRequest(TrainingJobInputs):
-    """An offline DeepLab job as a user asks it. Where it writes is the service's choice (the job's
-    own prefix, ``jobs/<id>/training/``), never a request's."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "kind": "train", "manifest": "s3://data/voc/pseudo_masks.jsonl", "evaluate_on": "s3://data/voc/val.jsonl",
-        "config": {"arch": "resnet101", "iterations": 30000}}]})
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_output(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "output" in data:
-            raise ValueError("output is chosen by the service: a training job writes under its own prefix "
-                             "(jobs/<id>/training/, shown as result.output); leave output out")
-        return data
-
-
-class TrainingJobPayload(TrainingJobInputs):
-    """The training worker's message (``rib.training_job``, :func:`rib_core.train_deeplab.run_training_job`):
-    the inputs with their manifests frozen (digests checked before use) and the output set."""
-
-    output: str = Field(description="the job's own prefix")
-    owner: str = Field("", description="digest of the API key that made the job (its callback is signed for it)")
-    manifest_sha256: str
-    evaluate_on_sha256: str | None = None
 
 
 def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
@@ -126,7 +74,7 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
 
 
 class TaskQueue:
-    """Sends tasks by name: a job's images in chunks, and training jobs."""
+    """Sends tasks by name: an image job's chunks, and the units of pipeline and training jobs."""
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
         self.settings = settings
@@ -157,21 +105,12 @@ class TaskQueue:
         self.app.send_task(FAN_OUT, args=[job_id, start], queue=self.settings.image_queue,
                            task_id=f"{job_id}-fan-out-{uuid.uuid4().hex[:8]}")
 
-    def send_training(self, job_id: str, payload: TrainingJobPayload) -> None:
-        self.app.send_task(TRAINING_JOB, args=[payload.model_dump(mode="json", exclude_none=True)],
-                           queue=self.settings.training_queue, task_id=job_id)
-
     def send_pipeline(self, job_id: str, sends: Sequence[Send]) -> None:
-        """Send the pipeline units :meth:`contract.pipelines.PipelineStore.advance` decided on: a
-        stage on its queue (``STAGE``), or a chunk of maps on the image queue."""
+        """Send the units :meth:`contract.pipelines.PipelineStore.advance` decided on (a pipeline's or
+        a training job's): a stage on its queue (``STAGE``), or a chunk of maps on the image queue."""
         for send in sends:
             stage = STAGE[send.stage]
             queue = self.settings.training_queue if stage.queue == "training" else self.settings.image_queue
             args = [job_id, send.stage] if send.chunk is None else [job_id, send.chunk]
             self.app.send_task(stage.task, args=args, queue=queue,
                                task_id=f"{job_id}-{send.unit}-{uuid.uuid4().hex[:8]}")
-
-    def training_result(self, job_id: str) -> tuple[str, Any]:
-        """A training job's state (``TRAINING_STATES``) and its result or exception."""
-        result = AsyncResult(job_id, app=self.app)
-        return TRAINING_STATES.get(result.state, result.state.lower()), result.result

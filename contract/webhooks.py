@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 import redis
 
+from contract.lua import script
 from contract.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,22 +45,6 @@ EVENT = "job.finished"
 OUTBOX = "rib:webhooks:due"           # sorted set: delivery id -> Unix time its next attempt is due
 DELIVERIES = "rib:webhooks:delivery"  # hash: delivery id -> JSON (url, owner, body, attempts, last_error)
 LEASE_S = 30.0                        # an attempt's lease beyond its HTTP timeout
-
-# enqueue: claim the job's one delivery (KEYS: claim, deliveries, outbox; ARGV: id, record, due, ttl).
-_ENQUEUE = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[4]) then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-return 1
-"""
-
-# take: the first delivery due at ARGV[1], leased until ARGV[2] (KEYS: outbox).
-_TAKE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
-if #due == 0 then return false end
-redis.call('ZADD', KEYS[1], ARGV[2], due[1])
-return due[1]
-"""
 
 
 def signing_secret(server_secret: str, owner: str) -> str:
@@ -149,8 +134,9 @@ def notify_finished(r: redis.Redis, kind: str, job_id: str, state_body: dict[str
     body = json.dumps({"event": EVENT, "kind": kind, "job_id": job_id, "state": state_body.get("state"),
                        "job": state_body}, sort_keys=True)
     record = json.dumps({"url": callback_url, "owner": owner, "body": body, "attempts": 0, "last_error": None})
-    return bool(r.register_script(_ENQUEUE)(keys=[f"rib:webhooks:claimed:{delivery}", DELIVERIES, OUTBOX],
-                                            args=[delivery, record, time.time(), ttl_s]))
+    enqueue = r.register_script(script("webhook_enqueue"))
+    return bool(enqueue(keys=[f"rib:webhooks:claimed:{delivery}", DELIVERIES, OUTBOX],
+                        args=[delivery, record, time.time(), ttl_s]))
 
 
 def _attempt(record: dict[str, Any], delivery: str, settings: Settings) -> str | None:
@@ -177,7 +163,7 @@ def deliver_due(r: redis.Redis, settings: Settings, now: float | None = None) ->
     ``RIB_WEBHOOK_RETRY_S``, and after the last one the delivery is dropped with a log line.
     Returns how many were delivered."""
     now = time.time() if now is None else now
-    take = r.register_script(_TAKE)
+    take = r.register_script(script("webhook_take"))
     delivered = 0
     while (delivery := take(keys=[OUTBOX], args=[now, now + settings.webhook_timeout_s + LEASE_S])) is not None:
         raw = r.hget(DELIVERIES, delivery)

@@ -11,10 +11,13 @@ invalid is stored or reaches a worker. The science runs in the workers: this pro
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Depends, FastAPI
 from prometheus_client import CollectorRegistry
 
 from contract.settings import Settings, get_settings
+from contract.worker_reports import stats
 from rib_core import __version__
 from service import api_docs, middleware
 from service.deps import Clients, require_api_key
@@ -36,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     clients = Clients.connect(settings)
     app.state.clients = clients
     app.state.redis_metrics = CollectorRegistry()
-    app.state.redis_metrics.register(RedisStatsCollector(clients.store.stats, clients.broker,
+    app.state.redis_metrics.register(RedisStatsCollector(partial(stats, clients.store.r), clients.broker,
                                                          [settings.image_queue, settings.training_queue]))
     middleware.install(app, settings.max_upload_bytes)
     api_docs.install(app)

@@ -18,10 +18,12 @@ from botocore.exceptions import BotoCoreError
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
 
-from contract.jobs import JobStore, owner_of
+from contract.job_kinds import TRAINING
+from contract.jobs import JobStore
 from contract.pipelines import PipelineStore
 from contract.records import Records
 from contract.settings import Settings
+from contract.stores import owner_of
 from contract.tasks import TaskQueue
 from rib_core.datasets import load_manifest
 from rib_core.storage import Storage, uri_exists
@@ -85,6 +87,20 @@ def model_classes(c: Annotated[Clients, Depends(clients)]) -> list[str]:
 
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 StoreDep = Annotated[JobStore, Depends(job_store)]
+
+
+def pipeline_store(store: StoreDep) -> PipelineStore:
+    """Pipeline jobs, on the job store's Redis."""
+    return PipelineStore(store.r, store.ttl_s)
+
+
+def training_store(store: StoreDep) -> PipelineStore:
+    """Training jobs (jobs of one stage), on the job store's Redis."""
+    return PipelineStore(store.r, store.ttl_s, kind=TRAINING)
+
+
+PipelinesDep = Annotated[PipelineStore, Depends(pipeline_store)]
+TrainingsDep = Annotated[PipelineStore, Depends(training_store)]
 StorageDep = Annotated[Storage, Depends(result_storage)]
 QueueDep = Annotated[TaskQueue, Depends(task_queue)]
 BrokerDep = Annotated[redis.Redis, Depends(broker)]
@@ -130,11 +146,10 @@ def locations(owner: Owner, settings: SettingsDep, store: StoreDep) -> Locations
     """The caller's view of where a request may read (:class:`service.validation.Locations`): its
     own jobs' files under the results prefix, by their Redis records (image, pipeline and training
     jobs)."""
-    pipelines = PipelineStore(store.r, store.ttl_s)
+    stores = (store, pipeline_store(store), training_store(store))
 
     def owns(job_id: str) -> bool:
-        return (store.exists(job_id, owner) or pipelines.exists(job_id, owner)
-                or store.training(job_id, owner) is not None)
+        return any(jobs.exists(job_id, owner) for jobs in stores)
 
     return Locations(settings.input_prefixes, settings.results_prefix, owns, _present)
 

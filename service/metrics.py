@@ -1,8 +1,8 @@
 """Prometheus metrics: the API's own counters, plus the workers' counters and queue depths read from Redis.
 
 Workers are separate processes (often on other machines), so they keep their counters in a Redis
-hash (``rib:stats``, written by :class:`contract.jobs.JobStore`) and the API exposes them at
-scrape time; no per-process registry needs to be merged.
+hash (``rib:stats``, :mod:`contract.worker_reports`) and the API exposes them at scrape time; no
+per-process registry needs to be merged.
 """
 
 from __future__ import annotations

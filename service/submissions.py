@@ -1,27 +1,33 @@
 """Recording, storing and queueing a job, and reading it back: the steps every job route shares.
 
-Order matters for what a failure leaves behind: a job is recorded in Redis first, then its request
-(and upload) stored, then queued. With Redis down nothing is stored; with storage down the job ends
-failed with the reason instead of waiting forever; with the broker down it is cancelled.
+One submit policy for every kind of job: what a job was asked is stored (signed) before anything
+is queued, and a broker that refuses the job's messages cancels it (:func:`queued`: 503, resubmit
+later). An image job is recorded in Redis first, then its request (and upload) stored: with Redis
+down nothing is stored, with storage down the job ends failed with the reason instead of waiting
+forever. A staged job (pipeline, training) is stored first (:func:`stored`: with storage down
+nothing is recorded or queued), then recorded and queued (:func:`submit_staged`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import Depends, HTTPException
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from contract.jobs import JobItem, JobStore, SubmittedManifest, save_request
+from contract.job_kinds import JobPlan
+from contract.job_requests import JobItem, SubmittedManifest, save_request
+from contract.jobs import JobStore
+from contract.pipelines import PipelineStore
 from contract.records import Records
 from contract.settings import Settings
-from contract.tasks import TaskQueue
+from contract.tasks import FAN_OUT_INLINE, TaskQueue
 from rib_core.artifacts import final_files, image_key, upload_key
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import RefineConfig
@@ -32,6 +38,56 @@ from service.schemas import JobAccepted
 
 STORAGE_ERRORS = (OSError, BotoCoreError, ClientError)
 FINISHED = ("done", "failed", "cancelled")  # a job's terminal states
+T = TypeVar("T")
+
+
+def stored(write: Callable[[], T]) -> T:
+    """``write()``: what a job was asked, kept in storage before anything of it is queued; 503 when
+    storage refuses (nothing was queued)."""
+    try:
+        return write()
+    except STORAGE_ERRORS as e:
+        raise HTTPException(503, f"the results store is unreachable ({type(e).__name__}); nothing was queued, "
+                                 "submit the job again later") from e
+
+
+def queued(send: Callable[[], None], cancel: Callable[[], None]) -> None:
+    """``send()`` a recorded job's messages; a broker failure ``cancel()``-s the job instead of
+    half-queueing it (503)."""
+    try:
+        send()
+    except Exception as e:
+        cancel()
+        raise HTTPException(503, f"the task queue is unreachable ({type(e).__name__}); the job was "
+                                 "cancelled, resubmit it later") from e
+
+
+def send_next(job_id: str, spec: JobPlan, store: PipelineStore, queue: TaskQueue, settings: Settings) -> None:
+    """Send what a staged job runs next, at most FAN_OUT_INLINE units from a request (the tasks and
+    the reaper send the rest)."""
+    queue.send_pipeline(job_id, store.advance(job_id, spec, settings.visibility_timeout_s, FAN_OUT_INLINE))
+
+
+def submit_staged(job_id: str, spec: JobPlan, store: PipelineStore, records: Records, queue: TaskQueue,
+                  settings: Settings) -> None:
+    """Record a staged job whose spec is stored, and queue its first units."""
+    store.create(job_id, spec)
+    queued(lambda: send_next(job_id, spec, store, queue, settings), lambda: store.cancel(job_id, records.storage))
+
+
+def find_staged(job_id: str, owner: str, store: PipelineStore, records: Records, queue: TaskQueue,
+                settings: Settings) -> None:
+    """Raise 404 unless ``job_id`` is the caller's staged job (of ``store``'s kind); a job Redis lost
+    is rebuilt from its signed record in storage first and what it needs next is sent. Another
+    key's job is as unknown as one that never was."""
+    unknown = HTTPException(404, f"no {store.kind.name} job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
+    if not store.exists(job_id):
+        spec = store.restore(job_id, records)
+        if spec is None or not store.exists(job_id):
+            raise unknown
+        send_next(job_id, spec, store, queue, settings)
+    if not store.exists(job_id, owner):
+        raise unknown
 
 
 def accepted(job_id: str, **extra: Any) -> JSONResponse:
@@ -79,12 +135,7 @@ class Jobs:
     def queue_job(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig,
                   refine: RefineConfig) -> None:
         """Queue a recorded job in chunks; a broker failure cancels the job instead of half-queueing it."""
-        try:
-            self.queue.send_job(job_id, items, rib, refine)
-        except Exception as e:
-            self.store.cancel(job_id)
-            raise HTTPException(503, f"the task queue is unreachable ({type(e).__name__}); the job was "
-                                     "cancelled, resubmit it later") from e
+        queued(lambda: self.queue.send_job(job_id, items, rib, refine), lambda: self.store.cancel(job_id))
         SUBMITTED.labels(kind).inc(len(items))
 
     def submit(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, refine: RefineConfig,

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from contract.jobs import JobItem
+from contract.job_requests import JobItem
 from contract.settings import Settings
 from contract.webhooks import check_callback
 from rib_core.datasets import (

@@ -21,8 +21,10 @@ import pytest
 import redis
 from PIL import Image
 
-from contract.jobs import JobItem, progress
+from contract.job_requests import JobItem
+from contract.job_status import progress
 from contract.tasks import ChunkPayload
+from contract.worker_reports import record_classifier
 from rib_core.demo_data import DemoDataset
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import RefineConfig
@@ -239,8 +241,8 @@ def test_readyz_shows_the_classifier_a_worker_recorded(api: Api) -> None:
     shown = api.get("/readyz").json()["classifier"]
     assert shown["uri"] == CLASSIFIER and shown["val_map"] is None  # no worker has read it yet
     assert "classifier" not in api.client.get("/readyz").json()  # not without a key
-    store.record_classifier({"uri": "s3://rib/models/older.pth", "val_map": 0.5, "val_manifest": "v.jsonl"})
+    record_classifier(store.r, {"uri": "s3://rib/models/older.pth", "val_map": 0.5, "val_manifest": "v.jsonl"})
     assert api.get("/readyz").json()["classifier"]["val_map"] is None  # another checkpoint's record
-    store.record_classifier({"uri": CLASSIFIER, "val_map": 0.84, "val_manifest": "val.jsonl", "warning": None})
+    record_classifier(store.r, {"uri": CLASSIFIER, "val_map": 0.84, "val_manifest": "val.jsonl", "warning": None})
     shown = api.get("/readyz").json()["classifier"]
     assert (shown["uri"], shown["val_map"], shown["val_manifest"]) == (CLASSIFIER, 0.84, "val.jsonl")

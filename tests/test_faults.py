@@ -26,7 +26,8 @@ import pytest
 import redis
 import torch
 
-from contract.jobs import ACTIVE_KEY, JobItem, JobStore, SubmittedManifest, load_request, request_items, save_request
+from contract.job_requests import JobItem, SubmittedManifest, load_request, request_items, save_request
+from contract.jobs import ACTIVE_KEY, JobStore
 from contract.records import Records, UntrustedRecordError
 from rib_core.artifacts import MARKER, image_key, job_manifest_key, request_key
 from rib_core.storage import LocalStorage

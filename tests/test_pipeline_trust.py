@@ -19,14 +19,17 @@ import pytest
 import redis
 
 import worker.pipeline_tasks as pt
-from contract.jobs import JobStore, owner_of
+from contract.job_kinds import PIPELINE, TRAINING
+from contract.jobs import JobStore
 from contract.pipelines import PipelineStore, Send
 from contract.records import Records, UntrustedRecordError
+from contract.stores import owner_of
 from contract.tasks import TaskQueue
 from rib_core.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, pipeline_key
 from rib_core.demo_data import DemoDataset
 from tests.api_inprocess import Api, inprocess_api
 from tests.service_stack import RedisServer, upload_dataset
+from worker import staged
 from worker.tasks import Runtime
 
 KEY_A, KEY_B = "key-of-a", "key-of-b"
@@ -174,9 +177,9 @@ def worker(api: Api, monkeypatch: pytest.MonkeyPatch) -> pt.Pipelines:
     store = PipelineStore(client, settings.job_ttl_s, patience_s=30)
     pipes = pt.Pipelines(store, Records(storage, settings.signing_key()), TaskQueue(settings), settings)
     rt = Runtime(settings, JobStore(client, settings.job_ttl_s), storage)
-    monkeypatch.setattr(pt, "pipes", lambda: pipes)
+    monkeypatch.setattr(staged, "pipes", lambda kind=PIPELINE: pipes)
     monkeypatch.setattr(pt, "runtime", lambda: rt)
-    pt.frozen_text.cache_clear()
+    staged.frozen_text.cache_clear()
     return pipes
 
 
@@ -275,3 +278,66 @@ def test_a_redis_wipe_during_a_stage_recreates_no_ownerless_record(api: Api, man
     assert r.status_code == 200 and r.json()["state"] == "queued", r.text
     assert api.get(f"/v1/pipelines/{job}", KEY_B).status_code == 404
     assert worker.store.r.llen(api.settings.training_queue) >= 1  # the rebuild sent its first stage again
+
+
+# ------------------------------------------------------------ training jobs: one stage, the same machine
+
+
+@pytest.fixture()
+def trainer(api: Api, worker: pt.Pipelines, monkeypatch: pytest.MonkeyPatch) -> pt.Pipelines:
+    """The training job's tasks on the test's Redis and S3, beside the pipelines' (``worker``)."""
+    trainings = pt.Pipelines(PipelineStore(worker.store.r, api.settings.job_ttl_s, 30, TRAINING), worker.records,
+                             worker.queue, worker.settings)
+    monkeypatch.setattr(staged, "pipes", lambda kind=PIPELINE: trainings if kind is TRAINING else worker)
+    return trainings
+
+
+def submit_training(api: Api, manifest: str, **extra: Any) -> str:
+    r = api.post("/v1/training-jobs", KEY_A, json={"kind": "train", "manifest": manifest,
+                                                   "config": {"arch": "resnet18"}, **extra})
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+def test_a_training_job_out_of_memory_fails_with_the_reason_and_calls_back_once(
+        api: Api, manifest: str, trainer: pt.Pipelines, monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_memory(*_: Any) -> dict[str, Any]:
+        raise MemoryError("cannot allocate 112 GiB")
+
+    monkeypatch.setitem(pt.RUNNERS, "training", out_of_memory)
+    job = submit_training(api, manifest, callback_url="http://127.0.0.1:9/hook")
+    assert api.get(f"/v1/training-jobs/{job}", KEY_A).json()["state"] == "queued"
+    assert trainer.store.r.llen(api.settings.training_queue) >= 1  # its one stage was sent
+    run_task(pt.training_job, job, "training")  # returns: the task itself does not raise
+    status = api.get(f"/v1/training-jobs/{job}", KEY_A).json()
+    assert status["state"] == "failed" and "MemoryError: cannot allocate" in status["error"], status
+    assert status["spec"]["kind"] == "train" and status["spec"]["manifest"] == manifest
+    delivery = json.loads(trainer.store.r.hget("rib:webhooks:delivery", f"training:{job}"))
+    assert json.loads(delivery["body"])["state"] == "failed" and delivery["url"] == "http://127.0.0.1:9/hook"
+    run_task(pt.training_job, job, "training")  # a redelivery of a finished job runs nothing
+    assert api.get(f"/v1/training-jobs/{job}", KEY_A).json()["error"] == status["error"]
+
+
+def test_a_training_job_whose_deliveries_killed_their_workers_is_failed_not_run_again(
+        api: Api, manifest: str, trainer: pt.Pipelines, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    monkeypatch.setitem(pt.RUNNERS, "training", lambda *args: ran.append(args[1]) or {})
+    job = submit_training(api, manifest)
+    for _ in range(3):  # three deliveries that started, then their worker process was killed
+        assert trainer.store.start(job, Send("training"), 3) == "run"
+    run_task(pt.training_job, job, "training")  # the fourth delivery: dead-lettered
+    status = api.get(f"/v1/training-jobs/{job}", KEY_A).json()
+    assert status["state"] == "failed" and "its worker stopped 3 times" in status["error"] and not ran
+
+
+def test_a_training_job_redis_lost_is_rebuilt_from_its_record_and_its_result_kept(
+        api: Api, manifest: str, trainer: pt.Pipelines, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(pt.RUNNERS, "training", lambda *args: {"checkpoint": f"{args[2].output}/deeplab.pth"})
+    job = submit_training(api, manifest)
+    run_task(pt.training_job, job, "training")
+    done = api.get(f"/v1/training-jobs/{job}", KEY_A).json()
+    assert done["state"] == "done" and done["result"]["checkpoint"].endswith(f"/jobs/{job}/training/deeplab.pth")
+    trainer.store.r.delete(*trainer.store.r.keys(f"rib:training:{job}*"))  # Redis lost the job
+    assert api.get(f"/v1/training-jobs/{job}", KEY_B).status_code == 404
+    again = api.get(f"/v1/training-jobs/{job}", KEY_A).json()  # rebuilt: its stored report means done
+    assert (again["state"], again["result"], again["spec"]) == ("done", done["result"], done["spec"])

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from contract.jobs import JobItem, JobStore
+from contract.job_requests import JobItem
+from contract.jobs import JobStore
 from contract.pipelines import PipelineSpec, PipelineStore
 from contract.settings import Settings
+from contract.worker_reports import stats
 from rib_core.artifacts import image_key
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import DEEPLAB_CRF
@@ -101,7 +103,7 @@ def test_all_failed_is_a_failed_job(store: JobStore) -> None:
     store.begin(job_id, "img0")
     store.mark_failed(job_id, "img0", "bad")
     assert store.status(job_id)["state"] == "failed"
-    assert store.stats()["images_failed"] >= 1
+    assert stats(store.r)["images_failed"] >= 1
 
 
 def test_manifest_lines_and_service_rules() -> None:

@@ -18,9 +18,11 @@ import httpx
 import pytest
 import redis
 
-from contract.jobs import JobItem, JobStore, load_request, owner_of
+from contract.job_requests import JobItem, load_request
+from contract.jobs import JobStore
 from contract.records import Records
 from contract.settings import Settings
+from contract.stores import owner_of
 from contract.webhooks import DELIVERIES, OUTBOX, callback_error, deliver_due, sign, signing_secret, verify
 from rib_core.demo_data import DemoDataset
 from rib_core.storage import LocalStorage

@@ -1,6 +1,6 @@
-"""The two tasks: RIB on a chunk of images (image queue), and an offline DeepLab job (training queue).
+"""The image job's tasks: RIB on a chunk of images, and the fan-out of a large job (image queue).
 
-Both are thin: they read inputs, call rib_core, and store what it returns. The pipeline (shared
+They are thin: they read inputs, call rib_core, and store what it returns. The pipeline (shared
 classifier, decoded companion pool, optional IRN) is loaded once per worker process, on its first
 task, and reused for every image after that.
 
@@ -14,14 +14,12 @@ by Celery, and the image it was on is charged the attempt with that reason.
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,12 +29,13 @@ from celery import signals
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from contract.jobs import JobItem, JobStore
-from contract.records import Records
+from contract.job_requests import JobItem
+from contract.jobs import JobStore
 from contract.settings import Settings, get_settings
-from contract.tasks import FAN_OUT, PROCESS_CHUNK, TRAINING_JOB, ChunkPayload, TaskQueue, TrainingJobPayload
-from contract.webhooks import deliver_due, notify_finished
-from rib_core.artifacts import MARKER, image_key, store_result, training_input_key
+from contract.tasks import FAN_OUT, PROCESS_CHUNK, ChunkPayload, TaskQueue
+from contract.webhooks import deliver_due
+from contract.worker_reports import record_classifier
+from rib_core.artifacts import MARKER, image_key, store_result
 from rib_core.datasets import ImageError, decode_image
 from rib_core.pipeline import PseudoMaskPipeline, resolve_device
 from rib_core.rib_config import RibConfig
@@ -204,44 +203,6 @@ def claim(rt: Runtime, job_id: str, item: JobItem) -> bool:
     return True
 
 
-@app.task(name=TRAINING_JOB, bind=True)
-def training_job(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """An offline DeepLab job (a :class:`~contract.tasks.TrainingJobPayload`: train, evaluate or
-    predict) on this worker's device, on its frozen manifests (digests checked). Whatever it
-    raises, MemoryError included, fails the job and leaves the worker serving; a job whose
-    deliveries killed ``RIB_MAX_STAGE_ATTEMPTS`` workers fails with that reason instead of running."""
-    from rib_core.train_deeplab import run_training_job
-
-    rt = runtime()
-    job, job_id = TrainingJobPayload.model_validate(payload), self.request.id
-
-    def finished(**state: Any) -> None:  # the job's callback, if it has one, with its final state
-        notify_finished(rt.store.r, "training", job_id, {"job_id": job_id, **state}, job.callback_url, job.owner,
-                        rt.settings.job_ttl_s)
-
-    spec = job.model_dump(exclude_none=True, exclude={"manifest_sha256", "evaluate_on_sha256", "owner",
-                                                      "callback_url"})
-    log.info("training job %s: %s", job_id, spec)
-    try:
-        if rt.store.training_attempt(job_id) > rt.settings.max_stage_attempts:
-            raise RuntimeError(f"its worker stopped {rt.settings.max_stage_attempts} times while running it "
-                               "(killed, or out of memory); not retried")
-        records = Records(rt.storage, rt.settings.signing_key())
-        with tempfile.TemporaryDirectory(prefix="rib-training-") as tmp:
-            for name, digest in (("manifest", job.manifest_sha256), ("evaluate_on", job.evaluate_on_sha256)):
-                if digest is not None:
-                    path = Path(tmp) / f"{name}.jsonl"
-                    path.write_bytes(records.get_frozen(training_input_key(job_id, name), digest))
-                    spec[name] = str(path)
-            result = run_training_job({**spec, "device": str(resolve_device(rt.settings.device))})
-    except (Exception, MemoryError) as e:  # Celery takes a MemoryError for the worker's end: it is the job's
-        error = RuntimeError(f"out of memory: {e}") if isinstance(e, MemoryError) else e
-        finished(state="failed", error=f"{type(error).__name__}: {error}")
-        raise error from None
-    finished(state="done", result=result)
-    return result
-
-
 def reap(store: JobStore, storage: Storage, queue: TaskQueue) -> None:
     """Hand out again the running images whose heartbeat is older than the lease, fail those past
     the attempt bound, and finish the jobs that leaves accounted for."""
@@ -265,7 +226,7 @@ def start_reaper(**_: Any) -> None:
     queue = TaskQueue(settings, app)
 
     # reads the checkpoint (S3, torch): off the start-up path, as the reaper's first round was before
-    threading.Thread(target=record_classifier, args=(store, settings), name="rib-classifier", daemon=True).start()
+    threading.Thread(target=report_classifier, args=(store, settings), name="rib-classifier", daemon=True).start()
     every(settings.lease_s / 2, lambda: reap(store, storage, queue), "rib-reaper")
     if settings.webhook_secret is not None:
         # each worker sends the callbacks that are due (contract.webhooks.deliver_due): one slow
@@ -289,7 +250,7 @@ def every(seconds: float, round_: Callable[[], None], name: str) -> None:
     threading.Thread(target=loop, name=name, daemon=True).start()
 
 
-def record_classifier(store: JobStore, settings: Settings) -> None:
+def report_classifier(store: JobStore, settings: Settings) -> None:
     """Tell the API which classifier this worker serves and its recorded validation mAP (read from
     the checkpoint's ``extra``; the API shows it on /readyz without loading torch). A failure is
     logged: the images report a model that cannot be loaded themselves."""
@@ -299,7 +260,7 @@ def record_classifier(store: JobStore, settings: Settings) -> None:
 
     try:
         quality = classifier_quality(settings.classifier_uri)
-        store.record_classifier({"uri": settings.classifier_uri, "val_map": quality["val_map"],
+        record_classifier(store.r, {"uri": settings.classifier_uri, "val_map": quality["val_map"],
                                  "val_manifest": quality["val_manifest"], "warning": quality["warning"]})
     except Exception as e:
         log.warning("cannot read the classifier %s: %s: %s", settings.classifier_uri, type(e).__name__, e)

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from contract.jobs import JobStore
 from contract.settings import Settings
+from contract.worker_reports import classifier
 from rib_core.storage import uri_exists
 from service.deps import BrokerDep, SettingsDep, StorageDep, StoreDep, api_key_header, known_key
 from service.metrics import REGISTRY
@@ -51,7 +52,7 @@ async def _classifier(store: JobStore, settings: Settings) -> ClassifierInfo:
     """The configured classifier, with what a worker recorded of it (its validation mAP) when a
     worker has read this very checkpoint."""
     try:
-        recorded = await _timed(store.classifier) or {}
+        recorded = await _timed(partial(classifier, store.r)) or {}
     except Exception:
         recorded = {}
     if recorded.get("uri") != settings.classifier_uri:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 
-from contract.jobs import SubmittedManifest, load_request, request_items
+from contract.job_requests import SubmittedManifest, load_request, request_items
 from rib_core.artifacts import job_prefix
 from rib_core.exports import ExportConfig, ExportFormat, export_job, presigned_image_url
 from rib_core.storage import parent_uri

@@ -32,7 +32,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from contract.jobs import JobItem
+from contract.job_requests import JobItem
 from contract.settings import Settings
 from rib_core import __version__
 from rib_core.artifacts import MAP_NPZ, final_files, image_key

@@ -10,12 +10,11 @@ from fastapi.responses import JSONResponse
 
 from contract.pipelines import PipelineSpec, PipelineStore
 from contract.records import UntrustedRecordError
-from contract.tasks import FAN_OUT_INLINE
 from rib_core.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, PIPELINE_VAL_MANIFEST, pipeline_index, pipeline_key
 from rib_core.datasets import Manifest, parse_manifest
 from rib_core.exports import ExportConfig, ExportFormat, export_job, pipeline_masks, presigned_image_url
 from service.bodies import PipelineRequest
-from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep, StorageDep, StoreDep
+from service.deps import LocationsDep, Owner, PipelinesDep, QueueDep, RecordsDep, SettingsDep, StorageDep
 from service.errors import error_responses
 from service.inputs import frozen_manifest
 from service.schemas import (
@@ -26,7 +25,7 @@ from service.schemas import (
     PipelineResults,
     PipelineStatus,
 )
-from service.submissions import STORAGE_ERRORS
+from service.submissions import STORAGE_ERRORS, find_staged, stored, submit_staged
 from service.validation import (
     InputError,
     Locations,
@@ -38,13 +37,6 @@ from service.validation import (
 )
 
 router = APIRouter(tags=["pipelines"])
-
-
-def pipeline_store(store: StoreDep) -> PipelineStore:
-    return PipelineStore(store.r, store.ttl_s)
-
-
-PipelinesDep = Annotated[PipelineStore, Depends(pipeline_store)]
 
 
 def _spec(req: PipelineRequest, settings: SettingsDep, owner: str, locations: Locations,
@@ -87,46 +79,26 @@ def submit_pipeline(req: PipelineRequest, owner: Owner, settings: SettingsDep, p
     records are frozen in the job's prefix: later changes to the manifest change nothing."""
     spec, manifest, validation = _spec(req, settings, owner, locations)
     job_id = uuid.uuid4().hex
-    try:
-        digest = records.put_frozen(pipeline_key(job_id, PIPELINE_MANIFEST), manifest.dumps().encode())
-        spec.manifest_sha256 = digest
+
+    def keep() -> None:
+        spec.manifest_sha256 = records.put_frozen(pipeline_key(job_id, PIPELINE_MANIFEST), manifest.dumps().encode())
         if validation is not None:
             spec.val_manifest_sha256 = records.put_frozen(pipeline_key(job_id, PIPELINE_VAL_MANIFEST),
                                                           validation.dumps().encode())
         records.put(pipeline_key(job_id, PIPELINE_SPEC), spec.model_dump(mode="json"))
-    except STORAGE_ERRORS as e:
-        raise HTTPException(503, f"the results store is unreachable ({type(e).__name__}); nothing was queued, "
-                                 "submit the job again later") from e
-    pipelines.create(job_id, spec)
-    try:
-        send_next(job_id, spec, pipelines, queue, settings)
-    except Exception as e:
-        pipelines.cancel(job_id, records.storage)
-        raise HTTPException(503, f"the task queue is unreachable ({type(e).__name__}); the job was cancelled, "
-                                 "resubmit it later") from e
+
+    stored(keep)
+    submit_staged(job_id, spec, pipelines, records, queue, settings)
     body = PipelineAccepted(job_id=job_id, state="queued", total=len(spec.image_ids), stages=spec.stages(),
                             links={"status": f"/v1/pipelines/{job_id}", "results": f"/v1/pipelines/{job_id}/results"})
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": f"/v1/pipelines/{job_id}"})
 
 
-def send_next(job_id: str, spec: PipelineSpec, pipelines: PipelineStore, queue: QueueDep,
-              settings: SettingsDep) -> None:
-    """Send what runs next, at most FAN_OUT_INLINE units from a request (the tasks and the reaper send the rest)."""
-    queue.send_pipeline(job_id, pipelines.advance(job_id, spec, settings.visibility_timeout_s, FAN_OUT_INLINE))
-
-
 def owned(job_id: str, owner: Owner, pipelines: PipelinesDep, records: RecordsDep, queue: QueueDep,
           settings: SettingsDep) -> PipelineStore:
-    """The store, once ``job_id`` is known to be the caller's pipeline (404 otherwise); a job Redis
-    lost is rebuilt from its signed record in storage first and what it needs next is sent."""
-    unknown = HTTPException(404, f"no pipeline job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
-    if not pipelines.exists(job_id):
-        spec = pipelines.restore(job_id, records)
-        if spec is None or not pipelines.exists(job_id):
-            raise unknown
-        send_next(job_id, spec, pipelines, queue, settings)
-    if not pipelines.exists(job_id, owner):
-        raise unknown
+    """The store, once ``job_id`` is known to be the caller's pipeline (404 otherwise; a job Redis
+    lost is rebuilt first: :func:`service.submissions.find_staged`)."""
+    find_staged(job_id, owner, pipelines, records, queue, settings)
     return pipelines
 
 

@@ -1,0 +1,79 @@
+"""What an image job was asked, as the service keeps it: its images (:class:`JobItem`) and its
+signed ``request.json`` (with, for a job from a manifest, that manifest's bytes frozen beside it),
+from which a job Redis lost is rebuilt."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from contract.records import Records
+from rib_core.artifacts import job_manifest_key, request_key
+from rib_core.datasets import parse_manifest
+
+
+@dataclass(frozen=True)
+class JobItem:
+    """One image of a job: where to read it and its class names."""
+
+    id: str
+    image: str
+    labels: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "image": self.image, "labels": list(self.labels)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> JobItem:
+        return cls(d["id"], d["image"], tuple(d["labels"]))
+
+
+@dataclass(frozen=True)
+class SubmittedManifest:
+    """The manifest a bulk job's images came from, as the request named it: ``text`` validated against
+    ``classes``, relative locations resolved against ``base``."""
+
+    text: str
+    base: str
+    classes: tuple[str, ...]
+
+    def items(self) -> list[JobItem]:
+        manifest = parse_manifest(self.text, base=self.base, classes=self.classes)
+        return [JobItem(r.id, manifest.image_uri(r), r.labels) for r in manifest.records]
+
+
+def save_request(records: Records, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any],
+                 owner: str = "", refine: dict[str, Any] | None = None, callback_url: str | None = None,
+                 manifest: SubmittedManifest | None = None) -> None:
+    """Keep what a job was asked to do (and whose it is) next to its results, signed, so that a job
+    Redis lost can be rebuilt (and only from a record the service wrote).
+
+    A job from a ``manifest`` keeps that manifest's bytes frozen beside the record (its digest signed
+    in it) instead of its items re-encoded: one write of bytes already in hand, which is most of what
+    recording a 100,000-image job cost; :func:`request_items` reads them back either way."""
+    body = {"job_id": job_id, "kind": kind, "owner": owner, "rib": rib, "refine": refine or {},
+            "callback_url": callback_url}
+    if manifest is None:
+        body["items"] = [it.to_json() for it in items]
+    else:
+        key = job_manifest_key(job_id)
+        body["manifest"] = {"key": key, "sha256": records.put_frozen(key, manifest.text.encode()),
+                            "base": manifest.base, "classes": list(manifest.classes)}
+    records.put(request_key(job_id), body)
+
+
+def load_request(records: Records, job_id: str) -> dict[str, Any]:
+    """The job's ``request.json`` (what :func:`save_request` kept). FileNotFoundError without one,
+    UntrustedRecordError when the service did not write it."""
+    return records.get(request_key(job_id))
+
+
+def request_items(records: Records, request: dict[str, Any]) -> list[JobItem]:
+    """A kept request's images: its items, or those of its frozen manifest (checked against the signed
+    digest: UntrustedRecordError if the copy changed)."""
+    if "manifest" not in request:
+        return [JobItem.from_json(d) for d in request["items"]]
+    frozen = request["manifest"]
+    text = records.get_frozen(frozen["key"], frozen["sha256"]).decode()
+    return SubmittedManifest(text, frozen["base"], tuple(frozen["classes"])).items()

@@ -1,0 +1,65 @@
+"""What every job store shares: job ids, owners, waiting out a Redis outage, and whether a job is known.
+
+A job's record is a Redis hash, ``<prefix>:<id>``, with an ``owner`` field (:func:`owner_of` the
+API key that made it); its other keys are ``<prefix>:<id>:<part>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+OUTAGES = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
+T = TypeVar("T")
+
+
+def owner_of(api_key: str) -> str:
+    """What a job stores of the key that made it: a SHA-256 digest, never the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class RedisJobs:
+    """The part of a job store every kind of job shares. ``prefix``: the Redis namespace of its
+    records; ``patience_s``: how long a call waits out a Redis outage (the workers wait; the API
+    answers 503 at once)."""
+
+    def __init__(self, client: redis.Redis, prefix: str, ttl_s: int = 7 * 24 * 3600,
+                 patience_s: float = 0.0) -> None:
+        self.r = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.patience_s = patience_s
+
+    def key(self, job_id: str, part: str = "") -> str:
+        return f"{self.prefix}:{job_id}" + (f":{part}" if part else "")
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """``fn()``, retried through a Redis outage for up to ``patience_s``."""
+        deadline, pause = time.monotonic() + self.patience_s, 0.5
+        while True:
+            try:
+                return fn()
+            except OUTAGES:
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(2 * pause, 15.0)
+
+    def exists(self, job_id: str, owner: str | None = None) -> bool:
+        """Whether the job is known (and, given an ``owner``, belongs to it: a job without one belongs to nobody)."""
+        if not JOB_ID.fullmatch(job_id):
+            return False
+        if owner is None:
+            return bool(self._call(lambda: self.r.exists(self.key(job_id))))
+        found = self._call(lambda: self.r.hget(self.key(job_id), "owner"))
+        return found is not None and bool(owner) and hmac.compare_digest(found, owner)
