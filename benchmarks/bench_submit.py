@@ -49,7 +49,7 @@ def time_submits(api: Any, path: str, body: dict[str, Any], repeats: int) -> tup
 
 
 def run(images: list[int], repeats: int) -> dict[str, Any]:
-    rows = []
+    record, rows = run_record(), []  # the record's load average is the one at the start
     with tempfile.TemporaryDirectory() as tmp, inprocess_api(Path(tmp), CLASSES, ["bench"],
                                                              max_manifest_bytes=200 * 2**20) as api:
         api.s3.put_object(Bucket=BUCKET, Key="bench/classifier.pth", Body=b"x")
@@ -65,8 +65,7 @@ def run(images: list[int], repeats: int) -> dict[str, Any]:
                 seconds, queued = time_submits(api, path, body, repeats)
                 rows.append({"images": n, "kind": kind, "median_s": round(statistics.median(seconds), 3),
                              "max_s": round(max(seconds), 3), "messages_sent_by_request": queued})
-    return {"run": run_record(), "repeats": repeats, "rows": rows,
-            "load_average_1m_end": round(os.getloadavg()[0], 2)}  # the run record has the one at the start
+    return {"run": record, "repeats": repeats, "rows": rows, "load_average_1m_end": round(os.getloadavg()[0], 2)}
 
 
 def table(result: dict[str, Any]) -> str:
