@@ -18,6 +18,7 @@ from rib_core.stage_configs import MAX_CROP, SideRange
 # PASCAL VOC's images are 500 px on the long side (nearly all 500x375 or 375x500): the scale that
 # the companion crop (512) and resize-long (320-640) of the official code were set for.
 VOC_LONG_SIDE = 500
+MAX_LR = 1e-2  # bound of lr, and of the step the lr_rule "first_step" may pick
 MAX_IMAGES_PER_BATCH = 64  # bound of max_images_per_batch, and the block rib_core.batching.run_rib loads
 
 
@@ -62,7 +63,15 @@ class RibConfig(BaseModel):
 
     preset: Preset = "voc"
     iterations: int = Field(10, ge=1, le=100)             # K: paper 4.1; --RIB_iter 10
-    lr: float = Field(8e-6, gt=0, le=1e-2)                # lambda: paper 4.1; --RIB_lr 0.000008 (x10 classifier)
+    lr: float = Field(8e-6, gt=0, le=MAX_LR)              # lambda: paper 4.1; --RIB_lr 0.000008 (x10 classifier)
+    # The step size. "fixed": lr as given (the official code). "first_step" (ours): each image's
+    # own lambda, set before its first update so that, to first order, the first step lowers L_RIB
+    # by step_gain x the sum of |labelled logits| of its batch: lambda = step_gain * sum|y| /
+    # sum_g m_g ||grad_g L||^2 (m_g: 1 backbone, 10 classifier). 8e-6 was set for an SGD-trained
+    # ImageNet ResNet-50; a classifier whose gradients are 10x smaller gets a 10x larger lambda
+    # (benchmarks/bench_lr.py measures both rules). lr stays the rate weight decay acts at.
+    lr_rule: Literal["fixed", "first_step"] = "fixed"
+    step_gain: float = Field(0.05, gt=0, le=1)
     weight_decay: float = Field(1e-4, ge=0)               # --cam_weight_decay, passed to PolyOptimizer
     momentum: float = Field(1e-4, ge=0)                   # PolyOptimizer hands weight_decay to SGD as momentum
     poly_power: float = Field(0.9, gt=0)                  # PolyOptimizer's "momentum" attribute is the exponent
