@@ -71,7 +71,7 @@ class TuneConfig(BaseModel):
     lrs: list[float] = Field(default_factory=lambda: [8e-6, 3e-5, 1e-4], min_length=1)
     # RibConfig.step_gain values of the lr_rule "first_step" (a step size that follows the
     # classifier's own gradient scale; benchmarks/bench_lr.py); [] = fixed lrs only.
-    step_gains: list[float] = Field(default_factory=lambda: [0.1, 0.3])
+    step_gains: list[float] = Field(default_factory=lambda: [0.3, 1.0])
     iterations: list[int] = Field(default_factory=lambda: [10], min_length=1)  # paper 4.1: K = 10
     poolings: list[Literal["gndrp", "gap"]] = Field(default_factory=lambda: ["gndrp"], min_length=1)
     evaluation: EvalConfig = Field(default_factory=lambda: EvalConfig(thresholds=wide_thresholds()))
