@@ -39,6 +39,7 @@ DEMO_HOWTO = ("`rib demo --out runs/demo` (or `bash scripts/demo.sh`), then "
               "`python -m benchmarks.results --demo runs/demo`")
 STUDY_HOWTO = ("`rib study --out runs/study` (about 50 min on 2 cores), then "
                "`cp runs/study/study.json docs/results/study.json` and `python -m benchmarks.results`")
+LR_HOWTO = "OMP_NUM_THREADS=1 python -m benchmarks.bench_lr > docs/results/bench_lr.json"
 # (file stem, title, the command that writes the file)
 BENCHMARKS = (
     ("bench_rib", "RIB's speed: FLOPs, seconds per image, fraction of peak",
@@ -200,6 +201,46 @@ def scale_section(report: dict[str, Any] | None) -> str:
                                 table(report)]) + "\n"
 
 
+def spread_text(value: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> str:
+    """A bench_lr figure, mean ± sd over seeds, times ``scale``."""
+    if value is None:
+        return "-"
+    return f"{scale * value['mean']:.{digits}f} ± {scale * value['sd']:.{digits}f}"
+
+
+def lr_section(result: dict[str, Any] | None) -> str:
+    """RIB's step size across classifier recipes: every setting's movement and score, and the
+    settings chosen on the tuning half, scored on the other half."""
+    head = "## RIB's step size across classifier recipes (`benchmarks/bench_lr.py`, `docs/results/bench_lr.json`)\n\n"
+    if result is None:
+        return head + f"No result committed yet. To produce it: `{LR_HOWTO}`.\n"
+    images = result["images"]
+    intro = (f"Made by `{LR_HOWTO}`. {result['seeds']} classifier seeds per recipe (mean ± sd over them); RIB on "
+             f"{images['tuning'] + images['scored']} training scenes, settings chosen on {images['tuning']} and "
+             f"scored on the other {images['scored']} at the threshold chosen on the first. Step size: the median "
+             "over images (the rule gives each image its own); ΔS/S: the first step's relative change of the "
+             "target logit sum; M − CAM: mean absolute difference of the normalised maps (%).")
+    lines = ["| recipe | setting | step size | ΔS/S, first step (%) | M − CAM (%) | scored seed mIoU % |",
+             "|---|---|---|---|---|---|"]
+    chosen = ["| recipe | val mAP % | CAM seed % | rule | picked per seed | scored seed mIoU % | minus CAM |",
+              "|---|---|---|---|---|---|---|"]
+    for recipe, rows in result["recipes"].items():
+        lines.append(f"| {recipe} | CAM | | | | {spread_text(rows['cam_scored_miou'], 100)} |")
+        for name, row in rows.items():
+            if name.startswith(("fixed_", "first_step_")):
+                lr = row["lr_median"]
+                lines.append(f"| {recipe} | {name} | {lr['mean']:.2g} ± {lr['sd']:.1g} | "
+                             f"{spread_text(row['first_step_change'], 100)} | {spread_text(row['map_change'], 100)} | "
+                             f"{spread_text(row['scored_miou'], 100)} |")
+        for rule in ("chosen_fixed", "chosen_first_step"):
+            pick = rows[rule]
+            chosen.append(f"| {recipe} | {spread_text(rows['val_map'], 100)} | "
+                          f"{spread_text(rows['cam_scored_miou'], 100)} | {rule.removeprefix('chosen_')} | "
+                          f"{', '.join(pick['picked'])} | "
+                          f"{spread_text(pick['scored_miou'], 100)} | {spread_text(pick['gain_over_cam'], 100)} |")
+    return head + "\n\n".join([provenance(result), intro, "\n".join(lines), "\n".join(chosen)]) + "\n"
+
+
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
     """Nested dicts as dotted keys; lists and scalars as compact JSON."""
     if isinstance(value, dict):
@@ -225,6 +266,7 @@ def results_doc(folder: Path = RESULTS_DIR) -> str:
         "demo data), not on VOC or COCO; mIoU in percent.\n",
         demo_section(load(folder, "demo")),
         study_section(load(folder, "study")),
+        lr_section(load(folder, "bench_lr")),
         "## Benchmarks\n\nSpeed and resource figures; timings depend on the machine and on what else ran on "
         "it.\n",
         scale_section(load(folder, "bench_scale")),

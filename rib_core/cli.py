@@ -258,9 +258,13 @@ def cmd_tune(args: argparse.Namespace) -> None:
         print(report["sizes"], file=sys.stderr)
     for row in report["rib_sweep"]:
         print(f"{row['setting']:<28} seed mIoU {100 * row['seed_miou']:5.1f} (threshold {row['seed_threshold']:.2f})")
-    print(f"chosen: {report['chosen']}, seed threshold {report['seed_threshold']:.2f}"
-          + (f", walk 2^{report['walk_exp_times']} steps, background {report['walk_bg_threshold']:.2f}"
-             if "walk_bg_threshold" in report else ""))
+    for row in report.get("mask_sweep", []):
+        print(f"{row['setting']:<28} labels {row['fg_threshold']:.2f}/{row['bg_threshold']:.2f}: mask mIoU "
+              f"{100 * row['mask_miou']:5.1f} ({100 * row['labels_ignored_fraction']:.0f}% of pixels unlabelled)")
+    print(f"chosen by the {report['chosen_by']}: {report['chosen']}, seed threshold {report['seed_threshold']:.2f}"
+          + (f", confident labels {report['labels']['fg_threshold']:.2f}/{report['labels']['bg_threshold']:.2f}, "
+             f"walk 2^{report['walk_exp_times']} steps, background {report['walk_bg_threshold']:.2f}"
+             if "labels" in report else ""))
     if "held_out" in report:
         held = report["held_out"]
         print(f"held-out ({held['images']} images) seed mIoU: default {100 * held['default']['seed_miou']:.1f}, "
@@ -425,8 +429,9 @@ def _refinement_commands(add: AddCommand) -> None:
     p = _device(_with_config(add("study", cmd_study, "every stage's gain over several seeds on the demo data: "
                                  "classifier, CAM, RIB-GAP/GNDRP, CRF, IRN, DeepLab vs full supervision")))
     p.add_argument("--out", default="runs/study", help="output folder (default runs/study); reruns resume")
-    p = _device(_with_config(add("tune", cmd_tune, "choose RIB's lr x iterations x pooling, the seed threshold "
-                                 "and the walk's background threshold on a small labelled subset")))
+    p = _device(_with_config(add("tune", cmd_tune, "choose RIB's step size x iterations x pooling, IRN's "
+                                 "confident-label thresholds and the walk by the final pseudo-mask on a small "
+                                 "labelled subset")))
     p.add_argument("classifier", help="checkpoint path or s3:// URI")
     p.add_argument("manifest", help="the tuning subset: tens of images, each with a ground-truth mask")
     p.add_argument("out", help="folder for rib.json, refine.json and tune_report.json")

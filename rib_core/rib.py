@@ -36,6 +36,7 @@ from rib_core.rib_objective import (
     STOP_REASONS,
     IterateSum,
     exploded,
+    first_step_lr,
     margin_clamped,
     margin_reached,
     pool_images,
@@ -55,21 +56,23 @@ class RibOutcome:
     target_logit_sums: list[float] = field(default_factory=list)  # per step, for the margin rule
     seconds: float = 0.0             # the image's share of the run's time
     images_in_step: int = 1          # images fine-tuned together (RibRunner.run_many)
+    lr: float = 0.0                  # the step size used: RibConfig.lr, or the image's own (lr_rule)
 
     def stats(self) -> dict[str, object]:
         return {"steps": self.steps, "stop_reason": self.stop_reason, "target_logit_sums": self.target_logit_sums,
-                "seconds": round(self.seconds, 3), "images_in_step": self.images_in_step}
+                "seconds": round(self.seconds, 3), "images_in_step": self.images_in_step, "lr": self.lr}
 
 
 class Stops:
     """For n images fine-tuned together: who still trains, why the others stopped (an index into
     ``STOP_REASONS``), their updates and per-step target logit sums, all on the device."""
 
-    def __init__(self, n: int, iterations: int, device: torch.device) -> None:
+    def __init__(self, n: int, iterations: int, lr: float, device: torch.device) -> None:
         self.active = torch.ones(n, dtype=torch.bool, device=device)
         self.reason = torch.zeros(n, dtype=torch.long, device=device)
         self.steps = torch.zeros(n, dtype=torch.long, device=device)
         self.logit_sums = torch.zeros(iterations, n, device=device)
+        self.lr = torch.full((n,), lr, device=device)
         self.frozen: list[int] = []
 
     def stop(self, hit: torch.Tensor, reason: str) -> None:
@@ -94,10 +97,12 @@ def fine_tune(engine: Engine, lows: list[torch.Tensor], targets: torch.Tensor, l
 
     Each step adds every map scale's CAM to M, checks the explosion rule on scale 1.0 (after it was
     added to M, before the other scales, as the official loop does), takes the step on L_RIB over
-    the loss scales and the companions, and applies the margin rule.
+    the loss scales and the companions, and applies the margin rule. With ``lr_rule="first_step"``
+    each image's step size is set before its first update (:func:`first_step_lr`) and applied as a
+    scale of its loss, so both engines and every image of a batch keep one optimiser.
     """
     n, target_rows = len(targets), 2 * len(loss_scales)
-    m, stops = IterateSum(len(lows)), Stops(n, cfg.iterations, targets.device)
+    m, stops = IterateSum(len(lows)), Stops(n, cfg.iterations, cfg.lr, targets.device)
     for step in range(cfg.iterations):
         rows = []
         for i, low in enumerate(lows):
@@ -116,7 +121,12 @@ def fine_tune(engine: Engine, lows: list[torch.Tensor], targets: torch.Tensor, l
             rows.append(pool_images(engine.cams(engine.low(batch[0])), batch[1], cfg))
             labels.append(batch[1])
         logits, labels_t = margin_clamped(torch.cat(rows, dim=1), cfg), torch.cat(labels, dim=1)
-        engine.update((rib_loss(logits, labels_t) * stops.active).sum(), stops.frozen)
+        losses = rib_loss(logits, labels_t) * stops.active
+        if cfg.lr_rule == "first_step":
+            if step == 0:
+                stops.lr = first_step_lr(logits, labels_t, engine.weighted_grad_sq(losses.sum()), cfg.step_gain)
+            losses = losses * (stops.lr / cfg.lr)
+        engine.update(losses.sum(), stops.frozen)
         target_sum = target_logit_sum(logits, labels_t, target_rows)
         stops.updated(step, target_sum)
         stops.stop(margin_reached(target_sum, cfg), "margin")
@@ -202,8 +212,9 @@ class RibRunner:
         m, stops = fine_tune(engine, lows, targets, [scales.index(s) for s in cfg.loss_scales], companions, cfg)
         elapsed = (time.perf_counter() - started) / len(images)
         steps, reasons, sums = stops.steps.tolist(), stops.reason.tolist(), stops.logit_sums.T.tolist()
+        lrs = stops.lr.tolist()
         return [RibOutcome(assemble_map(m.image(j), images[j].shape[:2], keys_list[j]), steps[j],
-                           STOP_REASONS[reasons[j]], sums[j][: steps[j]], elapsed, len(images))
+                           STOP_REASONS[reasons[j]], sums[j][: steps[j]], elapsed, len(images), lrs[j])
                 for j in range(len(images))]
 
     def _engine(self, cfg: RibConfig, batch: int) -> Engine:

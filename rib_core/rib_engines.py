@@ -67,6 +67,29 @@ class Engine(ABC):
             flat = x.flatten(0, 1).to(self.device).contiguous(memory_format=self.layout)
             return self.work.low_features(flat).unflatten(0, x.shape[:2])
 
+    optimizer: PolySGD
+
+    def weighted_grad_sq(self, loss: torch.Tensor) -> torch.Tensor:
+        """[n]: each image's squared gradient norm of ``loss``, every parameter group weighted by its
+        lr over the base lr (1 backbone, 10 classifier): the first-order loss decrease of one SGD
+        step of lr 1. The graph is kept for the update that follows."""
+        params: list[torch.Tensor] = []
+        weights: list[float] = []
+        for group, lr0 in zip(self.optimizer.param_groups, self.optimizer.initial_lr, strict=True):
+            params += group["params"]
+            weights += [lr0 / self.optimizer.initial_lr[0]] * len(group["params"])
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        total = torch.zeros(self.images, device=loss.device)
+        for g, w in zip(grads, weights, strict=True):
+            if g is not None:  # stages 1-2 are listed (as in IRN) but detached
+                total += w * g.float().pow(2).reshape(self.images, -1).sum(dim=1)
+        return total
+
+    @property
+    @abstractmethod
+    def images(self) -> int:
+        """Images fine-tuned together (the leading dimension of the trainable weights, or 1)."""
+
     @abstractmethod
     def cams(self, low: torch.Tensor) -> torch.Tensor:
         """[n, B, c, h, w] stage-2 features -> [n, B, C, h', w'] raw float32 CAMs, each image its own weights."""
@@ -84,6 +107,10 @@ class PlainEngine(Engine):
         super().__init__(work, theta_0, plan, device)
         self.head = head
         self.optimizer = rib_optimizer(cfg, *work.param_groups())
+
+    @property
+    def images(self) -> int:
+        return 1
 
     def cams(self, low: torch.Tensor) -> torch.Tensor:
         with self.autocast:
@@ -104,7 +131,7 @@ class BatchedEngine(Engine):
                  head_fn: Callable[..., torch.Tensor], cfg: RibConfig, plan: RibPlan, device: torch.device, n: int,
                  ) -> None:
         super().__init__(work, theta_0, plan, device)
-        self.head_fn = head_fn
+        self.head_fn, self.n = head_fn, n
         self.dtype = torch.bfloat16 if plan.bf16 else torch.float32
         self.stacked = {name: p.detach().unsqueeze(0).repeat(n, *[1] * p.dim()).requires_grad_()
                         for name, p in head.named_parameters() if p.requires_grad}
@@ -112,6 +139,10 @@ class BatchedEngine(Engine):
                                        [p for k, p in self.stacked.items() if k.startswith("classifier.")])
         self.fixed = {k: v.to(self.dtype) if v.is_floating_point() else v
                       for k, v in [*head.named_parameters(), *head.named_buffers()] if k not in self.stacked}
+
+    @property
+    def images(self) -> int:
+        return self.n
 
     def cams(self, low: torch.Tensor) -> torch.Tensor:
         weights = {k: p.to(self.dtype) for k, p in self.stacked.items()}

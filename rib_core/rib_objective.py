@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from rib_core.cam import normalise_per_class
-from rib_core.rib_config import RibConfig
+from rib_core.rib_config import MAX_LR, RibConfig
 
 STOP_REASONS = ("iterations", "margin", "explosion")
 
@@ -63,6 +63,17 @@ def margin_clamped(logits: torch.Tensor, cfg: RibConfig) -> torch.Tensor:
 def rib_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L_RIB = -sum_c t_c y^c over every row of each image: [n, R, C] -> [n], no sigmoid."""
     return -(logits * labels).sum(dim=(1, 2))
+
+
+def first_step_lr(logits: torch.Tensor, labels: torch.Tensor, grad_sq: torch.Tensor, gain: float) -> torch.Tensor:
+    """[n]: each image's step size under ``lr_rule="first_step"``: the lambda whose first SGD step
+    lowers L_RIB, to first order (lambda x ``grad_sq``), by ``gain`` x the sum of |labelled logits|
+    of its rows (at most ``MAX_LR``). Both sides scale with the logits, so the step carries over
+    between classifiers whose logits or gradients have another scale; ``grad_sq`` [n] is the squared
+    gradient norm with each parameter group weighted by its lr multiplier
+    (:meth:`rib_engines.Engine.weighted_grad_sq`)."""
+    magnitude = (logits.detach() * labels).abs().sum(dim=(1, 2))
+    return (gain * magnitude / grad_sq.clamp_min(torch.finfo(grad_sq.dtype).tiny)).clamp(max=MAX_LR)
 
 
 def target_logit_sum(logits: torch.Tensor, labels: torch.Tensor, target_rows: int) -> torch.Tensor:

@@ -1,20 +1,25 @@
-"""Settings for a new data set, chosen on a small labelled subset (``rib tune``).
+"""Settings for a new data set, chosen on a small labelled subset by the final pseudo-mask (``rib tune``).
 
 The paper's RIB learning rate (8e-6) was tuned for an ImageNet ResNet-50 at 512 px on VOC; another
 classifier, image size or data set needs its own. Given tens of images with ground-truth masks,
-:func:`tune` sweeps RIB's learning rate x iterations x pooling and picks the setting whose seeds
-score best (each at its best background threshold), then trains IRN once on that setting's
-confident labels and sweeps the random walk's length (``exp_times``: 2^k steps) and background
-threshold. The walk's length is swept because its reach depends on the map's size: 2^8 steps of
+:func:`tune` runs RIB at every point of its grid (lr x iterations x pooling, and the ``first_step``
+rule's gains, :class:`RibConfig`) and scores the seeds (each at its best background threshold).
+The choice is made on the **final pseudo-mask**, not on the seed: a larger step raises every map,
+and IRN's confident-label thresholds, fixed, can then leave most pixels unlabelled and the mask
+collapses while the seed still improves. So for each RIB setting (or the ``mask_candidates`` best
+by seed) and each pair of confident-label thresholds, IRN is trained on the tuning subset's
+labels and the random walk's length (``exp_times``: 2^k steps) and background threshold are
+swept; the (RIB setting, thresholds, walk) of the best mask wins, the starting setting winning
+ties. The walk's length is swept because its reach depends on the map's size: 2^8 steps of
 radius 5 spread a class over about a third of a VOC image's ~125 px stride-4 map, but over all of
 a small image's map. Only the tuning subset is used to choose; ``score_on`` (other images)
-reports how the choice holds on images it never saw, against the defaults it started from: the
-seeds at the threshold chosen on the tuning subset, and the walk's masks (the IRN trained on the
-tuning subset, with the starting and the chosen walk settings).
+reports how the choice holds on images it never saw, against the settings it started from (the
+paper's, by default): the seeds at the threshold chosen on the tuning subset, and the masks, each
+from the IRN trained on the tuning subset with its own maps and thresholds.
 
 It writes ``rib.json`` (a :class:`RibConfig`, for ``rib rib --config``, ``RIB_RIB_DEFAULTS`` and a
 request's ``rib``), ``refine.json`` (a :class:`RefineConfig`, for ``rib refine --config``) and
-``tune_report.json`` (every point of both sweeps).
+``tune_report.json`` (every point of every sweep).
 """
 
 from __future__ import annotations
@@ -39,7 +44,13 @@ from rib_core.irn import boundary_map, load_irn
 from rib_core.random_walk import mask_from_scores, walk_scores_at
 from rib_core.refine import refine_maps
 from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import EvalConfig, RefineConfig, wide_thresholds
+from rib_core.stage_configs import (
+    ConfidentLabelConfig,
+    EvalConfig,
+    RandomWalkConfig,
+    RefineConfig,
+    wide_thresholds,
+)
 
 
 def _default_walk_thresholds() -> list[float]:
@@ -58,13 +69,24 @@ class TuneConfig(BaseModel):
     refine: RefineConfig = Field(default_factory=RefineConfig)
     # The paper's 8e-6, and larger steps for classifiers whose logits move less per step.
     lrs: list[float] = Field(default_factory=lambda: [8e-6, 3e-5, 1e-4], min_length=1)
+    # RibConfig.step_gain values of the lr_rule "first_step" (a step size that follows the
+    # classifier's own gradient scale; benchmarks/bench_lr.py); [] = fixed lrs only.
+    step_gains: list[float] = Field(default_factory=lambda: [0.3, 1.0])
     iterations: list[int] = Field(default_factory=lambda: [10], min_length=1)  # paper 4.1: K = 10
     poolings: list[Literal["gndrp", "gap"]] = Field(default_factory=lambda: ["gndrp"], min_length=1)
     evaluation: EvalConfig = Field(default_factory=lambda: EvalConfig(thresholds=wide_thresholds()))
     walk_thresholds: list[float] = Field(default_factory=_default_walk_thresholds)
     # IRN's 8 (2^8 steps) and shorter walks, for maps smaller than VOC's.
     walk_exp_times: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8], min_length=1)
-    tune_walk: bool = True  # False: RIB and the seed threshold only (no IRN)
+    # IRN's confident-label thresholds (fg, bg), each pair swept with every RIB setting: RIB's 0.35 /
+    # 0.17 and higher pairs for maps that a larger step raised everywhere. The starting pair
+    # (refine.labels) is always tried.
+    label_thresholds: list[tuple[float, float]] = Field(default_factory=lambda: [(0.35, 0.17), (0.5, 0.3),
+                                                                                  (0.7, 0.5)])
+    # IRN is trained for this many RIB settings, the best by seed (the starting one always);
+    # None = every setting of the grid.
+    mask_candidates: int | None = Field(None, ge=1)
+    tune_walk: bool = True  # False: RIB and the seed threshold only, chosen by the seed (no IRN)
     limit: int | None = Field(None, ge=1, description="only the first N images of the tuning manifest")
 
     @model_validator(mode="before")
@@ -93,6 +115,10 @@ class TuneConfig(BaseModel):
             raise ValueError("walk_thresholds must lie in (0, 1)")
         if any(not 0 <= e <= 12 for e in self.walk_exp_times):
             raise ValueError("walk_exp_times must lie in 0-12 (2^k steps)")
+        for fg, bg in self.label_thresholds:
+            ConfidentLabelConfig(fg_threshold=fg, bg_threshold=bg)  # 0 < bg < fg < 1, with its message
+        if any(not 0 < g <= 1 for g in self.step_gains):
+            raise ValueError("step_gains must lie in (0, 1]")
         return self
 
 
@@ -109,14 +135,20 @@ def _masked(manifest: Manifest, what: str, limit: int | None = None) -> Manifest
 def _grid(cfg: TuneConfig) -> list[RibConfig]:
     """The starting setting first (so that it is always scored, and wins ties), then the sweep."""
     grid = {_name(cfg.rib): cfg.rib}
-    for p, lr, k in itertools.product(cfg.poolings, cfg.lrs, cfg.iterations):
-        rib = cfg.rib.model_copy(update={"pooling": p, "lr": lr, "iterations": k})
+    steps = [{"lr_rule": "fixed", "lr": lr} for lr in cfg.lrs]
+    steps += [{"lr_rule": "first_step", "step_gain": g} for g in cfg.step_gains]
+    for p, step, k in itertools.product(cfg.poolings, steps, cfg.iterations):
+        rib = cfg.rib.model_copy(update={"pooling": p, "iterations": k, **step})
         grid.setdefault(_name(rib), rib)
     return list(grid.values())
 
 
+SWEPT = ("pooling", "lr_rule", "lr", "step_gain", "iterations")  # what the grid sets
+
+
 def _name(rib: RibConfig) -> str:
-    return f"{rib.pooling}_lr{rib.lr:g}_k{rib.iterations}"
+    step = f"gain{rib.step_gain:g}" if rib.lr_rule == "first_step" else f"lr{rib.lr:g}"
+    return f"{rib.pooling}_{step}_k{rib.iterations}"
 
 
 def sweep_rib(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cfg: TuneConfig, device: str,
@@ -127,7 +159,7 @@ def sweep_rib(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cf
     for rib in _grid(cfg):
         maps = run_rib(model, manifest, pool, out / "rib" / _name(rib), rib, device, progress)
         sweep = sweep_folder(maps, manifest, cfg.evaluation)
-        rows.append({"setting": _name(rib), "pooling": rib.pooling, "lr": rib.lr, "iterations": rib.iterations,
+        rows.append({"setting": _name(rib), **{k: getattr(rib, k) for k in SWEPT},
                      "seed_miou": sweep["best"]["miou"], "seed_threshold": sweep["best_threshold"],
                      "maps": str(maps)})
     return sorted(rows, key=lambda row: -row["seed_miou"])
@@ -158,11 +190,43 @@ def _curve_json(curve: dict[tuple[int, float], float]) -> dict[str, dict[str, fl
     return out
 
 
+def _refine_for(refine: RefineConfig, seed_threshold: float, fg: float, bg: float) -> RefineConfig:
+    """``refine`` with a fixed seed threshold and the confident-label thresholds ``fg`` / ``bg``."""
+    labels = refine.labels.model_copy(update={"fg_threshold": fg, "bg_threshold": bg})
+    return refine.model_copy(update={"seed_threshold": seed_threshold, "threshold_from_sweep": False, "labels": labels})
+
+
+def sweep_masks(rows: list[dict[str, Any]], manifest: Manifest, out: Path, cfg: TuneConfig, classifier: str,
+                device: str, progress: bool) -> list[dict[str, Any]]:
+    """The final pseudo-mask of each candidate RIB setting of ``rows`` x each pair of confident-label
+    thresholds on ``manifest``: IRN trained on that setting's labels, then the walk swept
+    (:func:`walk_curve`). Rows sorted best first, a stable sort from the starting setting and pair."""
+    start, start_pair = _name(cfg.rib), (cfg.refine.labels.fg_threshold, cfg.refine.labels.bg_threshold)
+    candidates = rows if cfg.mask_candidates is None else rows[: cfg.mask_candidates]
+    candidates = [r for r in rows if r["setting"] == start] + [r for r in candidates if r["setting"] != start]
+    masks = []
+    for row, (fg, bg) in itertools.product(candidates, dict.fromkeys([start_pair, *cfg.label_thresholds])):
+        refine = _refine_for(cfg.refine, row["seed_threshold"], fg, bg)
+        refined = refine_maps(row["maps"], manifest, out / "refine" / f"{row['setting']}_fg{fg:g}_bg{bg:g}", refine,
+                              device=device, progress=progress, classifier=classifier)
+        curve = walk_curve(refined["irn_checkpoint"], Path(row["maps"]), manifest, refine, cfg.walk_thresholds,
+                           cfg.walk_exp_times, device)
+        exp_times, walk_bg = max(curve, key=lambda key: curve[key])
+        masks.append({"setting": row["setting"], "fg_threshold": fg, "bg_threshold": bg, "mask_miou": curve[exp_times,
+                      walk_bg], "walk_exp_times": exp_times, "walk_bg_threshold": walk_bg,
+                      "labels_miou": refined["ir_labels"]["miou"],
+                      "labels_ignored_fraction": refined["ir_labels"]["ignored_fraction"],
+                      "seed_crf_miou": refined["seeds_crf"]["miou"], "irn_checkpoint": refined["irn_checkpoint"],
+                      "walk_curve": _curve_json(curve)})
+    return sorted(masks, key=lambda row: -row["mask_miou"])
+
+
 def _held_out(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cfg: TuneConfig,
-              chosen: RibConfig, chosen_threshold: float, default_threshold: float, walks: dict[str, Any] | None,
-              device: str, progress: bool) -> dict[str, Any]:
+              chosen: RibConfig, chosen_threshold: float, default_threshold: float,
+              walks: dict[str, tuple[str, RandomWalkConfig]] | None, device: str, progress: bool) -> dict[str, Any]:
     """The chosen setting against the starting one on images that took no part in the choice;
-    with ``walks`` (IRN's checkpoint and the starting and chosen walk settings) their masks too."""
+    with ``walks`` (per side: the IRN trained on the tuning subset with its maps and thresholds,
+    and its walk) their final masks too."""
     report: dict[str, Any] = {"images": len(manifest)}
     for label, rib, threshold in (("default", cfg.rib, default_threshold), ("tuned", chosen, chosen_threshold)):
         maps = run_rib(model, manifest, pool, out / "held_out" / _name(rib), rib, device, progress)
@@ -173,8 +237,8 @@ def _held_out(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cf
                          "seed_miou": sweep["curve"][f"{threshold:.2f}"],
                          "seed_miou_oracle_threshold": sweep["best"]["miou"]}
         if walks is not None:
-            walk = walks[label]
-            curve = walk_curve(walks["irn_checkpoint"], maps, manifest, cfg.refine.model_copy(update={"walk": walk}),
+            irn_checkpoint, walk = walks[label]
+            curve = walk_curve(irn_checkpoint, maps, manifest, cfg.refine.model_copy(update={"walk": walk}),
                                [walk.bg_threshold], [walk.exp_times], device)
             report[label].update(walk_exp_times=walk.exp_times, walk_bg_threshold=walk.bg_threshold,
                                  mask_miou=next(iter(curve.values())))
@@ -192,6 +256,12 @@ def tune(classifier: str, manifest: Manifest | str, out_dir: str | os.PathLike[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tuning = _masked(manifest if isinstance(manifest, Manifest) else load_manifest(manifest), "tuning", cfg.limit)
+    held = None if score_on is None else _masked(
+        score_on if isinstance(score_on, Manifest) else load_manifest(score_on), "score_on")
+    overlap = set() if held is None else {r.id for r in held.records} & {r.id for r in tuning.records}
+    if overlap:  # refused before any work
+        raise ValueError(f"score_on shares {len(overlap)} image(s) with the tuning manifest, e.g. "
+                         f"{sorted(overlap)[:3]}: score on images the choice never saw")
     model, _, _ = load_classifier(classifier, tuning.classes)
     pool_manifest = companions if companions is not None else tuning
     pool_manifest = pool_manifest if isinstance(pool_manifest, Manifest) else load_manifest(pool_manifest)
@@ -200,28 +270,29 @@ def tune(classifier: str, manifest: Manifest | str, out_dir: str | os.PathLike[s
     fitted, sizes_note = cfg.rib.fitted_to(median_long_side(pool_manifest))
     cfg = cfg.model_copy(update={"rib": fitted})
     rows = sweep_rib(model, tuning, pool, out, cfg, device, progress)
-    best = rows[0]
-    chosen = cfg.rib.model_copy(update={k: best[k] for k in ("pooling", "lr", "iterations")})
-    refine = cfg.refine.model_copy(update={"seed_threshold": best["seed_threshold"], "threshold_from_sweep": False})
-    report: dict[str, Any] = {"tuning_images": len(tuning), "rib_sweep": rows, "chosen": best["setting"],
-                              "seed_threshold": best["seed_threshold"], "sizes": sizes_note}
-    walks: dict[str, Any] | None = None
-    if cfg.tune_walk and refine.use_irn:
-        refined = refine_maps(best["maps"], tuning, out / "refine", refine, device=device, progress=progress,
-                              classifier=classifier)
-        curve = walk_curve(refined["irn_checkpoint"], Path(best["maps"]), tuning, refine, cfg.walk_thresholds,
-                           cfg.walk_exp_times, device)
-        exp_times, walk_bg = max(curve, key=lambda key: curve[key])
-        refine = refine.model_copy(update={"walk": refine.walk.tuned(exp_times, walk_bg)})
-        report.update(walk_curve=_curve_json(curve), walk_bg_threshold=walk_bg, walk_exp_times=exp_times,
-                      irn_checkpoint=refined["irn_checkpoint"])
-        walks = {"irn_checkpoint": refined["irn_checkpoint"], "default": cfg.refine.walk, "tuned": refine.walk}
-    if score_on is not None:
-        held = _masked(score_on if isinstance(score_on, Manifest) else load_manifest(score_on), "score_on")
-        overlap = {r.id for r in held.records} & {r.id for r in tuning.records}
-        if overlap:
-            raise ValueError(f"score_on shares {len(overlap)} image(s) with the tuning manifest, e.g. "
-                             f"{sorted(overlap)[:3]}: score on images the choice never saw")
+    report: dict[str, Any] = {"tuning_images": len(tuning), "rib_sweep": rows, "sizes": sizes_note}
+    walks: dict[str, tuple[str, RandomWalkConfig]] | None = None
+    if cfg.tune_walk and cfg.refine.use_irn:
+        masks = sweep_masks(rows, tuning, out, cfg, classifier, device, progress)
+        top = masks[0]
+        start = next(m for m in masks if m["setting"] == _name(cfg.rib) and (m["fg_threshold"], m["bg_threshold"])
+                     == (cfg.refine.labels.fg_threshold, cfg.refine.labels.bg_threshold))
+        best = next(row for row in rows if row["setting"] == top["setting"])
+        refine = _refine_for(cfg.refine, best["seed_threshold"], top["fg_threshold"], top["bg_threshold"])
+        refine = refine.model_copy(update={"walk": refine.walk.tuned(top["walk_exp_times"], top["walk_bg_threshold"])})
+        report.update(chosen_by="final mask", mask_sweep=[{k: v for k, v in m.items() if k != "walk_curve"}
+                                                          for m in masks],
+                      walk_curve=top["walk_curve"], walk_bg_threshold=top["walk_bg_threshold"],
+                      walk_exp_times=top["walk_exp_times"], irn_checkpoint=top["irn_checkpoint"],
+                      labels={"fg_threshold": top["fg_threshold"], "bg_threshold": top["bg_threshold"]})
+        walks = {"default": (start["irn_checkpoint"], cfg.refine.walk), "tuned": (top["irn_checkpoint"], refine.walk)}
+    else:
+        best = rows[0]
+        refine = cfg.refine.model_copy(update={"seed_threshold": best["seed_threshold"], "threshold_from_sweep": False})
+        report["chosen_by"] = "seed"
+    chosen = cfg.rib.model_copy(update={k: best[k] for k in SWEPT})
+    report.update(chosen=best["setting"], seed_threshold=best["seed_threshold"])
+    if held is not None:
         default_threshold = next(row["seed_threshold"] for row in rows if row["setting"] == _name(cfg.rib))
         report["held_out"] = _held_out(model, held, pool, out, cfg, chosen, best["seed_threshold"],
                                        default_threshold, walks, device, progress)

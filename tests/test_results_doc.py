@@ -94,3 +94,23 @@ def test_a_run_record_names_this_checkout_and_machine():
     assert run["commit"] in (head, f"{head}-dirty")
     assert datetime.fromisoformat(run["date"]).utcoffset().total_seconds() == 0
     assert run["machine"]["cpus"] == os.cpu_count() and run["machine"]["device"] == "cpu"
+
+
+def test_the_lr_section_shows_each_setting_and_the_choices(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert "OMP_NUM_THREADS=1 python -m benchmarks.bench_lr > docs/results/bench_lr.json" in results_doc(folder)
+    one = {"mean": 0.5, "sd": 0.125}
+    setting = {"first_step_change": one, "map_change": one, "lr_median": {"mean": 3e-5, "sd": 1e-5},
+               "scored_miou": {"mean": 0.4321, "sd": 0.01}}
+    pick = {"picked": ["fixed_lr0.001", "fixed_lr0.0001"], "scored_miou": one,
+            "gain_over_cam": {"mean": 0.02, "sd": 0.01}}
+    recipe = {"val_map": one, "cam_scored_miou": one, "fixed_lr0.001": setting, "chosen_fixed": pick,
+              "chosen_first_step": pick}
+    result = {"run": run_record("cpu"), "images": {"tuning": 8, "scored": 8}, "seeds": 3, "recipes": {"irn": recipe}}
+    (folder / "bench_lr.json").write_text(json.dumps(result))
+    text = results_doc(folder)
+    assert "| irn | fixed_lr0.001 | 3e-05 ± 1e-05 | 50.0 ± 12.5 | 50.0 ± 12.5 | 43.2 ± 1.0 |" in text
+    assert ("| irn | 50.0 ± 12.5 | 50.0 ± 12.5 | fixed | fixed_lr0.001, fixed_lr0.0001 | 50.0 ± 12.5 | 2.0 ± 1.0 |"
+            in text)
+    assert result["run"]["commit"] in text and "on 8 and scored on the other 8" in text

@@ -14,7 +14,7 @@ from rib_core.datasets import Manifest, load_image, median_long_side
 from rib_core.demo_data import DemoDataset
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import IrnTrainConfig, RefineConfig
-from rib_core.tune import TuneConfig, tune
+from rib_core.tune import TuneConfig, _grid, _name, tune
 
 TINY_RIB = RibConfig(iterations=2, companions=2, crop_size=64, resize_long=(48, 80))
 
@@ -23,7 +23,8 @@ TINY_RIB = RibConfig(iterations=2, companions=2, crop_size=64, resize_long=(48, 
 def tuned(demo: DemoDataset, classifier_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     ids = [r.id for r in demo.train.records]
     out = tmp_path_factory.mktemp("tune")
-    cfg = TuneConfig(rib=TINY_RIB, lrs=[1e-4, 1e-3], walk_thresholds=[0.2, 0.5], walk_exp_times=[3, 8],
+    cfg = TuneConfig(rib=TINY_RIB, lrs=[1e-4, 1e-3], step_gains=[], iterations=[2], walk_thresholds=[0.2, 0.5],
+                     walk_exp_times=[3, 8], label_thresholds=[(0.35, 0.17), (0.6, 0.4)], mask_candidates=1,
                      refine=RefineConfig(irn=IrnTrainConfig(arch="resnet18", crop_size=64, batch_size=4, epochs=1,
                                                             radius=5)))
     report = tune(str(classifier_path), demo.train.subset(ids[:6]), out, cfg, companions=demo.train,
@@ -37,11 +38,24 @@ def test_tune_scores_every_point_and_keeps_the_best(tuned):
     # the starting setting (lr 8e-6 of TINY_RIB) and the two swept lrs
     assert sorted(row["lr"] for row in rows) == [8e-6, 1e-4, 1e-3]
     assert rows[0]["seed_miou"] == max(row["seed_miou"] for row in rows)
+    # The choice is made on the final pseudo-mask: the starting setting and the best by seed
+    # (mask_candidates=1) x every confident-label pair trained their own IRN; the best mask wins.
+    masks = report["mask_sweep"]
+    assert report["chosen_by"] == "final mask"
+    candidates = {"gndrp_lr8e-06_k2", rows[0]["setting"]}
+    assert sorted((m["setting"], m["fg_threshold"], m["bg_threshold"]) for m in masks) == sorted(
+        (setting, fg, bg) for setting in candidates for fg, bg in [(0.35, 0.17), (0.6, 0.4)])
+    assert len({m["irn_checkpoint"] for m in masks}) == len(masks)
+    top = masks[0]
+    assert top["mask_miou"] == max(m["mask_miou"] for m in masks) and report["chosen"] == top["setting"]
+    best = next(row for row in rows if row["setting"] == top["setting"])
     chosen = RibConfig.model_validate_json((out / "rib.json").read_text())
-    assert (chosen.lr, chosen.pooling, chosen.iterations) == (rows[0]["lr"], rows[0]["pooling"], rows[0]["iterations"])
+    assert (chosen.lr, chosen.pooling, chosen.iterations) == (best["lr"], best["pooling"], best["iterations"])
     assert chosen.crop_size == TINY_RIB.crop_size  # what is not swept is kept
     refine = RefineConfig.model_validate_json((out / "refine.json").read_text())
-    assert refine.seed_threshold == rows[0]["seed_threshold"] and not refine.threshold_from_sweep
+    assert refine.seed_threshold == best["seed_threshold"] and not refine.threshold_from_sweep
+    assert (refine.labels.fg_threshold, refine.labels.bg_threshold) == (top["fg_threshold"], top["bg_threshold"])
+    assert all(0 <= m["labels_ignored_fraction"] <= 1 for m in masks)
     curve = report["walk_curve"]  # mIoU by walk length (2^k steps), then background threshold
     assert set(curve) == {"3", "8"} and all(set(c) == {"0.20", "0.50"} for c in curve.values())
     points = {(int(e), float(t)): v for e, c in curve.items() for t, v in c.items()}
@@ -56,6 +70,19 @@ def test_tune_scores_every_point_and_keeps_the_best(tuned):
     assert (held["tuned"]["walk_exp_times"], held["tuned"]["walk_bg_threshold"]) == (
         refine.walk.exp_times, refine.walk.bg_threshold)
     assert held["mask_gain"] == pytest.approx(held["tuned"]["mask_miou"] - held["default"]["mask_miou"])
+    assert held["default"]["setting"] == "gndrp_lr8e-06_k2" and held["tuned"]["setting"] == top["setting"]
+
+
+def test_the_grid_sweeps_fixed_lrs_and_the_first_step_rule() -> None:
+    cfg = TuneConfig(rib=TINY_RIB, lrs=[1e-4], step_gains=[0.1, 0.3], iterations=[2, 5])
+    grid = _grid(cfg)
+    assert _name(grid[0]) == _name(TINY_RIB)  # the starting setting first
+    rules = {(r.lr_rule, r.lr if r.lr_rule == "fixed" else r.step_gain, r.iterations) for r in grid[1:]}
+    assert rules == {(rule, v, k) for k in (2, 5) for rule, v in
+                     [("fixed", 1e-4), ("first_step", 0.1), ("first_step", 0.3)]}
+    assert {_name(r) for r in grid} >= {"gndrp_gain0.1_k5", "gndrp_lr0.0001_k2"}
+    with pytest.raises(ValueError, match="bg_threshold must be below"):
+        TuneConfig(label_thresholds=[(0.3, 0.5)])
 
 
 def test_tuned_settings_are_accepted_by_rib_refine_and_the_service(tuned, demo, classifier_path, tmp_path,
