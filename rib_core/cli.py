@@ -32,7 +32,7 @@ AddCommand = Callable[[str, Callable[[argparse.Namespace], None], str], argparse
 
 def build_config(cls: type[C], args: argparse.Namespace, base: dict[str, Any] | None = None) -> C:
     """The stage config from ``base``, then ``--config``, then ``--set`` overrides."""
-    from rib_core.presets import merge
+    from rib_core.presets import completed, merge
 
     data = merge(base or {}, json.loads(Path(args.config).read_text()) if args.config else {})
     for item in args.set or []:
@@ -48,7 +48,7 @@ def build_config(cls: type[C], args: argparse.Namespace, base: dict[str, Any] | 
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return cls.model_validate(data)
+    return cls.model_validate(completed(cls, data))
 
 
 def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ from rib_core.datasets import (
     parse_manifest,
     parse_records,
 )
-from rib_core.presets import merge
+from rib_core.presets import completed, merge
 from rib_core.rib_config import RibConfig
 from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig, StageConfig
 from rib_core.storage import is_s3_uri
@@ -161,15 +161,10 @@ def _overridden(section: str, cls: type[Config], defaults: Config, given: Given)
         given = given.model_dump(exclude_unset=True)
     if not isinstance(given, Mapping | None):
         raise InputError(422, f"{section} must be a JSON object of {SECTIONS[section]}")
-    # Only what the defaults set explicitly, so that a request's ``preset`` fills every field the
-    # operator left to the preset (a full dump would pin the VOC values); but a nested section the
-    # request changes starts from the defaults' whole section (DeepLab's CRF is not CrfConfig()).
-    base = defaults.model_dump(exclude_unset=True)
-    for key, value in (given or {}).items():
-        if isinstance(value, Mapping) and isinstance(getattr(defaults, key, None), BaseModel):
-            base[key] = getattr(defaults, key).model_dump()
     try:
-        return cls.model_validate(merge(base, given or {}))
+        # Only what the defaults set explicitly, so that a request's ``preset`` fills every field
+        # the operator left to the preset (a full dump would pin the VOC values).
+        return cls.model_validate(completed(cls, merge(defaults.model_dump(exclude_unset=True), given or {})))
     except ValidationError as e:
         raise invalid(SECTIONS[section], [(".".join(map(str, err["loc"])), err["msg"]) for err in e.errors()]) from e
 

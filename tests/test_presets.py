@@ -10,9 +10,18 @@ import torch
 from pydantic import ValidationError
 
 from rib_core.cli import build_config
+from rib_core.demo_job import DemoJobConfig
 from rib_core.rib_config import RibConfig
 from rib_core.rib_objective import gap, gndrp, pool
-from rib_core.stage_configs import ConfidentLabelConfig, EvalConfig, IrnTrainConfig, RandomWalkConfig, RefineConfig
+from rib_core.stage_configs import (
+    DEEPLAB_CRF,
+    ConfidentLabelConfig,
+    DeepLabTrainConfig,
+    EvalConfig,
+    IrnTrainConfig,
+    RandomWalkConfig,
+    RefineConfig,
+)
 
 COCO_SWEEP = [round(t / 100, 2) for t in range(10, 51)]  # run_sample_coco.py: 0.10 ... 0.50
 
@@ -57,6 +66,15 @@ def test_explicit_values_override_the_preset() -> None:
     assert refine.walk.bg_threshold == 0.3 and refine.evaluation.thresholds == EvalConfig().thresholds
     args = argparse.Namespace(config=None, set=["preset=coco", "companions=4"])  # rib rib --set ...
     assert (build_config(RibConfig, args).companions, build_config(RibConfig, args).lr) == (4, 5e-6)
+    # A nested section given in part keeps the rest of that field's default, at every depth (the
+    # demo's pretraining and IRN recipes, DeepLab's CRF), not the nested class's own defaults.
+    demo = build_config(DemoJobConfig, argparse.Namespace(config=None, set=["pretrain.epochs=1",
+                                                                            "refine.walk.beta=5"]))
+    assert (demo.pretrain.epochs, demo.pretrain.crop_size) == (1, DemoJobConfig().pretrain.crop_size)
+    assert demo.refine.irn == DemoJobConfig().refine.irn and demo.refine.walk.beta == 5
+    assert demo.refine.walk.exp_times == DemoJobConfig().refine.walk.exp_times
+    crf = build_config(DeepLabTrainConfig, argparse.Namespace(config=None, set=["crf.iterations=5"])).crf
+    assert crf == DEEPLAB_CRF.model_copy(update={"iterations": 5})
     for cls in (RibConfig, RandomWalkConfig, EvalConfig, RefineConfig):
         with pytest.raises(ValidationError, match="unknown preset 'ade'"):
             cls(preset="ade")
