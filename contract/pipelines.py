@@ -44,9 +44,9 @@ from contract.jobs import JOB_ID
 from contract.lua import script
 from contract.records import Records, UntrustedRecordError
 from contract.webhooks import notify_finished
-from rib_core.artifacts import PIPELINE_CANCELLED, PIPELINE_SPEC, chunk_marker, pipeline_key, stage_marker
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
+from rib_core.io.artifacts import PIPELINE_CANCELLED, PIPELINE_SPEC, chunk_marker, pipeline_key, stage_marker
 
 PIPELINE_STAGE = "rib.pipeline_stage"  # a training stage (training queue)
 PIPELINE_MAPS = "rib.pipeline_maps"    # a chunk of RIB maps (image queue)
@@ -71,7 +71,7 @@ class StageDef:
 
 
 # The registry: every stage once, in order. The worker's runners, the spec's stage list, the
-# API's answers and the demo (rib_core.dataset_job's functions, same folders) follow it.
+# API's answers and the demo (rib_core.jobs.stages's functions, same folders) follow it.
 STAGES: tuple[StageDef, ...] = (
     StageDef("classifier", PIPELINE_STAGE, "training", ("classifier",)),
     StageDef("maps", PIPELINE_MAPS, "images", ("maps",)),

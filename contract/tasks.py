@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from contract.jobs import JobItem
 from contract.pipelines import PIPELINE_MAPS, PIPELINE_STAGE, STAGE, Send
 from contract.settings import Settings
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import DeepLabTrainConfig, RefineConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import DeepLabTrainConfig, RefineConfig
 
 PROCESS_CHUNK = "rib.process_chunk"
 FAN_OUT = "rib.fan_out"  # sends a large job's chunks from a worker, so that a submit answers at once
@@ -62,7 +62,8 @@ class TrainingJobInputs(BaseModel):
     evaluate_on: str | None = Field(None, description="train: s3:// manifest with ground truth to evaluate and "
                                                       "predict once trained")
     config: DeepLabTrainConfig = Field(default_factory=DeepLabTrainConfig,
-                                       description="DeepLab settings (rib_core.stage_configs.DeepLabTrainConfig)")
+                                       description="DeepLab settings "
+                                                   "(rib_core.config.stage_configs.DeepLabTrainConfig)")
     callback_url: str | None = Field(None, description="URL the job's final state is POSTed to, signed "
                                                        "(docs/SERVICE.md, Webhooks)")
 
@@ -81,7 +82,7 @@ class TrainingJobRequest(TrainingJobInputs):
 
 
 class TrainingJobPayload(TrainingJobInputs):
-    """The training worker's message (``rib.training_job``, :func:`rib_core.train_deeplab.run_training_job`):
+    """The training worker's message (``rib.training_job``, :func:`rib_core.deeplab.job.run_training_job`):
     the inputs with their manifests frozen (digests checked before use) and the output set."""
 
     output: str = Field(description="the job's own prefix")

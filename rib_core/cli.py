@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from rib_core.checkpoints import CheckpointError
-from rib_core.datasets import ImageError, ManifestError
-from rib_core.exports import EXPORT_FORMATS
+from rib_core.data.datasets import ImageError, ManifestError
+from rib_core.io.exports import EXPORT_FORMATS
+from rib_core.training.checkpoints import CheckpointError
 
 EXIT_INPUT = 3
 C = TypeVar("C", bound=BaseModel)
@@ -32,7 +32,7 @@ AddCommand = Callable[[str, Callable[[argparse.Namespace], None], str], argparse
 
 def build_config(cls: type[C], args: argparse.Namespace, base: dict[str, Any] | None = None) -> C:
     """The stage config from ``base``, then ``--config``, then ``--set`` overrides."""
-    from rib_core.presets import merge
+    from rib_core.config.presets import merge
 
     data = merge(base or {}, json.loads(Path(args.config).read_text()) if args.config else {})
     for item in args.set or []:
@@ -64,13 +64,13 @@ def _device(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _dev(args: argparse.Namespace) -> str:
-    from rib_core.pipeline import resolve_device
+    from rib_core.jobs.pipeline import resolve_device
 
     return str(resolve_device(args.device))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from rib_core.demo_job import DemoJobConfig, run_demo
+    from rib_core.experiments.demo_job import DemoJobConfig, run_demo
 
     summary = run_demo(args.out, build_config(DemoJobConfig, args), _dev(args), not args.quiet)
     print(summary["classifier"]["summary"])
@@ -82,29 +82,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
-    from rib_core.demo_data import DemoDataConfig, make_demo_dataset
+    from rib_core.data.demo_data import DemoDataConfig, make_demo_dataset
 
     d = make_demo_dataset(args.out, build_config(DemoDataConfig, args))
     print(f"{len(d.train)} train and {len(d.val)} val images: {d.root / 'train.jsonl'}, {d.root / 'val.jsonl'}")
 
 
 def cmd_import_voc(args: argparse.Namespace) -> None:
-    from rib_core.importers import import_voc
+    from rib_core.data.importers import import_voc
 
     m = import_voc(args.devkit, args.ids, args.out, args.cls_labels)
     print(f"{len(m)} images -> {args.out}")
 
 
 def cmd_import_coco(args: argparse.Namespace) -> None:
-    from rib_core.importers import import_coco
+    from rib_core.data.importers import import_coco
 
     m = import_coco(args.images, args.annotations, args.out, args.masks_dir)
     print(f"{len(m)} images -> {args.out}")
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
-    from rib_core.datasets import load_manifest
-    from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
+    from rib_core.classifier.train import ClassifierTrainConfig, train_classifier
+    from rib_core.data.datasets import load_manifest
 
     path = train_classifier(load_manifest(args.manifest), args.out, build_config(ClassifierTrainConfig, args),
                             _dev(args), resume=not args.restart, progress=not args.quiet, val_manifest=args.val)
@@ -115,7 +115,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
 
 def _print_classifier_quality(uri: str, extra: dict[str, Any] | None = None) -> None:
     """Which classifier a stage starts from and its recorded validation mAP; a warning when weak."""
-    from rib_core.classifier_eval import classifier_quality
+    from rib_core.classifier.evaluate import classifier_quality
 
     quality = classifier_quality(uri if extra is None else extra, checkpoint=uri)
     print(quality["summary"], file=sys.stderr)
@@ -124,9 +124,9 @@ def _print_classifier_quality(uri: str, extra: dict[str, Any] | None = None) -> 
 
 
 def cmd_eval_classifier(args: argparse.Namespace) -> None:
-    from rib_core.checkpoints import load_classifier
-    from rib_core.classifier_eval import classifier_quality, evaluate_classifier
-    from rib_core.datasets import load_manifest
+    from rib_core.classifier.evaluate import classifier_quality, evaluate_classifier
+    from rib_core.data.datasets import load_manifest
+    from rib_core.training.checkpoints import load_classifier
 
     manifest = load_manifest(args.manifest)
     model, _, extra = load_classifier(args.classifier, manifest.classes)
@@ -145,8 +145,8 @@ def cmd_eval_classifier(args: argparse.Namespace) -> None:
 
 
 def _classifier_and_manifest(args: argparse.Namespace) -> tuple[Any, Any]:
-    from rib_core.checkpoints import load_classifier
-    from rib_core.datasets import load_manifest
+    from rib_core.data.datasets import load_manifest
+    from rib_core.training.checkpoints import load_classifier
 
     manifest = load_manifest(args.manifest)
     model, _, extra = load_classifier(args.classifier, manifest.classes)
@@ -155,17 +155,17 @@ def _classifier_and_manifest(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_cam(args: argparse.Namespace) -> None:
-    from rib_core.cam import CamConfig, run_cam
+    from rib_core.classifier.cam import CamConfig, run_cam
 
     model, manifest = _classifier_and_manifest(args)
     print(run_cam(model, manifest, args.out, build_config(CamConfig, args), _dev(args), not args.quiet))
 
 
 def cmd_rib(args: argparse.Namespace) -> None:
-    from rib_core.batching import run_rib
-    from rib_core.companions import CompanionPool
-    from rib_core.datasets import load_manifest, median_long_side
-    from rib_core.rib_config import RibConfig
+    from rib_core.config.rib_config import RibConfig
+    from rib_core.data.datasets import load_manifest, median_long_side
+    from rib_core.rib.batching import run_rib
+    from rib_core.rib.companions import CompanionPool
 
     model, manifest = _classifier_and_manifest(args)
     companions = load_manifest(args.companions) if args.companions else manifest
@@ -177,10 +177,10 @@ def cmd_rib(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from rib_core.cam import LocalizationMap
-    from rib_core.datasets import load_manifest, load_mask
-    from rib_core.evaluation import sweep_seeds, write_report
-    from rib_core.stage_configs import EvalConfig
+    from rib_core.classifier.cam import LocalizationMap
+    from rib_core.config.stage_configs import EvalConfig
+    from rib_core.data.datasets import load_manifest, load_mask
+    from rib_core.data.evaluation import sweep_seeds, write_report
 
     manifest = load_manifest(args.manifest)
     maps = Path(args.maps)
@@ -197,8 +197,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_refine(args: argparse.Namespace) -> None:
-    from rib_core.refine import refine_maps
-    from rib_core.stage_configs import RefineConfig
+    from rib_core.config.stage_configs import RefineConfig
+    from rib_core.refine.pseudo_masks import refine_maps
 
     report = refine_maps(args.maps, args.manifest, args.out, build_config(RefineConfig, args), args.irn,
                          args.saliency, _dev(args), not args.quiet, classifier=args.classifier)
@@ -209,18 +209,18 @@ def cmd_refine(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from rib_core.exports import ExportConfig, job_masks, results_masks, write_export
+    from rib_core.io.exports import ExportConfig, job_masks, results_masks, write_export
 
     cfg = ExportConfig(format=args.format, image_url_prefix=args.image_url_prefix, images=not args.no_images)
     if args.classes:  # a service job's folder: its class list is the service's companion manifest's
-        from rib_core.datasets import load_manifest
-        from rib_core.storage import is_s3_uri, open_storage
+        from rib_core.data.datasets import load_manifest
+        from rib_core.io.storage import is_s3_uri, open_storage
 
         if not is_s3_uri(args.results) and not Path(args.results, "images").is_dir():
             raise FileNotFoundError(f"{args.results} is no job folder (no images/ in it)")
         classes = load_manifest(args.classes, verify_files=False).classes
         storage = open_storage(args.results)
-        # request.json (rib_core.artifacts' layout) names the images; a job without one exports without them
+        # request.json (rib_core.io.artifacts' layout) names the images; a job without one exports without them
         request = json.loads(storage.get("request.json")) if storage.exists("request.json") else {"items": []}
         images = job_masks(storage, "", {it["id"]: it["image"] for it in request["items"]})
         if not images:
@@ -232,14 +232,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_toy(args: argparse.Namespace) -> None:
-    from rib_core.toy import ToyConfig, run_toy_experiment
+    from rib_core.experiments.toy import ToyConfig, run_toy_experiment
 
     result = run_toy_experiment(args.out, build_config(ToyConfig, args))
     print(json.dumps(result.get("trends", {}), indent=2))
 
 
 def cmd_compare_pooling(args: argparse.Namespace) -> None:
-    from rib_core.seed_quality import SeedQualityConfig, compare_pooling
+    from rib_core.experiments.seed_quality import SeedQualityConfig, compare_pooling
 
     report = compare_pooling(args.classifier, args.manifest, args.out, build_config(SeedQualityConfig, args),
                              _dev(args), not args.quiet)
@@ -250,7 +250,7 @@ def cmd_compare_pooling(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from rib_core.tune import TuneConfig, tune
+    from rib_core.experiments.tune import TuneConfig, tune
 
     report = tune(args.classifier, args.manifest, args.out, build_config(TuneConfig, args), args.companions,
                   args.score_on, _dev(args), not args.quiet)
@@ -272,7 +272,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from rib_core.study import StudyConfig, run_study
+    from rib_core.experiments.study import StudyConfig, run_study
 
     summary = run_study(args.out, build_config(StudyConfig, args), _dev(args), not args.quiet)
     print((Path(args.out) / "study.md").read_text(), end="")
@@ -280,8 +280,8 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_deeplab(args: argparse.Namespace) -> None:
-    from rib_core.stage_configs import DeepLabTrainConfig
-    from rib_core.train_deeplab import run_training_job
+    from rib_core.config.stage_configs import DeepLabTrainConfig
+    from rib_core.deeplab.job import run_training_job
 
     spec = {"kind": args.action, "manifest": args.manifest, "output": args.out,
             "config": build_config(DeepLabTrainConfig, args).model_dump(), "checkpoint": args.checkpoint,
@@ -291,8 +291,8 @@ def cmd_deeplab(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from rib_core.presets import merge
-    from rib_core.reproduce import SMOKE, DataInputs, ReproduceConfig, run_reproduce
+    from rib_core.config.presets import merge
+    from rib_core.experiments.reproduce import SMOKE, DataInputs, ReproduceConfig, run_reproduce
 
     weights = str(Path(args.weights).resolve())
     deeplab = {"arch": "resnet101", "init_weights": str(Path(args.deeplab_weights).resolve())} \
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command not in ("serve", "worker"):  # those two set their own, per worker process
-            from rib_core.threads import use_torch_threads
+            from rib_core.runtime.threads import use_torch_threads
 
             use_torch_threads(int(os.environ.get("RIB_TORCH_THREADS") or 0) or None)
         args.fn(args)

@@ -31,9 +31,9 @@ class JobRequest(BaseModel):
                                                        "against its folder")
     images: list[Any] | None = Field(None, description='inline records: {"id", "image" (s3:// URI), "labels"}')
     rib: dict[str, Any] = Field(default_factory=dict, description="RIB parameters overriding the defaults "
-                                                                  "(rib_core.rib_config.RibConfig)")
+                                                                  "(rib_core.config.rib_config.RibConfig)")
     refine: dict[str, Any] = Field(default_factory=dict, description="refinement settings overriding the defaults "
-                                                                     "(rib_core.stage_configs.RefineConfig)")
+                                                                     "(rib_core.config.stage_configs.RefineConfig)")
     callback_url: str | None = Field(None, description="URL the job's final state is POSTed to once, signed "
                                                        "(docs/SERVICE.md, Webhooks)")
 
@@ -198,13 +198,13 @@ class PipelineRequest(BaseModel):
     val_manifest_uri: str | None = Field(None, description="labelled manifest the classifier is scored on each "
                                                            "epoch (default: the data set)")
     classifier: dict[str, Any] = Field(default_factory=dict, description="classifier training "
-                                       "(rib_core.stage_configs.ClassifierTrainConfig)")
+                                       "(rib_core.config.stage_configs.ClassifierTrainConfig)")
     rib: dict[str, Any] = Field(default_factory=dict, description="RIB parameters overriding the defaults "
-                                                                  "(rib_core.rib_config.RibConfig)")
+                                                                  "(rib_core.config.rib_config.RibConfig)")
     refine: dict[str, Any] = Field(default_factory=dict, description="refinement and IRN training overriding the "
-                                                                     "defaults (rib_core.stage_configs.RefineConfig)")
+                                   "defaults (rib_core.config.stage_configs.RefineConfig)")
     deeplab: dict[str, Any] | None = Field(None, description="set (even {}): train DeepLab on the pseudo-masks "
-                                                             "(rib_core.stage_configs.DeepLabTrainConfig)")
+                                                             "(rib_core.config.stage_configs.DeepLabTrainConfig)")
     callback_url: str | None = Field(None, description="URL the job's final state is POSTed to, signed "
                                                        "(docs/SERVICE.md, Webhooks)")
 

@@ -1,7 +1,7 @@
 """Input checks of the API: bad input is refused here with a message that says what to fix.
 
 Nothing that fails these checks is stored or queued. Manifest and record checks are
-``rib_core.datasets``' own (the same rules as the offline tools); the service adds what matters
+``rib_core.data.datasets``' own (the same rules as the offline tools); the service adds what matters
 for a shared deployment: ids that are safe storage keys, inputs only from allowed locations, and
 bounds on the per-request RIB parameters so that one request cannot exhaust a worker.
 """
@@ -23,7 +23,10 @@ from pydantic import ValidationError
 from contract.jobs import JobItem
 from contract.settings import Settings
 from contract.webhooks import check_callback
-from rib_core.datasets import (
+from rib_core.config.presets import merge
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
+from rib_core.data.datasets import (
     ImageError,
     ImageTooLargeError,
     Manifest,
@@ -33,10 +36,7 @@ from rib_core.datasets import (
     parse_manifest,
     parse_records,
 )
-from rib_core.presets import merge
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
-from rib_core.storage import is_s3_uri
+from rib_core.io.storage import is_s3_uri
 
 StageConfig = TypeVar("StageConfig", RibConfig, RefineConfig, ClassifierTrainConfig, DeepLabTrainConfig)
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")

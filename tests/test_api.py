@@ -23,9 +23,9 @@ from PIL import Image
 
 from contract.jobs import JobItem, progress
 from contract.tasks import ChunkPayload
-from rib_core.demo_data import DemoDataset
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import RefineConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import RefineConfig
+from rib_core.data.demo_data import DemoDataset
 from tests.api_inprocess import BUCKET, Api, inprocess_api
 from tests.test_service import API_KEY, MAX_PIXELS, MAX_UPLOAD, SMALL_RIB
 

@@ -12,9 +12,9 @@ from pydantic import ValidationError
 from contract.jobs import JobItem, JobStore
 from contract.pipelines import PipelineSpec, PipelineStore
 from contract.settings import Settings
-from rib_core.artifacts import image_key
-from rib_core.rib_config import RibConfig
-from rib_core.storage import LocalStorage
+from rib_core.config.rib_config import RibConfig
+from rib_core.io.artifacts import image_key
+from rib_core.io.storage import LocalStorage
 from service.validation import (
     InputError,
     Locations,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rib_core.toy import (
+from rib_core.experiments.toy import (
     BG,
     ND,
     REGIONS,

@@ -2,7 +2,7 @@
 
 Both are thin: copy the stage's inputs from the job's prefix in storage into a fresh local folder
 (the frozen manifest checked against its digest), call the stage's function in
-:mod:`rib_core.dataset_job`, store what it wrote (a stage's report, ``stages/<stage>.json``, last)
+:mod:`rib_core.jobs.stages`, store what it wrote (a stage's report, ``stages/<stage>.json``, last)
 and record the unit's state in Redis; then ask :meth:`contract.pipelines.PipelineStore.advance`
 what runs next and send it. Training states are copied to storage after every epoch, so a stage
 delivered again after its worker died continues from its last epoch; a stage whose report is in
@@ -34,7 +34,8 @@ from contract.pipelines import PIPELINE_MAPS, PIPELINE_STAGE, STAGE, PipelineSpe
 from contract.records import Records, UntrustedRecordError
 from contract.settings import Settings, get_settings
 from contract.tasks import TaskQueue
-from rib_core.artifacts import (
+from rib_core.data.datasets import Manifest, parse_manifest
+from rib_core.io.artifacts import (
     PIPELINE_INDEX,
     PIPELINE_MANIFEST,
     PIPELINE_SPEC,
@@ -44,9 +45,8 @@ from rib_core.artifacts import (
     pipeline_key,
     stage_marker,
 )
-from rib_core.datasets import Manifest, parse_manifest
-from rib_core.pipeline import resolve_device
-from rib_core.storage import Storage
+from rib_core.io.storage import Storage
+from rib_core.jobs.pipeline import resolve_device
 from worker.celery_app import app
 from worker.tasks import Runtime, beating, every, runtime
 
@@ -232,7 +232,7 @@ def epoch_hook(rt: Runtime, job_id: str, stage: str, work: Path, state: str, epo
 
 
 def run_classifier(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, device: str) -> dict[str, Any]:
-    from rib_core.dataset_job import classifier_stage
+    from rib_core.jobs.stages import classifier_stage
 
     pull(rt, job_id, "classifier", work)
     val = write_inputs(job_id, spec, work, validation=spec.val_manifest is not None)
@@ -244,7 +244,7 @@ def run_classifier(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, dev
 
 
 def run_refine(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, device: str) -> dict[str, Any]:
-    from rib_core.dataset_job import refine_stage
+    from rib_core.jobs.stages import refine_stage
 
     pull(rt, job_id, "maps", work)
     pull(rt, job_id, "refined", work)
@@ -258,7 +258,7 @@ def run_refine(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, device:
 
 
 def run_deeplab(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, device: str) -> dict[str, Any]:
-    from rib_core.dataset_job import deeplab_stage
+    from rib_core.jobs.stages import deeplab_stage
 
     assert spec.deeplab is not None  # the job has this stage only when DeepLab was asked for
     manifest = frozen_manifest(job_id, spec)
@@ -338,7 +338,7 @@ def pipeline_maps(self: Task, job_id: str, chunk: int) -> None:
 
 def _maps(rt: Runtime, job_id: str, spec: PipelineSpec, todo: list[str]) -> dict[str, str]:
     """Run the chunk's images; store each map written, return the images that failed, with why."""
-    from rib_core.dataset_job import maps_stage
+    from rib_core.jobs.stages import maps_stage
 
     device = str(resolve_device(rt.settings.device))
     with tempfile.TemporaryDirectory(prefix=f"rib-{job_id}-maps-") as tmp:

@@ -36,13 +36,13 @@ from contract.records import Records
 from contract.settings import Settings, get_settings
 from contract.tasks import FAN_OUT, PROCESS_CHUNK, TRAINING_JOB, ChunkPayload, TaskQueue, TrainingJobPayload
 from contract.webhooks import deliver_due, notify_finished
-from rib_core.artifacts import MARKER, image_key, store_result, training_input_key
-from rib_core.datasets import ImageError, decode_image
-from rib_core.pipeline import PseudoMaskPipeline, resolve_device
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import RefineConfig
-from rib_core.storage import Storage, read_bytes
-from rib_core.threads import use_torch_threads
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import RefineConfig
+from rib_core.data.datasets import ImageError, decode_image
+from rib_core.io.artifacts import MARKER, image_key, store_result, training_input_key
+from rib_core.io.storage import Storage, read_bytes
+from rib_core.jobs.pipeline import PseudoMaskPipeline, resolve_device
+from rib_core.runtime.threads import use_torch_threads
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def training_job(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     predict) on this worker's device, on its frozen manifests (digests checked). Whatever it
     raises, MemoryError included, fails the job and leaves the worker serving; a job whose
     deliveries killed ``RIB_MAX_STAGE_ATTEMPTS`` workers fails with that reason instead of running."""
-    from rib_core.train_deeplab import run_training_job
+    from rib_core.deeplab.job import run_training_job
 
     rt = runtime()
     job, job_id = TrainingJobPayload.model_validate(payload), self.request.id
@@ -295,7 +295,7 @@ def record_classifier(store: JobStore, settings: Settings) -> None:
     logged: the images report a model that cannot be loaded themselves."""
     if not settings.classifier_uri:
         return
-    from rib_core.classifier_eval import classifier_quality
+    from rib_core.classifier.evaluate import classifier_quality
 
     try:
         quality = classifier_quality(settings.classifier_uri)

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 
 from contract.jobs import load_request
-from rib_core.artifacts import job_prefix
-from rib_core.exports import ExportConfig, ExportFormat, export_job, presigned_image_url
-from rib_core.storage import parent_uri
+from rib_core.io.artifacts import job_prefix
+from rib_core.io.exports import ExportConfig, ExportFormat, export_job, presigned_image_url
+from rib_core.io.storage import parent_uri
 from service.deps import ClassesDep, LocationsDep, Owner, SettingsDep
 from service.inputs import read_manifest
 from service.schemas import MAX_OFFSET, ExportImages, ExportLink, JobAccepted, JobRequest, JobStatus, ResultsPage

@@ -14,8 +14,8 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 
 from contract.tasks import TrainingJobPayload
-from rib_core.artifacts import training_input_key, training_key
-from rib_core.storage import is_s3_uri
+from rib_core.io.artifacts import training_input_key, training_key
+from rib_core.io.storage import is_s3_uri
 from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep, StoreDep
 from service.inputs import frozen_manifest
 from service.schemas import TrainingAccepted, TrainingJobRequest, TrainingStatus

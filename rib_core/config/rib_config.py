@@ -1,0 +1,149 @@
+"""Configuration of the RIB process (paper section 3.2 and 4.1, ``obtain_RIB_CAM.py``).
+
+Where the paper and the official code differ, the code's behaviour is the default and the paper's
+variant is an option; ``docs/FIDELITY.md`` lists each such choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rib_core.config.presets import Preset, with_preset
+from rib_core.config.stage_configs import MAX_CROP, SideRange
+
+# PASCAL VOC's images are 500 px on the long side (nearly all 500x375 or 375x500): the scale that
+# the companion crop (512) and resize-long (320-640) of the official code were set for.
+VOC_LONG_SIDE = 500
+MAX_IMAGES_PER_BATCH = 64  # bound of max_images_per_batch, and the block rib_core.rib.batching.run_rib loads
+
+
+# VOC: the field defaults (obtain_RIB_CAM.py). COCO: obtain_RIB_CAM_coco.py's --RIB_lr 0.000005,
+# --RIB_batch 15, --score_th 0.5, --stop_th 1000, --explode_ratio 0.8; its gndp2d (misc/torchutils.py)
+# normalises only the first 20 channels, so COCO's classes 21-80 pool by GAP (gndrp_classes 20).
+RIB_PRESETS: dict[str, dict[str, Any]] = {
+    "voc": {},
+    "coco": {"lr": 5e-6, "companions": 15, "tau": 0.5, "margin": 1000, "explode_ratio": 0.8, "gndrp_classes": 20},
+}
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """The RIB seed of image ``image_id`` (its companion draws), from ``RibConfig.seed`` and the id.
+
+    One rule for every path (``rib rib``, the demo job, the service's workers): keyed on the id
+    alone, an image gets the same draws, hence the same M, whatever manifest, chunk or batch it
+    comes in. A hash, not Python's ``hash``, so it is the same in every process.
+    """
+    digest = hashlib.blake2b(f"{seed}/{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+@dataclass(frozen=True)
+class RibPlan:
+    """How RIB runs on one device: every "auto" of a :class:`RibConfig` resolved, once."""
+
+    batched: bool          # several images per step (batched engine), else one at a time (plain engine)
+    bf16: bool             # bfloat16 compute in channels_last, else float32
+    images_per_step: int   # images per batched step; 0 = as many as the free device memory holds
+    images_loaded: int     # images a manifest run loads at a time (rib_core.rib.batching.run_rib)
+
+    @property
+    def engine(self) -> str:
+        return "batched" if self.batched else "plain"
+
+
+class RibConfig(BaseModel):
+    """Per-image RIB fine-tuning; ``preset`` fills the data-set-specific values not given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Preset = "voc"
+    iterations: int = Field(10, ge=1, le=100)             # K: paper 4.1; --RIB_iter 10
+    lr: float = Field(8e-6, gt=0, le=1e-2)                # lambda: paper 4.1; --RIB_lr 0.000008 (x10 classifier)
+    weight_decay: float = Field(1e-4, ge=0)               # --cam_weight_decay, passed to PolyOptimizer
+    momentum: float = Field(1e-4, ge=0)                   # PolyOptimizer hands weight_decay to SGD as momentum
+    poly_power: float = Field(0.9, gt=0)                  # PolyOptimizer's "momentum" attribute is the exponent
+    companions: int = Field(20, ge=0, le=256)             # --RIB_batch 20 crops per step (paper: B - 1 = 19)
+    pooling: Literal["gndrp", "gap"] = "gndrp"            # --pooling gndp
+    tau: float = Field(0.4, gt=0, le=1)                   # --score_th 0.4 (paper 4.1)
+    # Official gndp2d zeroes pixels above tau but divides by all pixels |U|; the paper's Eq. 3
+    # divides by |U_tau|. "all" = code (default), "kept" = paper.
+    gndrp_denominator: Literal["all", "kept"] = "all"
+    # Official gndp2d loops over channels 0-19 only (VOC's 20 classes): on COCO, classes 20-79 keep
+    # every pixel (GAP) even when labelled. None = GNDRP on every class (paper); 20 = that code.
+    gndrp_classes: int | None = Field(None, ge=0)
+    margin: float = Field(600, gt=0)                      # m: paper 4.1; --stop_th 600
+    # Code: no min(m, y) in the loss; stop after the step where |sum of target logits| > m.
+    # Paper: L = -sum min(m, y_c), run all K steps.
+    margin_mode: Literal["stop", "clamp"] = "stop"
+    explode_threshold: float = Field(0.3, gt=0, le=1)     # --explode_th 0.3
+    explode_ratio: float = Field(0.7, gt=0, le=1)         # --explode_ratio 0.7; 1.0 disables the check
+    loss_scales: tuple[float, ...] = (1.0, 1.5, 2.0)      # obtain_RIB_CAM.py skips scale 0.5 in the loss
+    map_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)  # --cam_scales, all used for M
+    # Code sums the CAMs computed before each update (theta_0 .. theta_{K-1}); the paper sums
+    # theta_0 .. theta_K. "before_updates" = code (default), "all_iterates" = paper.
+    map_iterates: Literal["before_updates", "all_iterates"] = "before_updates"
+    crop_size: int = Field(512, ge=16, le=MAX_CROP)       # companion crops: VOC12RIBDataset crop_size=512
+    resize_long: SideRange = (320, 640)                   # companion resize_long=(320, 640)
+    seed: int = 0                                         # each image draws from image_seed(seed, its id)
+    # Speed, not in the paper or the code (which run float32): "auto" = bfloat16 autocast and
+    # channels_last on CUDA, plain float32 on the CPU. M is accumulated in float32 either way.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # How images are run: "plain" one at a time in the official loop's structure, "batched" several
+    # images per step (RibRunner.run_many, companions cropped on the device), "auto" = batched on
+    # CUDA, plain on the CPU (where batching does not pay: benchmarks/bench_rib.py).
+    engine: Literal["auto", "batched", "plain"] = "auto"
+    # Images per batched step; 0 = as many as the free device memory holds (measured on the first
+    # batch of each image size), 1 on the CPU.
+    max_images_per_batch: int = Field(0, ge=0, le=MAX_IMAGES_PER_BATCH)
+    compile: bool = False                                 # torch.compile the batched stages 3-4 + classifier
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return with_preset(data, RIB_PRESETS)
+
+    def plan(self, device: str) -> RibPlan:
+        """Engine, precision and batch size of RIB on ``device`` ("cpu", "cuda", "cuda:1", ...)."""
+        cuda = device.startswith("cuda")
+        batched = self.engine == "batched" or (self.engine == "auto" and cuda)
+        return RibPlan(batched=batched, bf16=self.precision == "bf16" or (self.precision == "auto" and cuda),
+                       images_per_step=(self.max_images_per_batch or (0 if cuda else 1)) if batched else 1,
+                       images_loaded=MAX_IMAGES_PER_BATCH if batched else 1)
+
+    def fitted_to(self, long_side: int) -> tuple[RibConfig, str | None]:
+        """This config for images whose median long side is ``long_side`` px, and a note saying
+        what was done. VOC's companion sizes resize every image to a long side of 320-640: fine for
+        images at least that large, but smaller ones would be enlarged up to 640 / ``long_side``
+        times, against a target seen at its own size. Then the sizes not given explicitly are VOC's
+        scaled by ``long_side`` / 500; given ones are
+        kept, with a warning."""
+        if long_side >= self.resize_long[0]:
+            return self, None
+        scale = long_side / VOC_LONG_SIDE
+        low, high = RibConfig.model_fields["resize_long"].default
+        derived: dict[str, Any] = {"crop_size": max(16, round(RibConfig.model_fields["crop_size"].default * scale)),
+                                   "resize_long": (max(16, round(low * scale)), max(16, round(high * scale)))}
+        update = {k: v for k, v in derived.items() if k not in self.model_fields_set}
+        if not update:
+            return self, (f"warning: RIB's crop_size {self.crop_size} and resize_long {self.resize_long[0]}-"
+                          f"{self.resize_long[1]} enlarge these images (median long side {long_side} px) "
+                          f"{self.resize_long[0] / long_side:.1f}-{self.resize_long[1] / long_side:.1f}x; "
+                          f"leave them unset to derive {derived['crop_size']} and {derived['resize_long'][0]}-"
+                          f"{derived['resize_long'][1]} from the images")
+        fitted = self.model_copy(update=update)
+        return fitted, (f"RIB's companion sizes follow the images (median long side {long_side} px, which VOC's "
+                        f"resize-long 320-640 would enlarge): crop_size {fitted.crop_size}, resize_long "
+                        f"{fitted.resize_long[0]}-{fitted.resize_long[1]} (VOC's scaled by {long_side}/"
+                        f"{VOC_LONG_SIDE}; given values kept); set crop_size / resize_long to choose others")
+
+    def uses_bf16(self, device: str) -> bool:
+        """``plan(device).bf16``."""
+        return self.plan(device).bf16
+
+    def batched(self, device: str) -> bool:
+        """``plan(device).batched``."""
+        return self.plan(device).batched
