@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from rib_core.cli import build_config
+from rib_core.cli.options import build_config
 from rib_core.config.rib_config import RibConfig
 from rib_core.config.stage_configs import (
     ConfidentLabelConfig,

@@ -14,7 +14,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from rib_core.cli import build_config, main, parser
+from rib_core.cli import main, parser
+from rib_core.cli.options import build_config
 from rib_core.config.stage_configs import ClassifierTrainConfig
 from rib_core.data.classes import COCO_CLASSES, VOC_CLASSES
 from rib_core.data.datasets import load_manifest, load_mask
