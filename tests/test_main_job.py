@@ -23,7 +23,8 @@ from rib_core.config.stage_configs import IrnTrainConfig, RefineConfig
 from rib_core.data.datasets import load_manifest, load_mask
 from rib_core.experiments.demo_job import DemoJobConfig, report_rows, run_demo
 from rib_core.io.artifacts import PIPELINE_IMAGE_FILES, pipeline_index, pipeline_key
-from rib_core.io.exports import COCO_ANNOTATIONS, ExportConfig, manifest_masks, write_export
+from rib_core.io.export_sources import manifest_masks
+from rib_core.io.exports import COCO_ANNOTATIONS, ExportConfig, write_export
 from rib_core.io.localization_map import LocalizationMap
 from tests.conftest import SMALL_CLASSIFIER, SMALL_DEMO
 

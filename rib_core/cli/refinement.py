@@ -46,7 +46,8 @@ def cmd_refine(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from rib_core.io.exports import ExportConfig, job_masks, results_masks, write_export
+    from rib_core.io.export_sources import job_masks, results_masks
+    from rib_core.io.exports import ExportConfig, write_export
 
     cfg = ExportConfig(format=args.format, image_url_prefix=args.image_url_prefix, images=not args.no_images)
     if args.classes:  # a service job's folder: its class list is the service's companion manifest's

@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 
 from contract.jobs import load_request
 from rib_core.io.artifacts import job_prefix
-from rib_core.io.exports import ExportConfig, ExportFormat, export_job, presigned_image_url
+from rib_core.io.export_sources import export_job, presigned_image_url
+from rib_core.io.exports import ExportConfig, ExportFormat
 from rib_core.io.storage import parent_uri
 from service.deps import ClassesDep, LocationsDep, Owner, SettingsDep
 from service.inputs import read_manifest

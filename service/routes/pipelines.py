@@ -13,7 +13,8 @@ from contract.records import UntrustedRecordError
 from contract.tasks import FAN_OUT_INLINE
 from rib_core.data.datasets import Manifest, parse_manifest
 from rib_core.io.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, PIPELINE_VAL_MANIFEST, pipeline_index, pipeline_key
-from rib_core.io.exports import ExportConfig, ExportFormat, export_job, pipeline_masks, presigned_image_url
+from rib_core.io.export_sources import export_job, pipeline_masks, presigned_image_url
+from rib_core.io.exports import ExportConfig, ExportFormat
 from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep, StorageDep, StoreDep
 from service.inputs import frozen_manifest
 from service.schemas import (
