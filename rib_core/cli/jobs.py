@@ -63,7 +63,8 @@ stages (each skipped when OUT/stages/<stage>.json exists; a killed stage continu
 
 
 def cmd_toy(args: argparse.Namespace) -> None:
-    from rib_core.experiments.toy import ToyConfig, run_toy_experiment
+    from rib_core.experiments.toy import run_toy_experiment
+    from rib_core.experiments.toy_data import ToyConfig
 
     result = run_toy_experiment(args.out, build_config(ToyConfig, args))
     print(json.dumps(result.get("trends", {}), indent=2))
