@@ -25,7 +25,8 @@ def cmd_deeplab(args: argparse.Namespace) -> None:
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from rib_core.config.presets import merge
-    from rib_core.experiments.reproduce import SMOKE, DataInputs, ReproduceConfig, run_reproduce
+    from rib_core.experiments.paper import DataInputs
+    from rib_core.experiments.reproduce import SMOKE, ReproduceConfig, run_reproduce
 
     weights = str(Path(args.weights).resolve())
     deeplab = {"arch": "resnet101", "init_weights": str(Path(args.deeplab_weights).resolve())} \
