@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from rib_core.classifier.cam import LocalizationMap
 from rib_core.config.stage_configs import EvalConfig
 from rib_core.data.classes import IGNORE_INDEX
 from rib_core.data.datasets import Manifest, load_mask
+from rib_core.io.localization_map import LocalizationMap
 
 
 def confusion(pred: np.ndarray, gt: np.ndarray, n_labels: int) -> np.ndarray:

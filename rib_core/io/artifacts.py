@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from rib_core.io.localization_map import LocalizationMap
 from rib_core.io.storage import Storage
 from rib_core.io.visualize import label_png, map_overlay, mask_overlay, png_bytes
-
-if TYPE_CHECKING:
-    from rib_core.classifier.cam import LocalizationMap
 
 MAP_NPZ = "map.npz"        # RIB's M at image size (LocalizationMap.to_bytes)
 MAP_PNG = "map.png"        # M's class-wise maximum over the image
