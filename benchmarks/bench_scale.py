@@ -37,7 +37,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -52,20 +51,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.bench_submit import run as submit_latency
 from rib_core.data.classes import VOC_CLASSES
 from rib_core.data.datasets import MANIFEST_FORMAT, MANIFEST_VERSION
+from rib_core.runtime.provenance import cpu_name, run_record
 
 VOC_SIZE = (500, 375)  # width, height
 BUCKET = "bench-scale"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def distinct_jpegs(count: int, seed: int) -> list[bytes]:
@@ -332,7 +323,7 @@ def main() -> None:
     cache_bytes = args.cache_mib * 2**20
     results: list[dict[str, Any]] = []
     report: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": cpu_name(),
+        "run": run_record(), "date": datetime.now(UTC).isoformat(timespec="minutes"), "machine": cpu_name(),
         "cores": len(os.sched_getaffinity(0)), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cache_bytes": cache_bytes, "config": spec_args,
         "data": f"{args.distinct} distinct {VOC_SIZE[0]}x{VOC_SIZE[1]} JPEGs written under many names "
@@ -367,12 +358,15 @@ def main() -> None:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     if args.submit:
+        from benchmarks.bench_submit import run as submit_latency
+
         report["submit_latency"] = submit_latency([max(args.sizes)], repeats=3)["rows"]
     if args.flops or not args.no_paper_flops:
         flops = json.loads(Path(args.flops).read_text()) if args.flops else flop_model(args)
         report["flops"] = flops
         report["projection"] = projection(results, flops, args)
     report["bench_seconds"] = time.perf_counter() - started
+    report["load_average_1m_end"] = round(os.getloadavg()[0], 2)  # the run record has the one at the start
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"{report['date']}, {report['machine']}, {report['cores']} cores, OMP_NUM_THREADS="
           f"{report['omp_num_threads']}; {report['data']}; cache bound {args.cache_mib} MiB; "

@@ -121,6 +121,75 @@ def study_section(summary: dict[str, Any] | None) -> str:
                                study_markdown(summary).strip(), "\n".join(per_seed)]) + "\n"
 
 
+SCALE_HOWTO = ("`OMP_NUM_THREADS=1 python -m benchmarks.bench_scale --sizes 1000 10000 100000 --submit "
+               "--out docs/results/bench_scale.json` (about 30 min on 2 cores), then `python -m benchmarks.results`")
+
+
+def scale_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per data set of a ``bench_scale`` run: the warm chunks' overhead (wall time not in RIB runs)
+    and its ratio to the smallest data set on the same storage, and the peak RSS beside the model's
+    and the cache's."""
+    mib = 2**20
+    rows = []
+    for r in report["results"]:
+        warm = [c for c in r["chunks"] if c["prefetch"]][1:] or r["chunks"][:1]
+        rows.append({"size": r["size"], "storage": r["storage"],
+                     "overhead_s": sum(c["overhead_s"] for c in warm) / len(warm),
+                     "peak_mib": r["peak_rss_bytes"] / mib, "model_mib": r["rss_model_bytes"] / mib,
+                     "cache_mib": r["cache_held_bytes"] / mib, "bound_mib": report["cache_bytes"] / mib})
+    for row in rows:
+        smallest = min((o for o in rows if o["storage"] == row["storage"]), key=lambda o: o["size"])
+        row["growth"] = row["overhead_s"] / smallest["overhead_s"]
+        row["rest_mib"] = row["peak_mib"] - row["model_mib"] - row["cache_mib"]
+    return rows
+
+
+def submit_line(report: dict[str, Any]) -> str:
+    rows = report.get("submit_latency") or []
+    if not rows:
+        return "Submit latency: not measured in this run (`--submit`)."
+    return "Submit latency, from the request to the 202 (median of 3): " + "; ".join(
+        f"{r['kind']} of {r['images']:,} images {r['median_s']:.2f} s" for r in rows) + "."
+
+
+def projection_line(report: dict[str, Any]) -> str:
+    p = report.get("projection")
+    if not p:
+        return ""
+    return (f"PROJECTED, not measured: VOC train_aug's maps stage ({p['images']:,} images at the paper's "
+            f"settings, {p['paper_tflop_per_image']:.1f} TFLOP per image by `bench_rib`'s FLOP count) would take "
+            f"{p['cpu_hours']:,.0f} h on this CPU ({p['cpu_achieved_tflop_per_s']:.3f} TFLOP/s achieved in the "
+            f"chunks' RIB runs) and {p['h100_hours']:.1f} h on one H100 at an assumed "
+            f"{p['h100_assumed_tflop_per_s']:.0f} TFLOP/s, each plus {p['overhead_s_per_image']:.2f} s per image "
+            "of the overhead measured here.")
+
+
+def scale_summary(report: dict[str, Any]) -> str:
+    """The compact table of a ``bench_scale`` run (the README's performance block)."""
+    lines = ["| data set | warm chunk overhead (s) | vs the smallest | peak RSS (MiB) | model (MiB) | "
+             "cache held / bound (MiB) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in scale_rows(report):
+        lines.append(f"| {r['size']:,} images, {r['storage']} | {r['overhead_s']:.2f} | {r['growth']:.2f}x | "
+                     f"{r['peak_mib']:.0f} | {r['model_mib']:.0f} | {r['cache_mib']:.0f} / {r['bound_mib']:.0f} |")
+    c = report["config"]
+    setup = (f"{c['chunk']}-image chunks of {report['data']}; {c['arch']}, K {c['iterations']}, "
+             f"{c['companions']} companions of {c['crop']} px; *model* is the RSS once the classifier is "
+             f"loaded. Load average {report['run']['machine']['load_average_1m']} at the start, "
+             f"{report.get('load_average_1m_end')} at the end.")
+    return "\n\n".join(part for part in ["\n".join(lines), setup, submit_line(report), projection_line(report)]
+                        if part)
+
+
+def scale_section(report: dict[str, Any] | None) -> str:
+    from benchmarks.bench_scale import table
+
+    head = "### Data-set scale: per-chunk overhead, memory, submit latency (`benchmarks/bench_scale.py`)\n\n"
+    if report is None:
+        return head + f"No result committed yet. To produce it: {SCALE_HOWTO}.\n"
+    return head + "\n\n".join([provenance(report), scale_summary(report), "Every figure of the run:",
+                                table(report)]) + "\n"
+
+
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
     """Nested dicts as dotted keys; lists and scalars as compact JSON."""
     if isinstance(value, dict):
@@ -148,6 +217,7 @@ def results_doc(folder: Path = RESULTS_DIR) -> str:
         study_section(load(folder, "study")),
         "## Benchmarks\n\nSpeed and resource figures; timings depend on the machine and on what else ran on "
         "it.\n",
+        scale_section(load(folder, "bench_scale")),
         *(bench_section(stem, title, command, load(folder, stem)) for stem, title, command in BENCHMARKS),
     ]
     notes = folder / "notes.md"
@@ -164,7 +234,8 @@ def markers(name: str) -> tuple[str, str]:
 
 
 def readme_blocks(folder: Path = RESULTS_DIR, picture: Path = PICTURE) -> dict[str, str]:
-    """The README's generated blocks by name: the demo run's picture and its table with its date."""
+    """The README's generated blocks by name: the demo run's picture and its table with its date, and
+    the data-set scale benchmark's summary."""
     report = load(folder, "demo")
     if report is None:
         table = f"No demo result committed yet: {DEMO_HOWTO}."
@@ -176,7 +247,10 @@ def readme_blocks(folder: Path = RESULTS_DIR, picture: Path = PICTURE) -> dict[s
                  f"{', '.join(COLUMNS)}.*")
     else:
         shown = f"*No picture of a demo run committed yet: {DEMO_HOWTO}.*"
-    return {"demo picture": shown, "demo table": table}
+    scale = load(folder, "bench_scale")
+    performance = (f"No data-set scale result committed yet: {SCALE_HOWTO}." if scale is None
+                   else "\n\n".join([provenance(scale), scale_summary(scale)]))
+    return {"demo picture": shown, "demo table": table, "performance": performance}
 
 
 def with_readme_blocks(readme: str, blocks: dict[str, str]) -> str:

@@ -18,7 +18,7 @@ from fastapi import Depends, HTTPException
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from contract.jobs import JobItem, JobStore, save_request
+from contract.jobs import JobItem, JobStore, SubmittedManifest, save_request
 from contract.records import Records
 from contract.settings import Settings
 from contract.tasks import TaskQueue
@@ -57,13 +57,14 @@ class Jobs:
         return Records(self.storage, self.settings.signing_key())
 
     def record(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, refine: RefineConfig,
-               owner: str, callback_url: str | None = None) -> None:
-        """Record the job in Redis, then keep the request in storage, so that a job Redis loses can be
-        rebuilt from it; with storage down the job ends failed (:meth:`fail_unstored`)."""
+               owner: str, callback_url: str | None = None, manifest: SubmittedManifest | None = None) -> None:
+        """Record the job in Redis, then keep the request (and the ``manifest`` its items came from) in
+        storage, so that a job Redis loses can be rebuilt from it; with storage down the job ends
+        failed (:meth:`fail_unstored`)."""
         rib_json, refine_json = rib.model_dump(mode="json"), refine.model_dump(mode="json")
         self.store.create(job_id, kind, items, rib_json, owner, refine_json, callback_url)
         try:
-            save_request(self.records, job_id, kind, items, rib_json, owner, refine_json, callback_url)
+            save_request(self.records, job_id, kind, items, rib_json, owner, refine_json, callback_url, manifest)
         except STORAGE_ERRORS as e:
             self.fail_unstored(job_id, [it.id for it in items], e)
 
@@ -87,10 +88,11 @@ class Jobs:
         SUBMITTED.labels(kind).inc(len(items))
 
     def submit(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, refine: RefineConfig,
-               owner: str, callback_url: str | None = None, uploads: Mapping[str, bytes] | None = None) -> None:
+               owner: str, callback_url: str | None = None, uploads: Mapping[str, bytes] | None = None,
+               manifest: SubmittedManifest | None = None) -> None:
         """Record the job first, then store its uploaded images (``uploads``: image id -> bytes, for the
-        items made by :meth:`upload_item`), then queue it."""
-        self.record(job_id, kind, items, rib, refine, owner, callback_url)
+        items made by :meth:`upload_item`), then queue it. ``manifest``: what the items were read from."""
+        self.record(job_id, kind, items, rib, refine, owner, callback_url, manifest)
         for image_id, data in (uploads or {}).items():
             try:
                 self.storage.put(upload_key(job_id, image_id), data)  # opaque bytes, whatever type was claimed

@@ -6,6 +6,7 @@ no training (an untrained ResNet-18 where a classifier is needed)."""
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import torch
 
 from rib_core.config.rib_config import RibConfig
 from rib_core.data.datasets import Manifest, ManifestRecord, load_image, load_manifest
-from rib_core.jobs.stages import maps_stage
+from rib_core.jobs.stages import CLASSIFIERS, maps_stage
 from rib_core.rib.companions import POOLS, CompanionPool, DeviceCompanions
 from rib_core.training.checkpoints import save_classifier
 from rib_core.training.networks import CamNet
@@ -105,17 +106,25 @@ def test_two_chunks_of_a_data_set_build_its_pool_once(demo, tmp_path):
                     loss_scales=(1.0,))
     ids = [r.id for r in demo.train.records[:4]]
     POOLS.clear()
-    before = POOLS.builds
+    before, loads = POOLS.builds, CLASSIFIERS.loads
     maps_stage(tmp_path / "work", demo.train, ids[:2], classifier, cfg)
     saved = tmp_path / "train.jsonl"
     absolute = [ManifestRecord(r.id, demo.train.image_uri(r), r.labels) for r in demo.train.records]
     Manifest(demo.train.classes, absolute, str(tmp_path)).save(saved)  # elsewhere, the same images
     maps_stage(tmp_path / "work", load_manifest(saved), ids[2:], classifier, cfg)
-    assert POOLS.builds - before == 1
+    assert POOLS.builds - before == 1 and CLASSIFIERS.loads - loads == 1  # the classifier too, once
     assert sorted(p.stem for p in (tmp_path / "work" / "maps").glob("*.npz")) == sorted(ids)
     other = demo.train.subset([r.id for r in demo.train.records[:100]])
     maps_stage(tmp_path / "other", other, ids[:1], classifier, cfg)
     assert POOLS.builds - before == 2
+    retrained = CamNet(len(demo.train.classes), "resnet18")
+    save_classifier(retrained, demo.train.classes, classifier)  # the file rewritten: loaded again
+    os.utime(classifier, ns=(1, 1))
+    maps_stage(tmp_path / "again", other, ids[:1], classifier, cfg)
+    assert CLASSIFIERS.loads - loads == 2
+    model = CLASSIFIERS.get(classifier, demo.train.classes)
+    pairs = zip(model.state_dict().values(), retrained.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)  # and RIB's runs left the shared model as loaded
 
 
 def test_s3_images_are_fetched_once_through_the_disk_cache(demo, tmp_path, monkeypatch):

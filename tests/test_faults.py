@@ -26,9 +26,9 @@ import pytest
 import redis
 import torch
 
-from contract.jobs import ACTIVE_KEY, JobItem, JobStore, load_request, save_request
-from contract.records import Records
-from rib_core.io.artifacts import MARKER, image_key, request_key
+from contract.jobs import ACTIVE_KEY, JobItem, JobStore, SubmittedManifest, load_request, request_items, save_request
+from contract.records import Records, UntrustedRecordError
+from rib_core.io.artifacts import MARKER, image_key, job_manifest_key, request_key
 from rib_core.io.storage import LocalStorage
 from rib_core.runtime.threads import available_cores, torch_threads
 from tests.service_stack import StallingProxy, children, free_port, redis_server, wait_for
@@ -139,6 +139,31 @@ def test_a_job_redis_lost_is_rebuilt_from_storage(store: JobStore, tmp_path: Pat
     assert status["counts"] == {"running": 0, "done": 1, "failed": 0, "skipped": 0, "queued": 2}
     assert store.items(job_id)[0]["artifacts"] == ["map.npz", MARKER]
     assert store.rib(job_id) == {"iterations": 2}
+
+
+def test_a_manifest_job_is_rebuilt_from_its_frozen_manifest(store: JobStore, tmp_path: Path) -> None:
+    """A bulk job from a manifest keeps the manifest's bytes (digest signed in request.json), not its
+    items re-encoded; the rebuild reads them back, and refuses a copy changed since."""
+    storage = LocalStorage(tmp_path)
+    records = Records(storage, b"the server's secret")
+    text = "\n".join(['{"format": "rib-manifest", "version": 1, "classes": ["cat", "dog"]}',
+                      '{"id": "a", "image": "a.jpg", "labels": ["cat"]}',
+                      '{"id": "b", "image": "s3://other/b.jpg", "labels": ["dog", "cat"]}']) + "\n"
+    manifest = SubmittedManifest(text, "s3://b/set", ("cat", "dog"))
+    items = manifest.items()
+    assert items == [JobItem("a", "s3://b/set/a.jpg", ("cat",)), JobItem("b", "s3://other/b.jpg", ("dog", "cat"))]
+    job_id = os.urandom(16).hex()
+    save_request(records, job_id, "bulk", items, {"iterations": 2}, manifest=manifest)
+    request = load_request(records, job_id)
+    assert "items" not in request and request_items(records, request) == items
+    assert store.restore(job_id, records) == items  # nothing finished: every image is queued again
+    assert [it["id"] for it in store.items(job_id)] == ["a", "b"]
+    changed = os.urandom(16).hex()
+    save_request(records, changed, "bulk", items, {"iterations": 2}, manifest=manifest)
+    storage.put(job_manifest_key(changed), text.replace("dog", "cat").encode())
+    with pytest.raises(UntrustedRecordError):
+        request_items(records, load_request(records, changed))
+    assert store.restore(changed, records) is None and not store.exists(changed)
 
 
 # ------------------------------------------------------------------------------------ threads and commands

@@ -107,6 +107,11 @@ def request_key(job_id: str) -> str:
     return f"jobs/{job_id}/request.json"
 
 
+def job_manifest_key(job_id: str) -> str:
+    """The frozen copy of a bulk job's manifest, as the request named it (its digest is in request.json)."""
+    return f"jobs/{job_id}/inputs/manifest.jsonl"
+
+
 def store_result(storage: Storage, job_id: str, image_id: str, artifacts: Artifacts) -> None:
     """Write one image's files, the marker last: a folder with ``meta.json`` is complete."""
     for name in sorted(artifacts, key=lambda n: n == MARKER):

@@ -120,6 +120,24 @@ def uri_size(uri: str, client: Any = None) -> int:
     return Path(uri).stat().st_size
 
 
+def uri_version(uri: str, client: Any = None) -> str:
+    """What changes when the object at a path or an s3:// URI is rewritten (S3's ETag; a file's size
+    and modification time), read without its bytes; FileNotFoundError when absent."""
+    if is_s3_uri(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        client = client or s3_client()
+        try:
+            return str(client.head_object(Bucket=bucket, Key=key)["ETag"])
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"no object at {uri}") from e
+            raise
+    stat = Path(uri).stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def uri_exists(uri: str, client: Any = None) -> bool:
     if is_s3_uri(uri):
         bucket, key = split_s3_uri(uri)

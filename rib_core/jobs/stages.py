@@ -29,11 +29,13 @@ from rib_core.config.rib_config import RibConfig
 from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
 from rib_core.data.datasets import Manifest, median_long_side
 from rib_core.deeplab.job import OnLog, run_training_job
+from rib_core.io.storage import uri_version
 from rib_core.refine.irn import load_irn
 from rib_core.refine.pseudo_masks import refine_maps
 from rib_core.rib.batching import run_rib
 from rib_core.rib.companions import DEFAULT_CACHE_BYTES, POOLS
 from rib_core.training.checkpoints import load_classifier, read_checkpoint
+from rib_core.training.networks import CamNet
 
 EpochHook = Callable[[int], None]  # called after each training epoch's state is saved; may raise to stop
 
@@ -69,6 +71,30 @@ def long_side(manifest: Manifest) -> int:
     return _LONG_SIDES[manifest.digest]
 
 
+class ClassifierCache:
+    """The classifiers this process has loaded, by location and version (:func:`uri_version`: a
+    rewritten file is loaded again), the last ``keep`` of them: every chunk of a job's maps stage
+    shares one model (RIB fine-tunes copies of it) instead of reading a ResNet-50 from storage per
+    chunk. ``loads`` counts real loads."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.loads = 0
+        self._models: dict[tuple[str, str, tuple[str, ...]], CamNet] = {}
+
+    def get(self, uri: str | os.PathLike[str], classes: Sequence[str]) -> CamNet:
+        key = (str(uri), uri_version(str(uri)), tuple(classes))
+        if key not in self._models:
+            self._models[key] = load_classifier(uri, classes)[0]
+            self.loads += 1
+            while len(self._models) > self.keep:
+                del self._models[next(iter(self._models))]
+        return self._models[key]
+
+
+CLASSIFIERS = ClassifierCache()
+
+
 def maps_stage(work: Path, manifest: Manifest, ids: Sequence[str], classifier: str | os.PathLike[str],
                cfg: RibConfig, device: str = "cpu", progress: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES,
                disk_cache: str | None = None) -> Path:
@@ -76,8 +102,8 @@ def maps_stage(work: Path, manifest: Manifest, ids: Sequence[str], classifier: s
     demo): the data set itself is the companion pool, the process's one pool of it
     (:data:`~rib_core.rib.companions.POOLS`), so every chunk of a job reuses it, and the companion sizes
     not given follow its images (:meth:`RibConfig.fitted_to`, measured once per data set). Existing
-    maps are kept."""
-    model, _, _ = load_classifier(classifier, manifest.classes)
+    maps are kept. The classifier is loaded once per process too (:data:`CLASSIFIERS`)."""
+    model = CLASSIFIERS.get(classifier, manifest.classes)
     pool = POOLS.get(manifest, cache_bytes=cache_bytes, disk_cache=disk_cache)
     cfg, _ = cfg.fitted_to(long_side(manifest))
     return run_rib(model, manifest.subset(ids), pool, work / "maps", cfg, device, progress=progress)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 
-from contract.jobs import load_request
+from contract.jobs import SubmittedManifest, load_request, request_items
 from rib_core.io.artifacts import job_prefix
 from rib_core.io.export_sources import export_job, presigned_image_url
 from rib_core.io.exports import ExportConfig, ExportFormat
@@ -32,13 +32,15 @@ def submit_job(req: JobRequest, owner: Owner, settings: SettingsDep, jobs: JobsD
     rib = rib_params(req.rib, s.rib_defaults, s.max_crop_size)
     refine = refine_params(req.refine, s.refine_defaults)
     callback = callback_url(req.callback_url, s)
+    manifest = None
     if req.manifest_uri is not None:
-        text = read_manifest(req.manifest_uri, s, locations)
-        items = manifest_items(text, parent_uri(req.manifest_uri), classes, locations, s.max_job_images)
+        manifest = SubmittedManifest(read_manifest(req.manifest_uri, s, locations), parent_uri(req.manifest_uri),
+                                     tuple(classes))
+        items = manifest_items(manifest.text, manifest.base, classes, locations, s.max_job_images)
     else:
         items = inline_items(req.images or [], classes, locations, s.max_job_images)
     job_id = uuid.uuid4().hex
-    jobs.submit(job_id, "bulk", items, rib, refine, owner, callback)
+    jobs.submit(job_id, "bulk", items, rib, refine, owner, callback, manifest=manifest)
     return accepted(job_id, total=len(items))
 
 
@@ -83,7 +85,7 @@ def export(job_id: str, jobs: OwnedJob, classes: ClassesDep, format: Annotated[E
     Studio task list with its labelling config, or VOC palette PNGs: one zip written under the
     job's prefix in storage, returned as a presigned link. Images still running are left out;
     call again when the job is done. Ignore pixels (255) are in no COCO or Label Studio region."""
-    uris = {d["id"]: d["image"] for d in load_request(jobs.records, job_id)["items"]}
+    uris = {it.id: it.image for it in request_items(jobs.records, load_request(jobs.records, job_id))}
     cfg = ExportConfig(format=format, image_url_prefix=image_url_prefix, images=images)
     try:
         key = export_job(jobs.storage, job_prefix(job_id), classes, cfg, uris,
