@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import redis
 
+from rib_core.runtime.provenance import run_record
 from tests.api_inprocess import BUCKET, inprocess_api
 
 CLASSES = [f"class{i}" for i in range(20)]
@@ -65,8 +65,8 @@ def run(images: list[int], repeats: int) -> dict[str, Any]:
                 seconds, queued = time_submits(api, path, body, repeats)
                 rows.append({"images": n, "kind": kind, "median_s": round(statistics.median(seconds), 3),
                              "max_s": round(max(seconds), 3), "messages_sent_by_request": queued})
-    return {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "repeats": repeats, "rows": rows}
+    return {"run": run_record(), "repeats": repeats, "rows": rows,
+            "load_average_1m_end": round(os.getloadavg()[0], 2)}  # the run record has the one at the start
 
 
 def table(result: dict[str, Any]) -> str:

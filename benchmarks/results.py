@@ -144,12 +144,20 @@ def scale_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def submit_line(report: dict[str, Any]) -> str:
-    rows = report.get("submit_latency") or []
-    if not rows:
-        return "Submit latency: not measured in this run (`--submit`)."
-    return "Submit latency, from the request to the 202 (median of 3): " + "; ".join(
-        f"{r['kind']} of {r['images']:,} images {r['median_s']:.2f} s" for r in rows) + "."
+SUBMIT_HOWTO = ("`python -m benchmarks.bench_submit --images 100000 --out docs/results/bench_submit.json` on a "
+                "quiet machine, then `python -m benchmarks.results`")
+
+
+def submit_lines(result: dict[str, Any] | None) -> str:
+    """The submit latency of the largest jobs (``bench_submit``), with its own provenance."""
+    if result is None or "run" not in result:
+        return f"Submit latency: no result committed yet: {SUBMIT_HOWTO}."
+    largest = max(r["images"] for r in result["rows"])
+    rows = [r for r in result["rows"] if r["images"] == largest]
+    return (f"Submit latency of {largest:,}-image jobs, from the request to the 202 "
+            f"(`benchmarks/bench_submit.py`, median of {result['repeats']}; the chunk messages follow from a "
+            f"task): " + "; ".join(f"{r['kind']} {r['median_s']:.2f} s" for r in rows) + ". " + provenance(result)
+            + f" Load average at the end: {result.get('load_average_1m_end')}.")
 
 
 def projection_line(report: dict[str, Any]) -> str:
@@ -167,17 +175,19 @@ def projection_line(report: dict[str, Any]) -> str:
 def scale_summary(report: dict[str, Any]) -> str:
     """The compact table of a ``bench_scale`` run (the README's performance block)."""
     lines = ["| data set | warm chunk overhead (s) | vs the smallest | peak RSS (MiB) | model (MiB) | "
-             "cache held / bound (MiB) |", "|---|---:|---:|---:|---:|---:|"]
+             "cache held / bound (MiB) | the rest (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in scale_rows(report):
         lines.append(f"| {r['size']:,} images, {r['storage']} | {r['overhead_s']:.2f} | {r['growth']:.2f}x | "
-                     f"{r['peak_mib']:.0f} | {r['model_mib']:.0f} | {r['cache_mib']:.0f} / {r['bound_mib']:.0f} |")
+                     f"{r['peak_mib']:.0f} | {r['model_mib']:.0f} | {r['cache_mib']:.0f} / {r['bound_mib']:.0f} | "
+                     f"{r['rest_mib']:.0f} |")
     c = report["config"]
     setup = (f"{c['chunk']}-image chunks of {report['data']}; {c['arch']}, K {c['iterations']}, "
              f"{c['companions']} companions of {c['crop']} px; *model* is the RSS once the classifier is "
-             f"loaded. Load average {report['run']['machine']['load_average_1m']} at the start, "
-             f"{report.get('load_average_1m_end')} at the end.")
-    return "\n\n".join(part for part in ["\n".join(lines), setup, submit_line(report), projection_line(report)]
-                        if part)
+             f"loaded; *the rest* is the peak beyond the model and the cache: RIB's step (activations and "
+             f"gradients of the crops) and the data set's index. Load average "
+             f"{report['run']['machine']['load_average_1m']} at the start, {report.get('load_average_1m_end')} "
+             "at the end.")
+    return "\n\n".join(part for part in ["\n".join(lines), setup, projection_line(report)] if part)
 
 
 def scale_section(report: dict[str, Any] | None) -> str:
@@ -250,6 +260,7 @@ def readme_blocks(folder: Path = RESULTS_DIR, picture: Path = PICTURE) -> dict[s
     scale = load(folder, "bench_scale")
     performance = (f"No data-set scale result committed yet: {SCALE_HOWTO}." if scale is None
                    else "\n\n".join([provenance(scale), scale_summary(scale)]))
+    performance += "\n\n" + submit_lines(load(folder, "bench_submit"))
     return {"demo picture": shown, "demo table": table, "performance": performance}
 
 

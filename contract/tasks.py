@@ -54,7 +54,8 @@ class TrainingJobInputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["train", "evaluate", "predict"]
+    kind: Literal["train", "evaluate", "predict"] = Field(description="train a DeepLab on the manifest's masks, "
+                                                                "score a checkpoint on them, or predict masks")
     manifest: str = Field(description="s3:// URI of a manifest (pseudo-masks to train on, or images to score); "
                                       "its records are frozen at submit")
     checkpoint: str | None = Field(None, description="DeepLab checkpoint for evaluate and predict (yours: an input "
@@ -71,6 +72,10 @@ class TrainingJobInputs(BaseModel):
 class TrainingJobRequest(TrainingJobInputs):
     """An offline DeepLab job as a user asks it. Where it writes is the service's choice (the job's
     own prefix, ``jobs/<id>/training/``), never a request's."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "kind": "train", "manifest": "s3://data/voc/pseudo_masks.jsonl", "evaluate_on": "s3://data/voc/val.jsonl",
+        "config": {"arch": "resnet101", "iterations": 30000}}]})
 
     @model_validator(mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from contract.settings import Settings, get_settings
 from rib_core import __version__
 from service import api_docs, middleware
 from service.deps import Clients, require_api_key
+from service.errors import error_responses
 from service.metrics import RedisStatsCollector
 from service.routes import health, images, jobs, label_studio, pipelines, training, webhooks
 
@@ -39,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                          [settings.image_queue, settings.training_queue]))
     middleware.install(app, settings.max_upload_bytes)
     api_docs.install(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=error_responses(401))
     for resource in (images, jobs, pipelines, training, webhooks):
         v1.include_router(resource.router)
     app.include_router(health.router)

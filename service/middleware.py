@@ -14,7 +14,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import LATENCY, REJECTED, REQUESTS
-from service.validation import InputError
+from service.validation import SECTIONS, InputError, invalid
 
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around the uploaded file
 
@@ -84,10 +84,21 @@ def _expected_body(request: Request) -> str | None:
     return "multipart/form-data" if isinstance(body.field_info, params.Form) else "application/json"
 
 
+def _section(locs: list[tuple[str, ...]]) -> str | None:
+    """The stage settings (``rib``, ``refine``, ...) that every error lies inside, if one."""
+    found = {loc[1] if len(loc) > 2 and loc[0] == "body" else None for loc in locs}
+    section = found.pop() if len(found) == 1 else None
+    return section if section in SECTIONS else None
+
+
 async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's own checks answer in the service's shape, and name a body of the wrong media type."""
-    errors = [{"field": ".".join(str(p) for p in err["loc"][1:]) or str(err["loc"][0]), "error": err["msg"]}
-              for err in exc.errors()]
+    """FastAPI's own checks answer in the service's shape, and name a body of the wrong media type.
+    Errors all inside one stage's settings answer as when the service checks them merged into its
+    defaults (:func:`service.validation.invalid`): fields relative to the settings."""
+    pairs = [(tuple(map(str, err["loc"])), str(err["msg"])) for err in exc.errors()]
+    if section := _section([loc for loc, _ in pairs]):
+        return await input_error(request, invalid(SECTIONS[section], [(".".join(loc[2:]), m) for loc, m in pairs]))
+    errors = [{"field": ".".join(loc[1:]) or loc[0], "error": msg} for loc, msg in pairs]
     expected = _expected_body(request)
     sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if expected and sent != expected and any(err["loc"][0] == "body" for err in exc.errors()):

@@ -1,9 +1,6 @@
-"""Request and response bodies of the API, so that OpenAPI (``/docs``) shows every answer's shape.
-
-The request models carry the same settings objects the offline tools use (``RibConfig`` and
-``RefineConfig`` fields are validated against them in :mod:`service.validation`; a training job is
-the task contract's :class:`~contract.tasks.TrainingJobRequest`).
-"""
+"""Response bodies of the API, each with an example, so that OpenAPI
+(``/docs``) shows every answer's shape; the request bodies are :mod:`service.bodies`,
+the error body :mod:`service.errors`."""
 
 from __future__ import annotations
 
@@ -12,41 +9,38 @@ from typing import Annotated, Any
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from contract.tasks import TrainingJobRequest
-
-__all__ = ["TrainingJobRequest"]
-
 MAX_OFFSET = 2**62  # results paging: Redis list indexes are 64-bit
 # An export's images: COCO's images/ and VOC's JPEGImages/ (every image read into the zip) or not.
 ExportImages = Annotated[bool, Query(description="put the images in the archive (COCO images/, VOC JPEGImages/); "
                                                  "false: the masks and annotations only")]
+JOB_ID = "3f2a9c0e7b1d4e5f8a6b2c1d0e9f8a7b"  # what a job id looks like, in the examples
+T0 = 1764950400.0  # a Unix time, in the examples
 
 
-class JobRequest(BaseModel):
-    """A bulk job: a manifest (``s3://...`` JSONL, the rib-manifest format) or an inline list of records."""
+def example(value: dict[str, Any], **config: Any) -> ConfigDict:
+    """A model's config whose JSON schema shows ``value`` as the example."""
+    return ConfigDict(json_schema_extra={"examples": [value]}, **config)
 
-    model_config = ConfigDict(extra="forbid")
 
-    manifest_uri: str | None = Field(None, description="s3:// URI of a JSONL manifest; relative paths resolve "
-                                                       "against its folder")
-    images: list[Any] | None = Field(None, description='inline records: {"id", "image" (s3:// URI), "labels"}')
-    rib: dict[str, Any] = Field(default_factory=dict, description="RIB parameters overriding the defaults "
-                                                                  "(rib_core.config.rib_config.RibConfig)")
-    refine: dict[str, Any] = Field(default_factory=dict, description="refinement settings overriding the defaults "
-                                                                     "(rib_core.config.stage_configs.RefineConfig)")
-    callback_url: str | None = Field(None, description="URL the job's final state is POSTed to once, signed "
-                                                       "(docs/SERVICE.md, Webhooks)")
+def example_of(model: type[BaseModel]) -> Any:
+    """The example ``model``'s schema shows (:func:`example`), for the examples of models holding it."""
+    return model.model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
 
 
 # ----------------------------------------------------------------------------- health
 
 
 class Health(BaseModel):
+    model_config = example({"status": "ok"})
+
     status: str = Field(description='"ok" while the process is up')
 
 
 class ClassifierInfo(BaseModel):
     """The classifier the workers serve, as a worker recorded it at start-up."""
+
+    model_config = example({"uri": "s3://models/classifier.pth", "val_map": 0.91, "warning": None,
+                            "val_manifest": "s3://data/voc/val.jsonl", "recorded_at": T0})
 
     uri: str | None = Field(description="RIB_CLASSIFIER_URI")
     val_map: float | None = Field(None, description="validation mAP recorded in the checkpoint (None: not "
@@ -57,6 +51,10 @@ class ClassifierInfo(BaseModel):
 
 
 class Readiness(BaseModel):
+    model_config = example({"ready": True, "checks": {"redis": "ok", "broker": "ok", "storage": "ok",
+                                                      "classifier_uri": "ok", "companion_manifest_uri": "ok"},
+                            "classifier": example_of(ClassifierInfo)})
+
     ready: bool
     checks: dict[str, str] = Field(description='"ok", or why the part is not usable ("failing" without an API key)')
     classifier: ClassifierInfo | None = Field(None, description="shown with an API key")
@@ -66,12 +64,17 @@ class Readiness(BaseModel):
 
 
 class Links(BaseModel):
+    model_config = example({"status": f"/v1/jobs/{JOB_ID}", "results": f"/v1/jobs/{JOB_ID}/results"})
+
     status: str
     results: str | None = None
 
 
 class JobAccepted(BaseModel):
     """A queued job: poll its status link."""
+
+    model_config = example({"job_id": JOB_ID, "state": "queued", "image_id": None, "total": 120,
+                            "links": example_of(Links)})
 
     job_id: str
     state: str
@@ -81,6 +84,8 @@ class JobAccepted(BaseModel):
 
 
 class Counts(BaseModel):
+    model_config = example({"queued": 80, "running": 4, "done": 35, "failed": 1, "skipped": 0})
+
     queued: int
     running: int
     done: int
@@ -89,11 +94,16 @@ class Counts(BaseModel):
 
 
 class ImageFailure(BaseModel):
+    model_config = example({"id": "cat_007", "error": "ImageError: not a readable image"})
+
     id: str
     error: str
 
 
 class Timing(BaseModel):
+    model_config = example({"created_at": T0, "started_at": T0 + 2, "finished_at": None,
+                                      "elapsed_s": 95.0, "mean_image_s": 2.4})
+
     created_at: float
     started_at: float | None
     finished_at: float | None
@@ -104,6 +114,8 @@ class Timing(BaseModel):
 class Progress(BaseModel):
     """How fast the job goes, from its own counters: None until its first image finishes."""
 
+    model_config = example({"images_per_minute": 24.0, "eta_s": 210.0, "remaining": 84})
+
     images_per_minute: float | None = Field(description="images finished (done or failed) per minute since the "
                                                         "first started")
     eta_s: float | None = Field(description="seconds until the remaining images are done at that rate")
@@ -111,6 +123,12 @@ class Progress(BaseModel):
 
 
 class JobStatus(BaseModel):
+    model_config = example({
+        "job_id": JOB_ID, "kind": "bulk", "state": "running", "total": 120, "counts": example_of(Counts),
+        "errors": [example_of(ImageFailure)], "errors_truncated": False, "timing": example_of(Timing),
+        "progress": example_of(Progress), "rib": {"preset": "voc", "iterations": 10},
+        "refine": {"preset": "voc", "use_irn": True}})
+
     job_id: str
     kind: str
     state: str = Field(description="queued, running, cancelling, done, failed or cancelled")
@@ -125,6 +143,10 @@ class JobStatus(BaseModel):
 
 
 class Link(BaseModel):
+    model_config = example({"key": f"jobs/{JOB_ID}/images/cat_001/mask.png",
+                                    "uri": f"s3://results/jobs/{JOB_ID}/images/cat_001/mask.png",
+                                    "url": "https://s3.example.org/results/jobs/...?X-Amz-Signature=..."})
+
     key: str = Field(description="storage key")
     uri: str
     url: str = Field(description="presigned (S3) or file URL")
@@ -133,11 +155,19 @@ class Link(BaseModel):
 class ExportLink(Link):
     """A job's export, written to storage as one zip archive."""
 
+    model_config = example({"key": f"jobs/{JOB_ID}/export-coco.zip", "uri": f"s3://results/jobs/{JOB_ID}/export-coco.zip",
+                            "url": "https://s3.example.org/results/jobs/...?X-Amz-Signature=...", "format": "coco",
+                            "images": 35})
+
     format: str = Field(description="coco, labelstudio or voc")
     images: int = Field(description="finished images in the export")
 
 
 class ImageResult(BaseModel):
+    model_config = example({"id": "cat_001", "status": "done", "labels": ["cat"], "error": None, "attempts": 1,
+                            "seconds": 2.3, "artifacts": {"mask": example_of(Link)}, "map": None,
+                            "mask": example_of(Link), "overlay": None})
+
     id: str
     status: str
     labels: list[str]
@@ -151,6 +181,9 @@ class ImageResult(BaseModel):
 
 
 class ResultsPage(BaseModel):
+    model_config = example({"job_id": JOB_ID, "offset": 0, "limit": 100, "total": 120, "next_offset": 100,
+                                    "items": [example_of(ImageResult)]})
+
     job_id: str
     offset: int
     limit: int
@@ -162,6 +195,9 @@ class ResultsPage(BaseModel):
 class FinishedUpload(JobStatus):
     """An upload that finished within ``wait``: its status and its result."""
 
+    model_config = example({**example_of(JobStatus), "kind": "upload", "state": "done", "total": 1,
+                            "results": example_of(ResultsPage)})
+
     results: ResultsPage
 
 
@@ -169,12 +205,17 @@ class FinishedUpload(JobStatus):
 
 
 class TrainingAccepted(BaseModel):
+    model_config = example({"job_id": JOB_ID, "state": "queued", "links": {"status": f"/v1/training-jobs/{JOB_ID}"}})
+
     job_id: str
     state: str
     links: Links
 
 
 class TrainingStatus(BaseModel):
+    model_config = example({"job_id": JOB_ID, "state": "running", "spec": {"kind": "train",
+                            "manifest": "s3://data/voc/pseudo.jsonl"}, "created_at": T0, "result": None, "error": None})
+
     job_id: str
     state: str = Field(description="queued, running, done, failed or cancelled")
     spec: dict[str, Any]
@@ -186,30 +227,12 @@ class TrainingStatus(BaseModel):
 # ----------------------------------------------------------------------------- pipeline jobs
 
 
-class PipelineRequest(BaseModel):
-    """A data set through every stage: classifier, RIB maps, refinement (IRN), optionally DeepLab."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    manifest_uri: str = Field(description="s3:// URI of the data set's JSONL manifest (its header names the "
-                                          "classes; masks, if any, are used to score every stage)")
-    classifier_uri: str | None = Field(None, description="start from this classifier checkpoint instead of "
-                                                         "training one")
-    val_manifest_uri: str | None = Field(None, description="labelled manifest the classifier is scored on each "
-                                                           "epoch (default: the data set)")
-    classifier: dict[str, Any] = Field(default_factory=dict, description="classifier training "
-                                       "(rib_core.config.stage_configs.ClassifierTrainConfig)")
-    rib: dict[str, Any] = Field(default_factory=dict, description="RIB parameters overriding the defaults "
-                                                                  "(rib_core.config.rib_config.RibConfig)")
-    refine: dict[str, Any] = Field(default_factory=dict, description="refinement and IRN training overriding the "
-                                   "defaults (rib_core.config.stage_configs.RefineConfig)")
-    deeplab: dict[str, Any] | None = Field(None, description="set (even {}): train DeepLab on the pseudo-masks "
-                                                             "(rib_core.config.stage_configs.DeepLabTrainConfig)")
-    callback_url: str | None = Field(None, description="URL the job's final state is POSTed to, signed "
-                                                       "(docs/SERVICE.md, Webhooks)")
-
-
 class PipelineAccepted(BaseModel):
+    model_config = example({"job_id": JOB_ID, "state": "queued", "total": 1464,
+                            "stages": ["classifier", "maps", "refine", "deeplab"],
+                            "links": {"status": f"/v1/pipelines/{JOB_ID}",
+                                      "results": f"/v1/pipelines/{JOB_ID}/results"}})
+
     job_id: str
     state: str
     total: int = Field(description="images in the data set")
@@ -218,6 +241,9 @@ class PipelineAccepted(BaseModel):
 
 
 class StageStatus(BaseModel):
+    model_config = example({"state": "running", "started_at": T0, "finished_at": None, "seconds": 340.0,
+                                     "progress": {"epoch": 2, "epochs": 5}, "report": None, "error": None})
+
     state: str = Field(description="pending, running, done, skipped, failed or cancelled")
     started_at: float | None
     finished_at: float | None
@@ -230,6 +256,9 @@ class StageStatus(BaseModel):
 
 
 class PipelineStatus(BaseModel):
+    model_config = example({"job_id": JOB_ID, "state": "running", "total": 1464, "created_at": T0, "cancelled": False,
+                            "stages": {"classifier": example_of(StageStatus)}})
+
     job_id: str
     state: str = Field(description="queued, running, cancelling, done, failed or cancelled")
     total: int
@@ -239,12 +268,17 @@ class PipelineStatus(BaseModel):
 
 
 class PipelineImage(BaseModel):
+    model_config = example({"id": "2007_000032", "files": {"mask": example_of(Link)}})
+
     id: str
     files: dict[str, Link] = Field(description="map, crf_mask, mask (the final one: IRN's), overlay, "
                                                "confident_labels, retrain_labels: those written so far")
 
 
 class PipelineResults(BaseModel):
+    model_config = example({"job_id": JOB_ID, "offset": 0, "limit": 100, "total": 1464, "next_offset": 100,
+                            "items": [example_of(PipelineImage)]})
+
     job_id: str
     offset: int
     limit: int

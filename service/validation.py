@@ -1,9 +1,10 @@
 """Input checks of the API: bad input is refused here with a message that says what to fix.
 
 Nothing that fails these checks is stored or queued. Manifest and record checks are
-``rib_core.data.datasets``' own (the same rules as the offline tools); the service adds what matters
-for a shared deployment: ids that are safe storage keys, inputs only from allowed locations, and
-bounds on the per-request RIB parameters so that one request cannot exhaust a worker.
+``rib_core.data.datasets``' own (the same rules as the offline tools), and a request's stage settings are
+checked by their config objects once merged into the service's defaults (their bounds keep one
+request from exhausting a worker); the service adds what a schema cannot say: ids that are safe
+storage keys, inputs only from allowed locations that exist, and the operator's RIB_MAX_CROP_SIZE.
 """
 
 from __future__ import annotations
@@ -11,21 +12,21 @@ from __future__ import annotations
 import gc
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from contract.jobs import JobItem
 from contract.settings import Settings
 from contract.webhooks import check_callback
 from rib_core.config.presets import merge
 from rib_core.config.rib_config import RibConfig
-from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
+from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig, StageConfig
 from rib_core.data.datasets import (
     ImageError,
     ImageTooLargeError,
@@ -38,9 +39,12 @@ from rib_core.data.datasets import (
 )
 from rib_core.io.storage import is_s3_uri
 
-StageConfig = TypeVar("StageConfig", RibConfig, RefineConfig, ClassifierTrainConfig, DeepLabTrainConfig)
+Config = TypeVar("Config", bound=StageConfig)
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-MAX_SCALE = 4.0  # twice the paper's largest map scale (2.0, paper 4.1)
+# A request's stage settings, by their field in a request, as a 422 names them.
+SECTIONS = {"rib": "RIB parameters", "refine": "refinement parameters", "classifier": "classifier settings",
+            "deeplab": "DeepLab settings"}
+Given = BaseModel | Mapping[str, Any] | str | None  # a section: a typed body, a JSON object, or its text (forms)
 
 
 class InputError(ValueError):
@@ -139,52 +143,60 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
         raise InputError(422, f"{e}; upload a PNG or JPEG image within the limits") from e
 
 
-def _overridden(name: str, what: str, cls: type[StageConfig], defaults: StageConfig,
-                overrides: dict[str, Any] | str | None) -> StageConfig:
-    """The service's ``defaults`` with a request's fields (a JSON object, or its text) merged in,
-    validated by the config class the offline tools use."""
-    if isinstance(overrides, str):
+def invalid(what: str, errors: Sequence[tuple[str, str]]) -> InputError:
+    """The 422 of ``errors`` ((field, message) pairs): a detail naming the first ones, and each listed."""
+    listed = "; ".join(f"{field}: {msg}" if field else msg for field, msg in errors[:5])
+    return InputError(422, f"invalid {what}: {listed}", [{"field": field, "error": msg} for field, msg in errors])
+
+
+def _overridden(section: str, cls: type[Config], defaults: Config, given: Given) -> Config:
+    """The service's ``defaults`` with a request's ``section`` merged in, validated by the config
+    class the offline tools use."""
+    if isinstance(given, str):
         try:
-            overrides = json.loads(overrides) if overrides.strip() else {}
+            given = json.loads(given) if given.strip() else {}
         except json.JSONDecodeError as e:
-            raise InputError(422, f"{name} must be a JSON object ({e.msg} at column {e.colno})") from e
-    if not isinstance(overrides, dict | None):
-        raise InputError(422, f"{name} must be a JSON object of {what}")
+            raise InputError(422, f"{section} must be a JSON object ({e.msg} at column {e.colno})") from e
+    if isinstance(given, BaseModel):
+        given = given.model_dump(exclude_unset=True)
+    if not isinstance(given, Mapping | None):
+        raise InputError(422, f"{section} must be a JSON object of {SECTIONS[section]}")
+    # Only what the defaults set explicitly, so that a request's ``preset`` fills every field the
+    # operator left to the preset (a full dump would pin the VOC values); but a nested section the
+    # request changes starts from the defaults' whole section (DeepLab's CRF is not CrfConfig()).
+    base = defaults.model_dump(exclude_unset=True)
+    for key, value in (given or {}).items():
+        if isinstance(value, Mapping) and isinstance(getattr(defaults, key, None), BaseModel):
+            base[key] = getattr(defaults, key).model_dump()
     try:
-        # Only what the defaults set explicitly, so that a request's ``preset`` fills every field
-        # the operator left to the preset (a full dump would pin the VOC values).
-        return cls.model_validate(merge(defaults.model_dump(exclude_unset=True), overrides or {}))
+        return cls.model_validate(merge(base, given or {}))
     except ValidationError as e:
-        raise InputError(422, f"invalid {what}",
-                         [{"field": ".".join(map(str, err["loc"])), "error": err["msg"]} for err in e.errors()]) from e
+        raise invalid(SECTIONS[section], [(".".join(map(str, err["loc"])), err["msg"]) for err in e.errors()]) from e
 
 
-def rib_params(overrides: dict[str, Any] | str | None, defaults: RibConfig, max_crop: int) -> RibConfig:
-    """The request's RIB parameters: the service defaults with the given fields replaced."""
-    cfg = _overridden("rib", "RIB parameters", RibConfig, defaults, overrides)
+def rib_params(given: Given, defaults: RibConfig, max_crop: int) -> RibConfig:
+    """The request's RIB parameters: the service defaults with the given fields replaced, within the
+    operator's RIB_MAX_CROP_SIZE."""
+    cfg = _overridden("rib", RibConfig, defaults, given)
     if cfg.crop_size > max_crop or max(cfg.resize_long) > max_crop:
         raise InputError(422, f"crop_size and resize_long must be at most {max_crop} (RIB_MAX_CROP_SIZE)")
-    if max(*cfg.map_scales, *cfg.loss_scales) > MAX_SCALE or min(*cfg.map_scales, *cfg.loss_scales) <= 0:
-        raise InputError(422, f"scales must lie in (0, {MAX_SCALE}]")
-    if not set(cfg.loss_scales) <= set(cfg.map_scales):
-        raise InputError(422, "every loss scale must be one of the map scales")
     return cfg
 
 
-def refine_params(overrides: dict[str, Any] | str | None, defaults: RefineConfig) -> RefineConfig:
+def refine_params(given: Given, defaults: RefineConfig) -> RefineConfig:
     """The request's refinement settings (``RefineConfig``, as ``rib refine`` reads them): the
     service defaults (RIB_REFINE_DEFAULTS) with the given fields merged in, nested ones key by key."""
-    return _overridden("refine", "refinement parameters", RefineConfig, defaults, overrides)
+    return _overridden("refine", RefineConfig, defaults, given)
 
 
-def classifier_params(overrides: dict[str, Any] | None) -> ClassifierTrainConfig:
+def classifier_params(given: Given) -> ClassifierTrainConfig:
     """A pipeline's classifier recipe (``ClassifierTrainConfig``, as ``rib train-classifier`` reads it)."""
-    return _overridden("classifier", "classifier settings", ClassifierTrainConfig, ClassifierTrainConfig(), overrides)
+    return _overridden("classifier", ClassifierTrainConfig, ClassifierTrainConfig(), given)
 
 
-def deeplab_params(overrides: dict[str, Any]) -> DeepLabTrainConfig:
+def deeplab_params(given: Given) -> DeepLabTrainConfig:
     """A pipeline's DeepLab settings (``DeepLabTrainConfig``, as ``rib deeplab`` reads them)."""
-    return _overridden("deeplab", "DeepLab settings", DeepLabTrainConfig, DeepLabTrainConfig(), overrides)
+    return _overridden("deeplab", DeepLabTrainConfig, DeepLabTrainConfig(), given)
 
 
 def _check_items(records: Sequence[Any], uris: Sequence[str], where: Sequence[dict[str, Any]],

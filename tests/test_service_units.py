@@ -13,11 +13,13 @@ from contract.jobs import JobItem, JobStore
 from contract.pipelines import PipelineSpec, PipelineStore
 from contract.settings import Settings
 from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import DEEPLAB_CRF
 from rib_core.io.artifacts import image_key
 from rib_core.io.storage import LocalStorage
 from service.validation import (
     InputError,
     Locations,
+    deeplab_params,
     default_image_id,
     manifest_items,
     parse_labels,
@@ -133,6 +135,13 @@ def test_rib_parameters_override_the_defaults_within_bounds() -> None:
                          ({"crop_size": 100_000}, "invalid RIB"), ({"unknown": 1}, "invalid RIB")):
         with pytest.raises(InputError, match=message):
             rib_params(bad, defaults, 1024)
+
+
+def test_a_nested_section_given_in_part_keeps_the_rest_of_its_default() -> None:
+    """DeepLab's CRF defaults are not CrfConfig's: a request that changes one CRF field keeps DeepLab's others."""
+    cfg = deeplab_params({"crf": {"iterations": 5}})
+    assert cfg.crf == DEEPLAB_CRF.model_copy(update={"iterations": 5})
+    assert deeplab_params({}).crf == DEEPLAB_CRF
 
 
 def test_small_helpers() -> None:

@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from rib_core.config.presets import Preset, with_preset
-from rib_core.config.stage_configs import MAX_CROP, SideRange
+from rib_core.config.stage_configs import (
+    MAX_CROP,
+    MOMENTUM_HELP,
+    POLY_HELP,
+    PRESET_HELP,
+    WEIGHT_DECAY_HELP,
+    SideRange,
+    StageConfig,
+)
 
 # PASCAL VOC's images are 500 px on the long side (nearly all 500x375 or 375x500): the scale that
 # the companion crop (512) and resize-long (320-640) of the official code were set for.
 VOC_LONG_SIDE = 500
 MAX_IMAGES_PER_BATCH = 64  # bound of max_images_per_batch, and the block rib_core.rib.batching.run_rib loads
+MAX_SCALE = 4.0  # bound of the map and loss scales: twice the paper's largest (2.0, paper 4.1)
+Scales = tuple[Annotated[float, Field(gt=0, le=MAX_SCALE)], ...]
 
 
 # VOC: the field defaults (obtain_RIB_CAM.py). COCO: obtain_RIB_CAM_coco.py's --RIB_lr 0.000005,
@@ -55,51 +65,86 @@ class RibPlan:
         return "batched" if self.batched else "plain"
 
 
-class RibConfig(BaseModel):
+class RibConfig(StageConfig):
     """Per-image RIB fine-tuning; ``preset`` fills the data-set-specific values not given."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset = "voc"
-    iterations: int = Field(10, ge=1, le=100)             # K: paper 4.1; --RIB_iter 10
-    lr: float = Field(8e-6, gt=0, le=1e-2)                # lambda: paper 4.1; --RIB_lr 0.000008 (x10 classifier)
-    weight_decay: float = Field(1e-4, ge=0)               # --cam_weight_decay, passed to PolyOptimizer
-    momentum: float = Field(1e-4, ge=0)                   # PolyOptimizer hands weight_decay to SGD as momentum
-    poly_power: float = Field(0.9, gt=0)                  # PolyOptimizer's "momentum" attribute is the exponent
-    companions: int = Field(20, ge=0, le=256)             # --RIB_batch 20 crops per step (paper: B - 1 = 19)
-    pooling: Literal["gndrp", "gap"] = "gndrp"            # --pooling gndp
-    tau: float = Field(0.4, gt=0, le=1)                   # --score_th 0.4 (paper 4.1)
+    preset: Preset = Field("voc", description=PRESET_HELP)
+    # K: paper 4.1; --RIB_iter 10
+    iterations: int = Field(10, ge=1, le=100, description="K: fine-tuning steps per image")
+    lr: float = Field(8e-6, gt=0, le=1e-2, description="lambda: learning rate of the per-image fine-tuning "
+                                                       "(decays over the K steps)")  # paper 4.1; --RIB_lr 0.000008
+    weight_decay: float = Field(1e-4, ge=0, description=WEIGHT_DECAY_HELP)  # --cam_weight_decay, to PolyOptimizer
+    # PolyOptimizer hands weight_decay to SGD as momentum
+    momentum: float = Field(1e-4, ge=0, description=MOMENTUM_HELP)
+    # PolyOptimizer's "momentum" attribute is the exponent
+    poly_power: float = Field(0.9, gt=0, description=POLY_HELP)
+    # --RIB_batch 20 crops per step (paper: B - 1 = 19)
+    companions: int = Field(20, ge=0, le=256, description="crops of other images (the companion manifest's) in each "
+                                                          "step's batch, as negatives")
+    # --pooling gndp
+    pooling: Literal["gndrp", "gap"] = Field("gndrp", description="gndrp: global non-dominant region pooling "
+                                                                  "(paper Eq. 3); gap: global average pooling")
+    # --score_th 0.4 (paper 4.1)
+    tau: float = Field(0.4, gt=0, le=1, description="GNDRP leaves out the pixels whose normalised map is above tau")
     # Official gndp2d zeroes pixels above tau but divides by all pixels |U|; the paper's Eq. 3
     # divides by |U_tau|. "all" = code (default), "kept" = paper.
-    gndrp_denominator: Literal["all", "kept"] = "all"
+    gndrp_denominator: Literal["all", "kept"] = Field(
+        "all", description="GNDRP divides by all pixels (official code) or by the pixels kept (paper Eq. 3)")
     # Official gndp2d loops over channels 0-19 only (VOC's 20 classes): on COCO, classes 20-79 keep
     # every pixel (GAP) even when labelled. None = GNDRP on every class (paper); 20 = that code.
-    gndrp_classes: int | None = Field(None, ge=0)
-    margin: float = Field(600, gt=0)                      # m: paper 4.1; --stop_th 600
+    gndrp_classes: int | None = Field(None, ge=0, description="GNDRP on the first N classes only, GAP on the rest "
+                                                              "(official COCO code: 20); null: every class")
+    # m: paper 4.1; --stop_th 600
+    margin: float = Field(600, gt=0, description="m: the margin on the target classes' logits (see margin_mode)")
     # Code: no min(m, y) in the loss; stop after the step where |sum of target logits| > m.
     # Paper: L = -sum min(m, y_c), run all K steps.
-    margin_mode: Literal["stop", "clamp"] = "stop"
-    explode_threshold: float = Field(0.3, gt=0, le=1)     # --explode_th 0.3
-    explode_ratio: float = Field(0.7, gt=0, le=1)         # --explode_ratio 0.7; 1.0 disables the check
-    loss_scales: tuple[float, ...] = (1.0, 1.5, 2.0)      # obtain_RIB_CAM.py skips scale 0.5 in the loss
-    map_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)  # --cam_scales, all used for M
+    margin_mode: Literal["stop", "clamp"] = Field(
+        "stop", description="stop: stop after the step whose summed target logits exceed m (official code); "
+                            "clamp: the loss takes min(m, logit) and all K steps run (paper)")
+    # --explode_th 0.3
+    explode_threshold: float = Field(0.3, gt=0, le=1, description="a map value above it counts as covered in the "
+                                                                  "explosion check")
+    # --explode_ratio 0.7; 1.0 disables the check
+    explode_ratio: float = Field(0.7, gt=0, le=1, description="fine-tuning stops when the labelled classes' maps "
+                                                              "cover more than this share of the image; 1.0: never")
+    # obtain_RIB_CAM.py skips scale 0.5 in the loss
+    loss_scales: Scales = Field((1.0, 1.5, 2.0), min_length=1, description="image scales in the loss; each one of "
+                                                                            "map_scales")
+    # --cam_scales, all used for M
+    map_scales: Scales = Field((1.0, 0.5, 1.5, 2.0), min_length=1, description="image scales whose maps sum to M")
     # Code sums the CAMs computed before each update (theta_0 .. theta_{K-1}); the paper sums
     # theta_0 .. theta_K. "before_updates" = code (default), "all_iterates" = paper.
-    map_iterates: Literal["before_updates", "all_iterates"] = "before_updates"
-    crop_size: int = Field(512, ge=16, le=MAX_CROP)       # companion crops: VOC12RIBDataset crop_size=512
-    resize_long: SideRange = (320, 640)                   # companion resize_long=(320, 640)
-    seed: int = 0                                         # each image draws from image_seed(seed, its id)
+    map_iterates: Literal["before_updates", "all_iterates"] = Field(
+        "before_updates", description="M sums the maps before each update (official code) or of every iterate, "
+                                      "the last included (paper)")
+    # companion crops: VOC12RIBDataset crop_size=512
+    crop_size: int = Field(512, ge=16, le=MAX_CROP, description="side of the companions' square crops (px)")
+    # companion resize_long=(320, 640)
+    resize_long: SideRange = Field((320, 640), description="companions are resized to a random long side in this "
+                                                           "range (px) before cropping")
+    # each image draws from image_seed(seed, its id)
+    seed: int = Field(0, description="seed of the companion draws (each image's own, from this and its id)")
     # Speed, not in the paper or the code (which run float32): "auto" = bfloat16 autocast and
     # channels_last on CUDA, plain float32 on the CPU. M is accumulated in float32 either way.
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="compute precision; auto: bfloat16 on CUDA, float32 on the CPU (M is summed in float32)")
     # How images are run: "plain" one at a time in the official loop's structure, "batched" several
     # images per step (RibRunner.run_many, companions cropped on the device), "auto" = batched on
     # CUDA, plain on the CPU (where batching does not pay: benchmarks/bench_rib.py).
-    engine: Literal["auto", "batched", "plain"] = "auto"
+    engine: Literal["auto", "batched", "plain"] = Field(
+        "auto", description="plain: one image at a time; batched: several per step; auto: batched on CUDA only")
     # Images per batched step; 0 = as many as the free device memory holds (measured on the first
     # batch of each image size), 1 on the CPU.
-    max_images_per_batch: int = Field(0, ge=0, le=MAX_IMAGES_PER_BATCH)
-    compile: bool = False                                 # torch.compile the batched stages 3-4 + classifier
+    max_images_per_batch: int = Field(0, ge=0, le=MAX_IMAGES_PER_BATCH, description="images per batched step; 0: as "
+                                      "many as the free device memory holds")
+    # this project's speed option, not in the paper or the code
+    compile: bool = Field(False, description="torch.compile the batched engine's stages and the classifier")
+
+    @model_validator(mode="after")
+    def _loss_scales_are_map_scales(self) -> RibConfig:
+        if not set(self.loss_scales) <= set(self.map_scales):
+            raise ValueError("every loss scale must be one of the map scales")
+        return self
 
     @model_validator(mode="before")
     @classmethod

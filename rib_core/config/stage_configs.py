@@ -3,7 +3,8 @@
 Each stage's module (:mod:`rib_core.refine.crf`, :mod:`rib_core.refine.confident_labels`,
 :mod:`rib_core.refine.random_walk`, :mod:`rib_core.refine.irn_training`, :mod:`rib_core.data.evaluation`,
 :mod:`rib_core.refine.pseudo_masks`, :mod:`rib_core.deeplab.job`) runs with the config defined here; the API
-process validates requests (``refine``, training jobs) with the same objects and never loads torch.
+process validates requests (``refine``, training jobs) with the same objects and never loads torch;
+its OpenAPI shows each field's description, written here.
 Defaults cite the paper or the official code (IRN, jbeomlee93/RIB, deeplab-pytorch) on each field.
 """
 
@@ -27,29 +28,50 @@ MAX_ITERATIONS = 1_000_000
 MAX_WORKERS = 16       # data-loader processes
 SideRange = tuple[Annotated[int, Field(ge=16, le=MAX_CROP)], Annotated[int, Field(ge=16, le=MAX_CROP)]]
 
-class CrfConfig(BaseModel):
+
+def _defaults_example(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """A config's JSON schema (the API's OpenAPI) shows its defaults as the example."""
+    schema["examples"] = [cls().model_dump(mode="json")]
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's settings: unknown fields are refused (a typo never passes silently), and
+    each field carries its description (the API derives its request bodies from these classes and
+    shows it; so could the CLI's help)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_defaults_example)
+
+
+class CrfConfig(StageConfig):
     """Dense CRF parameters; defaults are IRN's ``crf_inference_label`` (misc/imutils.py)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # RIB/IRN use unary_from_labels
+    unary: Literal["labels", "probabilities"] = Field(
+        "labels", description="labels: the unary from a hard label map (with gt_prob); probabilities: from "
+                              "softmax scores")
+    iterations: int = Field(10, ge=1, le=100, description="mean-field steps")  # crf_inference_label t=10
+    # crf_inference_label gt_prob=0.7 ("labels" only)
+    gt_prob: float = Field(0.7, gt=0, lt=1, description="confidence given to the label map (unary labels)")
+    # addPairwiseGaussian(sxy=3, compat=3)
+    gaussian_sxy: float = Field(3.0, gt=0, description="smoothness kernel: spatial standard deviation (px)")
+    gaussian_compat: float = Field(3.0, ge=0, description="smoothness kernel: weight")
+    # addPairwiseBilateral(sxy=50, srgb=5, compat=10)
+    bilateral_sxy: float = Field(50.0, gt=0, description="appearance kernel: spatial standard deviation (px)")
+    bilateral_srgb: float = Field(5.0, gt=0, description="appearance kernel: colour standard deviation")
+    bilateral_compat: float = Field(10.0, ge=0, description="appearance kernel: weight")
 
-    unary: Literal["labels", "probabilities"] = "labels"  # RIB/IRN use unary_from_labels
-    iterations: int = Field(10, ge=1, le=100)              # crf_inference_label t=10
-    gt_prob: float = Field(0.7, gt=0, lt=1)                # crf_inference_label gt_prob=0.7 ("labels" only)
-    gaussian_sxy: float = Field(3.0, gt=0)                 # addPairwiseGaussian(sxy=3, compat=3)
-    gaussian_compat: float = Field(3.0, ge=0)
-    bilateral_sxy: float = Field(50.0, gt=0)               # addPairwiseBilateral(sxy=50, srgb=5, compat=10)
-    bilateral_srgb: float = Field(5.0, gt=0)
-    bilateral_compat: float = Field(10.0, ge=0)
 
-
-class ConfidentLabelConfig(BaseModel):
+class ConfidentLabelConfig(StageConfig):
     """Confident foreground / background labels for IRN (``step/cam_to_ir_label.py``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    fg_threshold: float = Field(0.35, gt=0, lt=1)  # RIB run_sample.py --conf_fg_thres 0.35 (IRN: 0.30)
-    bg_threshold: float = Field(0.17, gt=0, lt=1)  # RIB run_sample.py --conf_bg_thres 0.17 (IRN: 0.05)
-    crf: CrfConfig = Field(default_factory=CrfConfig)  # crf_inference_label with its defaults
+    # RIB run_sample.py --conf_fg_thres 0.35 (IRN: 0.30)
+    fg_threshold: float = Field(0.35, gt=0, lt=1, description="background score of the seed whose CRF gives the "
+                                                              "confident foreground")
+    # RIB run_sample.py --conf_bg_thres 0.17 (IRN: 0.05)
+    bg_threshold: float = Field(0.17, gt=0, lt=1, description="background score (below fg_threshold) of the seed "
+                                "whose CRF gives the confident background; pixels between the two are ignored")
+    crf: CrfConfig = Field(default_factory=CrfConfig,  # crf_inference_label with its defaults
+                           description="the CRF run on each of the two seeds")
 
     @model_validator(mode="after")
     def _ordered(self) -> ConfidentLabelConfig:
@@ -62,22 +84,29 @@ class ConfidentLabelConfig(BaseModel):
 WALK_PRESETS: dict[str, dict[str, Any]] = {"voc": {}, "coco": {"bg_threshold": 0.22}}
 
 
-class RandomWalkConfig(BaseModel):
+PRESET_HELP = "voc or coco: the authors' settings for that data set fill the fields not given"
+
+
+class RandomWalkConfig(StageConfig):
     """Random walk on IRN's affinities (``step/make_sem_seg_labels.py``, ``misc/indexing.py``);
     ``preset`` fills the data-set-specific values not given."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset = "voc"
-    beta: float = Field(10.0, gt=0)               # run_sample.py --beta 10
-    exp_times: int = Field(8, ge=0, le=12)        # --exp_times 8: 2^8 steps
-    radius: int = Field(5, ge=2, le=10)           # propagate_to_edge(radius=5)
-    power: float = Field(1.3, gt=0)               # RIB run_sample.py --np_power 1.3 (IRN: 1.0)
-    bg_threshold: float = Field(0.27, gt=0, lt=1)  # --sem_seg_bg_thres 0.27
+    preset: Preset = Field("voc", description=PRESET_HELP)
+    beta: float = Field(10.0, gt=0, description="exponent sharpening the affinities")  # run_sample.py --beta 10
+    # --exp_times 8: 2^8 steps
+    exp_times: int = Field(8, ge=0, le=12, description="log2 of the walk's steps (8: 256 steps)")
+    # propagate_to_edge(radius=5)
+    radius: int = Field(5, ge=2, le=10, description="neighbourhood radius of the transition matrix (map px)")
+    # RIB run_sample.py --np_power 1.3 (IRN: 1.0)
+    power: float = Field(1.3, gt=0, description="the map is raised to this power before the walk")
+    # --sem_seg_bg_thres 0.27
+    bg_threshold: float = Field(0.27, gt=0, lt=1, description="background score of the pseudo-mask after the walk")
     # DeepLab re-training labels (paper appendix A.1): walk value > 0.3 foreground, < 0.2
     # background, 255 between. Not in the public code (which stops at the masks).
-    retrain_fg_threshold: float = Field(0.3, gt=0, lt=1)
-    retrain_bg_threshold: float = Field(0.2, gt=0, lt=1)
+    retrain_fg_threshold: float = Field(0.3, gt=0, lt=1, description="re-training labels: a walked score above "
+                                                                     "it is foreground")
+    retrain_bg_threshold: float = Field(0.2, gt=0, lt=1, description="re-training labels: below it background; "
+                                                                     "between the two, ignored (255)")
 
     @model_validator(mode="before")
     @classmethod
@@ -101,28 +130,42 @@ class RandomWalkConfig(BaseModel):
             "retrain_bg_threshold": round(max(0.01, self.retrain_bg_threshold + shift), 4)})
 
 
-class IrnTrainConfig(BaseModel):
-    """IRN training; defaults are the RIB/IRN ``run_sample.py`` and ``step/train_irn.py`` ones."""
+LR_HELP = "initial learning rate (polynomial decay to 0)"
+MOMENTUM_HELP = "SGD momentum"
+WEIGHT_DECAY_HELP = "SGD weight decay"
+POLY_HELP = "exponent of the polynomial learning-rate decay"
+WORKERS_HELP = "data-loader processes (0: load in the training process)"
+SEED_HELP = "random seed of the crops, flips and order"
+CROP_HELP = "side of the square training crops (px)"
+RESIZE_HELP = "each image is resized to a random long side in this range (px) before cropping"
 
-    model_config = ConfigDict(extra="forbid")
+
+class IrnTrainConfig(StageConfig):
+    """IRN training; defaults are the RIB/IRN ``run_sample.py`` and ``step/train_irn.py`` ones."""
 
     arch: Backbone = Field("resnet50", description="backbone (IRN: resnet50)")
     # IRN starts from ImageNet weights (resnet50(pretrained=True)). Give a torchvision state dict or
     # a classifier checkpoint (ours or IRN's res50_cam.pth) whose backbone to use; None = the
     # classifier passed to train_irn / refine_maps (never a random backbone: see irn_backbone).
-    init_weights: str | None = None
-    crop_size: int = Field(512, ge=32, le=MAX_CROP, multiple_of=16)  # --irn_crop_size 512
-    batch_size: int = Field(32, ge=1, le=MAX_BATCH)      # --irn_batch_size 32
-    epochs: int = Field(3, ge=1, le=MAX_EPOCHS)          # --irn_num_epoches 3
-    lr: float = Field(0.1, gt=0)                         # --irn_learning_rate 0.1 (x10 on the displacement head)
-    weight_decay: float = Field(1e-4, ge=0)              # --irn_weight_decay 1e-4
-    momentum: float = Field(1e-4, ge=0)                  # PolyOptimizer passes weight_decay as momentum (optim.py)
-    poly_power: float = Field(0.9, gt=0)                 # PolyOptimizer's exponent
-    radius: int = Field(10, ge=2, le=20)                 # train_irn.py PathIndex(radius=10)
-    rescale: tuple[float, float] = (0.5, 1.5)            # VOC12AffinityDataset rescale=(0.5, 1.5)
-    hflip: bool = True                                   # hor_flip=True
-    num_workers: int = Field(0, ge=0, le=MAX_WORKERS)
-    seed: int = 0
+    init_weights: str | None = Field(None, description="backbone weights, path or s3://: a torchvision ResNet state "
+                                     "dict or a classifier checkpoint; null: the job's classifier")
+    # --irn_crop_size 512
+    crop_size: int = Field(512, ge=32, le=MAX_CROP, multiple_of=16, description=CROP_HELP)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="images per step")  # --irn_batch_size 32
+    epochs: int = Field(3, ge=1, le=MAX_EPOCHS, description="passes over the data set")  # --irn_num_epoches 3
+    lr: float = Field(0.1, gt=0, description=LR_HELP)  # --irn_learning_rate 0.1 (x10 on the displacement head)
+    weight_decay: float = Field(1e-4, ge=0, description=WEIGHT_DECAY_HELP)  # --irn_weight_decay 1e-4
+    # PolyOptimizer passes weight_decay as momentum (optim.py)
+    momentum: float = Field(1e-4, ge=0, description=MOMENTUM_HELP)
+    poly_power: float = Field(0.9, gt=0, description=POLY_HELP)  # PolyOptimizer's exponent
+    # train_irn.py PathIndex(radius=10)
+    radius: int = Field(10, ge=2, le=20, description="radius of the pixel pairs the affinities are learnt on "
+                                                     "(map px)")
+    # VOC12AffinityDataset rescale=(0.5, 1.5)
+    rescale: tuple[float, float] = Field((0.5, 1.5), description="random rescaling range of the training images")
+    hflip: bool = Field(True, description="random horizontal flips")  # hor_flip=True
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description=WORKERS_HELP)
+    seed: int = Field(0, description=SEED_HELP)
 
     @model_validator(mode="after")
     def _crop_fits_radius(self) -> IrnTrainConfig:
@@ -142,35 +185,37 @@ SCRATCH_RECIPE: dict[str, Any] = {
 }
 
 
-class ClassifierTrainConfig(BaseModel):
+class ClassifierTrainConfig(StageConfig):
     """Classifier training; defaults are IRN's (``run_sample.py`` and ``step/train_cam.py``).
 
     ``recipe="scratch"`` replaces the defaults by :data:`SCRATCH_RECIPE` (explicit settings win).
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    recipe: Literal["irn", "scratch"] = "irn"
+    recipe: Literal["irn", "scratch"] = Field("irn", description="irn: fine-tune ImageNet weights as IRN does; "
+                                              "scratch: this project's recipe for a backbone trained from nothing")
     arch: Backbone = Field("resnet50", description="backbone: resnet18/34/50/101 (IRN: resnet50)")
-    batch_size: int = Field(16, ge=1, le=MAX_BATCH)  # IRN run_sample.py --cam_batch_size 16
-    epochs: int = Field(5, ge=1, le=MAX_EPOCHS)      # --cam_num_epoches 5
-    lr: float = Field(0.1, gt=0)             # --cam_learning_rate 0.1 (x10 on the classifier)
-    weight_decay: float = Field(1e-4, ge=0)  # --cam_weight_decay 1e-4
-    momentum: float = Field(1e-4, ge=0)      # what IRN's PolyOptimizer really passes to SGD (optim.py)
-    poly_power: float = Field(0.9, gt=0)     # PolyOptimizer's exponent
+    # IRN run_sample.py --cam_batch_size 16
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="images per step")
+    epochs: int = Field(5, ge=1, le=MAX_EPOCHS, description="passes over the data set")  # --cam_num_epoches 5
+    lr: float = Field(0.1, gt=0, description=LR_HELP)  # --cam_learning_rate 0.1 (x10 on the classifier)
+    weight_decay: float = Field(1e-4, ge=0, description=WEIGHT_DECAY_HELP)  # --cam_weight_decay 1e-4
+    # what IRN's PolyOptimizer really passes to SGD (optim.py)
+    momentum: float = Field(1e-4, ge=0, description=MOMENTUM_HELP)
+    poly_power: float = Field(0.9, gt=0, description=POLY_HELP)  # PolyOptimizer's exponent
     warmup_epochs: float = Field(0, ge=0, description="scratch recipe: linear warm-up before the cosine decay")
-    crop_size: int = Field(512, ge=16, le=MAX_CROP)  # train_cam.py crop_size=512
-    resize_long: SideRange = (320, 640)              # train_cam.py resize_long=(320, 640)
-    hflip: bool = True
+    crop_size: int = Field(512, ge=16, le=MAX_CROP, description=CROP_HELP)  # train_cam.py crop_size=512
+    resize_long: SideRange = Field((320, 640), description=RESIZE_HELP)  # train_cam.py resize_long=(320, 640)
+    hflip: bool = Field(True, description="random horizontal flips")  # train_cam.py hor_flip=True
     colour_augment: bool = Field(False, description="random channel order and greyscale (scratch recipe)")
     # IRN fine-tunes ImageNet weights: stem frozen, stage 2 detached, BN statistics frozen. From
     # scratch (the demo: no ImageNet weights here) every stage must learn, with batch statistics
     # that are then frozen for CAM and RIB. See CamNet.set_from_scratch.
-    from_scratch: bool = False
+    from_scratch: bool = Field(False, description="train every stage, batch-norm statistics included (no ImageNet "
+                                                  "weights); false: IRN's frozen stem and statistics")
     init_weights: str | None = Field(None, description="backbone weights, path or s3://: a torchvision ResNet "
                                      "state dict or a classifier checkpoint (ours or IRN's)")
-    num_workers: int = Field(0, ge=0, le=MAX_WORKERS)
-    seed: int = 0
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description=WORKERS_HELP)
+    seed: int = Field(0, description=SEED_HELP)
 
     @model_validator(mode="before")
     @classmethod
@@ -194,15 +239,14 @@ def wide_thresholds() -> list[float]:
     return [round(0.05 + 0.01 * i, 2) for i in range(86)]
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(StageConfig):
     """Seed evaluation; ``preset`` fills the data-set-specific sweep when none is given."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset = "voc"
+    preset: Preset = Field("voc", description=PRESET_HELP)
     # RIB reports the best seed over background thresholds; we sweep 0.20-0.49 by 0.01
     # (the range used for the paper's seeds; IRN's single default is --cam_eval_thres 0.15).
-    thresholds: list[float] = Field(default_factory=lambda: [round(0.20 + 0.01 * i, 2) for i in range(30)])
+    thresholds: list[float] = Field(default_factory=lambda: [round(0.20 + 0.01 * i, 2) for i in range(30)],
+                                    description="background thresholds the seeds are scored at (with ground truth)")
 
     @model_validator(mode="before")
     @classmethod
@@ -218,26 +262,30 @@ REFINE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class RefineConfig(BaseModel):
+class RefineConfig(StageConfig):
     """Everything from maps to pseudo-masks; ``preset`` is handed to the parts not given one."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset = "voc"
+    preset: Preset = Field("voc", description=PRESET_HELP + " (handed to walk and evaluation)")
     # Seed threshold of seed + CRF, this project's baseline (RIB's code has no such step; 0.15 is
     # the value of --cam_eval_thres, its eval_cam threshold). With ground truth, refine_maps uses the
     # best threshold of the seed sweep instead (paper 4.2.1, following SEAM).
-    seed_threshold: float = Field(0.15, gt=0, lt=1)
-    threshold_from_sweep: bool = True
-    crf: CrfConfig = Field(default_factory=CrfConfig)
-    labels: ConfidentLabelConfig = Field(default_factory=ConfidentLabelConfig)
-    irn: IrnTrainConfig = Field(default_factory=IrnTrainConfig)
-    walk: RandomWalkConfig = Field(default_factory=RandomWalkConfig)
-    use_irn: bool = True  # paper 3.3: pseudo-masks come from IRN on M; False stops at seed + CRF
+    seed_threshold: float = Field(0.15, gt=0, lt=1, description="background score of the seed that the CRF refines")
+    threshold_from_sweep: bool = Field(True, description="with ground truth, use the best threshold of the seed "
+                                                         "sweep instead of seed_threshold")
+    crf: CrfConfig = Field(default_factory=CrfConfig, description="the CRF of seed + CRF")
+    labels: ConfidentLabelConfig = Field(default_factory=ConfidentLabelConfig,
+                                         description="the confident labels IRN is trained on")
+    irn: IrnTrainConfig = Field(default_factory=IrnTrainConfig, description="IRN training")
+    walk: RandomWalkConfig = Field(default_factory=RandomWalkConfig, description="the random walk that makes the "
+                                                                                 "pseudo-masks")
+    # paper 3.3: pseudo-masks come from IRN on M; False stops at seed + CRF
+    use_irn: bool = Field(True, description="pseudo-masks from IRN's random walk; false: stop at seed + CRF")
     # RIB-Sal (paper 3.3): a saliency value above this (of 255) is foreground. The official code
     # has no saliency step; 0.5 is this project's choice.
-    saliency_threshold: float = Field(0.5, gt=0, lt=1)
-    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    saliency_threshold: float = Field(0.5, gt=0, lt=1, description="RIB-Sal: a saliency above this share of 255 is "
+                                                                   "foreground (images with a saliency map only)")
+    evaluation: EvalConfig = Field(default_factory=EvalConfig, description="how seeds are scored against ground "
+                                                                           "truth")
 
     @model_validator(mode="before")
     @classmethod
@@ -258,51 +306,67 @@ DEEPLAB_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class DeepLabTrainConfig(BaseModel):
+class DeepLabTrainConfig(StageConfig):
     """DeepLab training and inference; ``preset`` fills the dataset-specific values not given."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Literal["voc", "coco"] = "voc"
-    model: ModelKind = "deeplabv2"                  # paper 4.1: DeepLab-v2-ResNet101 of [42]
-    arch: Backbone = "resnet101"                    # paper 4.1 (resnet18/34/50 for tests and small jobs)
-    atrous_rates: list[int] = Field(default_factory=lambda: [6, 12, 18, 24])  # voc12.yaml ATROUS_RATES
-    msc_scales: list[float] = Field(default_factory=lambda: [0.5, 0.75])      # DeepLabV2_ResNet101_MSC scales
-    freeze_bn: bool = True                          # main.py: model.module.base.freeze_bn()
+    preset: Preset = Field("voc", description=PRESET_HELP + " (paper appendix A.1)")
+    # paper 4.1: DeepLab-v2-ResNet101 of [42]
+    model: ModelKind = Field("deeplabv2", description="segmentation head: DeepLab v2 (ASPP sum) or v3")
+    # paper 4.1 (resnet18/34/50 for tests and small jobs)
+    arch: Backbone = Field("resnet101", description="backbone: resnet18/34/50/101 (paper: resnet101)")
+    atrous_rates: list[int] = Field(default_factory=lambda: [6, 12, 18, 24],  # voc12.yaml ATROUS_RATES
+                                    description="dilation rates of the ASPP branches")
+    msc_scales: list[float] = Field(default_factory=lambda: [0.5, 0.75],  # DeepLabV2_ResNet101_MSC scales
+                                    description="extra input scales of the multi-scale training loss")
+    # main.py: model.module.base.freeze_bn()
+    freeze_bn: bool = Field(True, description="keep the backbone's batch-norm statistics frozen")
     # Paper 4.1: "an initial model pre-trained on the ImageNet dataset". Path or s3:// URI of a
     # torchvision ResNet state dict, a CAM classifier or a DeepLab checkpoint; never downloaded.
-    init_weights: str | None = None
-    batch_size: int = Field(10, ge=1, le=MAX_BATCH)  # appendix A.1 (deeplab-pytorch: 5 x ITER_SIZE 2)
-    iterations: int = Field(30_000, ge=1, le=MAX_ITERATIONS)  # appendix A.1 VOC (COCO 100k; voc12.yaml: 20k)
-    lr: float = Field(2.0e-4, gt=0)                 # appendix A.1 VOC (COCO 2.5e-4; voc12.yaml LR 2.5e-4)
-    head_lr_mult: float = Field(10.0, gt=0)         # main.py get_params "10x" (biases "20x", no decay)
-    momentum: float = Field(0.9, ge=0)              # voc12.yaml MOMENTUM 0.9
-    weight_decay: float = Field(5.0e-4, ge=0)       # voc12.yaml WEIGHT_DECAY 5.0e-4
-    poly_power: float = Field(0.9, gt=0)            # voc12.yaml POLY_POWER 0.9
-    crop_size: int = Field(321, ge=16, le=MAX_CROP)  # paper 4.1 / voc12.yaml SIZE.TRAIN 321 (COCO 481)
-    scales: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])  # voc12.yaml SCALES
-    hflip: bool = True                              # base.py _augmentation: flip=True
+    init_weights: str | None = Field(None, description="initial weights, path or s3://: a torchvision ResNet state "
+                                     "dict, a classifier or a DeepLab checkpoint; null: random")
+    # appendix A.1 (deeplab-pytorch: 5 x ITER_SIZE 2)
+    batch_size: int = Field(10, ge=1, le=MAX_BATCH, description="images per step")
+    # appendix A.1 VOC (COCO 100k; voc12.yaml: 20k)
+    iterations: int = Field(30_000, ge=1, le=MAX_ITERATIONS, description="training steps")
+    lr: float = Field(2.0e-4, gt=0, description=LR_HELP)  # appendix A.1 VOC (COCO 2.5e-4; voc12.yaml LR 2.5e-4)
+    # main.py get_params "10x" (biases "20x", no decay)
+    head_lr_mult: float = Field(10.0, gt=0, description="learning-rate factor of the head (its biases get twice it)")
+    momentum: float = Field(0.9, ge=0, description=MOMENTUM_HELP)  # voc12.yaml MOMENTUM 0.9
+    weight_decay: float = Field(5.0e-4, ge=0, description=WEIGHT_DECAY_HELP)  # voc12.yaml WEIGHT_DECAY 5.0e-4
+    poly_power: float = Field(0.9, gt=0, description=POLY_HELP)  # voc12.yaml POLY_POWER 0.9
+    # paper 4.1 / voc12.yaml SIZE.TRAIN 321 (COCO 481)
+    crop_size: int = Field(321, ge=16, le=MAX_CROP, description=CROP_HELP)
+    scales: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5],  # voc12.yaml SCALES
+                                description="random rescaling factors of the training images")
+    hflip: bool = Field(True, description="random horizontal flips")  # base.py _augmentation: flip=True
     # Mixed precision on CUDA only (the CPU always runs float32). Not in the paper or [42], which
     # train in float32: this project's choice for speed; "off" gives their behaviour.
-    amp: Literal["bf16", "fp16", "off"] = "bf16"
-    checkpoint_every: int = Field(5000, ge=1)       # voc12.yaml ITER_SAVE 5000
-    keep_checkpoints: int = Field(2, ge=1)          # this project: older training states are deleted
-    log_every: int = Field(20, ge=1)                # voc12.yaml AVERAGE_LOSS 20 (moving-average window)
+    amp: Literal["bf16", "fp16", "off"] = Field("bf16", description="mixed precision on CUDA (the CPU runs "
+                                                                    "float32); off: float32 as the paper")
+    # voc12.yaml ITER_SAVE 5000
+    checkpoint_every: int = Field(5000, ge=1, description="steps between saved training states")
+    # this project: older training states are deleted
+    keep_checkpoints: int = Field(2, ge=1, description="training states kept (older ones are deleted)")
+    # voc12.yaml AVERAGE_LOSS 20 (moving-average window)
+    log_every: int = Field(20, ge=1, description="steps between progress reports (loss averaged over them)")
     # Re-training (appendix A.1): train on labels whose uncertain pixels are 255, fill those from the
     # first network's predictions, train again. VOC only ("not for the MS COCO dataset").
     # Train it on refine_maps' retrain_labels.jsonl (walk value > 0.3 foreground, < 0.2 background).
-    retrain: bool = True
+    retrain: bool = Field(True, description="second round: fill the ignored pixels with the first network's "
+                                            "predictions and train again (VOC, paper appendix A.1)")
     # "train the network again": the paper does not say from which weights; we restart from
     # init_weights ("initial"); "first_round" continues from the first network.
-    retrain_init: Literal["initial", "first_round"] = "initial"
+    retrain_init: Literal["initial", "first_round"] = Field(
+        "initial", description="weights the second round starts from: init_weights, or the first network's")
     # Test time: main.py test scores the MSC output of the whole image, no flip; CRF is its
     # separate ``crf`` command with DEEPLAB_CRF. Extra scales / flip average the softmax.
-    test_scales: list[float] = Field(default_factory=lambda: [1.0])
-    test_flip: bool = False
-    use_crf: bool = False
-    crf: CrfConfig = Field(default_factory=lambda: DEEPLAB_CRF.model_copy())
-    num_workers: int = Field(0, ge=0, le=MAX_WORKERS)
-    seed: int = 0
+    test_scales: list[float] = Field(default_factory=lambda: [1.0], description="input scales averaged at test time")
+    test_flip: bool = Field(False, description="also average the flipped image at test time")
+    use_crf: bool = Field(False, description="refine the test predictions with the CRF")
+    crf: CrfConfig = Field(default_factory=lambda: DEEPLAB_CRF.model_copy(),
+                           description="the test-time CRF (default: deeplab-pytorch's, on probabilities)")
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description=WORKERS_HELP)
+    seed: int = Field(0, description=SEED_HELP)
 
     @model_validator(mode="before")
     @classmethod

@@ -13,16 +13,18 @@ from rib_core.io.artifacts import job_prefix
 from rib_core.io.export_sources import export_job, presigned_image_url
 from rib_core.io.exports import ExportConfig, ExportFormat
 from rib_core.io.storage import parent_uri
+from service.bodies import JobRequest
 from service.deps import ClassesDep, LocationsDep, Owner, SettingsDep
+from service.errors import error_responses
 from service.inputs import read_manifest
-from service.schemas import MAX_OFFSET, ExportImages, ExportLink, JobAccepted, JobRequest, JobStatus, ResultsPage
+from service.schemas import MAX_OFFSET, ExportImages, ExportLink, JobAccepted, JobStatus, ResultsPage
 from service.submissions import Jobs, JobsDep, accepted
 from service.validation import InputError, callback_url, inline_items, manifest_items, refine_params, rib_params
 
 router = APIRouter(tags=["jobs"])
 
 
-@router.post("/jobs", status_code=202, response_model=JobAccepted)
+@router.post("/jobs", status_code=202, response_model=JobAccepted, responses=error_responses(413, 422, 503))
 def submit_job(req: JobRequest, owner: Owner, settings: SettingsDep, jobs: JobsDep, classes: ClassesDep,
                locations: LocationsDep) -> JSONResponse:
     """Many images at once; they are processed in chunks by every worker on the image queue."""
@@ -53,21 +55,21 @@ def owned(job_id: str, owner: Owner, jobs: JobsDep) -> Jobs:
 OwnedJob = Annotated[Jobs, Depends(owned)]
 
 
-@router.get("/jobs/{job_id}", response_model=JobStatus)
+@router.get("/jobs/{job_id}", response_model=JobStatus, responses=error_responses(404, 422, 503))
 def job_status(job_id: str, jobs: OwnedJob) -> dict[str, Any]:
     """State, counts (queued, running, done, failed, skipped), per-image errors, timing and progress
     (images per minute, seconds to go)."""
     return jobs.store.status(job_id)
 
 
-@router.get("/jobs/{job_id}/results", response_model=ResultsPage)
+@router.get("/jobs/{job_id}/results", response_model=ResultsPage, responses=error_responses(404, 422, 503))
 def job_results(job_id: str, jobs: OwnedJob, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     """Per image: status, storage keys and presigned URLs of the map, the pseudo-mask, the overlay and the rest."""
     return jobs.results(job_id, offset, limit)
 
 
-@router.delete("/jobs/{job_id}", response_model=JobStatus)
+@router.delete("/jobs/{job_id}", response_model=JobStatus, responses=error_responses(404, 409, 422, 503))
 def cancel_job(job_id: str, jobs: OwnedJob) -> dict[str, Any]:
     """Skip every image not started yet; images already running finish and are kept whole."""
     state = jobs.store.status(job_id)["state"]
@@ -78,7 +80,7 @@ def cancel_job(job_id: str, jobs: OwnedJob) -> dict[str, Any]:
     return jobs.store.status(job_id)
 
 
-@router.get("/jobs/{job_id}/export", response_model=ExportLink)
+@router.get("/jobs/{job_id}/export", response_model=ExportLink, responses=error_responses(404, 409, 422, 503))
 def export(job_id: str, jobs: OwnedJob, classes: ClassesDep, format: Annotated[ExportFormat, Query()],
            image_url_prefix: str | None = None, images: ExportImages = True) -> dict[str, Any]:
     """The job's finished pseudo-masks (IRN's, else seed + CRF's) as COCO (pycocotools RLE), a Label

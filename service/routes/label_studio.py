@@ -40,6 +40,8 @@ from rib_core.io.artifacts import MAP_NPZ, final_files, image_key
 from rib_core.io.exports import LS_BRUSH, LS_IMAGE, brush_regions
 from rib_core.io.storage import Storage, is_s3_uri
 from service.deps import ClassesDep, SettingsDep, api_key_header, locations, require_api_key
+from service.errors import error_responses
+from service.schemas import example
 from service.submissions import Jobs, JobsDep
 from service.validation import (
     InputError,
@@ -64,37 +66,58 @@ def label_studio_owner(settings: SettingsDep, key: Annotated[str | None, Depends
     return require_api_key(key or (basic.password if basic else None), settings)
 
 
-router = APIRouter(prefix="/ls", tags=["label studio"], dependencies=[Depends(label_studio_owner)])
+router = APIRouter(prefix="/ls", tags=["label studio"], dependencies=[Depends(label_studio_owner)],
+                   responses=error_responses(401))
 LsOwner = Annotated[str, Depends(label_studio_owner)]
 
 
-class SetupRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+LABEL_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+                '<Label value="cat"/><Label value="dog"/></BrushLabels></View>')
 
-    project: str | int | None = None
+
+class SetupRequest(BaseModel):
+    """Label Studio's set-up call; other fields it sends are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True,
+                              json_schema_extra={"examples": [{"project": "1.1700000000", "schema": LABEL_CONFIG}]})
+
+    project: str | int | None = Field(None, description="Label Studio's project id")
     label_config: str | None = Field(None, alias="schema", description="the project's labelling config (XML)")
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Label Studio's prediction call; other fields it sends are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "tasks": [{"id": 7, "data": {"image": "s3://data/cats/cat_001.jpg", "labels": "cat"}}],
+        "project": "1.1700000000", "label_config": LABEL_CONFIG}]})
 
     tasks: list[dict[str, Any]] = Field(description="Label Studio tasks: id, data, annotations, predictions")
-    project: str | int | None = None
+    project: str | int | None = Field(None, description="Label Studio's project id")
     label_config: str | None = Field(None, description="the project's labelling config (XML); default: the "
                                                        "config of this service's Label Studio export")
 
 
 class LsHealth(BaseModel):
+    model_config = example({"status": "UP", "model_class": "RIB", "model_version": "rib-0.1.0"})
+
     status: str = Field(description='"UP"')
     model_class: str
     model_version: str
 
 
 class SetupResponse(BaseModel):
+    model_config = example({"model_version": "rib-0.1.0"})
+
     model_version: str
 
 
 class PredictResponse(BaseModel):
+    model_config = example({"results": [{"result": [{"from_name": "tag", "to_name": "image", "type": "brushlabels",
+                                                     "value": {"format": "rle", "rle": [0, 1], "brushlabels": ["cat"]},
+                                                     "score": 0.71}], "score": 0.71, "model_version": "rib-0.1.0"}],
+                            "model_version": "rib-0.1.0"})
+
     results: list[dict[str, Any]] = Field(description="one prediction per task, in the tasks' order: result "
                                                       "(brush regions), score, model_version")
     model_version: str
@@ -233,14 +256,14 @@ def health() -> dict[str, str]:
     return {"status": "UP", "model_class": "RIB", "model_version": MODEL_VERSION}
 
 
-@router.post("/setup", response_model=SetupResponse)
+@router.post("/setup", response_model=SetupResponse, responses=error_responses(413, 422, 503))
 def setup(req: SetupRequest, classes: ClassesDep) -> dict[str, str]:
     """Label Studio's project set-up: the labelling config is checked here (422 with what to change)."""
     brush_target(req.label_config, classes)
     return {"model_version": MODEL_VERSION}
 
 
-@router.post("/predict", response_model=PredictResponse)
+@router.post("/predict", response_model=PredictResponse, responses=error_responses(413, 422, 502, 503, 504))
 async def predict(req: PredictRequest, owner: LsOwner, settings: SettingsDep, jobs: JobsDep,
                   classes: ClassesDep) -> dict[str, Any]:
     """RIB's pseudo-masks of the tasks' images as Label Studio predictions (module docstring)."""

@@ -15,14 +15,15 @@ from rib_core.data.datasets import Manifest, parse_manifest
 from rib_core.io.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, PIPELINE_VAL_MANIFEST, pipeline_index, pipeline_key
 from rib_core.io.export_sources import export_job, pipeline_masks, presigned_image_url
 from rib_core.io.exports import ExportConfig, ExportFormat
+from service.bodies import PipelineRequest
 from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep, StorageDep, StoreDep
+from service.errors import error_responses
 from service.inputs import frozen_manifest
 from service.schemas import (
     MAX_OFFSET,
     ExportImages,
     ExportLink,
     PipelineAccepted,
-    PipelineRequest,
     PipelineResults,
     PipelineStatus,
 )
@@ -78,7 +79,8 @@ def _spec(req: PipelineRequest, settings: SettingsDep, owner: str, locations: Lo
     return spec, manifest, validation
 
 
-@router.post("/pipelines", status_code=202, response_model=PipelineAccepted)
+@router.post("/pipelines", status_code=202, response_model=PipelineAccepted,
+             responses=error_responses(413, 422, 503))
 def submit_pipeline(req: PipelineRequest, owner: Owner, settings: SettingsDep, pipelines: PipelinesDep,
                     records: RecordsDep, queue: QueueDep, locations: LocationsDep) -> JSONResponse:
     """Classifier (unless one is given) -> RIB maps (image workers, in chunks) -> confident labels, IRN,
@@ -146,13 +148,14 @@ def owned_spec(job_id: str, _: OwnedPipeline, records: RecordsDep) -> PipelineSp
 OwnedSpec = Annotated[PipelineSpec, Depends(owned_spec)]
 
 
-@router.get("/pipelines/{job_id}", response_model=PipelineStatus)
+@router.get("/pipelines/{job_id}", response_model=PipelineStatus, responses=error_responses(404, 422, 503))
 def pipeline_status(job_id: str, pipelines: OwnedPipeline) -> dict[str, Any]:
     """Each stage's state, time, progress, report and error."""
     return pipelines.status(job_id)
 
 
-@router.get("/pipelines/{job_id}/results", response_model=PipelineResults)
+@router.get("/pipelines/{job_id}/results", response_model=PipelineResults,
+            responses=error_responses(404, 409, 422, 503))
 def pipeline_results(job_id: str, spec: OwnedSpec, storage: StorageDep, settings: SettingsDep,
                      offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
@@ -170,7 +173,7 @@ def pipeline_results(job_id: str, spec: OwnedSpec, storage: StorageDep, settings
             "next_offset": end if end < total else None, "items": items}
 
 
-@router.get("/pipelines/{job_id}/export", response_model=ExportLink)
+@router.get("/pipelines/{job_id}/export", response_model=ExportLink, responses=error_responses(404, 409, 422, 503))
 def export_pipeline(job_id: str, spec: OwnedSpec, records: RecordsDep, settings: SettingsDep,
                     format: Annotated[ExportFormat, Query()], image_url_prefix: str | None = None,
                     images: ExportImages = True) -> dict[str, Any]:
@@ -192,7 +195,8 @@ def export_pipeline(job_id: str, spec: OwnedSpec, records: RecordsDep, settings:
             "url": storage.url(key, settings.presign_expires_s)}
 
 
-@router.delete("/pipelines/{job_id}", response_model=PipelineStatus)
+@router.delete("/pipelines/{job_id}", response_model=PipelineStatus,
+               responses=error_responses(404, 409, 422, 503))
 def cancel_pipeline(job_id: str, pipelines: OwnedPipeline, storage: StorageDep) -> dict[str, Any]:
     """Stop the chain: stages not started end cancelled now, the running one at its next epoch or chunk."""
     state = pipelines.status(job_id)["state"]

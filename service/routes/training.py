@@ -13,19 +13,21 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 
-from contract.tasks import TrainingJobPayload
+from contract.tasks import TrainingJobPayload, TrainingJobRequest
 from rib_core.io.artifacts import training_input_key, training_key
 from rib_core.io.storage import is_s3_uri
 from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep, StoreDep
+from service.errors import error_responses
 from service.inputs import frozen_manifest
-from service.schemas import TrainingAccepted, TrainingJobRequest, TrainingStatus
+from service.schemas import TrainingAccepted, TrainingStatus
 from service.submissions import STORAGE_ERRORS
 from service.validation import InputError, callback_url
 
 router = APIRouter(tags=["training"])
 
 
-@router.post("/training-jobs", status_code=202, response_model=TrainingAccepted)
+@router.post("/training-jobs", status_code=202, response_model=TrainingAccepted,
+             responses=error_responses(413, 422, 503))
 def submit_training(req: TrainingJobRequest, owner: Owner, settings: SettingsDep, store: StoreDep,
                     queue: QueueDep, records: RecordsDep, locations: LocationsDep) -> JSONResponse:
     """A DeepLab job for the training workers; its inputs are checked and frozen here."""
@@ -56,7 +58,7 @@ def submit_training(req: TrainingJobRequest, owner: Owner, settings: SettingsDep
                         headers={"Location": f"/v1/training-jobs/{job_id}"})
 
 
-@router.get("/training-jobs/{job_id}", response_model=TrainingStatus)
+@router.get("/training-jobs/{job_id}", response_model=TrainingStatus, responses=error_responses(404, 422, 503))
 def training_status(job_id: str, owner: Owner, store: StoreDep, queue: QueueDep) -> dict[str, Any]:
     """State and, once finished, the job's result (checkpoint, scores) or error."""
     record = store.training(job_id, owner)
