@@ -21,11 +21,11 @@ import tempfile
 import numpy as np
 import torch
 
-from rib_core.augment import apply_crop, draw_crop
-from rib_core.companions import CompanionPool, DeviceCompanions
-from rib_core.datasets import load_image
-from rib_core.demo_data import DemoDataConfig, make_demo_dataset
-from rib_core.provenance import device_name, run_record
+from rib_core.data.datasets import load_image
+from rib_core.data.demo_data import DemoDataConfig, make_demo_dataset
+from rib_core.rib.companions import CompanionPool, DeviceCompanions
+from rib_core.runtime.provenance import device_name, run_record
+from rib_core.training.augment import apply_crop, draw_crop
 
 VOC_SHAPES = ((375, 500), (500, 375), (500, 500))  # the common VOC 2012 image sizes (h, w)
 

@@ -37,11 +37,11 @@ import httpx
 import numpy as np
 import redis
 
-from rib_core.checkpoints import save_classifier
-from rib_core.datasets import Manifest
-from rib_core.demo_data import DemoDataConfig, make_demo_dataset
-from rib_core.networks import CamNet
-from rib_core.provenance import run_record
+from rib_core.data.datasets import Manifest
+from rib_core.data.demo_data import DemoDataConfig, make_demo_dataset
+from rib_core.runtime.provenance import run_record
+from rib_core.training.checkpoints import save_classifier
+from rib_core.training.networks import CamNet
 from tests.service_stack import moto_s3, redis_server, s3, start_api, start_worker, upload_dataset, wait_for
 
 BUCKET = "rib"

@@ -35,17 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from rib_core.cam import LocalizationMap, compute_cam
-from rib_core.checkpoints import load_classifier
-from rib_core.companions import CompanionPool
-from rib_core.datasets import Manifest, load_image, load_manifest, load_mask
-from rib_core.demo_data import DemoDataConfig, make_demo_dataset
-from rib_core.evaluation import sweep_seeds
-from rib_core.provenance import run_record
-from rib_core.rib import RibRunner
-from rib_core.rib_config import RibConfig, image_seed
-from rib_core.stage_configs import ClassifierTrainConfig, EvalConfig, wide_thresholds
-from rib_core.train_classifier import train_classifier
+from rib_core.classifier.cam import LocalizationMap, compute_cam
+from rib_core.classifier.train import train_classifier
+from rib_core.config.rib_config import RibConfig, image_seed
+from rib_core.config.stage_configs import ClassifierTrainConfig, EvalConfig, wide_thresholds
+from rib_core.data.datasets import Manifest, load_image, load_manifest, load_mask
+from rib_core.data.demo_data import DemoDataConfig, make_demo_dataset
+from rib_core.data.evaluation import sweep_seeds
+from rib_core.rib.companions import CompanionPool
+from rib_core.rib.process import RibRunner
+from rib_core.runtime.provenance import run_record
+from rib_core.training.checkpoints import load_classifier
 
 DATA = DemoDataConfig(n_train=192, n_val=32, canvas=64, digit_size=(26, 40), digits=[0, 1, 2, 3, 4],
                       max_per_image=2, seed=0)

@@ -13,8 +13,8 @@ import json
 import random
 import time
 
-from rib_core.classes import VOC_CLASSES
-from rib_core.provenance import run_record
+from rib_core.data.classes import VOC_CLASSES
+from rib_core.runtime.provenance import run_record
 from service.validation import manifest_items
 
 

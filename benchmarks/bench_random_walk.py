@@ -1,4 +1,4 @@
-"""Peak memory and time of IRN's random walk (``rib_core.random_walk.random_walk``) for one image size.
+"""Peak memory and time of IRN's random walk (``rib_core.refine.random_walk.random_walk``) for one image size.
 
 IRN's own walk builds a dense transition matrix over the stride-4 map on the GPU, which is what
 runs users out of memory (reported at 11 GB). Ours is a sparse band at stride 4; this measures its
@@ -18,10 +18,10 @@ import time
 import numpy as np
 import torch
 
-from rib_core.cam import LocalizationMap
-from rib_core.provenance import device_name, run_record
-from rib_core.random_walk import random_walk
-from rib_core.stage_configs import RandomWalkConfig
+from rib_core.classifier.cam import LocalizationMap
+from rib_core.config.stage_configs import RandomWalkConfig
+from rib_core.refine.random_walk import random_walk
+from rib_core.runtime.provenance import device_name, run_record
 
 
 def fake_inputs(width: int, height: int, classes: int, device: torch.device,

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rib_core.batching import RibBatcher
-from rib_core.companions import CompanionPool
-from rib_core.networks import CamNet
-from rib_core.provenance import device_name, run_record
-from rib_core.rib import RibRunner
-from rib_core.rib_config import RibConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.rib.batching import RibBatcher
+from rib_core.rib.companions import CompanionPool
+from rib_core.rib.process import RibRunner
+from rib_core.runtime.provenance import device_name, run_record
+from rib_core.training.networks import CamNet
 from tests.rib_reference import reference_rib
 
 VOC_TRAIN_AUG = 10_582  # images the paper's VOC maps are made for

@@ -4,9 +4,9 @@ For synthetic data sets of ``--sizes`` VOC-size (500x375) JPEGs, on local disk a
 server (started in this process, as the tests do), one child process per data set (so that sizes do
 not share a peak RSS) runs what a worker runs for a pipeline's maps stage:
 
-- reads the manifest and builds the companion pool's index (``rib_core.companions.POOLS``): the
+- reads the manifest and builds the companion pool's index (``rib_core.rib.companions.POOLS``): the
   **index build** time;
-- runs ``--chunks`` chunks of ``--chunk`` images through ``rib_core.dataset_job.maps_stage`` with a
+- runs ``--chunks`` chunks of ``--chunk`` images through ``rib_core.jobs.stages.maps_stage`` with a
   small RIB config (the smallest registered arch, ``--arch``), timing the whole chunk and the time
   inside ``RibRunner`` (the RIB runs). **Per-chunk overhead** = chunk wall time - RIB time: the
   classifier load, the registry lookup, the targets' reads, the maps' writes, and any companion
@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from rib_core.classes import VOC_CLASSES
-from rib_core.datasets import MANIFEST_FORMAT, MANIFEST_VERSION
-from rib_core.provenance import cpu_name, run_record
+from rib_core.data.classes import VOC_CLASSES
+from rib_core.data.datasets import MANIFEST_FORMAT, MANIFEST_VERSION
+from rib_core.runtime.provenance import cpu_name, run_record
 
 VOC_SIZE = (500, 375)  # width, height
 BUCKET = "bench-scale"
@@ -104,7 +104,7 @@ def s3_dataset(client: Any, prefix: str, size: int, jpegs: list[bytes]) -> str:
 
 
 def rib_config(args: argparse.Namespace) -> Any:
-    from rib_core.rib_config import RibConfig
+    from rib_core.config.rib_config import RibConfig
 
     return RibConfig(iterations=args.iterations, companions=args.companions, crop_size=args.crop,
                      resize_long=(int(args.crop * 0.625), int(args.crop * 1.25)), map_scales=(1.0,),
@@ -115,11 +115,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One data set in a fresh process: index build, chunks, step times, peak RSS."""
     import torch
 
-    from rib_core import rib
-    from rib_core.checkpoints import load_classifier
-    from rib_core.companions import POOLS
-    from rib_core.dataset_job import maps_stage
-    from rib_core.datasets import load_manifest
+    import rib_core.rib.process as rib
+    from rib_core.data.datasets import load_manifest
+    from rib_core.jobs.stages import maps_stage
+    from rib_core.rib.companions import POOLS
+    from rib_core.training.checkpoints import load_classifier
 
     args = argparse.Namespace(**spec["args"])
     cfg = rib_config(args)
@@ -188,9 +188,9 @@ def flop_model(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     from benchmarks.bench_rib import rib_flops, synthetic_pool
-    from rib_core.networks import CamNet
-    from rib_core.rib import RibRunner
-    from rib_core.rib_config import RibConfig
+    from rib_core.config.rib_config import RibConfig
+    from rib_core.rib.process import RibRunner
+    from rib_core.training.networks import CamNet
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (VOC_SIZE[1], VOC_SIZE[0], 3), dtype=np.uint8)
@@ -309,8 +309,8 @@ def main() -> None:
         print(table(report))
         return
 
-    from rib_core.checkpoints import save_classifier
-    from rib_core.networks import CamNet
+    from rib_core.training.checkpoints import save_classifier
+    from rib_core.training.networks import CamNet
     from tests.service_stack import moto_s3, s3
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-"))

@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from rib_core.provenance import run_record
+from rib_core.runtime.provenance import run_record
 from tests.api_inprocess import BUCKET, inprocess_api
 
 CLASSES = [f"class{i}" for i in range(20)]

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from rib_core.checkpoints import load_classifier
-from rib_core.demo_data import DemoDataConfig, make_demo_dataset
-from rib_core.demo_job import DemoJobConfig, digit_pretraining, scene_classifier, scene_scale
-from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
+from rib_core.classifier.train import ClassifierTrainConfig, train_classifier
+from rib_core.data.demo_data import DemoDataConfig, make_demo_dataset
+from rib_core.experiments.demo_job import DemoJobConfig, digit_pretraining, scene_classifier, scene_scale
+from rib_core.training.checkpoints import load_classifier
 
 # Scene recipes: the demo's, and others that differ in canvas, background, colour and count.
 SCENES: dict[str, dict[str, Any]] = {

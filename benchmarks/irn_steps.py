@@ -16,12 +16,12 @@ import argparse
 import time
 from pathlib import Path
 
-from rib_core.datasets import load_manifest
-from rib_core.demo_job import DemoJobConfig
-from rib_core.irn import load_irn
-from rib_core.refine import refine_maps
-from rib_core.stage_configs import RandomWalkConfig
-from rib_core.tune import walk_curve
+from rib_core.config.stage_configs import RandomWalkConfig
+from rib_core.data.datasets import load_manifest
+from rib_core.experiments.demo_job import DemoJobConfig
+from rib_core.experiments.tune import walk_curve
+from rib_core.refine.irn import load_irn
+from rib_core.refine.pseudo_masks import refine_maps
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Figures in the docs were typed by hand and went stale; here every table is made from a committed
 result file (the demo's ``report.json``, ``rib study``'s ``study.json``, the benchmarks' JSON), and
 each section states the date, commit and machine its file recorded
-(:func:`rib_core.provenance.run_record`). A section whose file is missing says how to produce it.
+(:func:`rib_core.runtime.provenance.run_record`). A section whose file is missing says how to produce it.
 ``docs/results/notes.md`` is the hand-written narrative, appended as it is and marked as such.
 Usage: ``python -m benchmarks.results`` (rewrite both), ``--demo runs/demo`` (first take a
 finished demo run's ``report.json`` and its picture together, so both show one run), ``--check``
@@ -21,10 +21,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from rib_core.datasets import load_manifest
-from rib_core.demo_job import report_rows
-from rib_core.study import ROWS
-from rib_core.study import markdown as study_markdown
+from rib_core.data.datasets import load_manifest
+from rib_core.experiments.demo_job import report_rows
+from rib_core.experiments.study import ROWS
+from rib_core.experiments.study import markdown as study_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "docs" / "results"
@@ -324,7 +324,7 @@ def seed_sweeps(run_dir: Path) -> dict[str, Any]:
 
 def demo_picture(run_dir: Path, rows: int = 3, zoom: int = 2) -> Image.Image:
     """The first ``rows`` rows of a demo run's report (the same pictures as its report.html,
-    :func:`rib_core.demo_job.report_rows`) as one image, columns headed by name."""
+    :func:`rib_core.experiments.demo_job.report_rows`) as one image, columns headed by name."""
     train = load_manifest(run_dir / "data" / "train.jsonl")
     ids = [r.id for r in train.records[:rows]]
     _, pictures = report_rows(run_dir, train.subset(ids), rows, seed_sweeps(run_dir))

@@ -20,9 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
-from rib_core.datasets import load_manifest
-from rib_core.demo_job import DemoJobConfig
-from rib_core.tune import TuneConfig, tune
+from rib_core.data.datasets import load_manifest
+from rib_core.experiments.demo_job import DemoJobConfig
+from rib_core.experiments.tune import TuneConfig, tune
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import Any, Literal, Protocol
 
 from contract.stages import PipelineSpec, Stage
 from contract.training import TrainingSpec
-from rib_core.artifacts import PIPELINE_SPEC, pipeline_key, training_key
+from rib_core.io.artifacts import PIPELINE_SPEC, pipeline_key, training_key
 
 
 class JobPlan(Protocol):

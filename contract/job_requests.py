@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from contract.records import Records
-from rib_core.artifacts import job_manifest_key, request_key
-from rib_core.datasets import parse_manifest
+from rib_core.data.datasets import parse_manifest
+from rib_core.io.artifacts import job_manifest_key, request_key
 
 
 @dataclass(frozen=True)

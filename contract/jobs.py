@@ -10,7 +10,7 @@ An image is attempted a bounded number of times. A running image carries a heart
 heartbeat is older than a lease (its worker died, its chunk was lost) is handed out again by the
 reaper (``JobStore.reap``) or, past the bound, failed with the reason.
 
-Storage keys are :mod:`rib_core.artifacts`' layout: a job's ``request.json`` is written before it
+Storage keys are :mod:`rib_core.io.artifacts`' layout: a job's ``request.json`` is written before it
 is queued (a job Redis lost is rebuilt from it) and its ``index.json`` once every image is
 accounted for.
 """
@@ -31,8 +31,8 @@ from contract.records import Records, UntrustedRecordError
 from contract.stores import JOB_ID, RedisJobs
 from contract.webhooks import notify_finished
 from contract.worker_reports import STATS_KEY
-from rib_core.artifacts import MARKER, image_key, index_key, stored_files
-from rib_core.storage import Storage
+from rib_core.io.artifacts import MARKER, image_key, index_key, stored_files
+from rib_core.io.storage import Storage
 
 _STATUS_SETS = ("running", "done", "skipped")
 

@@ -43,7 +43,7 @@ from contract.records import Records, UntrustedRecordError
 from contract.stages import FINISHED, PipelineSpec, Send
 from contract.stores import JOB_ID, RedisJobs
 from contract.webhooks import notify_finished
-from rib_core.artifacts import PIPELINE_CANCELLED, chunk_marker, stage_marker
+from rib_core.io.artifacts import PIPELINE_CANCELLED, chunk_marker, stage_marker
 
 
 def pipeline_state(stages: dict[str, dict[str, Any]], cancelled: bool) -> str:

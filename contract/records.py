@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from rib_core.storage import Storage
+from rib_core.io.storage import Storage
 
 SIGNATURE = "signature"
 

@@ -16,9 +16,9 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import RefineConfig
-from rib_core.storage import Storage, is_s3_uri, open_storage, s3_client, split_s3_uri
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import RefineConfig
+from rib_core.io.storage import Storage, is_s3_uri, open_storage, s3_client, split_s3_uri
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     irn_uri: str | None = None
     device: str = "auto"
     # The companion pool is an index; images are decoded on demand into a cache of this many bytes
-    # per worker process (rib_core.companions.DEFAULT_CACHE_BYTES: 512 MiB), and s3:// images are
+    # per worker process (rib_core.rib.companions.DEFAULT_CACHE_BYTES: 512 MiB), and s3:// images are
     # kept in this folder once fetched (unset: fetched again after eviction).
     companion_cache_bytes: int = Field(512 * 2**20, ge=2**20)
     companion_disk_cache: str | None = None

@@ -4,7 +4,7 @@ what a pipeline job runs (:class:`PipelineSpec`).
 A pipeline job runs the paper's chain (classifier, maps, refine, optionally DeepLab); an offline
 training job is a job of one stage (``training``). Both are recorded and advanced by the same
 store (:class:`contract.pipelines.PipelineStore`); the worker's runners, the specs' stage lists,
-the API's answers and the demo (rib_core.dataset_job's functions, same folders) follow this list.
+the API's answers and the demo (rib_core.jobs.stages's functions, same folders) follow this list.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
 
 PIPELINE_STAGE = "rib.pipeline_stage"  # a training stage of a pipeline job (training queue)
 PIPELINE_MAPS = "rib.pipeline_maps"    # a chunk of RIB maps (image queue)

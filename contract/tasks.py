@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from contract.job_requests import JobItem
 from contract.settings import Settings
 from contract.stages import PIPELINE_MAPS, PIPELINE_STAGE, STAGE, TRAINING_JOB, Send
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import RefineConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import RefineConfig
 
 PROCESS_CHUNK = "rib.process_chunk"
 FAN_OUT = "rib.fan_out"  # sends a large job's chunks from a worker, so that a submit answers at once

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contract.stages import STAGES, Stage
-from rib_core.stage_configs import DeepLabTrainConfig
+from rib_core.config.stage_configs import DeepLabTrainConfig
 
 
 class TrainingJobInputs(BaseModel):
@@ -24,7 +24,8 @@ class TrainingJobInputs(BaseModel):
     evaluate_on: str | None = Field(None, description="train: s3:// manifest with ground truth to evaluate and "
                                                       "predict once trained")
     config: DeepLabTrainConfig = Field(default_factory=DeepLabTrainConfig,
-                                       description="DeepLab settings (rib_core.stage_configs.DeepLabTrainConfig)")
+                                       description="DeepLab settings "
+                                                   "(rib_core.config.stage_configs.DeepLabTrainConfig)")
     callback_url: str | None = Field(None, description="URL the job's final state is POSTed to, signed "
                                                        "(docs/SERVICE.md, Webhooks)")
 
@@ -47,7 +48,7 @@ class TrainingJobRequest(TrainingJobInputs):
 
 
 class TrainingSpec(TrainingJobInputs):
-    """What an offline training job runs (:func:`rib_core.train_deeplab.run_training_job`), signed in
+    """What an offline training job runs (:func:`rib_core.deeplab.job.run_training_job`), signed in
     its record (``jobs/<id>/training/training.json``): the inputs with their manifests frozen
     (digests checked before use) and the output set. A job of one stage, ``training``."""
 

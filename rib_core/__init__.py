@@ -1,7 +1,10 @@
 """RIB: Reducing Information Bottleneck for weakly supervised semantic segmentation.
 
-The algorithm library. Every stage (classifier training, CAM, RIB, refinement, DeepLab,
-evaluation) can be called from a notebook; nothing here imports the service or the workers.
+The algorithm library, one package per step of the paper's chain: ``classifier`` (CAM), ``rib``
+(section 3.2), ``refine`` (section 3.3, IRN), ``deeplab``; ``jobs`` runs the chain as the service
+does, ``experiments`` holds the studies around it, and ``config``, ``data`` and ``io`` are the
+torch-free part the API imports (docs/ARCHITECTURE.md). Every stage can be called from a notebook;
+nothing here imports the service or the workers.
 """
 
 __version__ = "0.1.0"

@@ -85,8 +85,8 @@ import sys
 import time
 from pathlib import Path
 
-from rib_core.datasets import load_manifest
-from rib_core.storage import s3_client
+from rib_core.data.datasets import load_manifest
+from rib_core.io.storage import s3_client
 
 endpoint, work = sys.argv[1], Path(sys.argv[2])
 s3 = s3_client(endpoint)

@@ -16,8 +16,8 @@ from typing import Any
 from fastapi import UploadFile
 from pydantic import BaseModel, Field, create_model
 
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig, StageConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig, StageConfig
 from service.schemas import example
 
 CALLBACK_HELP = "URL the job's final state is POSTed to once, signed (docs/SERVICE.md, Webhooks)"

@@ -25,8 +25,8 @@ from contract.records import Records
 from contract.settings import Settings
 from contract.stores import owner_of
 from contract.tasks import TaskQueue
-from rib_core.datasets import load_manifest
-from rib_core.storage import Storage, uri_exists
+from rib_core.data.datasets import load_manifest
+from rib_core.io.storage import Storage, uri_exists
 from service.validation import Locations
 
 

@@ -7,8 +7,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import HTTPException
 
 from contract.settings import Settings
-from rib_core.datasets import Manifest
-from rib_core.storage import parent_uri, read_bytes, uri_size
+from rib_core.data.datasets import Manifest
+from rib_core.io.storage import parent_uri, read_bytes, uri_size
 from service.validation import InputError, Locations, dataset_manifest
 
 

@@ -28,10 +28,10 @@ from contract.pipelines import PipelineStore
 from contract.records import Records
 from contract.settings import Settings
 from contract.tasks import FAN_OUT_INLINE, TaskQueue
-from rib_core.artifacts import final_files, image_key, upload_key
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import RefineConfig
-from rib_core.storage import Storage
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import RefineConfig
+from rib_core.io.artifacts import final_files, image_key, upload_key
+from rib_core.io.storage import Storage
 from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep
 from service.metrics import SUBMITTED
 from service.schemas import JobAccepted

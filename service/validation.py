@@ -1,7 +1,7 @@
 """Input checks of the API: bad input is refused here with a message that says what to fix.
 
 Nothing that fails these checks is stored or queued. Manifest and record checks are
-``rib_core.datasets``' own (the same rules as the offline tools), and a request's stage settings are
+``rib_core.data.datasets``' own (the same rules as the offline tools), and a request's stage settings are
 checked by their config objects once merged into the service's defaults (their bounds keep one
 request from exhausting a worker); the service adds what a schema cannot say: ids that are safe
 storage keys, inputs only from allowed locations that exist, and the operator's RIB_MAX_CROP_SIZE.
@@ -24,7 +24,10 @@ from pydantic import BaseModel, ValidationError
 from contract.job_requests import JobItem
 from contract.settings import Settings
 from contract.webhooks import check_callback
-from rib_core.datasets import (
+from rib_core.config.presets import completed, merge
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig, StageConfig
+from rib_core.data.datasets import (
     ImageError,
     ImageTooLargeError,
     Manifest,
@@ -34,10 +37,7 @@ from rib_core.datasets import (
     parse_manifest,
     parse_records,
 )
-from rib_core.presets import completed, merge
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig, StageConfig
-from rib_core.storage import is_s3_uri
+from rib_core.io.storage import is_s3_uri
 
 Config = TypeVar("Config", bound=StageConfig)
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rib_core.demo_data import DemoDataConfig, DemoDataset, make_demo_dataset
-from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
+from rib_core.classifier.train import ClassifierTrainConfig, train_classifier
+from rib_core.data.demo_data import DemoDataConfig, DemoDataset, make_demo_dataset
 
 torch.set_num_threads(2)
 

@@ -4,7 +4,7 @@ It follows the official structure step by step — a model reloaded from the sha
 IRN's ``PolyOptimizer`` (``SGD(params, lr, weight_decay)``: the third argument is momentum), a
 ``RIB_learn`` that loops over the scales and a ``gndp2d`` that loops over images and classes,
 ``outputs_cam`` accumulated on the CPU, the explosion check, the ``stop_th`` rule and
-``save_npy`` — and shares nothing with ``rib_core.rib`` but the network and the companion
+``save_npy`` — and shares nothing with ``rib_core.rib.process`` but the network and the companion
 sampler (so that both see the same random batches).
 """
 
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rib_core.augment import multiscale_flip_batches, strided_size, strided_up_size
-from rib_core.companions import CompanionPool
-from rib_core.networks import CamNet
-from rib_core.rib_config import RibConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.rib.companions import CompanionPool
+from rib_core.training.augment import multiscale_flip_batches, strided_size, strided_up_size
+from rib_core.training.networks import CamNet
 
 
 class ReferencePolyOptimizer(torch.optim.SGD):

@@ -25,7 +25,7 @@ import httpx
 import redis
 import uvicorn
 
-from rib_core.datasets import Manifest, ManifestRecord
+from rib_core.data.datasets import Manifest, ManifestRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")

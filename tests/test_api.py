@@ -25,9 +25,9 @@ from contract.job_requests import JobItem
 from contract.job_status import progress
 from contract.tasks import ChunkPayload
 from contract.worker_reports import record_classifier
-from rib_core.demo_data import DemoDataset
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import RefineConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import RefineConfig
+from rib_core.data.demo_data import DemoDataset
 from tests.api_inprocess import BUCKET, Api, inprocess_api
 from tests.test_service import API_KEY, MAX_PIXELS, MAX_UPLOAD, SMALL_RIB
 

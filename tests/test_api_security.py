@@ -28,13 +28,13 @@ from PIL import Image
 
 from contract.jobs import JobStore
 from contract.settings import Settings
-from rib_core.artifacts import image_key
-from rib_core.checkpoints import CheckpointError
-from rib_core.datasets import Manifest, ManifestRecord
-from rib_core.importers import _voc_labels_from_npy
-from rib_core.stage_configs import DeepLabTrainConfig
-from rib_core.storage import open_storage
-from rib_core.train_deeplab import train_deeplab
+from rib_core.config.stage_configs import DeepLabTrainConfig
+from rib_core.data.datasets import Manifest, ManifestRecord
+from rib_core.data.importers import _voc_labels_from_npy
+from rib_core.deeplab.job import train_deeplab
+from rib_core.io.artifacts import image_key
+from rib_core.io.storage import open_storage
+from rib_core.training.checkpoints import CheckpointError
 from service.deps import broker, job_store, result_storage
 from tests.api_inprocess import BUCKET, Api, inprocess_api
 from tests.planted import RunsCode

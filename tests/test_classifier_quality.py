@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from rib_core.augment import normalize, to_chw
-from rib_core.checkpoints import load_classifier
-from rib_core.classifier_eval import WEAK_CAUSE, average_precision, classification_scores, classifier_quality
-from rib_core.datasets import load_image
-from rib_core.demo_data import DemoDataConfig, make_demo_dataset
-from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
+from rib_core.classifier.evaluate import WEAK_CAUSE, average_precision, classification_scores, classifier_quality
+from rib_core.classifier.train import ClassifierTrainConfig, train_classifier
+from rib_core.data.datasets import load_image
+from rib_core.data.demo_data import DemoDataConfig, make_demo_dataset
+from rib_core.training.augment import normalize, to_chw
+from rib_core.training.checkpoints import load_classifier
 from tests.test_foundations import _IrnLayoutNet
 
 TINY = ClassifierTrainConfig(recipe="scratch", batch_size=8, epochs=2, crop_size=48, resize_long=(40, 56))

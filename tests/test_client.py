@@ -23,8 +23,8 @@ from contract.jobs import JobStore
 from rib_client import ApiError, RibClient, WaitTimeoutError
 from rib_client.client import download
 from rib_client.progress import describe, duration
-from rib_core.demo_data import DemoDataset
-from rib_core.storage import Storage
+from rib_core.data.demo_data import DemoDataset
+from rib_core.io.storage import Storage
 from tests.api_inprocess import BUCKET, Api, inprocess_api
 from tests.service_stack import ROOT, served, upload_dataset
 from tests.test_service import API_KEY, SMALL_RIB, Stack, running_stack

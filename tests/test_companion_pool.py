@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from rib_core.checkpoints import save_classifier
-from rib_core.companions import POOLS, CompanionPool, DeviceCompanions
-from rib_core.dataset_job import CLASSIFIERS, maps_stage
-from rib_core.datasets import Manifest, ManifestRecord, load_image, load_manifest
-from rib_core.networks import CamNet
-from rib_core.rib_config import RibConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.data.datasets import Manifest, ManifestRecord, load_image, load_manifest
+from rib_core.jobs.stages import CLASSIFIERS, maps_stage
+from rib_core.rib.companions import POOLS, CompanionPool, DeviceCompanions
+from rib_core.training.checkpoints import save_classifier
+from rib_core.training.networks import CamNet
 from tests.service_stack import moto_s3, s3, upload_dataset
 
 KEYS = [0, 3]      # the target's classes: companions are drawn among images with neither

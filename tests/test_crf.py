@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from rib_core.cam import CamConfig, LocalizationMap, assemble_map, compute_cam
-from rib_core.checkpoints import load_classifier
-from rib_core.crf import PSA_PROBABILITY_CRF, crf_seed
-from rib_core.datasets import load_image, load_mask
-from rib_core.demo_data import DemoDataset
-from rib_core.evaluation import confusion, scores, seed_from_map
-from rib_core.stage_configs import CrfConfig
+from rib_core.classifier.cam import CamConfig, LocalizationMap, assemble_map, compute_cam
+from rib_core.config.stage_configs import CrfConfig
+from rib_core.data.datasets import load_image, load_mask
+from rib_core.data.demo_data import DemoDataset
+from rib_core.data.evaluation import confusion, scores, seed_from_map
+from rib_core.refine.crf import PSA_PROBABILITY_CRF, crf_seed
+from rib_core.training.checkpoints import load_classifier
 
 
 def coarse_map(gt: np.ndarray, keys: Sequence[int], stride: int = 16) -> LocalizationMap:

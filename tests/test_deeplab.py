@@ -22,23 +22,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rib_core.checkpoints import CheckpointError
-from rib_core.classes import IGNORE_INDEX
-from rib_core.datasets import Manifest, ManifestRecord, load_mask
-from rib_core.deeplab import DeepLab, load_deeplab, load_initial_weights, save_deeplab
-from rib_core.demo_data import DemoDataset
-from rib_core.evaluation import all_background_miou
-from rib_core.networks import BACKBONES
-from rib_core.random_walk import three_way_labels
-from rib_core.stage_configs import DeepLabTrainConfig, RandomWalkConfig
-from rib_core.train_deeplab import (
+from rib_core.config.stage_configs import DeepLabTrainConfig, RandomWalkConfig
+from rib_core.data.classes import IGNORE_INDEX
+from rib_core.data.datasets import Manifest, ManifestRecord, load_mask
+from rib_core.data.demo_data import DemoDataset
+from rib_core.data.evaluation import all_background_miou
+from rib_core.deeplab.job import (
     fill_ignored,
     run_training_job,
     segmentation_loss,
     train_deeplab,
     train_with_retraining,
 )
-from rib_core.visualize import label_png
+from rib_core.deeplab.model import DeepLab, load_deeplab, load_initial_weights, save_deeplab
+from rib_core.io.visualize import label_png
+from rib_core.refine.random_walk import three_way_labels
+from rib_core.training.checkpoints import CheckpointError
+from rib_core.training.networks import BACKBONES
 from tests.service_stack import moto_s3
 
 # Tiny runs: ResNet-18, 64 px crops (the demo images' size), no MSC unless a test needs it.

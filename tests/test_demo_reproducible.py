@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from rib_core.demo_data import DemoDataConfig
-from rib_core.demo_job import DemoJobConfig
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import ClassifierTrainConfig, IrnTrainConfig, RefineConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import ClassifierTrainConfig, IrnTrainConfig, RefineConfig
+from rib_core.data.demo_data import DemoDataConfig
+from rib_core.experiments.demo_job import DemoJobConfig
 
 # Every stage of the demo, each as small as it runs: pretraining, two classifier epochs (the
 # second one resumed in the same process, as the demo does), CAM, RIB with the prefetch thread, IRN.

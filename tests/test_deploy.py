@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from contract.settings import Settings
-from rib_core.storage import bucket_exists
+from rib_core.io.storage import bucket_exists
 from tests.service_stack import moto_s3, redis_server, s3
 
 ROOT = Path(__file__).resolve().parents[1]

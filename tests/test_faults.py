@@ -29,9 +29,9 @@ import torch
 from contract.job_requests import JobItem, SubmittedManifest, load_request, request_items, save_request
 from contract.jobs import ACTIVE_KEY, JobStore
 from contract.records import Records, UntrustedRecordError
-from rib_core.artifacts import MARKER, image_key, job_manifest_key, request_key
-from rib_core.storage import LocalStorage
-from rib_core.threads import available_cores, torch_threads
+from rib_core.io.artifacts import MARKER, image_key, job_manifest_key, request_key
+from rib_core.io.storage import LocalStorage
+from rib_core.runtime.threads import available_cores, torch_threads
 from tests.service_stack import StallingProxy, children, free_port, redis_server, wait_for
 from tests.test_service import (
     BUCKET,

@@ -14,16 +14,16 @@ from PIL import Image
 from torch import nn
 from torchvision import models
 
-from rib_core.augment import apply_crop, draw_crop
-from rib_core.cam import CamConfig, LocalizationMap, run_cam
-from rib_core.checkpoints import CheckpointError, load_classifier, save_classifier
-from rib_core.classes import VOC_CLASSES
-from rib_core.companions import CompanionPool, DeviceCompanions
-from rib_core.datasets import ManifestError, load_image, load_manifest, load_mask, parse_manifest
-from rib_core.evaluation import all_background_miou, confusion, scores, seed_from_map, sweep_seeds
-from rib_core.importers import import_coco, import_voc
-from rib_core.networks import CamNet, FixedBatchNorm
-from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
+from rib_core.classifier.cam import CamConfig, LocalizationMap, run_cam
+from rib_core.classifier.train import ClassifierTrainConfig, train_classifier
+from rib_core.data.classes import VOC_CLASSES
+from rib_core.data.datasets import ManifestError, load_image, load_manifest, load_mask, parse_manifest
+from rib_core.data.evaluation import all_background_miou, confusion, scores, seed_from_map, sweep_seeds
+from rib_core.data.importers import import_coco, import_voc
+from rib_core.rib.companions import CompanionPool, DeviceCompanions
+from rib_core.training.augment import apply_crop, draw_crop
+from rib_core.training.checkpoints import CheckpointError, load_classifier, save_classifier
+from rib_core.training.networks import CamNet, FixedBatchNorm
 
 
 def test_cam_network_follows_irn_layout():
@@ -154,7 +154,7 @@ def test_voc_and_coco_importers(demo, tmp_path):
     assert [r.labels for r in loaded.records] == [("aeroplane", "person"), ("dog",)]
     assert loaded.records[0].mask and loaded.records[1].mask is None and len(m) == 2
 
-    from rib_core.classes import COCO_CLASSES
+    from rib_core.data.classes import COCO_CLASSES
     cats = [{"id": i + 1, "name": n} for i, n in enumerate(COCO_CLASSES)]
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "COCO_1.jpg")
     square = [[2, 2, 12, 2, 12, 12, 2, 12]]

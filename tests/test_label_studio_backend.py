@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
 
-from rib_core.artifacts import MAP_NPZ, MARKER, final_files
-from rib_core.cam import LocalizationMap
-from rib_core.datasets import decode_mask
-from rib_core.demo_data import DemoDataset
+from rib_core.classifier.cam import LocalizationMap
+from rib_core.data.datasets import decode_mask
+from rib_core.data.demo_data import DemoDataset
+from rib_core.io.artifacts import MAP_NPZ, MARKER, final_files
 from tests.service_stack import free_port
 from tests.test_service import API_KEY, BUCKET, Stack, running_stack
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from rib_core.augment import multiscale_flip_batches
-from rib_core.companions import CompanionPool
-from rib_core.datasets import load_image
-from rib_core.networks import CamNet
-from rib_core.rib import RibRunner
-from rib_core.rib_config import RibConfig
-from rib_core.rib_engines import PlainEngine, TrainablePart
-from rib_core.rib_objective import first_step_lr, pool_images, rib_loss
+from rib_core.config.rib_config import RibConfig
+from rib_core.data.datasets import load_image
+from rib_core.rib.companions import CompanionPool
+from rib_core.rib.engines import PlainEngine, TrainablePart
+from rib_core.rib.objective import first_step_lr, pool_images, rib_loss
+from rib_core.rib.process import RibRunner
+from rib_core.training.augment import multiscale_flip_batches
+from rib_core.training.networks import CamNet
 
 RULE = RibConfig(lr_rule="first_step", step_gain=1e-3, iterations=2, companions=2, crop_size=32,
                  resize_long=(32, 64))

@@ -17,14 +17,15 @@ import pytest
 from PIL import Image
 
 from benchmarks.results import COLUMNS, GAP, HEADER, demo_picture, readme_blocks, results_doc, seed_sweeps
-from rib_core.artifacts import PIPELINE_IMAGE_FILES, pipeline_index, pipeline_key
 from rib_core.cli import main
-from rib_core.datasets import load_manifest, load_mask
-from rib_core.demo_job import DemoJobConfig, report_rows, run_demo
-from rib_core.exports import COCO_ANNOTATIONS, ExportConfig, manifest_masks, write_export
-from rib_core.localization_map import LocalizationMap
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import IrnTrainConfig, RefineConfig
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import IrnTrainConfig, RefineConfig
+from rib_core.data.datasets import load_manifest, load_mask
+from rib_core.experiments.demo_job import DemoJobConfig, report_rows, run_demo
+from rib_core.io.artifacts import PIPELINE_IMAGE_FILES, pipeline_index, pipeline_key
+from rib_core.io.export_sources import manifest_masks
+from rib_core.io.exports import COCO_ANNOTATIONS, ExportConfig, write_export
+from rib_core.io.localization_map import LocalizationMap
 from tests.conftest import SMALL_CLASSIFIER, SMALL_DEMO
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

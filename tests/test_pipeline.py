@@ -24,8 +24,8 @@ import pytest
 import redis
 from PIL import Image
 
-from rib_core.cam import LocalizationMap
-from rib_core.demo_data import DemoDataset
+from rib_core.classifier.cam import LocalizationMap
+from rib_core.data.demo_data import DemoDataset
 from tests.api_inprocess import Api, inprocess_api
 from tests.service_stack import (
     Process,

@@ -25,8 +25,8 @@ from contract.pipelines import PipelineStore, Send
 from contract.records import Records, UntrustedRecordError
 from contract.stores import owner_of
 from contract.tasks import TaskQueue
-from rib_core.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, pipeline_key
-from rib_core.demo_data import DemoDataset
+from rib_core.data.demo_data import DemoDataset
+from rib_core.io.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, pipeline_key
 from tests.api_inprocess import Api, inprocess_api
 from tests.service_stack import RedisServer, upload_dataset
 from worker import staged

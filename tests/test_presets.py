@@ -9,11 +9,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from rib_core.cli import build_config
-from rib_core.demo_job import DemoJobConfig
-from rib_core.rib_config import RibConfig
-from rib_core.rib_objective import gap, gndrp, pool
-from rib_core.stage_configs import (
+from rib_core.cli.options import build_config
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import (
     DEEPLAB_CRF,
     ConfidentLabelConfig,
     DeepLabTrainConfig,
@@ -22,6 +20,8 @@ from rib_core.stage_configs import (
     RandomWalkConfig,
     RefineConfig,
 )
+from rib_core.experiments.demo_job import DemoJobConfig
+from rib_core.rib.objective import gap, gndrp, pool
 
 COCO_SWEEP = [round(t / 100, 2) for t in range(10, 51)]  # run_sample_coco.py: 0.10 ... 0.50
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 
-from rib_core.progress import ImageProgress
+from rib_core.runtime.progress import ImageProgress
 
 
 def test_image_progress_shows_images_per_minute_and_time_left():

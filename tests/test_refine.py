@@ -19,18 +19,18 @@ import pytest
 import torch
 from PIL import Image
 
-from rib_core.cam import LocalizationMap, run_cam
-from rib_core.checkpoints import CheckpointError, load_classifier
+from rib_core.classifier.cam import LocalizationMap, run_cam
 from rib_core.cli import main
-from rib_core.confident_labels import confident_labels
-from rib_core.datasets import Manifest, load_image, load_mask
-from rib_core.demo_data import DemoDataset
-from rib_core.irn import IrnNet, PathIndex, boundary_map, load_irn, save_irn, search_offsets, segment
-from rib_core.irn_training import train_irn
-from rib_core.random_walk import propagate, random_walk, transition_matrix
-from rib_core.refine import refine_maps, refine_one
-from rib_core.saliency import apply_saliency
-from rib_core.stage_configs import ConfidentLabelConfig, IrnTrainConfig, RandomWalkConfig, RefineConfig
+from rib_core.config.stage_configs import ConfidentLabelConfig, IrnTrainConfig, RandomWalkConfig, RefineConfig
+from rib_core.data.datasets import Manifest, load_image, load_mask
+from rib_core.data.demo_data import DemoDataset
+from rib_core.refine.confident_labels import confident_labels
+from rib_core.refine.irn import IrnNet, PathIndex, boundary_map, load_irn, save_irn, search_offsets, segment
+from rib_core.refine.irn_training import train_irn
+from rib_core.refine.pseudo_masks import refine_maps, refine_one
+from rib_core.refine.random_walk import propagate, random_walk, transition_matrix
+from rib_core.refine.saliency import apply_saliency
+from rib_core.training.checkpoints import CheckpointError, load_classifier
 from tests.test_crf import coarse_map
 
 N_IMAGES = 16

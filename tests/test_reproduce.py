@@ -14,13 +14,15 @@ import torch
 import torchvision
 from PIL import Image
 
-from rib_core.classes import COCO_CLASSES, VOC_CLASSES
-from rib_core.cli import build_config, main, parser
-from rib_core.datasets import load_manifest, load_mask
-from rib_core.demo_data import DemoDataConfig, DemoDataset, make_demo_dataset
-from rib_core.demo_job import DemoJobConfig, scene_scale, single_digits
-from rib_core.reproduce import PAPER, STAGES, ReproduceConfig, train_aug_ids
-from rib_core.stage_configs import ClassifierTrainConfig
+from rib_core.cli import main, parser
+from rib_core.cli.options import build_config
+from rib_core.config.stage_configs import ClassifierTrainConfig
+from rib_core.data.classes import COCO_CLASSES, VOC_CLASSES
+from rib_core.data.datasets import load_manifest, load_mask
+from rib_core.data.demo_data import DemoDataConfig, DemoDataset, make_demo_dataset
+from rib_core.experiments.demo_job import DemoJobConfig, scene_scale, single_digits
+from rib_core.experiments.paper import PAPER, train_aug_ids
+from rib_core.experiments.reproduce import STAGES, ReproduceConfig
 
 SCENES = DemoDataConfig(n_train=40, n_val=8, canvas=64, digit_size=(26, 36), digits=[0, 1, 2, 3, 4],
                         max_per_image=2, seed=3)

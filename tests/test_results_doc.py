@@ -22,7 +22,7 @@ from benchmarks.results import (
     results_doc,
     with_readme_blocks,
 )
-from rib_core.provenance import run_record
+from rib_core.runtime.provenance import run_record
 
 
 def test_results_doc_and_the_readme_blocks_are_regenerated_from_the_files():

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from rib_core.augment import multiscale_flip_batches
-from rib_core.batching import run_rib
-from rib_core.cam import LocalizationMap
-from rib_core.checkpoints import load_classifier
-from rib_core.companions import CompanionPool
-from rib_core.datasets import load_image, load_mask
-from rib_core.evaluation import sweep_seeds
-from rib_core.pipeline import PipelineConfig, PseudoMaskPipeline
-from rib_core.rib import RibRunner
-from rib_core.rib_config import RibConfig
-from rib_core.rib_objective import gap, gndrp
-from rib_core.stage_configs import EvalConfig
+from rib_core.classifier.cam import LocalizationMap
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import EvalConfig
+from rib_core.data.datasets import load_image, load_mask
+from rib_core.data.evaluation import sweep_seeds
+from rib_core.jobs.pipeline import PipelineConfig, PseudoMaskPipeline
+from rib_core.rib.batching import run_rib
+from rib_core.rib.companions import CompanionPool
+from rib_core.rib.objective import gap, gndrp
+from rib_core.rib.process import RibRunner
+from rib_core.training.augment import multiscale_flip_batches
+from rib_core.training.checkpoints import load_classifier
 from tests.rib_reference import gndp2d, reference_rib
 
 SMALL = dict(crop_size=64, resize_long=(48, 96), companions=3)

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rib_core.cam import LocalizationMap
-from rib_core.classifier_eval import classifier_quality
-from rib_core.datasets import Manifest, ManifestRecord
+from rib_core.classifier.cam import LocalizationMap
+from rib_core.classifier.evaluate import classifier_quality
+from rib_core.data.datasets import Manifest, ManifestRecord
 from tests.service_stack import (
     Process,
     RedisServer,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rib_core.study import markdown, summarise
+from rib_core.experiments.study import markdown, summarise
 
 
 def test_summary_pairs_each_seed_before_averaging():

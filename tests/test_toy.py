@@ -11,20 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rib_core.toy import (
-    BG,
-    ND,
-    REGIONS,
-    D,
-    ToyConfig,
-    ToyNet,
-    find_trends,
-    gradient_maps,
-    hgr,
-    make_toy_data,
-    normalise_gradients,
-    run_toy_experiment,
-)
+from rib_core.experiments.toy import ToyNet, find_trends, gradient_maps, hgr, normalise_gradients, run_toy_experiment
+from rib_core.experiments.toy_data import BG, ND, REGIONS, D, ToyConfig, make_toy_data
 
 torch.set_num_threads(2)
 

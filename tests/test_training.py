@@ -1,4 +1,4 @@
-"""The training skeleton shared by the classifier, IRN and DeepLab (rib_core.training): its refusals,
+"""The training skeleton shared by the classifier, IRN and DeepLab (rib_core.training.loop): its refusals,
 its epoch loop and its resume state, on tiny parts (no network is trained here)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from rib_core.checkpoints import CheckpointError
-from rib_core.datasets import Manifest, ManifestRecord
-from rib_core.train_classifier import ClassifierTrainConfig, train_classifier
-from rib_core.training import (
+from rib_core.classifier.train import ClassifierTrainConfig, train_classifier
+from rib_core.data.datasets import Manifest, ManifestRecord
+from rib_core.training.checkpoints import CheckpointError
+from rib_core.training.loop import (
     AugmentedManifest,
     progress_bar,
     read_training_state,

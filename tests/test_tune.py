@@ -10,11 +10,11 @@ import pytest
 
 from contract.settings import Settings
 from rib_core.cli import main
-from rib_core.datasets import Manifest, load_image, median_long_side
-from rib_core.demo_data import DemoDataset
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import IrnTrainConfig, RefineConfig
-from rib_core.tune import TuneConfig, _grid, _name, tune
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import IrnTrainConfig, RefineConfig
+from rib_core.data.datasets import Manifest, load_image, median_long_side
+from rib_core.data.demo_data import DemoDataset
+from rib_core.experiments.tune import TuneConfig, _grid, _name, tune
 
 TINY_RIB = RibConfig(iterations=2, companions=2, crop_size=64, resize_long=(48, 80))
 

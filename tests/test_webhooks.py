@@ -24,8 +24,8 @@ from contract.records import Records
 from contract.settings import Settings
 from contract.stores import owner_of
 from contract.webhooks import DELIVERIES, OUTBOX, callback_error, deliver_due, sign, signing_secret, verify
-from rib_core.demo_data import DemoDataset
-from rib_core.storage import LocalStorage
+from rib_core.data.demo_data import DemoDataset
+from rib_core.io.storage import LocalStorage
 from tests.api_inprocess import inprocess_api
 from tests.service_stack import free_port, redis_server, wait_for
 from tests.test_service import API_KEY, running_stack, wait_finished

@@ -28,8 +28,8 @@ from celery import Task, signals
 from contract.job_kinds import PIPELINE, TRAINING, JobKind
 from contract.settings import get_settings
 from contract.stages import PIPELINE_MAPS, PIPELINE_STAGE, STAGE, TRAINING_JOB, PipelineSpec, Send
-from rib_core.artifacts import chunk_marker, pipeline_key, stage_marker
-from rib_core.pipeline import resolve_device
+from rib_core.io.artifacts import chunk_marker, pipeline_key, stage_marker
+from rib_core.jobs.pipeline import resolve_device
 from worker import staged
 from worker.celery_app import app
 from worker.stage_runners import RUNNERS, chunk_maps

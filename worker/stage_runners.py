@@ -1,6 +1,6 @@
 """What each stage of a staged job runs in a worker: copy the stage's inputs from the job's prefix in
 storage into a fresh local folder (frozen manifests checked against their digests), call the
-stage's function (:mod:`rib_core.dataset_job`, :mod:`rib_core.train_deeplab`), and store what it
+stage's function (:mod:`rib_core.jobs.stages`, :mod:`rib_core.deeplab.job`), and store what it
 wrote. Training states are copied to storage after every epoch, so a stage delivered again after
 its worker died continues from its last epoch."""
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from contract.stages import STAGES, PipelineSpec
 from contract.training import TrainingSpec
-from rib_core.artifacts import (
+from rib_core.io.artifacts import (
     PIPELINE_INDEX,
     PIPELINE_MANIFEST,
     PIPELINE_VAL_MANIFEST,
@@ -24,7 +24,7 @@ from rib_core.artifacts import (
     pipeline_key,
     training_input_key,
 )
-from rib_core.pipeline import resolve_device
+from rib_core.jobs.pipeline import resolve_device
 from worker import staged
 from worker.staged import frozen_manifest, frozen_text, show_progress
 from worker.tasks import Runtime
@@ -77,7 +77,7 @@ def epoch_hook(rt: Runtime, job_id: str, stage: str, work: Path, state: str, epo
 
 
 def run_classifier(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, device: str) -> dict[str, Any]:
-    from rib_core.dataset_job import classifier_stage
+    from rib_core.jobs.stages import classifier_stage
 
     pull(rt, job_id, "classifier", work)
     val = write_inputs(job_id, spec, work, validation=spec.val_manifest is not None)
@@ -89,7 +89,7 @@ def run_classifier(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, dev
 
 
 def run_refine(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, device: str) -> dict[str, Any]:
-    from rib_core.dataset_job import refine_stage
+    from rib_core.jobs.stages import refine_stage
 
     pull(rt, job_id, "maps", work)
     pull(rt, job_id, "refined", work)
@@ -103,7 +103,7 @@ def run_refine(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, device:
 
 
 def run_deeplab(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, device: str) -> dict[str, Any]:
-    from rib_core.dataset_job import deeplab_stage
+    from rib_core.jobs.stages import deeplab_stage
 
     assert spec.deeplab is not None  # the job has this stage only when DeepLab was asked for
     manifest = frozen_manifest(job_id, spec)
@@ -117,7 +117,7 @@ def run_deeplab(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, device
 def run_training(rt: Runtime, job_id: str, spec: TrainingSpec, work: Path, device: str) -> dict[str, Any]:
     """An offline DeepLab job (train, evaluate or predict) on its frozen manifests (digests checked),
     written under the job's own prefix (``spec.output``)."""
-    from rib_core.train_deeplab import run_training_job
+    from rib_core.deeplab.job import run_training_job
 
     job = spec.model_dump(exclude_none=True, exclude={"manifest_sha256", "evaluate_on_sha256", "owner",
                                                       "callback_url", "request"})
@@ -137,7 +137,7 @@ assert set(RUNNERS) == {s.name for s in STAGES if s.queue == "training"}
 
 def chunk_maps(rt: Runtime, job_id: str, spec: PipelineSpec, todo: list[str]) -> dict[str, str]:
     """Run the chunk's images; store each map written, return the images that failed, with why."""
-    from rib_core.dataset_job import maps_stage
+    from rib_core.jobs.stages import maps_stage
 
     device = str(resolve_device(rt.settings.device))
     with tempfile.TemporaryDirectory(prefix=f"rib-{job_id}-maps-") as tmp:

@@ -16,9 +16,9 @@ from contract.records import Records, UntrustedRecordError
 from contract.settings import Settings
 from contract.stages import PipelineSpec
 from contract.tasks import TaskQueue
-from rib_core.artifacts import PIPELINE_MANIFEST, pipeline_key
-from rib_core.datasets import Manifest, parse_manifest
-from rib_core.storage import Storage
+from rib_core.data.datasets import Manifest, parse_manifest
+from rib_core.io.artifacts import PIPELINE_MANIFEST, pipeline_key
+from rib_core.io.storage import Storage
 from worker.celery_app import app
 from worker.tasks import runtime
 

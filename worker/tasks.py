@@ -35,13 +35,13 @@ from contract.settings import Settings, get_settings
 from contract.tasks import FAN_OUT, PROCESS_CHUNK, ChunkPayload, TaskQueue
 from contract.webhooks import deliver_due
 from contract.worker_reports import record_classifier
-from rib_core.artifacts import MARKER, image_key, store_result
-from rib_core.datasets import ImageError, decode_image
-from rib_core.pipeline import PseudoMaskPipeline, resolve_device
-from rib_core.rib_config import RibConfig
-from rib_core.stage_configs import RefineConfig
-from rib_core.storage import Storage, read_bytes
-from rib_core.threads import use_torch_threads
+from rib_core.config.rib_config import RibConfig
+from rib_core.config.stage_configs import RefineConfig
+from rib_core.data.datasets import ImageError, decode_image
+from rib_core.io.artifacts import MARKER, image_key, store_result
+from rib_core.io.storage import Storage, read_bytes
+from rib_core.jobs.pipeline import PseudoMaskPipeline, resolve_device
+from rib_core.runtime.threads import use_torch_threads
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def report_classifier(store: JobStore, settings: Settings) -> None:
     logged: the images report a model that cannot be loaded themselves."""
     if not settings.classifier_uri:
         return
-    from rib_core.classifier_eval import classifier_quality
+    from rib_core.classifier.evaluate import classifier_quality
 
     try:
         quality = classifier_quality(settings.classifier_uri)

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from contract.jobs import JobStore
 from contract.settings import Settings
 from contract.worker_reports import classifier
-from rib_core.storage import uri_exists
+from rib_core.io.storage import uri_exists
 from service.deps import BrokerDep, SettingsDep, StorageDep, StoreDep, api_key_header, known_key
 from service.metrics import REGISTRY
 from service.schemas import ClassifierInfo, Health, Readiness

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 
 from contract.job_requests import SubmittedManifest, load_request, request_items
-from rib_core.artifacts import job_prefix
-from rib_core.exports import ExportConfig, ExportFormat, export_job, presigned_image_url
-from rib_core.storage import parent_uri
+from rib_core.io.artifacts import job_prefix
+from rib_core.io.export_sources import export_job, presigned_image_url
+from rib_core.io.exports import ExportConfig, ExportFormat
+from rib_core.io.storage import parent_uri
 from service.bodies import JobRequest
 from service.deps import ClassesDep, LocationsDep, Owner, SettingsDep
 from service.errors import error_responses

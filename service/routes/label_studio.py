@@ -9,7 +9,7 @@ the mean of RIB's map M for that class inside the region, and the prediction's s
 its regions' scores. RIB needs each image's class labels; they come from the task, in this order:
 ``data.labels`` (a list, or names separated by commas), else the ``Choices`` on the image in the
 task's latest annotation, else in its latest prediction; a task with none gets the classifier's
-(:meth:`rib_core.pipeline.PseudoMaskPipeline.predict_labels`; the image's ``meta.json`` says which).
+(:meth:`rib_core.jobs.pipeline.PseudoMaskPipeline.predict_labels`; the image's ``meta.json`` says which).
 
 The task's image is the ``Image`` tag's ``$value``: an ``s3://`` URI under ``RIB_INPUT_PREFIXES``
 (the workers read it), or a file Label Studio serves (``/data/upload/...``, or a URL on the host of
@@ -35,10 +35,10 @@ from starlette.concurrency import run_in_threadpool
 from contract.job_requests import JobItem
 from contract.settings import Settings
 from rib_core import __version__
-from rib_core.artifacts import MAP_NPZ, final_files, image_key
-from rib_core.datasets import decode_mask
-from rib_core.exports import LS_BRUSH, LS_IMAGE, brush_regions
-from rib_core.storage import Storage, is_s3_uri
+from rib_core.data.datasets import decode_mask
+from rib_core.io.artifacts import MAP_NPZ, final_files, image_key
+from rib_core.io.exports import LS_BRUSH, LS_IMAGE, brush_regions
+from rib_core.io.storage import Storage, is_s3_uri
 from service.deps import ClassesDep, SettingsDep, api_key_header, locations, require_api_key
 from service.errors import error_responses
 from service.schemas import example

@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse
 
 from contract.pipelines import PipelineSpec, PipelineStore
 from contract.records import UntrustedRecordError
-from rib_core.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, PIPELINE_VAL_MANIFEST, pipeline_index, pipeline_key
-from rib_core.datasets import Manifest, parse_manifest
-from rib_core.exports import ExportConfig, ExportFormat, export_job, pipeline_masks, presigned_image_url
+from rib_core.data.datasets import Manifest, parse_manifest
+from rib_core.io.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, PIPELINE_VAL_MANIFEST, pipeline_index, pipeline_key
+from rib_core.io.export_sources import export_job, pipeline_masks, presigned_image_url
+from rib_core.io.exports import ExportConfig, ExportFormat
 from service.bodies import PipelineRequest
 from service.deps import LocationsDep, Owner, PipelinesDep, QueueDep, RecordsDep, SettingsDep, StorageDep
 from service.errors import error_responses

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 
 from contract.job_kinds import TRAINING
 from contract.training import TrainingJobRequest, TrainingSpec
-from rib_core.artifacts import training_input_key, training_key
-from rib_core.storage import is_s3_uri
+from rib_core.io.artifacts import training_input_key, training_key
+from rib_core.io.storage import is_s3_uri
 from service.deps import LocationsDep, Owner, QueueDep, RecordsDep, SettingsDep, TrainingsDep
 from service.errors import error_responses
 from service.inputs import frozen_manifest

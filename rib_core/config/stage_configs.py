@@ -1,0 +1,385 @@
+"""The typed settings of every stage after RIB, importable without torch.
+
+Each stage's module (:mod:`rib_core.refine.crf`, :mod:`rib_core.refine.confident_labels`,
+:mod:`rib_core.refine.random_walk`, :mod:`rib_core.refine.irn_training`, :mod:`rib_core.data.evaluation`,
+:mod:`rib_core.refine.pseudo_masks`, :mod:`rib_core.deeplab.job`) runs with the config defined here; the API
+process validates requests (``refine``, training jobs) with the same objects and never loads torch;
+its OpenAPI shows each field's description, written here.
+Defaults cite the paper or the official code (IRN, jbeomlee93/RIB, deeplab-pytorch) on each field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rib_core.config.presets import Preset, with_preset
+
+ModelKind = Literal["deeplabv2", "deeplabv3"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]  # the keys of networks.BACKBONES
+# Bounds on what sizes a worker's memory or time, so that no request can take a worker down (a crop of
+# 100,000 px asked 112 GiB). Each is far above the paper's settings (crops 321-512, batches 10-32,
+# 3-5 epochs, 30k-100k DeepLab iterations) and below what one 80 GB GPU runs.
+MAX_CROP = 1024        # training and companion crops, and resize_long
+MAX_BATCH = 256
+MAX_EPOCHS = 1000
+MAX_ITERATIONS = 1_000_000
+MAX_WORKERS = 16       # data-loader processes
+SideRange = tuple[Annotated[int, Field(ge=16, le=MAX_CROP)], Annotated[int, Field(ge=16, le=MAX_CROP)]]
+
+
+def _defaults_example(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """A config's JSON schema (the API's OpenAPI) shows its defaults as the example."""
+    schema["examples"] = [cls().model_dump(mode="json")]
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's settings: unknown fields are refused (a typo never passes silently), and
+    each field carries its description (the API derives its request bodies from these classes and
+    shows it; so could the CLI's help)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_defaults_example)
+
+
+class CrfConfig(StageConfig):
+    """Dense CRF parameters; defaults are IRN's ``crf_inference_label`` (misc/imutils.py)."""
+
+    # RIB/IRN use unary_from_labels
+    unary: Literal["labels", "probabilities"] = Field(
+        "labels", description="labels: the unary from a hard label map (with gt_prob); probabilities: from "
+                              "softmax scores")
+    iterations: int = Field(10, ge=1, le=100, description="mean-field steps")  # crf_inference_label t=10
+    # crf_inference_label gt_prob=0.7 ("labels" only)
+    gt_prob: float = Field(0.7, gt=0, lt=1, description="confidence given to the label map (unary labels)")
+    # addPairwiseGaussian(sxy=3, compat=3)
+    gaussian_sxy: float = Field(3.0, gt=0, description="smoothness kernel: spatial standard deviation (px)")
+    gaussian_compat: float = Field(3.0, ge=0, description="smoothness kernel: weight")
+    # addPairwiseBilateral(sxy=50, srgb=5, compat=10)
+    bilateral_sxy: float = Field(50.0, gt=0, description="appearance kernel: spatial standard deviation (px)")
+    bilateral_srgb: float = Field(5.0, gt=0, description="appearance kernel: colour standard deviation")
+    bilateral_compat: float = Field(10.0, ge=0, description="appearance kernel: weight")
+
+
+class ConfidentLabelConfig(StageConfig):
+    """Confident foreground / background labels for IRN (``step/cam_to_ir_label.py``)."""
+
+    # RIB run_sample.py --conf_fg_thres 0.35 (IRN: 0.30)
+    fg_threshold: float = Field(0.35, gt=0, lt=1, description="background score of the seed whose CRF gives the "
+                                                              "confident foreground")
+    # RIB run_sample.py --conf_bg_thres 0.17 (IRN: 0.05)
+    bg_threshold: float = Field(0.17, gt=0, lt=1, description="background score (below fg_threshold) of the seed "
+                                "whose CRF gives the confident background; pixels between the two are ignored")
+    crf: CrfConfig = Field(default_factory=CrfConfig,  # crf_inference_label with its defaults
+                           description="the CRF run on each of the two seeds")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ConfidentLabelConfig:
+        if self.bg_threshold >= self.fg_threshold:
+            raise ValueError("bg_threshold must be below fg_threshold")
+        return self
+
+
+# VOC: the field defaults (run_sample.py). COCO: run_sample_coco.py --sem_seg_bg_thres 0.22.
+WALK_PRESETS: dict[str, dict[str, Any]] = {"voc": {}, "coco": {"bg_threshold": 0.22}}
+
+
+PRESET_HELP = "voc or coco: the authors' settings for that data set fill the fields not given"
+
+
+class RandomWalkConfig(StageConfig):
+    """Random walk on IRN's affinities (``step/make_sem_seg_labels.py``, ``misc/indexing.py``);
+    ``preset`` fills the data-set-specific values not given."""
+
+    preset: Preset = Field("voc", description=PRESET_HELP)
+    beta: float = Field(10.0, gt=0, description="exponent sharpening the affinities")  # run_sample.py --beta 10
+    # --exp_times 8: 2^8 steps
+    exp_times: int = Field(8, ge=0, le=12, description="log2 of the walk's steps (8: 256 steps)")
+    # propagate_to_edge(radius=5)
+    radius: int = Field(5, ge=2, le=10, description="neighbourhood radius of the transition matrix (map px)")
+    # RIB run_sample.py --np_power 1.3 (IRN: 1.0)
+    power: float = Field(1.3, gt=0, description="the map is raised to this power before the walk")
+    # --sem_seg_bg_thres 0.27
+    bg_threshold: float = Field(0.27, gt=0, lt=1, description="background score of the pseudo-mask after the walk")
+    # DeepLab re-training labels (paper appendix A.1): walk value > 0.3 foreground, < 0.2
+    # background, 255 between. Not in the public code (which stops at the masks).
+    retrain_fg_threshold: float = Field(0.3, gt=0, lt=1, description="re-training labels: a walked score above "
+                                                                     "it is foreground")
+    retrain_bg_threshold: float = Field(0.2, gt=0, lt=1, description="re-training labels: below it background; "
+                                                                     "between the two, ignored (255)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return with_preset(data, WALK_PRESETS)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RandomWalkConfig:
+        if self.retrain_bg_threshold >= self.retrain_fg_threshold:
+            raise ValueError("retrain_bg_threshold must be below retrain_fg_threshold")
+        return self
+
+    def tuned(self, exp_times: int, bg_threshold: float) -> RandomWalkConfig:
+        """This walk with another length and background score (``rib tune``'s choice); DeepLab's
+        re-training thresholds keep their offsets from the background score (the paper's 0.3 / 0.2
+        around RIB's 0.27)."""
+        shift = bg_threshold - self.bg_threshold
+        return self.model_copy(update={
+            "exp_times": exp_times, "bg_threshold": bg_threshold,
+            "retrain_fg_threshold": round(min(0.99, self.retrain_fg_threshold + shift), 4),
+            "retrain_bg_threshold": round(max(0.01, self.retrain_bg_threshold + shift), 4)})
+
+
+LR_HELP = "initial learning rate (polynomial decay to 0)"
+MOMENTUM_HELP = "SGD momentum"
+WEIGHT_DECAY_HELP = "SGD weight decay"
+POLY_HELP = "exponent of the polynomial learning-rate decay"
+WORKERS_HELP = "data-loader processes (0: load in the training process)"
+SEED_HELP = "random seed of the crops, flips and order"
+CROP_HELP = "side of the square training crops (px)"
+RESIZE_HELP = "each image is resized to a random long side in this range (px) before cropping"
+
+
+class IrnTrainConfig(StageConfig):
+    """IRN training; defaults are the RIB/IRN ``run_sample.py`` and ``step/train_irn.py`` ones."""
+
+    arch: Backbone = Field("resnet50", description="backbone (IRN: resnet50)")
+    # IRN starts from ImageNet weights (resnet50(pretrained=True)). Give a torchvision state dict or
+    # a classifier checkpoint (ours or IRN's res50_cam.pth) whose backbone to use; None = the
+    # classifier passed to train_irn / refine_maps (never a random backbone: see irn_backbone).
+    init_weights: str | None = Field(None, description="backbone weights, path or s3://: a torchvision ResNet state "
+                                     "dict or a classifier checkpoint; null: the job's classifier")
+    # --irn_crop_size 512
+    crop_size: int = Field(512, ge=32, le=MAX_CROP, multiple_of=16, description=CROP_HELP)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="images per step")  # --irn_batch_size 32
+    epochs: int = Field(3, ge=1, le=MAX_EPOCHS, description="passes over the data set")  # --irn_num_epoches 3
+    lr: float = Field(0.1, gt=0, description=LR_HELP)  # --irn_learning_rate 0.1 (x10 on the displacement head)
+    weight_decay: float = Field(1e-4, ge=0, description=WEIGHT_DECAY_HELP)  # --irn_weight_decay 1e-4
+    # PolyOptimizer passes weight_decay as momentum (optim.py)
+    momentum: float = Field(1e-4, ge=0, description=MOMENTUM_HELP)
+    poly_power: float = Field(0.9, gt=0, description=POLY_HELP)  # PolyOptimizer's exponent
+    # train_irn.py PathIndex(radius=10)
+    radius: int = Field(10, ge=2, le=20, description="radius of the pixel pairs the affinities are learnt on "
+                                                     "(map px)")
+    # VOC12AffinityDataset rescale=(0.5, 1.5)
+    rescale: tuple[float, float] = Field((0.5, 1.5), description="random rescaling range of the training images")
+    hflip: bool = Field(True, description="random horizontal flips")  # hor_flip=True
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description=WORKERS_HELP)
+    seed: int = Field(0, description=SEED_HELP)
+
+    @model_validator(mode="after")
+    def _crop_fits_radius(self) -> IrnTrainConfig:
+        side = self.crop_size // 4  # the networks' stride-4 map
+        if side <= 2 * (self.radius - 1):
+            raise ValueError(f"crop_size {self.crop_size} gives a {side}x{side} map, too small for radius "
+                             f"{self.radius}: use radius <= {side // 2} or a larger crop")
+        return self
+
+
+# The from-scratch recipe's values where they differ from IRN's (measured on MNIST scenes of
+# several recipes: docs/USAGE.md "The classifier", benchmarks/classifier_recipes.py). A setting given
+# explicitly wins over these.
+SCRATCH_RECIPE: dict[str, Any] = {
+    "arch": "resnet18", "batch_size": 8, "epochs": 12, "lr": 1e-3, "weight_decay": 0.05,
+    "warmup_epochs": 1, "from_scratch": True, "colour_augment": True,
+}
+
+
+class ClassifierTrainConfig(StageConfig):
+    """Classifier training; defaults are IRN's (``run_sample.py`` and ``step/train_cam.py``).
+
+    ``recipe="scratch"`` replaces the defaults by :data:`SCRATCH_RECIPE` (explicit settings win).
+    """
+
+    recipe: Literal["irn", "scratch"] = Field("irn", description="irn: fine-tune ImageNet weights as IRN does; "
+                                              "scratch: this project's recipe for a backbone trained from nothing")
+    arch: Backbone = Field("resnet50", description="backbone: resnet18/34/50/101 (IRN: resnet50)")
+    # IRN run_sample.py --cam_batch_size 16
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="images per step")
+    epochs: int = Field(5, ge=1, le=MAX_EPOCHS, description="passes over the data set")  # --cam_num_epoches 5
+    lr: float = Field(0.1, gt=0, description=LR_HELP)  # --cam_learning_rate 0.1 (x10 on the classifier)
+    weight_decay: float = Field(1e-4, ge=0, description=WEIGHT_DECAY_HELP)  # --cam_weight_decay 1e-4
+    # what IRN's PolyOptimizer really passes to SGD (optim.py)
+    momentum: float = Field(1e-4, ge=0, description=MOMENTUM_HELP)
+    poly_power: float = Field(0.9, gt=0, description=POLY_HELP)  # PolyOptimizer's exponent
+    warmup_epochs: float = Field(0, ge=0, description="scratch recipe: linear warm-up before the cosine decay")
+    crop_size: int = Field(512, ge=16, le=MAX_CROP, description=CROP_HELP)  # train_cam.py crop_size=512
+    resize_long: SideRange = Field((320, 640), description=RESIZE_HELP)  # train_cam.py resize_long=(320, 640)
+    hflip: bool = Field(True, description="random horizontal flips")  # train_cam.py hor_flip=True
+    colour_augment: bool = Field(False, description="random channel order and greyscale (scratch recipe)")
+    # IRN fine-tunes ImageNet weights: stem frozen, stage 2 detached, BN statistics frozen. From
+    # scratch (the demo: no ImageNet weights here) every stage must learn, with batch statistics
+    # that are then frozen for CAM and RIB. See CamNet.set_from_scratch.
+    from_scratch: bool = Field(False, description="train every stage, batch-norm statistics included (no ImageNet "
+                                                  "weights); false: IRN's frozen stem and statistics")
+    init_weights: str | None = Field(None, description="backbone weights, path or s3://: a torchvision ResNet "
+                                     "state dict or a classifier checkpoint (ours or IRN's)")
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description=WORKERS_HELP)
+    seed: int = Field(0, description=SEED_HELP)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("recipe") == "scratch":
+            return {**SCRATCH_RECIPE, **data}
+        return data
+
+
+# The seed sweeps of RIB's run_sample.py (VOC: i / 100 for i in range(20, 50)) and
+# run_sample_coco.py (COCO: range(10, 51), i.e. 0.10-0.50 by 0.01).
+EVAL_PRESETS: dict[str, dict[str, Any]] = {
+    "voc": {},
+    "coco": {"thresholds": [round(0.01 * i, 2) for i in range(10, 51)]},
+}
+
+
+def wide_thresholds() -> list[float]:
+    """0.05-0.90 by 0.01: a sweep for data whose best background threshold is unknown (the VOC
+    sweep's 0.20-0.49 brackets VOC's best; this project's choice for other data)."""
+    return [round(0.05 + 0.01 * i, 2) for i in range(86)]
+
+
+class EvalConfig(StageConfig):
+    """Seed evaluation; ``preset`` fills the data-set-specific sweep when none is given."""
+
+    preset: Preset = Field("voc", description=PRESET_HELP)
+    # RIB reports the best seed over background thresholds; we sweep 0.20-0.49 by 0.01
+    # (the range used for the paper's seeds; IRN's single default is --cam_eval_thres 0.15).
+    thresholds: list[float] = Field(default_factory=lambda: [round(0.20 + 0.01 * i, 2) for i in range(30)],
+                                    description="background thresholds the seeds are scored at (with ground truth)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return with_preset(data, EVAL_PRESETS)
+
+
+# The parts whose settings differ between the authors' VOC and COCO runs take the preset; the
+# confident labels and IRN training use the same values on both (run_sample_coco.py).
+REFINE_PRESETS: dict[str, dict[str, Any]] = {
+    "voc": {},
+    "coco": {"walk": {"preset": "coco"}, "evaluation": {"preset": "coco"}},
+}
+
+
+class RefineConfig(StageConfig):
+    """Everything from maps to pseudo-masks; ``preset`` is handed to the parts not given one."""
+
+    preset: Preset = Field("voc", description=PRESET_HELP + " (handed to walk and evaluation)")
+    # Seed threshold of seed + CRF, this project's baseline (RIB's code has no such step; 0.15 is
+    # the value of --cam_eval_thres, its eval_cam threshold). With ground truth, refine_maps uses the
+    # best threshold of the seed sweep instead (paper 4.2.1, following SEAM).
+    seed_threshold: float = Field(0.15, gt=0, lt=1, description="background score of the seed that the CRF refines")
+    threshold_from_sweep: bool = Field(True, description="with ground truth, use the best threshold of the seed "
+                                                         "sweep instead of seed_threshold")
+    crf: CrfConfig = Field(default_factory=CrfConfig, description="the CRF of seed + CRF")
+    labels: ConfidentLabelConfig = Field(default_factory=ConfidentLabelConfig,
+                                         description="the confident labels IRN is trained on")
+    irn: IrnTrainConfig = Field(default_factory=IrnTrainConfig, description="IRN training")
+    walk: RandomWalkConfig = Field(default_factory=RandomWalkConfig, description="the random walk that makes the "
+                                                                                 "pseudo-masks")
+    # paper 3.3: pseudo-masks come from IRN on M; False stops at seed + CRF
+    use_irn: bool = Field(True, description="pseudo-masks from IRN's random walk; false: stop at seed + CRF")
+    # RIB-Sal (paper 3.3): a saliency value above this (of 255) is foreground. The official code
+    # has no saliency step; 0.5 is this project's choice.
+    saliency_threshold: float = Field(0.5, gt=0, lt=1, description="RIB-Sal: a saliency above this share of 255 is "
+                                                                   "foreground (images with a saliency map only)")
+    evaluation: EvalConfig = Field(default_factory=EvalConfig, description="how seeds are scored against ground "
+                                                                           "truth")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return with_preset(data, REFINE_PRESETS)
+
+
+# deeplab-pytorch's DenseCRF settings (configs/voc12.yaml CRF: ITER_MAX 10, POS_W 3, POS_XY_STD 1,
+# BI_W 4, BI_XY_STD 67, BI_RGB_STD 3) on softmax probabilities.
+DEEPLAB_CRF = CrfConfig(unary="probabilities", iterations=10, gaussian_sxy=1.0, gaussian_compat=3.0,
+                        bilateral_sxy=67.0, bilateral_srgb=3.0, bilateral_compat=4.0)
+
+# Appendix A.1: VOC batch 10, 30k iterations, lr 2.0e-4, crop 321 (section 4.1), re-training;
+# COCO batch 10, 100k iterations, lr 2.5e-4, crop 481 (section 4.1), no re-training.
+DEEPLAB_PRESETS: dict[str, dict[str, Any]] = {
+    "voc": {"iterations": 30_000, "lr": 2.0e-4, "crop_size": 321, "retrain": True},
+    "coco": {"iterations": 100_000, "lr": 2.5e-4, "crop_size": 481, "retrain": False},
+}
+
+
+class DeepLabTrainConfig(StageConfig):
+    """DeepLab training and inference; ``preset`` fills the dataset-specific values not given."""
+
+    preset: Preset = Field("voc", description=PRESET_HELP + " (paper appendix A.1)")
+    # paper 4.1: DeepLab-v2-ResNet101 of [42]
+    model: ModelKind = Field("deeplabv2", description="segmentation head: DeepLab v2 (ASPP sum) or v3")
+    # paper 4.1 (resnet18/34/50 for tests and small jobs)
+    arch: Backbone = Field("resnet101", description="backbone: resnet18/34/50/101 (paper: resnet101)")
+    atrous_rates: list[int] = Field(default_factory=lambda: [6, 12, 18, 24],  # voc12.yaml ATROUS_RATES
+                                    description="dilation rates of the ASPP branches")
+    msc_scales: list[float] = Field(default_factory=lambda: [0.5, 0.75],  # DeepLabV2_ResNet101_MSC scales
+                                    description="extra input scales of the multi-scale training loss")
+    # main.py: model.module.base.freeze_bn()
+    freeze_bn: bool = Field(True, description="keep the backbone's batch-norm statistics frozen")
+    # Paper 4.1: "an initial model pre-trained on the ImageNet dataset". Path or s3:// URI of a
+    # torchvision ResNet state dict, a CAM classifier or a DeepLab checkpoint; never downloaded.
+    init_weights: str | None = Field(None, description="initial weights, path or s3://: a torchvision ResNet state "
+                                     "dict, a classifier or a DeepLab checkpoint; null: random")
+    # appendix A.1 (deeplab-pytorch: 5 x ITER_SIZE 2)
+    batch_size: int = Field(10, ge=1, le=MAX_BATCH, description="images per step")
+    # appendix A.1 VOC (COCO 100k; voc12.yaml: 20k)
+    iterations: int = Field(30_000, ge=1, le=MAX_ITERATIONS, description="training steps")
+    lr: float = Field(2.0e-4, gt=0, description=LR_HELP)  # appendix A.1 VOC (COCO 2.5e-4; voc12.yaml LR 2.5e-4)
+    # main.py get_params "10x" (biases "20x", no decay)
+    head_lr_mult: float = Field(10.0, gt=0, description="learning-rate factor of the head (its biases get twice it)")
+    momentum: float = Field(0.9, ge=0, description=MOMENTUM_HELP)  # voc12.yaml MOMENTUM 0.9
+    weight_decay: float = Field(5.0e-4, ge=0, description=WEIGHT_DECAY_HELP)  # voc12.yaml WEIGHT_DECAY 5.0e-4
+    poly_power: float = Field(0.9, gt=0, description=POLY_HELP)  # voc12.yaml POLY_POWER 0.9
+    # paper 4.1 / voc12.yaml SIZE.TRAIN 321 (COCO 481)
+    crop_size: int = Field(321, ge=16, le=MAX_CROP, description=CROP_HELP)
+    scales: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5],  # voc12.yaml SCALES
+                                description="random rescaling factors of the training images")
+    hflip: bool = Field(True, description="random horizontal flips")  # base.py _augmentation: flip=True
+    # Mixed precision on CUDA only (the CPU always runs float32). Not in the paper or [42], which
+    # train in float32: this project's choice for speed; "off" gives their behaviour.
+    amp: Literal["bf16", "fp16", "off"] = Field("bf16", description="mixed precision on CUDA (the CPU runs "
+                                                                    "float32); off: float32 as the paper")
+    # voc12.yaml ITER_SAVE 5000
+    checkpoint_every: int = Field(5000, ge=1, description="steps between saved training states")
+    # this project: older training states are deleted
+    keep_checkpoints: int = Field(2, ge=1, description="training states kept (older ones are deleted)")
+    # voc12.yaml AVERAGE_LOSS 20 (moving-average window)
+    log_every: int = Field(20, ge=1, description="steps between progress reports (loss averaged over them)")
+    # Re-training (appendix A.1): train on labels whose uncertain pixels are 255, fill those from the
+    # first network's predictions, train again. VOC only ("not for the MS COCO dataset").
+    # Train it on refine_maps' retrain_labels.jsonl (walk value > 0.3 foreground, < 0.2 background).
+    retrain: bool = Field(True, description="second round: fill the ignored pixels with the first network's "
+                                            "predictions and train again (VOC, paper appendix A.1)")
+    # "train the network again": the paper does not say from which weights; we restart from
+    # init_weights ("initial"); "first_round" continues from the first network.
+    retrain_init: Literal["initial", "first_round"] = Field(
+        "initial", description="weights the second round starts from: init_weights, or the first network's")
+    # Test time: main.py test scores the MSC output of the whole image, no flip; CRF is its
+    # separate ``crf`` command with DEEPLAB_CRF. Extra scales / flip average the softmax.
+    test_scales: list[float] = Field(default_factory=lambda: [1.0], description="input scales averaged at test time")
+    test_flip: bool = Field(False, description="also average the flipped image at test time")
+    use_crf: bool = Field(False, description="refine the test predictions with the CRF")
+    crf: CrfConfig = Field(default_factory=lambda: DEEPLAB_CRF.model_copy(),
+                           description="the test-time CRF (default: deeplab-pytorch's, on probabilities)")
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description=WORKERS_HELP)
+    seed: int = Field(0, description=SEED_HELP)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            preset = data.get("preset", "voc")
+            if preset not in DEEPLAB_PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(DEEPLAB_PRESETS)}")
+            return {**DEEPLAB_PRESETS[preset], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepLabTrainConfig:
+        if not self.scales or not self.test_scales:
+            raise ValueError("scales and test_scales need at least one value")
+        return self

@@ -1,0 +1,195 @@
+"""Every stage's gain, over seeds (``rib study``): is each stage of the chain worth its cost here?
+
+For each seed the whole chain runs on the same data: the classifier (trained with that seed; its
+validation mAP), CAM, RIB-GAP and RIB-GNDRP (RIB with that seed), seed + CRF, IRN's confident
+labels (and the share they leave unlabelled), IRN's pseudo-mask, and DeepLab trained on the
+pseudo-masks and scored on the validation images. The fully supervised bound is DeepLab with the
+same recipe and initial weights on the true masks of the same training images, for as many steps
+as both rounds of the pseudo-label run (true masks have nothing to fill, so one round), scored
+on the same validation images, so the table can show pseudo-label DeepLab as a fraction of it (the paper's
+network reaches about 89% of full supervision on VOC).
+
+Seeds are scored at the best threshold of the sweep, as the paper reports them (section 4.2.1):
+that threshold is chosen on the scored images themselves, which the report says. Every other
+setting is fixed before the run (the demo's), never chosen on the images scored here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from rib_core.classifier.cam import run_cam
+from rib_core.config.stage_configs import DeepLabTrainConfig
+from rib_core.data.datasets import Manifest, load_manifest
+from rib_core.data.demo_data import make_demo_dataset
+from rib_core.data.evaluation import sweep_folder
+from rib_core.deeplab.inference import evaluate
+from rib_core.deeplab.model import load_deeplab
+from rib_core.deeplab.training import train_deeplab, train_with_retraining
+from rib_core.experiments.demo_job import DemoJobConfig, train_demo_classifier
+from rib_core.jobs.stages import maps_stage, refine_stage
+from rib_core.rib.batching import run_rib
+from rib_core.rib.companions import CompanionPool
+from rib_core.runtime.provenance import run_record
+from rib_core.training.checkpoints import load_classifier
+
+# Rows of the table: (key, label). Scores are mIoU except the classifier's mAP.
+ROWS = (
+    ("classifier_map", "classifier validation mAP"),
+    ("cam_seed", "CAM seed"),
+    ("rib_gap_seed", "RIB-GAP seed"),
+    ("rib_gndrp_seed", "RIB-GNDRP seed"),
+    ("seed_crf", "RIB-GNDRP seed + CRF"),
+    ("confident_labels", "IRN confident labels"),
+    ("unlabelled_share", "  share left unlabelled"),
+    ("irn_mask", "IRN pseudo-mask"),
+    ("deeplab_pseudo", "DeepLab on pseudo-masks (val)"),
+    ("deeplab_full", "DeepLab on true masks (val)"),
+)
+# Paired differences (a - b), computed per seed, then averaged.
+DIFFERENCES = (
+    ("rib_gndrp_seed", "cam_seed"),
+    ("rib_gap_seed", "cam_seed"),
+    ("rib_gndrp_seed", "rib_gap_seed"),
+    ("seed_crf", "rib_gndrp_seed"),
+    ("irn_mask", "seed_crf"),
+    ("irn_mask", "rib_gndrp_seed"),
+    ("deeplab_pseudo", "irn_mask"),
+)
+
+
+def _small_deeplab() -> DeepLabTrainConfig:
+    # The demo DeepLab command of docs/USAGE.md: ResNet-18, from the classifier's weights (see
+    # StudyConfig.deeplab_from_classifier), batch norm trained, no multi-scale inputs.
+    return DeepLabTrainConfig(arch="resnet18", batch_size=10, iterations=300, lr=2e-3, freeze_bn=False,
+                              msc_scales=[])
+
+
+class StudyConfig(BaseModel):
+    """The chain's settings are the demo's; the study adds seeds and the DeepLab stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    demo: DemoJobConfig = Field(default_factory=DemoJobConfig)
+    deeplab: DeepLabTrainConfig = Field(default_factory=_small_deeplab)
+    # The paper starts DeepLab from ImageNet weights; none exist here, so the seed's classifier
+    # backbone stands in (as for IRN). False: random initial weights.
+    deeplab_from_classifier: bool = True
+    use_deeplab: bool = True  # False: stop at the pseudo-masks (no DeepLab rows)
+
+
+def _seed_score(maps: Path, manifest: Manifest, demo: DemoJobConfig) -> float:
+    return sweep_folder(maps, manifest, demo.refine.evaluation)["best"]["miou"]
+
+
+def _deeplab_miou(train: Manifest, val: Manifest, out: Path, dl: DeepLabTrainConfig, device: str,
+                  progress: bool) -> float:
+    report_path = out / "evaluation.json"
+    if not report_path.exists():
+        trainer = train_with_retraining if dl.retrain else train_deeplab
+        result = trainer(train, out, dl, device, True, progress)
+        model, _, _ = load_deeplab(result["checkpoint"])
+        report_path.write_text(json.dumps(evaluate(model, val, dl, device, progress), indent=2, default=float))
+    return json.loads(report_path.read_text())["miou"]
+
+
+def run_seed(seed: int, train: Manifest, val_path: Path, out: Path, cfg: StudyConfig, device: str,
+             progress: bool) -> dict[str, float]:
+    """The whole chain with one seed, as the demo runs it (the pipeline job's stages on one folder:
+    ``classifier/``, ``maps/`` for RIB-GNDRP, ``refined/``), plus the CAM and RIB-GAP baselines and
+    the two DeepLabs; each stage reuses what an earlier run left in ``out``."""
+    demo = cfg.demo
+    classifier = train_demo_classifier(out, demo, train, val_path, device, progress, seed)
+    ckpt = out / "classifier" / "classifier.pth"
+    model, _, _ = load_classifier(ckpt)
+    row = {"classifier_map": classifier["val_map"]}
+    ids = [r.id for r in train.records[: demo.n_images]]
+    subset = train.subset(ids)
+    row["cam_seed"] = _seed_score(run_cam(model, subset, out / "cam", demo.cam, device, progress), subset, demo)
+    gndrp = demo.rib.model_copy(update={"pooling": "gndrp", "seed": seed})
+    gap_maps = run_rib(model, subset, CompanionPool.from_manifest(train), out / "rib_gap",
+                       gndrp.model_copy(update={"pooling": "gap"}), device, progress)
+    row["rib_gap_seed"] = _seed_score(gap_maps, subset, demo)
+    row["rib_gndrp_seed"] = _seed_score(maps_stage(out, train, ids, ckpt, gndrp, device, progress), subset, demo)
+    refine_cfg = demo.refine.model_copy(update={"irn": demo.refine.irn.model_copy(update={"seed": seed})})
+    refined_path = out / "refined" / "report.json"
+    refined = (json.loads(refined_path.read_text()) if refined_path.exists() else
+               refine_stage(out, subset, ckpt, refine_cfg, device, progress=progress))
+    row.update(seed_crf=refined["seeds_crf"]["miou"], confident_labels=refined["ir_labels"]["miou"],
+               unlabelled_share=refined["ir_labels"]["ignored_fraction"], irn_mask=refined["masks"]["miou"])
+    if cfg.use_deeplab:
+        dl = cfg.deeplab.model_copy(update={"seed": seed, "crop_size": demo.data.canvas,
+                                            "init_weights": str(ckpt) if cfg.deeplab_from_classifier else None})
+        pseudo = load_manifest(refined["manifests"]["retrain_labels"])
+        val = load_manifest(val_path)
+        row["deeplab_pseudo"] = _deeplab_miou(pseudo, val, out / "deeplab_pseudo", dl, device, progress)
+        # The bound trains as many steps as both rounds of the pseudo-label run: true masks have no
+        # ignored pixels to fill, so its recipe is one round.
+        steps = dl.iterations * (2 if dl.retrain else 1)
+        full = dl.model_copy(update={"retrain": False, "iterations": steps})
+        row["deeplab_full"] = _deeplab_miou(subset, val, out / f"deeplab_full_{steps}", full, device, progress)
+    return row
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a)}
+
+
+def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """Mean and sample standard deviation of every row and paired difference over the seeds."""
+    rows = [key for key, _ in ROWS if all(key in r for r in per_seed.values())]
+    table = {key: _mean_std([r[key] for r in per_seed.values()]) for key in rows}
+    diffs = {f"{a} - {b}": _mean_std([r[a] - r[b] for r in per_seed.values()])
+             for a, b in DIFFERENCES if a in rows and b in rows}
+    summary: dict[str, Any] = {"seeds": sorted(per_seed), "table": table, "differences": diffs}
+    if "deeplab_full" in rows:
+        summary["deeplab_fraction_of_full"] = _mean_std(
+            [r["deeplab_pseudo"] / r["deeplab_full"] for r in per_seed.values()])
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The table as Markdown (percent), for docs/RESULTS.md and study.md."""
+    n = len(summary["seeds"])
+    lines = [f"| stage ({n} seeds) | mean % | std |", "|---|---|---|"]
+    labels = dict(ROWS)
+    for key, stat in summary["table"].items():
+        lines.append(f"| {labels[key].strip()} | {100 * stat['mean']:.1f} | {100 * stat['std']:.1f} |")
+    lines += ["", "| paired difference | mean (points) | std |", "|---|---|---|"]
+    for name, stat in summary["differences"].items():
+        a, b = name.split(" - ")
+        lines.append(f"| {labels[a].strip()} - {labels[b].strip()} | {100 * stat['mean']:+.1f} | "
+                     f"{100 * stat['std']:.1f} |")
+    if "deeplab_fraction_of_full" in summary:
+        stat = summary["deeplab_fraction_of_full"]
+        lines.append(f"| DeepLab pseudo / full supervision | {100 * stat['mean']:.1f}% | {100 * stat['std']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_study(out_dir: str | os.PathLike[str], cfg: StudyConfig | None = None, device: str = "cpu",
+              progress: bool = True) -> dict[str, Any]:
+    """Every seed under ``out_dir/seed_<s>/``; ``study.json`` and ``study.md`` at the top. Resumable."""
+    cfg = cfg or StudyConfig()
+    out = Path(out_dir)
+    run = run_record(device)  # at the start: the code that ran
+    data_dir = out / "data"
+    if not (data_dir / "val.jsonl").exists():
+        make_demo_dataset(data_dir, cfg.demo.data)
+    train, val_path = load_manifest(data_dir / "train.jsonl"), data_dir / "val.jsonl"
+    per_seed = {s: run_seed(s, train, val_path, out / f"seed_{s}", cfg, device, progress) for s in cfg.seeds}
+    summary = {"run": run, **summarise(per_seed), "per_seed": per_seed, "images": min(cfg.demo.n_images, len(train)),
+               "val_images": len(load_manifest(val_path)),
+               "note": "seed rows: best threshold of the sweep, chosen on the scored images (as the paper); "
+                       "every other setting fixed before the run",
+               "config": cfg.model_dump(mode="json")}
+    (out / "study.json").write_text(json.dumps(summary, indent=2))
+    (out / "study.md").write_text(markdown(summary))
+    return summary
