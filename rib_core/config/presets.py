@@ -36,15 +36,30 @@ def with_preset(data: Any, table: Mapping[str, Mapping[str, Any]]) -> Any:
 def completed(cls: type[BaseModel], data: Mapping[str, Any]) -> dict[str, Any]:
     """``data`` (the raw input of ``cls``) with every nested config it gives in part completed from
     that field's own default, at every depth: ``{"crf": {"iterations": 5}}`` keeps the rest of
-    DeepLab's CRF (``DEEPLAB_CRF``), not ``CrfConfig()``'s. A default contributes only the fields it
-    sets, so a nested ``preset`` still fills the others."""
+    DeepLab's CRF (``DEEPLAB_CRF``), not ``CrfConfig()``'s. A default contributes only where it
+    differs from its class's own defaults, so that what a preset or a dataset fills later (its
+    before-validators run after this) is never pinned to the default's preset."""
     out = dict(data)
     for name, field in cls.model_fields.items():
         value, kind = out.get(name), _config_class(field.annotation)
         if isinstance(value, Mapping) and kind is not None:
             default = field.get_default(call_default_factory=True)
-            base = default.model_dump(exclude_unset=True) if isinstance(default, BaseModel) else {}
+            base = _differences(default.model_dump(), kind().model_dump()) \
+                if isinstance(default, kind) and not any(f.is_required() for f in kind.model_fields.values()) else {}
             out[name] = completed(kind, merge(base, value))
+    return out
+
+
+def _differences(values: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that differ from ``reference``'s, nested mappings entry by entry."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        other = reference.get(key)
+        if isinstance(value, Mapping) and isinstance(other, Mapping):
+            if inner := _differences(value, other):
+                out[key] = inner
+        elif value != other:
+            out[key] = value
     return out
 
 

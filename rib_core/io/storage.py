@@ -104,19 +104,23 @@ class ObjectReader:
         return data
 
 
+def _s3_head(uri: str, client: Any = None) -> dict[str, Any]:
+    """An S3 object's metadata (HEAD, no bytes); FileNotFoundError when absent."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3_uri(uri)
+    try:
+        return (client or s3_client()).head_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise FileNotFoundError(f"no object at {uri}") from e
+        raise
+
+
 def uri_size(uri: str, client: Any = None) -> int:
     """Bytes at a local path or an s3:// URI, without reading them; FileNotFoundError when absent."""
     if is_s3_uri(uri):
-        from botocore.exceptions import ClientError
-
-        bucket, key = split_s3_uri(uri)
-        client = client or s3_client()
-        try:
-            return int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                raise FileNotFoundError(f"no object at {uri}") from e
-            raise
+        return int(_s3_head(uri, client)["ContentLength"])
     return Path(uri).stat().st_size
 
 
@@ -124,16 +128,7 @@ def uri_version(uri: str, client: Any = None) -> str:
     """What changes when the object at a path or an s3:// URI is rewritten (S3's ETag; a file's size
     and modification time), read without its bytes; FileNotFoundError when absent."""
     if is_s3_uri(uri):
-        from botocore.exceptions import ClientError
-
-        bucket, key = split_s3_uri(uri)
-        client = client or s3_client()
-        try:
-            return str(client.head_object(Bucket=bucket, Key=key)["ETag"])
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                raise FileNotFoundError(f"no object at {uri}") from e
-            raise
+        return str(_s3_head(uri, client)["ETag"])
     stat = Path(uri).stat()
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
