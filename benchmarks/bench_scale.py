@@ -9,9 +9,9 @@ not share a peak RSS) runs what a worker runs for a pipeline's maps stage:
 - runs ``--chunks`` chunks of ``--chunk`` images through ``rib_core.jobs.stages.maps_stage`` with a
   small RIB config (the smallest registered arch, ``--arch``), timing the whole chunk and the time
   inside ``RibRunner`` (the RIB runs). **Per-chunk overhead** = chunk wall time - RIB time: the
-  classifier load, the registry lookup, the targets' reads, the maps' writes, and any companion
-  decoding the prefetch did not hide. The first chunk is cold (empty cache, and for S3 an empty
-  disk cache); the goal is on the warm one;
+  classifier's lookup (loaded once per process), the registry lookup, the targets' reads, the
+  maps' writes, and any companion decoding the prefetch did not hide. The first chunk is cold
+  (empty cache, and for S3 an empty disk cache); the goal is on the warm one;
 - times each RIB **step** with the prefetch on (the chunks before the last) and off (the last chunk:
   companions read and decoded inline);
 - reports its **peak RSS** (``VmHWM``), with the cache bound and what the cache held.
