@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contract.stages import STAGES, Stage
+from contract.webhooks import CALLBACK_HELP
 from rib_core.config.stage_configs import DeepLabTrainConfig
 
 
@@ -26,8 +27,7 @@ class TrainingJobInputs(BaseModel):
     config: DeepLabTrainConfig = Field(default_factory=DeepLabTrainConfig,
                                        description="DeepLab settings "
                                                    "(rib_core.config.stage_configs.DeepLabTrainConfig)")
-    callback_url: str | None = Field(None, description="URL the job's final state is POSTed to, signed "
-                                                       "(docs/SERVICE.md, Webhooks)")
+    callback_url: str | None = Field(None, description=CALLBACK_HELP)
 
 
 class TrainingJobRequest(TrainingJobInputs):

@@ -39,6 +39,8 @@ import redis
 from contract.lua import script
 from contract.settings import Settings
 
+CALLBACK_HELP = "URL the job's final state is POSTed to once, signed (docs/SERVICE.md, Webhooks)"
+
 log = logging.getLogger(__name__)
 
 EVENT = "job.finished"

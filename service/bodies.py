@@ -16,11 +16,10 @@ from typing import Any
 from fastapi import UploadFile
 from pydantic import BaseModel, Field, create_model
 
+from contract.webhooks import CALLBACK_HELP
 from rib_core.config.rib_config import RibConfig
 from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig, StageConfig
 from service.schemas import example
-
-CALLBACK_HELP = "URL the job's final state is POSTed to once, signed (docs/SERVICE.md, Webhooks)"
 
 
 def _no_default(schema: dict[str, Any]) -> None:
