@@ -22,7 +22,8 @@ from pathlib import Path
 
 from rib_core.data.datasets import load_manifest
 from rib_core.experiments.demo_job import DemoJobConfig
-from rib_core.experiments.tune import TuneConfig, tune
+from rib_core.experiments.tune import tune
+from rib_core.experiments.tune_config import TuneConfig
 
 
 def main() -> None:

@@ -27,8 +27,9 @@ from rib_core.data.classes import IGNORE_INDEX
 from rib_core.data.datasets import Manifest, ManifestRecord, load_image, load_mask
 from rib_core.data.demo_data import DemoDataset
 from rib_core.io.export_sources import export_job, presigned_image_url
-from rib_core.io.exports import COCO_ANNOTATIONS, ExportConfig, MaskedImage, region_scores, write_export
+from rib_core.io.exports import COCO_ANNOTATIONS, ExportConfig, write_export
 from rib_core.io.localization_map import LocalizationMap
+from rib_core.io.masked_image import MaskedImage, region_scores
 from rib_core.io.storage import LocalStorage, S3Storage
 from rib_core.io.visualize import PALETTE, label_png
 from tests.service_stack import moto_s3, s3

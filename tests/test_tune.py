@@ -14,7 +14,8 @@ from rib_core.config.rib_config import RibConfig
 from rib_core.config.stage_configs import IrnTrainConfig, RefineConfig
 from rib_core.data.datasets import Manifest, load_image, median_long_side
 from rib_core.data.demo_data import DemoDataset
-from rib_core.experiments.tune import TuneConfig, _grid, _name, tune
+from rib_core.experiments.tune import tune
+from rib_core.experiments.tune_config import TuneConfig, grid_of, setting_name
 
 TINY_RIB = RibConfig(iterations=2, companions=2, crop_size=64, resize_long=(48, 80))
 
@@ -75,12 +76,12 @@ def test_tune_scores_every_point_and_keeps_the_best(tuned):
 
 def test_the_grid_sweeps_fixed_lrs_and_the_first_step_rule() -> None:
     cfg = TuneConfig(rib=TINY_RIB, lrs=[1e-4], step_gains=[0.1, 0.3], iterations=[2, 5])
-    grid = _grid(cfg)
-    assert _name(grid[0]) == _name(TINY_RIB)  # the starting setting first
+    grid = grid_of(cfg)
+    assert setting_name(grid[0]) == setting_name(TINY_RIB)  # the starting setting first
     rules = {(r.lr_rule, r.lr if r.lr_rule == "fixed" else r.step_gain, r.iterations) for r in grid[1:]}
     assert rules == {(rule, v, k) for k in (2, 5) for rule, v in
                      [("fixed", 1e-4), ("first_step", 0.1), ("first_step", 0.3)]}
-    assert {_name(r) for r in grid} >= {"gndrp_gain0.1_k5", "gndrp_lr0.0001_k2"}
+    assert {setting_name(r) for r in grid} >= {"gndrp_gain0.1_k5", "gndrp_lr0.0001_k2"}
     with pytest.raises(ValueError, match="bg_threshold must be below"):
         TuneConfig(label_thresholds=[(0.3, 0.5)])
 

@@ -78,7 +78,8 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from rib_core.experiments.tune import TuneConfig, tune
+    from rib_core.experiments.tune import tune
+    from rib_core.experiments.tune_config import TuneConfig
 
     report = tune(args.classifier, args.manifest, args.out, build_config(TuneConfig, args), args.companions,
                   args.score_on, device_of(args), not args.quiet)

@@ -29,97 +29,25 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.classifier.cam import LocalizationMap
 from rib_core.config.rib_config import RibConfig
 from rib_core.config.stage_configs import (
-    ConfidentLabelConfig,
-    EvalConfig,
     RandomWalkConfig,
     RefineConfig,
-    wide_thresholds,
 )
 from rib_core.data.datasets import Manifest, load_image, load_manifest, load_mask, median_long_side
 from rib_core.data.evaluation import confusion, scores, sweep_folder
+from rib_core.experiments.tune_config import SWEPT, TuneConfig, grid_of, setting_name
 from rib_core.refine.irn import boundary_map, load_irn
 from rib_core.refine.pseudo_masks import refine_maps
 from rib_core.refine.random_walk import mask_from_scores, walk_scores_at
 from rib_core.rib.batching import run_rib
 from rib_core.rib.companions import CompanionPool
 from rib_core.training.checkpoints import load_classifier
-
-
-def _default_walk_thresholds() -> list[float]:
-    # 0.10-0.90: around IRN's 0.25 / RIB's 0.27 (VOC) and the authors' 0.22 (COCO), and wide enough
-    # for other data (on the demo's scenes the best lies near 0.7).
-    return [round(0.10 + 0.05 * i, 2) for i in range(17)]
-
-
-class TuneConfig(BaseModel):
-    """What ``rib tune`` sweeps; ``rib`` and ``refine`` are the settings it starts from (and keeps
-    for everything it does not sweep)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rib: RibConfig = Field(default_factory=RibConfig)
-    refine: RefineConfig = Field(default_factory=RefineConfig)
-    # The paper's 8e-6, and larger steps for classifiers whose logits move less per step.
-    lrs: list[float] = Field(default_factory=lambda: [8e-6, 3e-5, 1e-4], min_length=1)
-    # RibConfig.step_gain values of the lr_rule "first_step" (a step size that follows the
-    # classifier's own gradient scale; benchmarks/bench_lr.py); [] = fixed lrs only.
-    step_gains: list[float] = Field(default_factory=lambda: [0.3, 1.0])
-    iterations: list[int] = Field(default_factory=lambda: [10], min_length=1)  # paper 4.1: K = 10
-    poolings: list[Literal["gndrp", "gap"]] = Field(default_factory=lambda: ["gndrp"], min_length=1)
-    evaluation: EvalConfig = Field(default_factory=lambda: EvalConfig(thresholds=wide_thresholds()))
-    walk_thresholds: list[float] = Field(default_factory=_default_walk_thresholds)
-    # IRN's 8 (2^8 steps) and shorter walks, for maps smaller than VOC's.
-    walk_exp_times: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8], min_length=1)
-    # IRN's confident-label thresholds (fg, bg), each pair swept with every RIB setting: RIB's 0.35 /
-    # 0.17 and higher pairs for maps that a larger step raised everywhere. The starting pair
-    # (refine.labels) is always tried.
-    label_thresholds: list[tuple[float, float]] = Field(default_factory=lambda: [(0.35, 0.17), (0.5, 0.3),
-                                                                                  (0.7, 0.5)])
-    # IRN is trained for this many RIB settings, the best by seed (the starting one always);
-    # None = every setting of the grid.
-    mask_candidates: int | None = Field(None, ge=1)
-    tune_walk: bool = True  # False: RIB and the seed threshold only, chosen by the seed (no IRN)
-    limit: int | None = Field(None, ge=1, description="only the first N images of the tuning manifest")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flat_keys(cls, data: Any) -> Any:
-        """``crop_size=64`` as well as ``rib.crop_size=64``: a key that is not one of this config's
-        own (``iterations`` is its sweep) goes to ``rib`` and/or ``refine``, whichever has it."""
-        if not isinstance(data, dict):
-            return data
-        out = dict(data)
-        for key in [k for k in data if k not in cls.model_fields]:
-            targets = [name for name, model in (("rib", RibConfig), ("refine", RefineConfig))
-                       if key in model.model_fields]
-            value = out.pop(key) if targets else None
-            for name in targets:
-                nested = out.get(name) or {}
-                nested = nested.model_dump(exclude_unset=True) if isinstance(nested, BaseModel) else dict(nested)
-                if key in nested:
-                    raise ValueError(f"{key} is given twice, flat and as {name}.{key}: give one")
-                out[name] = {**nested, key: value}
-        return out
-
-    @model_validator(mode="after")
-    def _ranges(self) -> TuneConfig:
-        if any(not 0 < t < 1 for t in self.walk_thresholds):
-            raise ValueError("walk_thresholds must lie in (0, 1)")
-        if any(not 0 <= e <= 12 for e in self.walk_exp_times):
-            raise ValueError("walk_exp_times must lie in 0-12 (2^k steps)")
-        for fg, bg in self.label_thresholds:
-            ConfidentLabelConfig(fg_threshold=fg, bg_threshold=bg)  # 0 < bg < fg < 1, with its message
-        if any(not 0 < g <= 1 for g in self.step_gains):
-            raise ValueError("step_gains must lie in (0, 1]")
-        return self
 
 
 def _masked(manifest: Manifest, what: str, limit: int | None = None) -> Manifest:
@@ -132,34 +60,15 @@ def _masked(manifest: Manifest, what: str, limit: int | None = None) -> Manifest
     return manifest
 
 
-def _grid(cfg: TuneConfig) -> list[RibConfig]:
-    """The starting setting first (so that it is always scored, and wins ties), then the sweep."""
-    grid = {_name(cfg.rib): cfg.rib}
-    steps = [{"lr_rule": "fixed", "lr": lr} for lr in cfg.lrs]
-    steps += [{"lr_rule": "first_step", "step_gain": g} for g in cfg.step_gains]
-    for p, step, k in itertools.product(cfg.poolings, steps, cfg.iterations):
-        rib = cfg.rib.model_copy(update={"pooling": p, "iterations": k, **step})
-        grid.setdefault(_name(rib), rib)
-    return list(grid.values())
-
-
-SWEPT = ("pooling", "lr_rule", "lr", "step_gain", "iterations")  # what the grid sets
-
-
-def _name(rib: RibConfig) -> str:
-    step = f"gain{rib.step_gain:g}" if rib.lr_rule == "first_step" else f"lr{rib.lr:g}"
-    return f"{rib.pooling}_{step}_k{rib.iterations}"
-
-
 def sweep_rib(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cfg: TuneConfig, device: str,
               progress: bool) -> list[dict[str, Any]]:
     """Seeds of every RIB setting of the grid on ``manifest``; rows sorted best first (a stable
     sort: ties keep the grid's order, which starts from the starting setting)."""
     rows = []
-    for rib in _grid(cfg):
-        maps = run_rib(model, manifest, pool, out / "rib" / _name(rib), rib, device, progress)
+    for rib in grid_of(cfg):
+        maps = run_rib(model, manifest, pool, out / "rib" / setting_name(rib), rib, device, progress)
         sweep = sweep_folder(maps, manifest, cfg.evaluation)
-        rows.append({"setting": _name(rib), **{k: getattr(rib, k) for k in SWEPT},
+        rows.append({"setting": setting_name(rib), **{k: getattr(rib, k) for k in SWEPT},
                      "seed_miou": sweep["best"]["miou"], "seed_threshold": sweep["best_threshold"],
                      "maps": str(maps)})
     return sorted(rows, key=lambda row: -row["seed_miou"])
@@ -201,7 +110,7 @@ def sweep_masks(rows: list[dict[str, Any]], manifest: Manifest, out: Path, cfg: 
     """The final pseudo-mask of each candidate RIB setting of ``rows`` x each pair of confident-label
     thresholds on ``manifest``: IRN trained on that setting's labels, then the walk swept
     (:func:`walk_curve`). Rows sorted best first, a stable sort from the starting setting and pair."""
-    start, start_pair = _name(cfg.rib), (cfg.refine.labels.fg_threshold, cfg.refine.labels.bg_threshold)
+    start, start_pair = setting_name(cfg.rib), (cfg.refine.labels.fg_threshold, cfg.refine.labels.bg_threshold)
     candidates = rows if cfg.mask_candidates is None else rows[: cfg.mask_candidates]
     candidates = [r for r in rows if r["setting"] == start] + [r for r in candidates if r["setting"] != start]
     masks = []
@@ -229,11 +138,11 @@ def _held_out(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cf
     and its walk) their final masks too."""
     report: dict[str, Any] = {"images": len(manifest)}
     for label, rib, threshold in (("default", cfg.rib, default_threshold), ("tuned", chosen, chosen_threshold)):
-        maps = run_rib(model, manifest, pool, out / "held_out" / _name(rib), rib, device, progress)
+        maps = run_rib(model, manifest, pool, out / "held_out" / setting_name(rib), rib, device, progress)
         # Both thresholds were chosen on the tuning subset from cfg.evaluation's, so one sweep here
         # gives the score at the chosen threshold and the best over these images (an oracle).
         sweep = sweep_folder(maps, manifest, cfg.evaluation)
-        report[label] = {"setting": _name(rib), "seed_threshold": threshold,
+        report[label] = {"setting": setting_name(rib), "seed_threshold": threshold,
                          "seed_miou": sweep["curve"][f"{threshold:.2f}"],
                          "seed_miou_oracle_threshold": sweep["best"]["miou"]}
         if walks is not None:
@@ -275,8 +184,9 @@ def tune(classifier: str, manifest: Manifest | str, out_dir: str | os.PathLike[s
     if cfg.tune_walk and cfg.refine.use_irn:
         masks = sweep_masks(rows, tuning, out, cfg, classifier, device, progress)
         top = masks[0]
-        start = next(m for m in masks if m["setting"] == _name(cfg.rib) and (m["fg_threshold"], m["bg_threshold"])
-                     == (cfg.refine.labels.fg_threshold, cfg.refine.labels.bg_threshold))
+        start_pair = (cfg.refine.labels.fg_threshold, cfg.refine.labels.bg_threshold)
+        start = next(m for m in masks if m["setting"] == setting_name(cfg.rib)
+                     and (m["fg_threshold"], m["bg_threshold"]) == start_pair)
         best = next(row for row in rows if row["setting"] == top["setting"])
         refine = _refine_for(cfg.refine, best["seed_threshold"], top["fg_threshold"], top["bg_threshold"])
         refine = refine.model_copy(update={"walk": refine.walk.tuned(top["walk_exp_times"], top["walk_bg_threshold"])})
@@ -293,7 +203,7 @@ def tune(classifier: str, manifest: Manifest | str, out_dir: str | os.PathLike[s
     chosen = cfg.rib.model_copy(update={k: best[k] for k in SWEPT})
     report.update(chosen=best["setting"], seed_threshold=best["seed_threshold"])
     if held is not None:
-        default_threshold = next(row["seed_threshold"] for row in rows if row["setting"] == _name(cfg.rib))
+        default_threshold = next(row["seed_threshold"] for row in rows if row["setting"] == setting_name(cfg.rib))
         report["held_out"] = _held_out(model, held, pool, out, cfg, chosen, best["seed_threshold"],
                                        default_threshold, walks, device, progress)
     (out / "rib.json").write_text(json.dumps(chosen.model_dump(mode="json"), indent=2))

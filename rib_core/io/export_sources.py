@@ -18,8 +18,9 @@ import numpy as np
 
 from rib_core.data.datasets import Manifest, decode_mask, load_manifest, load_mask
 from rib_core.io.artifacts import MAP_NPZ, MARKER, PIPELINE_IMAGE_FILES, final_files, pipeline_key
-from rib_core.io.exports import ExportConfig, ImageUrl, MaskedImage, export_zip
+from rib_core.io.exports import ExportConfig, export_zip
 from rib_core.io.localization_map import LocalizationMap
+from rib_core.io.masked_image import ImageUrl, MaskedImage
 from rib_core.io.storage import S3Storage, Storage, is_s3_uri, join_uri, read_bytes, split_s3_uri
 
 
