@@ -13,17 +13,8 @@ import torch
 
 from rib_core.classifier.train import ClassifierTrainConfig, train_classifier
 from rib_core.data.datasets import Manifest, ManifestRecord
+from rib_core.training import loop
 from rib_core.training.checkpoints import CheckpointError
-from rib_core.training.loop import (
-    AugmentedManifest,
-    progress_bar,
-    read_training_state,
-    restore_trainer,
-    save_training_state,
-    steps_per_epoch,
-    train_one_epoch,
-    trainer_state,
-)
 from tests.planted import RunsCode
 
 
@@ -40,23 +31,23 @@ def test_planted_classifier_state_is_refused_without_running_its_code(tmp_path: 
 
 
 def test_a_state_without_the_keys_of_a_training_state_is_refused(tmp_path: Path) -> None:
-    save_training_state({"model": {}}, tmp_path / "states" / "s.pth")  # the folder is created
+    loop.save_training_state({"model": {}}, tmp_path / "states" / "s.pth")  # the folder is created
     with pytest.raises(CheckpointError, match="not a training state of this program"):
-        read_training_state(tmp_path / "states" / "s.pth", ("model", "optimizer", "epoch"))
+        loop.read_training_state(tmp_path / "states" / "s.pth", ("model", "optimizer", "epoch"))
 
 
 def test_steps_per_epoch_drops_the_partial_batch_and_refuses_none() -> None:
-    assert steps_per_epoch(10, 4) == 2
-    assert steps_per_epoch(10, 4, world=2) == 2  # 5 images per rank, batches of 2
+    assert loop.steps_per_epoch(10, 4) == 2
+    assert loop.steps_per_epoch(10, 4, world=2) == 2  # 5 images per rank, batches of 2
     with pytest.raises(ValueError, match="3 images is fewer than one batch of 4"):
-        steps_per_epoch(3, 4)
+        loop.steps_per_epoch(3, 4)
 
 
 def test_one_epoch_steps_sums_and_stops_when_told(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    start = copy.deepcopy(trainer_state(model, optimizer))
+    start = copy.deepcopy(loop.trainer_state(model, optimizer))
     batches = [torch.ones(1, 2) * i for i in range(5)]
     seen: list[float] = []
 
@@ -68,18 +59,18 @@ def test_one_epoch_steps_sums_and_stops_when_told(tmp_path: Path) -> None:
         seen.append(loss)
         return len(seen) == 3
 
-    with progress_bar(5, "test", enabled=False) as bar:
-        sums = train_one_epoch(batches, step_loss, optimizer, bar, after_step=after_step)
+    with loop.progress_bar(5, "test", enabled=False) as bar:
+        sums = loop.train_one_epoch(batches, step_loss, optimizer, bar, after_step=after_step)
     assert len(seen) == 3
     assert sums["loss"] == pytest.approx(sum(seen))
     assert sums["twice"] == pytest.approx(2 * sum(seen))
     assert not torch.equal(model.weight, start["model"]["weight"])
-    restore_trainer(start, model, optimizer)
+    loop.restore_trainer(start, model, optimizer)
     assert torch.equal(model.weight, start["model"]["weight"])
 
 
 def test_augmented_samples_depend_on_seed_epoch_and_index_only(tmp_path: Path) -> None:
-    class Draws(AugmentedManifest):
+    class Draws(loop.AugmentedManifest):
         def sample(self, record: ManifestRecord, rng: random.Random) -> dict[str, Any]:
             return {"id": record.id, "draw": rng.random()}
 
