@@ -81,7 +81,8 @@ def markdown(result: dict[str, Any]) -> str:
         curve = ", ".join(f"{100 * m:.1f}" for m in r["curve"])
         role = " (tuning)" if r["seed"] in TUNING_SEEDS else ""
         run = r["run"]
-        lines.append(f"| {r['scene']} | {r['seed']}{role} | {r['arm']} | {curve} | {r['epochs_run']} | "
+        lines.append(f"| {r['scene']} | {r['seed']}{role} | {r['arm']} | {curve} | {r['epochs_run']} of "
+                     f"{r['config']['epochs']} | "
                      f"{r['epoch_kept']} | {100 * r['map']:.1f} | {run['date'][:16]}, `{run['commit']}`, "
                      f"{run['machine']['load_average_1m']} |")
     table = ["| scene recipe | length | seeds | val mAP % (mean ± sd) | epochs run | runs >= 90% |",

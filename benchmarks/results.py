@@ -252,12 +252,14 @@ def length_section(result: dict[str, Any] | None) -> str:
             "`docs/results/bench_classifier_length.json`)\n\n")
     if result is None:
         return head + f"No result committed yet. To produce it: `{LENGTH_HOWTO}`.\n"
+    rule = next((r["config"] for r in result["runs"] if r["arm"] == "plateau"), None)
+    rule_text = "" if rule is None else (f" (ended when val mAP has not risen by {100 * rule['min_delta']:g} points "
+                                         f"for {rule['patience']} epochs)")
     intro = (f"Made by `{LENGTH_HOWTO}` (runs kept one at a time, then gathered). {result['n_train']:,} training and "
              f"{result['n_val']} validation scenes per seed (fresh scenes, disjoint MNIST halves), the demo's digit "
-             "pretraining then its scene recipe (`scene_classifier`): *fixed* 3 epochs, or *plateau*: at most 8 "
-             "(96 px; the pixel budget at other canvases), ended when val mAP has not risen by 0.5 points for 2 "
-             "epochs, the best epoch kept. Seed 100 is the tuning seed; the others were never used to choose a "
-             "setting. The gathering call's record:")
+             "pretraining then its scene recipe (`scene_classifier`), *fixed* in length or under the *plateau* "
+             f"rule{rule_text}, its best epoch kept; epochs run are out of the most the recipe allows. Seed 100 is "
+             "the tuning seed; the others were never used to choose a setting. The gathering call's record:")
     return head + "\n\n".join([intro, provenance(result), markdown(result)]) + "\n"
 
 
