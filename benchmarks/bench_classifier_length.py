@@ -78,13 +78,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines = ["| scene recipe | seed | length | val mAP % per epoch | epochs run | epoch kept | val mAP % | "
              "run (UTC, commit, load) |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["runs"], key=lambda r: (r["scene"], r["seed"], ARMS.index(r["arm"]))):
-        curve = ", ".join(f"{100 * m:.1f}" for m in r["curve"])
+        curve = ", ".join(f"{100 * m:.1f}" for m in r["curve"])  # the kept epoch's mAP shown from it: one rounding
         role = " (tuning)" if r["seed"] in TUNING_SEEDS else ""
         run = r["run"]
         lines.append(f"| {r['scene']} | {r['seed']}{role} | {r['arm']} | {curve} | {r['epochs_run']} of "
-                     f"{r['config']['epochs']} | "
-                     f"{r['epoch_kept']} | {100 * r['map']:.1f} | {run['date'][:16]}, `{run['commit']}`, "
-                     f"{run['machine']['load_average_1m']} |")
+                     f"{r['config']['epochs']} | {r['epoch_kept']} | {100 * r['curve'][r['epoch_kept'] - 1]:.1f} | "
+                     f"{run['date'][:16]}, `{run['commit']}`, {run['machine']['load_average_1m']} |")
     table = ["| scene recipe | length | seeds | val mAP % (mean ± sd) | epochs run | runs >= 90% |",
              "|---|---|---|---|---|---|"]
     for scene, entry in result["summary"].items():
