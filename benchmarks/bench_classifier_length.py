@@ -91,7 +91,8 @@ def markdown(result: dict[str, Any]) -> str:
             if arm in entry:
                 a = entry[arm]
                 sd = "" if a["map_sd"] is None else f" ± {100 * a['map_sd']:.1f}"
-                table.append(f"| {scene} | {arm} | {', '.join(map(str, a['seeds']))} | {100 * a['map_mean']:.1f}{sd} "
+                seeds = ", ".join(f"{s}{' (tuning)' if s in TUNING_SEEDS else ''}" for s in a["seeds"])
+                table.append(f"| {scene} | {arm} | {seeds} | {100 * a['map_mean']:.1f}{sd} "
                              f"| {', '.join(map(str, a['epochs_run']))} | {a['at_least_90']} of {len(a['seeds'])} |")
     return "\n".join(lines) + "\n\n" + "\n".join(table)
 

@@ -81,7 +81,9 @@ class DemoJobConfig(BaseModel):
     pretrain: ClassifierTrainConfig | None = Field(default_factory=lambda: ClassifierTrainConfig(
         recipe="scratch", batch_size=16, epochs=3, crop_size=48, resize_long=(44, 52)))
     pretrain_images: int = Field(4000, ge=1, description="single-digit images for the pretraining")
-    classifier: ClassifierTrainConfig = Field(default_factory=lambda: scene_classifier(DEMO_CANVAS))
+    # The scene training's length by its validation curve (at most 8 epochs): chosen over the fixed 3
+    # epochs on the tuning seed 100 only (docs/RESULTS.md, benchmarks/bench_classifier_length.py).
+    classifier: ClassifierTrainConfig = Field(default_factory=lambda: scene_classifier(DEMO_CANVAS, stop="plateau"))
     cam: CamConfig = Field(default_factory=CamConfig)
     rib: RibConfig = Field(default_factory=_demo_rib)
     # The seed sweep is wide (0.05-0.90, not VOC's 0.20-0.49): with the VOC sweep the demo's best
