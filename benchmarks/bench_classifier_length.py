@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from rib_core.experiments.demo_job import DemoJobConfig, scene_classifier
 from rib_core.runtime.provenance import run_record
 
 ARMS = ("fixed", "plateau")
+LENGTH_HOWTO = ("OMP_NUM_THREADS=1 nice python -m benchmarks.bench_classifier_length --seeds 1 2 --work "
+                "runs/classifier_length --out docs/results/bench_classifier_length.json")
 TUNING_SEEDS = (100,)  # the seeds settings were chosen on (the demo's decision included); every other is held out
 
 
@@ -95,6 +98,25 @@ def markdown(result: dict[str, Any]) -> str:
                 table.append(f"| {scene} | {arm} | {seeds} | {100 * a['map_mean']:.1f}{sd} "
                              f"| {', '.join(map(str, a['epochs_run']))} | {a['at_least_90']} of {len(a['seeds'])} |")
     return "\n".join(lines) + "\n\n" + "\n".join(table)
+
+
+def section(result: dict[str, Any] | None, provenance: Callable[[dict[str, Any]], str]) -> str:
+    """docs/RESULTS.md's section (:mod:`benchmarks.results` passes its ``provenance`` line): the scene
+    classifier's length, fixed against the validation-curve rule, on recipes it was not chosen on."""
+    head = ("## The classifier's length: 3 epochs or the validation curve (`benchmarks/bench_classifier_length.py`, "
+            "`docs/results/bench_classifier_length.json`)\n\n")
+    if result is None:
+        return head + f"No result committed yet. To produce it: `{LENGTH_HOWTO}`.\n"
+    rule = next((r["config"] for r in result["runs"] if r["arm"] == "plateau"), None)
+    rule_text = "" if rule is None else (f" (ended when val mAP has not risen by {100 * rule['min_delta']:g} points "
+                                         f"for {rule['patience']} epochs)")
+    intro = (f"Made by `{LENGTH_HOWTO}` (runs kept one at a time, then gathered). {result['n_train']:,} training and "
+             f"{result['n_val']} validation scenes per seed (fresh scenes, disjoint MNIST halves), the demo's digit "
+             "pretraining then its scene recipe (`scene_classifier`), *fixed* in length or under the *plateau* "
+             f"rule{rule_text}, its best epoch kept; epochs run are out of the most the recipe allows. Seed "
+             f"{', '.join(map(str, TUNING_SEEDS))} is the tuning seed; the others were never used to choose a "
+             "setting. The gathering call's record:")
+    return head + "\n\n".join([intro, provenance(result), markdown(result)]) + "\n"
 
 
 def main() -> None:

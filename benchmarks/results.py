@@ -40,8 +40,6 @@ DEMO_HOWTO = ("`rib demo --out runs/demo` (or `bash scripts/demo.sh`), then "
 STUDY_HOWTO = ("`rib study --out runs/study` (about 50 min on 2 cores), then "
                "`cp runs/study/study.json docs/results/study.json` and `python -m benchmarks.results`")
 LR_HOWTO = "OMP_NUM_THREADS=1 python -m benchmarks.bench_lr > docs/results/bench_lr.json"
-LENGTH_HOWTO = ("OMP_NUM_THREADS=1 nice python -m benchmarks.bench_classifier_length --seeds 1 2 --work "
-                "runs/classifier_length --out docs/results/bench_classifier_length.json")
 # (file stem, title, the command that writes the file)
 BENCHMARKS = (
     ("bench_rib", "RIB's speed: FLOPs, seconds per image, fraction of peak",
@@ -244,23 +242,9 @@ def lr_section(result: dict[str, Any] | None) -> str:
 
 
 def length_section(result: dict[str, Any] | None) -> str:
-    """The scene classifier's length, fixed against the validation-curve rule, on scene recipes
-    the recipe was not chosen on (:mod:`benchmarks.bench_classifier_length` renders the tables)."""
-    from benchmarks.bench_classifier_length import markdown
+    from benchmarks.bench_classifier_length import section
 
-    head = ("## The classifier's length: 3 epochs or the validation curve (`benchmarks/bench_classifier_length.py`, "
-            "`docs/results/bench_classifier_length.json`)\n\n")
-    if result is None:
-        return head + f"No result committed yet. To produce it: `{LENGTH_HOWTO}`.\n"
-    rule = next((r["config"] for r in result["runs"] if r["arm"] == "plateau"), None)
-    rule_text = "" if rule is None else (f" (ended when val mAP has not risen by {100 * rule['min_delta']:g} points "
-                                         f"for {rule['patience']} epochs)")
-    intro = (f"Made by `{LENGTH_HOWTO}` (runs kept one at a time, then gathered). {result['n_train']:,} training and "
-             f"{result['n_val']} validation scenes per seed (fresh scenes, disjoint MNIST halves), the demo's digit "
-             "pretraining then its scene recipe (`scene_classifier`), *fixed* in length or under the *plateau* "
-             f"rule{rule_text}, its best epoch kept; epochs run are out of the most the recipe allows. Seed 100 is "
-             "the tuning seed; the others were never used to choose a setting. The gathering call's record:")
-    return head + "\n\n".join([intro, provenance(result), markdown(result)]) + "\n"
+    return section(result, provenance)
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:

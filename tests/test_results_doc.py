@@ -12,8 +12,8 @@ from datetime import datetime
 
 import pytest
 
+from benchmarks.bench_classifier_length import LENGTH_HOWTO, summary
 from benchmarks.results import (
-    LENGTH_HOWTO,
     PICTURE_LINK,
     README,
     RESULTS_DIR,
@@ -127,8 +127,6 @@ def test_the_classifier_length_section_comes_from_its_file(tmp_path):
         config = {"epochs": epochs, "patience": 2, "min_delta": 0.005}
         return {"scene": "texture-large-grey-128", "seed": seed, "arm": arm, "curve": curve, "epochs_run": len(curve),
                 "epoch_kept": kept, "map": curve[kept - 1], "config": config, "run": run_record("cpu")}
-
-    from benchmarks.bench_classifier_length import summary
 
     runs = [run(1, "fixed", [0.8, 0.87, 0.893], 3, 3), run(1, "plateau", [0.7, 0.9, 0.93, 0.91, 0.92], 3, 8),
             run(2, "plateau", [0.6, 0.8, 0.85], 3, 8)]
