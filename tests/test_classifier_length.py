@@ -1,7 +1,7 @@
 """The classifier's length by its validation curve (``stop="plateau"``): the rule on given curves, a
 real training that the rule ends and whose best epoch is the one written, and resuming across the
 stop (one epoch per call, as the pipeline's classifier stage runs it, and after a crash between
-the last state and the checkpoint)."""
+the last state and the checkpoint); and the pretraining data of the benchmark's large-digit scenes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from rib_core.classifier.train import ClassifierTrainConfig, plateau, train_classifier
+from rib_core.data.demo_data import DemoDataConfig, make_demo_dataset
+from rib_core.experiments.demo_job import DemoJobConfig, single_digits
 from rib_core.jobs.stages import classifier_stage
 from rib_core.training.checkpoints import load_classifier, read_checkpoint
 from tests.test_classifier_quality import TINY
@@ -81,3 +83,13 @@ def test_the_rule_ends_training_keeps_the_best_epoch_and_resumes_across_the_stop
     again = train_classifier(small, tmp_path / "staged" / "classifier", RULE, progress=False, val_manifest=val)
     assert len(load_classifier(again)[2]["history"]) == len(history)
     _same(_weights(again), written)
+
+
+def test_digits_larger_than_the_pretraining_crop_are_drawn_at_its_side(tmp_path):
+    """Scenes of 60-100 px digits (issue 24's unseen recipe) get single-digit pretraining data."""
+    demo = DemoJobConfig()
+    scenes = DemoDataConfig(canvas=128, digit_size=(60, 100), background="texture", colour="grey")
+    single = single_digits(scenes, demo.pretrain, 3, scale=1.0)
+    assert single.digit_size == (demo.pretrain.crop_size,) * 2 and single.canvas == demo.pretrain.crop_size
+    data = make_demo_dataset(tmp_path, single.model_copy(update={"n_val": 1}))
+    assert all(len(r.labels) == 1 for r in data.train.records)
