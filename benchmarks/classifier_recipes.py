@@ -35,6 +35,8 @@ SCENES: dict[str, dict[str, Any]] = {
     "texture-96": {"canvas": 96, "digit_size": (32, 48), "max_per_image": 3, "background": "texture"},
     "grey-3-per-112": {"canvas": 112, "digit_size": (30, 44), "min_per_image": 3, "max_per_image": 3,
                        "background": "flat", "colour": "grey"},
+    # issue 24's unseen recipe (never used to choose a setting): large grey digits on textured 128 px canvases
+    "texture-large-grey-128": {"canvas": 128, "digit_size": (60, 100), "background": "texture", "colour": "grey"},
 }
 
 
@@ -44,7 +46,9 @@ def classifier_for(canvas: int, overrides: dict[str, Any]) -> ClassifierTrainCon
 
 
 def run_one(scene: str, seed: int, out: Path, n_train: int, n_val: int, overrides: dict[str, Any],
-            pretrain: bool, pretrain_overrides: dict[str, Any]) -> dict[str, Any]:
+            pretrain: bool, pretrain_overrides: dict[str, Any], name: str = "classifier") -> dict[str, Any]:
+    """Fresh scenes of ``scene`` with data seed ``seed``, the digit pretraining (kept in the seed's
+    folder and shared by every ``name``), then the scene training into ``out/<scene>-seed<seed>/<name>``."""
     data_cfg = DemoDataConfig(**SCENES[scene], n_train=n_train, n_val=n_val, seed=seed)
     folder = out / f"{scene}-seed{seed}"
     data = make_demo_dataset(folder / "data", data_cfg)
@@ -56,12 +60,13 @@ def run_one(scene: str, seed: int, out: Path, n_train: int, n_val: int, override
         start = digit_pretraining(folder / "pretrain", data_cfg, pretrain_cfg, demo.pretrain_images,
                                   scene_scale(cfg, data_cfg.canvas), progress=False)
         cfg = cfg.model_copy(update={"init_weights": str(start)})
-    ckpt = train_classifier(data.train, folder / "classifier", cfg, progress=False, resume=False,
+    ckpt = train_classifier(data.train, folder / name, cfg, progress=False, resume=False,
                             val_manifest=folder / "data" / "val.jsonl")
     seconds = time.perf_counter() - started
     validation = load_classifier(ckpt)[2]["validation"]
-    report = json.loads((folder / "classifier" / "train_report.json").read_text())
+    report = json.loads((folder / name / "train_report.json").read_text())
     return {"scene": scene, "seed": seed, "map": validation["map"], "f1": validation["f1"],
+            "epochs_run": len(report["epochs"]), "epoch_kept": validation["epoch"],
             "train_s": round(seconds, 1), "curve": [round(e["map"], 4) for e in report["epochs"]],
             "config": cfg.model_dump()}
 

@@ -241,6 +241,12 @@ def lr_section(result: dict[str, Any] | None) -> str:
     return head + "\n\n".join([provenance(result), intro, "\n".join(lines), "\n".join(chosen)]) + "\n"
 
 
+def length_section(result: dict[str, Any] | None) -> str:
+    from benchmarks.bench_classifier_length import section
+
+    return section(result, provenance)
+
+
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
     """Nested dicts as dotted keys; lists and scalars as compact JSON."""
     if isinstance(value, dict):
@@ -267,6 +273,7 @@ def results_doc(folder: Path = RESULTS_DIR) -> str:
         demo_section(load(folder, "demo")),
         study_section(load(folder, "study")),
         lr_section(load(folder, "bench_lr")),
+        length_section(load(folder, "bench_classifier_length")),
         "## Benchmarks\n\nSpeed and resource figures; timings depend on the machine and on what else ran on "
         "it.\n",
         scale_section(load(folder, "bench_scale")),

@@ -88,6 +88,7 @@ def test_seventeen_bad_pipeline_requests_are_refused_naming_the_field(api: Api, 
         ({"manifest_uri": dataset("mask.jsonl", {**header, "classes": classes}, outside_mask)}, "mask"),
         ({"classifier_uri": f"s3://{BUCKET}/trust/none.pth"}, "nothing at"),
         ({"val_manifest_uri": f"s3://{BUCKET}/trust/none.jsonl"}, "no manifest at"),
+        ({"classifier": {"stop": "plateau"}}, "give val_manifest_uri"),
     ]
     for change, message in cases:
         r = api.post("/v1/pipelines", json={"manifest_uri": manifest, **change})

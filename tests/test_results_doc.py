@@ -12,6 +12,7 @@ from datetime import datetime
 
 import pytest
 
+from benchmarks.bench_classifier_length import LENGTH_HOWTO, summary
 from benchmarks.results import (
     PICTURE_LINK,
     README,
@@ -114,3 +115,26 @@ def test_the_lr_section_shows_each_setting_and_the_choices(tmp_path):
     assert ("| irn | 50.0 ± 12.5 | 50.0 ± 12.5 | fixed | fixed_lr0.001, fixed_lr0.0001 | 50.0 ± 12.5 | 2.0 ± 1.0 |"
             in text)
     assert result["run"]["commit"] in text and "on 8 and scored on the other 8" in text
+
+
+def test_the_classifier_length_section_comes_from_its_file(tmp_path):
+    folder = tmp_path / "results"
+    shutil.copytree(RESULTS_DIR, folder)
+    (folder / "bench_classifier_length.json").unlink(missing_ok=True)
+    assert f"No result committed yet. To produce it: `{LENGTH_HOWTO}`" in results_doc(folder)
+
+    def run(seed, arm, curve, kept, epochs):
+        config = {"epochs": epochs, "patience": 2, "min_delta": 0.005}
+        return {"scene": "texture-large-grey-128", "seed": seed, "arm": arm, "curve": curve, "epochs_run": len(curve),
+                "epoch_kept": kept, "map": curve[kept - 1], "config": config, "run": run_record("cpu")}
+
+    runs = [run(1, "fixed", [0.8, 0.87, 0.893], 3, 3), run(1, "plateau", [0.7, 0.9, 0.93, 0.91, 0.92], 3, 8),
+            run(2, "plateau", [0.6, 0.8, 0.85], 3, 8)]
+    result = {"run": run_record("cpu"), "n_train": 1500, "n_val": 200, "runs": runs, "summary": summary(runs)}
+    (folder / "bench_classifier_length.json").write_text(json.dumps(result))
+    text = results_doc(folder)
+    assert "| texture-large-grey-128 | 1 | plateau | 70.0, 90.0, 93.0, 91.0, 92.0 | 5 of 8 | 3 | 93.0 |" in text
+    assert "| texture-large-grey-128 | plateau | 1, 2 | 89.0 ± 5.7 | 5, 3 | 1 of 2 |" in text
+    assert "| texture-large-grey-128 | fixed | 1 | 89.3 | 3 | 0 of 1 |" in text
+    assert "not risen by 0.5 points for 2 epochs" in text and result["run"]["date"] in text
+    assert result["summary"]["texture-large-grey-128"]["paired_gain"] == {1: pytest.approx(0.93 - 0.893)}

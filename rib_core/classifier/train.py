@@ -8,6 +8,15 @@ augmentation; its defaults were chosen by measurement (docs/RESULTS.md notes, be
 Checkpoints after every epoch; ``resume`` continues a run where it stopped, with the same
 optimiser state and data order. With a validation manifest, every epoch is scored
 (:mod:`rib_core.classifier.evaluate`) into ``train_report.json`` and the final checkpoint records it.
+
+``stop="plateau"`` sets the length by that validation curve (:func:`plateau`): ``epochs`` becomes the
+most epochs, training ends once mAP has not risen by ``min_delta`` for ``patience`` epochs, and the
+best epoch's weights are the ones written. The learning-rate schedule keeps spanning ``epochs``
+(cosine or poly decay over the maximum), so every epoch the rule runs is the same as in a fixed
+run of the maximal length: the rule only cuts that run short where the curve is flat, and an
+epoch's weights never depend on the validation set. A schedule that decays on a plateau would
+let the validation images shape the training itself and make the curve the rule watches jump
+where the decay starts.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,14 +129,36 @@ def _train_epoch(model: CamNet, dataset: ClassificationDataset, optimizer: torch
     return row
 
 
+def plateau(maps: Sequence[float], patience: int, min_delta: float) -> tuple[int, bool]:
+    """(the epoch to keep, whether training ends) after the validation mAPs ``maps`` of epochs 1..n.
+
+    The kept epoch is the first with the highest mAP. An epoch counts as an improvement when it
+    beats the mAP of the last improvement by more than ``min_delta`` (so a slow, steady rise still
+    counts once it adds up); training ends ``patience`` epochs after the last improvement.
+    """
+    kept = max(range(len(maps)), key=lambda i: maps[i]) + 1 if maps else 0
+    reference, improved = -math.inf, 0
+    for epoch, value in enumerate(maps, 1):
+        if value > reference + min_delta:
+            reference, improved = value, epoch
+    return kept, bool(maps) and len(maps) - improved >= patience
+
+
+def _length(cfg: ClassifierTrainConfig, history: list[dict[str, Any]]) -> tuple[int, bool]:
+    """:func:`plateau` of the run so far under ``cfg.stop`` (a fixed run keeps its last epoch)."""
+    if cfg.stop == "fixed":
+        return len(history), False
+    return plateau([row["map"] for row in history], cfg.patience, cfg.min_delta)
+
+
 def _save_classifier(model: CamNet, classes: list[str], cfg: ClassifierTrainConfig, history: list[dict[str, Any]],
-                     val_manifest: str | os.PathLike[str] | None, path: Path) -> Path:
-    """The trained network in IRN's layout, with its config, history and last validation scores."""
+                     kept: int, val_manifest: str | os.PathLike[str] | None, path: Path) -> Path:
+    """The trained network in IRN's layout, with its config, history and the kept epoch's validation scores."""
     extra: dict[str, Any] = {"config": cfg.model_dump(), "history": history}
-    last = history[-1] if history else {}
-    if val_manifest is not None and "map" in last:
-        extra["validation"] = {"manifest": str(val_manifest), "epoch": last["epoch"], "images": last["images"],
-                               "map": last["map"], "f1": last["f1"], "ap": last["ap"]}
+    row = history[kept - 1] if history else {}
+    if val_manifest is not None and "map" in row:
+        extra["validation"] = {"manifest": str(val_manifest), "epoch": row["epoch"], "epochs_run": len(history),
+                               "images": row["images"], "map": row["map"], "f1": row["f1"], "ap": row["ap"]}
     model.set_from_scratch(False)  # CAM and RIB always run in IRN's layout
     save_classifier(model.cpu(), classes, path, extra=extra)
     return path
@@ -140,9 +172,10 @@ def train_classifier(manifest: Manifest, out_dir: str | os.PathLike[str],
 
     ``val_manifest`` (path or s3:// URI of a labelled manifest): scored after every epoch into
     ``out_dir/train_report.json`` and the progress bar; the checkpoint's ``extra["validation"]``
-    records the last epoch's scores and the manifest. ``stop_after_epoch`` ends this call early (a
-    preemptible slot): the training state is saved and its path returned; a later call with
-    ``resume`` continues the same run.
+    records the kept epoch's scores (the last one's, or the best one's with ``stop="plateau"``, which
+    needs it) and the manifest. ``stop_after_epoch`` ends this call early (a preemptible slot): the
+    training state is saved and its path returned; a later call with ``resume`` continues the same
+    run. The state holds the history and the best epoch's weights, all the rule needs on resuming.
     """
     cfg = cfg or ClassifierTrainConfig()
     out = Path(out_dir)
@@ -152,25 +185,36 @@ def train_classifier(manifest: Manifest, out_dir: str | os.PathLike[str],
     if val is not None and val.classes != manifest.classes:
         raise ValueError(f"the validation manifest's classes {val.classes} differ from the training "
                          f"manifest's {manifest.classes}")
+    if cfg.stop == "plateau" and val is None:
+        raise ValueError("stop='plateau' ends training by the validation curve: give a validation manifest")
     torch.manual_seed(cfg.seed)
     model = build_classifier(cfg, len(manifest.classes))
     dataset = ClassificationDataset(manifest, cfg.crop_size, cfg.resize_long, cfg.hflip, cfg.seed)
     steps = steps_per_epoch(len(dataset), cfg.batch_size)
     optimizer, scheduler = _optimiser(model, cfg, steps)
-    start_epoch, history = 0, []
+    start_epoch, history, best = 0, [], None
     if resume and state_path.exists():
         state = read_training_state(state_path, ("model", "optimizer", "epoch"))
         restore_trainer(state, model, optimizer, scheduler)
         if "rng" in state:
             set_rng_state(state["rng"], torch.device(device))
-        start_epoch, history = state["epoch"], state.get("history", [])
+        start_epoch, history, best = state["epoch"], state.get("history", []), state.get("best_model")
     model.to(device).train()
+    kept, ended = _length(cfg, history)
     report = {"config": cfg.model_dump(), "val_manifest": None if val is None else str(val_manifest), "epochs": history}
     for epoch in range(start_epoch, cfg.epochs):
+        if ended:
+            break
         history.append(_train_epoch(model, dataset, optimizer, scheduler, cfg, epoch, steps, val, device, progress))
+        kept, ended = _length(cfg, history)
+        if cfg.stop == "plateau" and kept == epoch + 1:
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        report.update(epoch_kept=kept, ended_by_rule=ended)
         report_path.write_text(json.dumps(report, indent=2))
         save_training_state({**trainer_state(model, optimizer, scheduler), "epoch": epoch + 1, "history": history,
-                             "rng": rng_state(torch.device(device))}, state_path)
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
+                             "best_model": best, "rng": rng_state(torch.device(device))}, state_path)
+        if not ended and stop_after_epoch is not None and stop_after_epoch <= epoch + 1 < cfg.epochs:
             return state_path
-    return _save_classifier(model, manifest.classes, cfg, history, val_manifest, out / "classifier.pth")
+    if best is not None and kept < len(history):
+        model.load_state_dict(best)
+    return _save_classifier(model, manifest.classes, cfg, history, kept, val_manifest, out / "classifier.pth")

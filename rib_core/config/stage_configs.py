@@ -196,7 +196,17 @@ class ClassifierTrainConfig(StageConfig):
     arch: Backbone = Field("resnet50", description="backbone: resnet18/34/50/101 (IRN: resnet50)")
     # IRN run_sample.py --cam_batch_size 16
     batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="images per step")
-    epochs: int = Field(5, ge=1, le=MAX_EPOCHS, description="passes over the data set")  # --cam_num_epoches 5
+    epochs: int = Field(5, ge=1, le=MAX_EPOCHS, description="passes over the data set (with stop=plateau: the most "
+                                                            "passes)")  # --cam_num_epoches 5
+    # IRN trains a fixed length. "plateau" is this project's (issue 24): the LR schedule still runs
+    # over `epochs`, and the rule only cuts it short (rib_core.classifier.train, docs/USAGE.md).
+    stop: Literal["fixed", "plateau"] = Field(
+        "fixed", description="fixed: train `epochs` passes (IRN); plateau: end when validation mAP has not improved "
+                             "by min_delta for `patience` passes and keep the best pass's weights (needs a validation "
+                             "manifest; the learning-rate schedule still spans `epochs`)")
+    patience: int = Field(2, ge=1, le=MAX_EPOCHS, description="plateau: passes without improvement that end training")
+    min_delta: float = Field(0.005, ge=0, lt=1, description="plateau: the least rise of validation mAP (0-1) that "
+                                                            "counts as an improvement")
     lr: float = Field(0.1, gt=0, description=LR_HELP)  # --cam_learning_rate 0.1 (x10 on the classifier)
     weight_decay: float = Field(1e-4, ge=0, description=WEIGHT_DECAY_HELP)  # --cam_weight_decay 1e-4
     # what IRN's PolyOptimizer really passes to SGD (optim.py)

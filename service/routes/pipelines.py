@@ -53,6 +53,9 @@ def _spec(req: PipelineRequest, settings: SettingsDep, owner: str, locations: Lo
                "deeplab.init_weights": deeplab.init_weights if deeplab else None}
     locations.check(weights)
     manifest = frozen_manifest(req.manifest_uri, s, locations)
+    if classifier.stop == "plateau" and req.classifier_uri is None and not req.val_manifest_uri:
+        raise InputError(422, "classifier.stop=plateau ends training by the validation curve: give val_manifest_uri "
+                              "(without it the classifier is scored on its own training images)")
     validation = frozen_manifest(req.val_manifest_uri, s, locations) if req.val_manifest_uri else None
     if validation is not None and validation.classes != manifest.classes:
         raise InputError(422, f"val_manifest_uri's classes {validation.classes} differ from the data set's "
