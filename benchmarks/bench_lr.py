@@ -37,8 +37,9 @@ import torch
 
 from rib_core.classifier.cam import LocalizationMap, compute_cam
 from rib_core.classifier.train import train_classifier
+from rib_core.config.network_configs import ClassifierTrainConfig
 from rib_core.config.rib_config import RibConfig, image_seed
-from rib_core.config.stage_configs import ClassifierTrainConfig, EvalConfig, wide_thresholds
+from rib_core.config.stage_configs import EvalConfig, wide_thresholds
 from rib_core.data.datasets import Manifest, load_image, load_manifest, load_mask
 from rib_core.data.demo_data import DemoDataConfig, make_demo_dataset
 from rib_core.data.evaluation import sweep_seeds

@@ -14,8 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rib_core.config.network_configs import ClassifierTrainConfig, DeepLabTrainConfig
 from rib_core.config.rib_config import RibConfig
-from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
+from rib_core.config.stage_configs import RefineConfig
 
 PIPELINE_STAGE = "rib.pipeline_stage"  # a training stage of a pipeline job (training queue)
 PIPELINE_MAPS = "rib.pipeline_maps"    # a chunk of RIB maps (image queue)

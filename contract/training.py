@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contract.stages import STAGES, Stage
 from contract.webhooks import CALLBACK_HELP
-from rib_core.config.stage_configs import DeepLabTrainConfig
+from rib_core.config.network_configs import DeepLabTrainConfig
 
 
 class TrainingJobInputs(BaseModel):
@@ -26,7 +26,7 @@ class TrainingJobInputs(BaseModel):
                                                       "predict once trained")
     config: DeepLabTrainConfig = Field(default_factory=DeepLabTrainConfig,
                                        description="DeepLab settings "
-                                                   "(rib_core.config.stage_configs.DeepLabTrainConfig)")
+                                                   "(rib_core.config.network_configs.DeepLabTrainConfig)")
     callback_url: str | None = Field(None, description=CALLBACK_HELP)
 
 

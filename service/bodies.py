@@ -17,8 +17,9 @@ from fastapi import UploadFile
 from pydantic import BaseModel, Field, create_model
 
 from contract.webhooks import CALLBACK_HELP
+from rib_core.config.network_configs import ClassifierTrainConfig, DeepLabTrainConfig
 from rib_core.config.rib_config import RibConfig
-from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig, StageConfig
+from rib_core.config.stage_configs import RefineConfig, StageConfig
 from service.schemas import example
 
 

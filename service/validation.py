@@ -24,9 +24,10 @@ from pydantic import BaseModel, ValidationError
 from contract.job_requests import JobItem
 from contract.settings import Settings
 from contract.webhooks import check_callback
+from rib_core.config.network_configs import ClassifierTrainConfig, DeepLabTrainConfig
 from rib_core.config.presets import completed, merge
 from rib_core.config.rib_config import RibConfig
-from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig, StageConfig
+from rib_core.config.stage_configs import RefineConfig, StageConfig
 from rib_core.data.datasets import (
     ImageError,
     ImageTooLargeError,

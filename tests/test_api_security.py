@@ -28,7 +28,7 @@ from PIL import Image
 
 from contract.jobs import JobStore
 from contract.settings import Settings
-from rib_core.config.stage_configs import DeepLabTrainConfig
+from rib_core.config.network_configs import DeepLabTrainConfig
 from rib_core.data.datasets import Manifest, ManifestRecord
 from rib_core.data.importers import _voc_labels_from_npy
 from rib_core.deeplab.job import train_deeplab

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rib_core.config.stage_configs import DeepLabTrainConfig, RandomWalkConfig
+from rib_core.config.network_configs import DeepLabTrainConfig
+from rib_core.config.stage_configs import RandomWalkConfig
 from rib_core.data.classes import IGNORE_INDEX
 from rib_core.data.datasets import Manifest, ManifestRecord, load_mask
 from rib_core.data.demo_data import DemoDataset

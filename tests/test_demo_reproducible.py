@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 
+from rib_core.config.network_configs import ClassifierTrainConfig
 from rib_core.config.rib_config import RibConfig
-from rib_core.config.stage_configs import ClassifierTrainConfig, IrnTrainConfig, RefineConfig
+from rib_core.config.stage_configs import IrnTrainConfig, RefineConfig
 from rib_core.data.demo_data import DemoDataConfig
 from rib_core.experiments.demo_job import DemoJobConfig
 

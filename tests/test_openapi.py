@@ -12,8 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from contract.settings import Settings
+from rib_core.config.network_configs import ClassifierTrainConfig, DeepLabTrainConfig
 from rib_core.config.rib_config import RibConfig
-from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
+from rib_core.config.stage_configs import RefineConfig
 from service.app import create_app
 from service.errors import ErrorBody
 

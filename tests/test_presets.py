@@ -10,11 +10,10 @@ import torch
 from pydantic import ValidationError
 
 from rib_core.cli.options import build_config
+from rib_core.config.network_configs import DEEPLAB_CRF, DeepLabTrainConfig
 from rib_core.config.rib_config import RibConfig
 from rib_core.config.stage_configs import (
-    DEEPLAB_CRF,
     ConfidentLabelConfig,
-    DeepLabTrainConfig,
     EvalConfig,
     IrnTrainConfig,
     RandomWalkConfig,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from rib_core.cli import main, parser
 from rib_core.cli.options import build_config
-from rib_core.config.stage_configs import ClassifierTrainConfig
+from rib_core.config.network_configs import ClassifierTrainConfig
 from rib_core.data.classes import COCO_CLASSES, VOC_CLASSES
 from rib_core.data.datasets import load_manifest, load_mask
 from rib_core.data.demo_data import DemoDataConfig, DemoDataset, make_demo_dataset

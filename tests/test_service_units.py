@@ -14,8 +14,8 @@ from contract.jobs import JobStore
 from contract.pipelines import PipelineSpec, PipelineStore
 from contract.settings import Settings
 from contract.worker_reports import stats
+from rib_core.config.network_configs import DEEPLAB_CRF
 from rib_core.config.rib_config import RibConfig
-from rib_core.config.stage_configs import DEEPLAB_CRF
 from rib_core.io.artifacts import image_key
 from rib_core.io.storage import LocalStorage
 from service.validation import (

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from rib_core.classifier.data import ClassificationDataset
 from rib_core.classifier.evaluate import evaluate_classifier
-from rib_core.config.stage_configs import SCRATCH_RECIPE, ClassifierTrainConfig
+from rib_core.config.network_configs import SCRATCH_RECIPE, ClassifierTrainConfig
 from rib_core.data.datasets import Manifest, load_manifest
 from rib_core.training.checkpoints import load_backbone, save_classifier
 from rib_core.training.loop import (

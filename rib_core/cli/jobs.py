@@ -13,7 +13,7 @@ from rib_core.cli.options import AddCommand, build_config, device_of, with_confi
 
 
 def cmd_deeplab(args: argparse.Namespace) -> None:
-    from rib_core.config.stage_configs import DeepLabTrainConfig
+    from rib_core.config.network_configs import DeepLabTrainConfig
     from rib_core.deeplab.job import run_training_job
 
     spec = {"kind": args.action, "manifest": args.manifest, "output": args.out,

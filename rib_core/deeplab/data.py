@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import rib_core.training.augment as augment
-from rib_core.config.stage_configs import DeepLabTrainConfig
+from rib_core.config.network_configs import DeepLabTrainConfig
 from rib_core.data.classes import IGNORE_INDEX
 from rib_core.data.datasets import Manifest, ManifestRecord, load_image, load_mask
 from rib_core.training.loop import AugmentedManifest

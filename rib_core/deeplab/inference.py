@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import rib_core.training.augment as augment
-from rib_core.config.stage_configs import DeepLabTrainConfig
+from rib_core.config.network_configs import DeepLabTrainConfig
 from rib_core.data.datasets import Manifest, load_image, load_mask
 from rib_core.data.evaluation import confusion, evaluate_masks, scores
 from rib_core.deeplab.model import DeepLab

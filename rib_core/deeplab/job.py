@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rib_core.config.stage_configs import DeepLabTrainConfig
+from rib_core.config.network_configs import DeepLabTrainConfig
 from rib_core.data.datasets import Manifest, load_manifest
 from rib_core.deeplab.data import segmentation_loss
 from rib_core.deeplab.inference import evaluate, predict_to

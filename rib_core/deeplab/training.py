@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from rib_core.config.stage_configs import DeepLabTrainConfig
+from rib_core.config.network_configs import DeepLabTrainConfig
 from rib_core.data.classes import IGNORE_INDEX
 from rib_core.data.datasets import Manifest, ManifestRecord, load_image, load_mask
 from rib_core.deeplab.data import SegmentationTrainSet, segmentation_loss

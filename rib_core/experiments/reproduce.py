@@ -35,9 +35,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rib_core.classifier.cam import CamConfig
+from rib_core.config.network_configs import ClassifierTrainConfig, DeepLabTrainConfig
 from rib_core.config.presets import merge
 from rib_core.config.rib_config import RibConfig
-from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, EvalConfig, RefineConfig
+from rib_core.config.stage_configs import EvalConfig, RefineConfig
 from rib_core.data.datasets import Manifest, load_manifest
 from rib_core.experiments.paper import (
     DEFAULT_MARGIN,

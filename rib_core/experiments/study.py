@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from rib_core.classifier.cam import run_cam
-from rib_core.config.stage_configs import DeepLabTrainConfig
+from rib_core.config.network_configs import DeepLabTrainConfig
 from rib_core.data.datasets import Manifest, load_manifest
 from rib_core.data.demo_data import make_demo_dataset
 from rib_core.data.evaluation import sweep_folder

@@ -35,10 +35,7 @@ import numpy as np
 
 from rib_core.classifier.cam import LocalizationMap
 from rib_core.config.rib_config import RibConfig
-from rib_core.config.stage_configs import (
-    RandomWalkConfig,
-    RefineConfig,
-)
+from rib_core.config.stage_configs import RandomWalkConfig, RefineConfig
 from rib_core.data.datasets import Manifest, load_image, load_manifest, load_mask, median_long_side
 from rib_core.data.evaluation import confusion, scores, sweep_folder
 from rib_core.experiments.tune_config import SWEPT, TuneConfig, grid_of, setting_name

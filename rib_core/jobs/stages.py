@@ -25,8 +25,9 @@ from typing import Any
 
 from rib_core.classifier.evaluate import classifier_quality
 from rib_core.classifier.train import train_classifier
+from rib_core.config.network_configs import ClassifierTrainConfig, DeepLabTrainConfig
 from rib_core.config.rib_config import RibConfig
-from rib_core.config.stage_configs import ClassifierTrainConfig, DeepLabTrainConfig, RefineConfig
+from rib_core.config.stage_configs import RefineConfig
 from rib_core.data.datasets import Manifest, median_long_side
 from rib_core.deeplab.job import OnLog, run_training_job
 from rib_core.io.storage import uri_version

@@ -25,9 +25,7 @@ import numpy as np
 import torch
 
 from rib_core.classifier.cam import LocalizationMap
-from rib_core.config.stage_configs import (
-    RefineConfig,
-)
+from rib_core.config.stage_configs import RefineConfig
 from rib_core.data.classes import IGNORE_INDEX
 from rib_core.data.datasets import Manifest, ManifestRecord, load_image, load_manifest, load_mask
 from rib_core.data.evaluation import confusion, scores, seed_from_map, sweep_seeds, write_report
