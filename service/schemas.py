@@ -4,7 +4,7 @@ the error body :mod:`service.errors`."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +25,20 @@ def example(value: dict[str, Any], **config: Any) -> ConfigDict:
 def example_of(model: type[BaseModel]) -> Any:
     """The example ``model``'s schema shows (:func:`example`), for the examples of models holding it."""
     return model.model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
+
+
+Item = TypeVar("Item", bound=BaseModel)
+
+
+class Page(BaseModel, Generic[Item]):
+    """One page of a job's per-image results; ``next_offset`` is null on the last page."""
+
+    job_id: str
+    offset: int
+    limit: int
+    total: int
+    next_offset: int | None
+    items: list[Item]
 
 
 # ----------------------------------------------------------------------------- health
@@ -180,16 +194,9 @@ class ImageResult(BaseModel):
     overlay: Link | None = Field(None, description="the final pseudo-mask over the image")
 
 
-class ResultsPage(BaseModel):
+class ResultsPage(Page[ImageResult]):
     model_config = example({"job_id": JOB_ID, "offset": 0, "limit": 100, "total": 120, "next_offset": 100,
-                                    "items": [example_of(ImageResult)]})
-
-    job_id: str
-    offset: int
-    limit: int
-    total: int
-    next_offset: int | None
-    items: list[ImageResult]
+                            "items": [example_of(ImageResult)]})
 
 
 class FinishedUpload(JobStatus):
@@ -275,13 +282,6 @@ class PipelineImage(BaseModel):
                                                "confident_labels, retrain_labels: those written so far")
 
 
-class PipelineResults(BaseModel):
+class PipelineResults(Page[PipelineImage]):
     model_config = example({"job_id": JOB_ID, "offset": 0, "limit": 100, "total": 1464, "next_offset": 100,
                             "items": [example_of(PipelineImage)]})
-
-    job_id: str
-    offset: int
-    limit: int
-    total: int
-    next_offset: int | None
-    items: list[PipelineImage]
