@@ -34,7 +34,15 @@ from rib_core.classifier.cam import run_cam
 from rib_core.config.rib_config import RibConfig
 from rib_core.data.datasets import Manifest, load_manifest, load_mask
 from rib_core.data.evaluation import seed_from_map, sweep_folder
-from rib_core.data.part_scenes import PartSceneConfig, make_part_scenes, part_mass, part_recall, parts_path
+from rib_core.data.part_scenes import (
+    OBJECTS,
+    PARTS,
+    PartSceneConfig,
+    layer_path,
+    make_part_scenes,
+    part_mass,
+    part_recall,
+)
 from rib_core.experiments.demo_job import DemoJobConfig, scene_classifier, train_demo_classifier
 from rib_core.io.localization_map import LocalizationMap
 from rib_core.jobs.stages import maps_stage, refine_stage
@@ -42,7 +50,8 @@ from rib_core.runtime.provenance import run_record
 from rib_core.training.checkpoints import load_classifier
 
 CANVAS = 112
-DATA = PartSceneConfig(n_train=1000, n_val=100, canvas=CANVAS, digit_size=(24, 34), max_per_image=2)
+DATA = PartSceneConfig(n_train=1500, n_val=100, canvas=CANVAS, digit_size=(28, 40), max_per_image=2,
+                       body_area=(1.2, 2.0))
 # The demo's RIB with its sizes scaled to the canvas (crop = canvas, resize-long 0.75-1.25 of it).
 RIB = RibConfig(crop_size=CANVAS, resize_long=(round(0.75 * CANVAS), round(1.25 * CANVAS)), companions=8)
 SETTINGS = {"rib_paper": RIB, "rib_first_step": RIB.model_copy(update={"lr_rule": "first_step", "step_gain": 0.3})}
@@ -59,13 +68,14 @@ def job_config(data: PartSceneConfig, irn: bool) -> DemoJobConfig:
 
 def score_maps(maps: Path, subset: Manifest, job: DemoJobConfig) -> dict[str, float]:
     """A folder of maps: the seed's scores at the best threshold of the sweep, the head and body
-    recall of that seed, and the shares of the maps' mass on own heads, own bodies and elsewhere."""
+    recall of that seed, and the shares of the maps' mass on own head squares, own bodies and elsewhere."""
     sweep = sweep_folder(maps, subset, job.refine.evaluation)
     mass, hits = np.zeros(3), np.zeros(4, np.int64)
     for r in subset.records:
         m = LocalizationMap.load(maps / f"{r.id}.npz")
-        mask, parts = load_mask(subset.mask_uri(r)), load_mask(str(parts_path(subset.mask_uri(r))))
-        mass += part_mass(m, mask, parts)
+        mask = load_mask(subset.mask_uri(r))
+        parts, objects = (load_mask(str(layer_path(subset.mask_uri(r), layer))) for layer in (PARTS, OBJECTS))
+        mass += part_mass(m, parts, objects)
         hits += part_recall(seed_from_map(m, sweep["best_threshold"]), mask, parts)
     best = sweep["best"]
     return {"miou": best["miou"], "precision": best["precision"], "recall": best["recall"],
@@ -113,6 +123,80 @@ def summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     paired = {f"{s} - cam": {m: spread([r[s][m] - r["cam"][m] for r in per_seed]) for m in ("miou", "recall")}
               for s in stages if s != "cam"}
     return {"classifier_map": spread([r["classifier_map"] for r in per_seed]), "stages": table, "paired": paired}
+
+
+LABELS = {"cam": "CAM seed", "rib_paper": "RIB-GNDRP seed, lr 8e-6 (paper)",
+          "rib_first_step": "RIB-GNDRP seed, first_step 0.3", "rib_paper_crf": "RIB-GNDRP (8e-6) seed + CRF",
+          "rib_first_step_crf": "RIB-GNDRP (first_step) seed + CRF", "rib_paper_irn": "RIB-GNDRP (8e-6) + IRN mask",
+          "rib_first_step_irn": "RIB-GNDRP (first_step) + IRN mask"}
+HOWTO = ("OMP_NUM_THREADS=1 python -m benchmarks.bench_premise --seeds 0 1 2 --work runs/premise "
+         "--out docs/results/bench_premise.json")
+
+
+def _pm(value: dict[str, float] | None, sign: bool = False) -> str:
+    """mean ± sd in percent (points with ``sign``)."""
+    if value is None:
+        return "-"
+    return f"{100 * value['mean']:{'+' if sign else ''}.1f} ± {100 * value['sd']:.1f}"
+
+
+def stage_table(result: dict[str, Any], short: bool = False) -> str:
+    """The stage table (mean ± sd over the seeds done); ``short``: the README's columns."""
+    stages, paired = result["stages"], result["paired"]
+    head = ["stage", "mIoU %", "recall %", "head / body recall %", "map mass on head / body %", "mIoU − CAM (points)"]
+    if not short:
+        head[2:2] = ["precision %"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for key, row in stages.items():
+        if short and key not in ("cam", "rib_paper", "rib_first_step"):
+            continue
+        parts = f"{_pm(row.get('head_recall'))} / {_pm(row.get('body_recall'))}" if "head_recall" in row else "-"
+        mass = f"{_pm(row.get('mass_head'))} / {_pm(row.get('mass_body'))}" if "mass_head" in row else "-"
+        cells = [LABELS[key], _pm(row["miou"]), _pm(row["recall"]), parts, mass,
+                 _pm(paired.get(f"{key} - cam", {}).get("miou"), sign=True)]
+        if not short:
+            cells[2:2] = [_pm(row["precision"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scope(result: dict[str, Any]) -> str:
+    """One sentence: the seeds done, the images, the scenes, and how seeds are scored."""
+    planned, done = len(result["seeds"]), result["seeds_done"]
+    partial = "" if done == planned else f" PARTIAL: {done} of the {planned} planned seeds finished."
+    d = result["data"]
+    return (f"{done} seeds (scenes, classifier: {', '.join(f'{a}, {b}' for a, b in result['seeds'][:done])}); "
+            f"{result['images']} training scenes scored per seed; {d['canvas']} px part scenes, heads "
+            f"{d['digit_size'][0]}-{d['digit_size'][1]} px, bodies {d['body_area'][0]}-{d['body_area'][1]}x the head's "
+            f"box, preferred body style with p = {d['body_style_p']}; classifier val mAP "
+            f"{_pm(result['classifier_map'])}%. Seeds at the best threshold of the sweep (chosen on the scored "
+            f"images, as the paper); head / body recall: of the head's strokes and the body's pixels; mass: the "
+            f"share of the labelled classes' maps on their own heads' squares / bodies.{partial}")
+
+
+def section(result: dict[str, Any] | None) -> str:
+    """docs/RESULTS.md's section: provenance, scope, the stage table, the per-seed mIoU."""
+    from benchmarks.results import provenance
+
+    head = "## Scenes with the paper's premise (`benchmarks/bench_premise.py`, `docs/results/bench_premise.json`)\n\n"
+    if result is None:
+        return head + f"No result committed yet. To produce it: `{HOWTO}`.\n"
+    per_seed = ["| stage | " + " | ".join(f"seed {r['data_seed']}" for r in result["per_seed"]) + " |",
+                "|---" * (1 + len(result["per_seed"])) + "|"]
+    for key in result["stages"]:
+        per_seed.append(f"| {LABELS[key]} | " + " | ".join(f"{100 * r[key]['miou']:.1f}" for r in result["per_seed"])
+                        + " |")
+    return head + "\n\n".join([provenance(result), f"Made by `{HOWTO}`. " + scope(result), stage_table(result),
+                                "mIoU % per seed:", "\n".join(per_seed)]) + "\n"
+
+
+def readme_block(result: dict[str, Any] | None) -> str:
+    """The README's block: provenance and the short stage table."""
+    from benchmarks.results import provenance
+
+    if result is None:
+        return f"No result of the scene benchmark with the paper's premise committed yet: `{HOWTO}`."
+    return "\n\n".join([provenance(result), stage_table(result, short=True)])
 
 
 def main() -> None:

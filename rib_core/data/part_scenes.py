@@ -7,8 +7,10 @@ covers it (issue 24). Here each object is a digit "head" (drawn as in the demo) 
 ellipse several times the head's box in area, touching it, filled with one of a few styles (a
 colour and a stripe texture). Each class has a preferred style, which its body wears with
 probability ``body_style_p``; otherwise the style is drawn uniformly from all, so a body is only
-weakly class-specific. The ground-truth mask is head + body; ``parts/<id>.png`` records which pixel
-is head (1), body (2) or neither (0), so that a map's mass can be split between the parts.
+weakly class-specific. The ground-truth mask is the head's strokes + the body; ``parts/<id>.png``
+records which pixel is in a head's square (1), in a body (2) or neither (0), and ``objects/<id>.png``
+each object's label over its square and body, so that a map's mass can be split between the parts
+(a stride-16 map cannot follow strokes, so a head's mass is counted over its square).
 
 Pretraining on single digits (:func:`rib_core.experiments.demo_job.digit_pretraining`) reads only the
 demo's fields of a :class:`PartSceneConfig`, so it draws plain digits, the heads' stand-in for
@@ -35,7 +37,7 @@ from rib_core.data.demo_data import (
 from rib_core.io.localization_map import LocalizationMap
 
 HEAD, BODY = 1, 2  # values of the parts layer
-PARTS = "parts"  # the layer's folder under the data set's root
+PARTS, OBJECTS = "parts", "objects"  # the layers' folders under the data set's root
 
 
 class PartSceneConfig(DemoDataConfig):
@@ -95,11 +97,14 @@ def _object(rng: np.random.Generator, cfg: PartSceneConfig, side: int) -> tuple[
 
 def part_scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int, np.ndarray],
                cfg: PartSceneConfig) -> Scene:
-    """One canvas of head-on-body objects, with its mask (head + body) and parts layer."""
+    """One canvas of head-on-body objects: its mask (head strokes + body) and two layers, ``parts``
+    (the head's square 1, the body 2) and ``objects`` (each object's label over its square and body)."""
     size = cfg.canvas
     canvas = _background(rng, cfg)
     mask = np.zeros((size, size), np.uint8)
     parts = np.zeros((size, size), np.uint8)
+    objects = np.zeros((size, size), np.uint8)
+    occupied = np.zeros((size, size), bool)
     n = int(rng.integers(cfg.min_per_image, cfg.max_per_image + 1))
     classes = rng.choice(cfg.digits, size=min(n, len(cfg.digits)), replace=False)
     placed: list[int] = []
@@ -111,21 +116,25 @@ def part_scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int,
             continue
         for _ in range(30):  # rejection sampling for a free spot
             top, left = (int(v) for v in rng.integers(0, [size - h + 1, size - w + 1]))
-            if not mask[top:top + h, left:left + w].any():
+            if not occupied[top:top + h, left:left + w].any():
                 break
         else:
             continue
+        box = np.zeros((h, w), bool)
+        box[head_top:head_top + side, head_left:head_left + side] = True
+        strokes = np.zeros((h, w), bool)
+        strokes[head_top:head_top + side, head_left:head_left + side] = glyph > 0.5
         _paste(canvas, body.astype(np.float32), top, left, _body(rng, cfg, cls, h, w))
-        ht, hl = top + head_top, left + head_left
-        _paste(canvas, glyph, ht, hl, _digit_colour(rng, cfg))
+        _paste(canvas, glyph, top + head_top, left + head_left, _digit_colour(rng, cfg))
         label = cfg.digits.index(cls) + 1
-        mask[top:top + h, left:left + w][body] = label
-        parts[top:top + h, left:left + w][body] = BODY
-        head = glyph > 0.5
-        mask[ht:ht + side, hl:hl + side][head] = label
-        parts[ht:ht + side, hl:hl + side][head] = HEAD
+        window = (slice(top, top + h), slice(left, left + w))
+        mask[window][body | strokes] = label
+        parts[window][body] = BODY
+        parts[window][(box & ~body) | strokes] = HEAD
+        objects[window][box | body] = label
+        occupied[window] = True
         placed.append(cls)
-    return Scene(np.clip(canvas, 0, 255).astype(np.uint8), mask, placed, {PARTS: parts})
+    return Scene(np.clip(canvas, 0, 255).astype(np.uint8), mask, placed, {PARTS: parts, OBJECTS: objects})
 
 
 def make_part_scenes(root: str | Path, cfg: PartSceneConfig | None = None) -> DemoDataset:
@@ -134,18 +143,18 @@ def make_part_scenes(root: str | Path, cfg: PartSceneConfig | None = None) -> De
     return write_scenes(root, cfg, lambda rng, images, by_class: part_scene(rng, images, by_class, cfg))
 
 
-def parts_path(mask_path: str | Path) -> Path:
-    """The parts layer beside a part scene's mask (``masks/<id>.png`` -> ``parts/<id>.png``)."""
+def layer_path(mask_path: str | Path, layer: str) -> Path:
+    """A layer beside a part scene's mask (``masks/<id>.png`` -> ``<layer>/<id>.png``)."""
     mask_path = Path(mask_path)
-    return mask_path.parent.parent / PARTS / mask_path.name
+    return mask_path.parent.parent / layer / mask_path.name
 
 
-def part_mass(m: LocalizationMap, mask: np.ndarray, parts: np.ndarray) -> np.ndarray:
-    """A map's mass (sum of each labelled class's normalised map) on its own objects' heads, on
-    their bodies, and elsewhere (background and other objects): [3]."""
+def part_mass(m: LocalizationMap, parts: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """A map's mass (sum of each labelled class's normalised map) on its own objects' head squares,
+    on their bodies, and elsewhere (background and other objects): [3]."""
     out = np.zeros(3)
     for k, values in zip(m.keys, m.high_res, strict=True):
-        own = mask == int(k) + 1
+        own = objects == int(k) + 1
         head = values[own & (parts == HEAD)].sum()
         body = values[own & (parts == BODY)].sum()
         out += [head, body, values.sum() - head - body]
@@ -153,8 +162,8 @@ def part_mass(m: LocalizationMap, mask: np.ndarray, parts: np.ndarray) -> np.nda
 
 
 def part_recall(seed: np.ndarray, mask: np.ndarray, parts: np.ndarray) -> np.ndarray:
-    """How many head and body pixels a seed labels with their own class, and how many there are:
-    [head hits, head pixels, body hits, body pixels]."""
+    """How many head (stroke) and body pixels a seed labels with their own class, and how many
+    there are: [head hits, head pixels, body hits, body pixels]."""
     hit = (seed == mask) & (mask > 0)
-    return np.array([(hit & (parts == HEAD)).sum(), (parts == HEAD).sum(),
-                     (hit & (parts == BODY)).sum(), (parts == BODY).sum()], np.int64)
+    head, body = (mask > 0) & (parts == HEAD), (mask > 0) & (parts == BODY)
+    return np.array([(hit & head).sum(), head.sum(), (hit & body).sum(), body.sum()], np.int64)
