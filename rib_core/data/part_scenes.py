@@ -111,10 +111,10 @@ def part_scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int,
     for cls in (int(c) for c in classes):
         side = int(rng.integers(cfg.digit_size[0], min(cfg.digit_size[1], size) + 1))
         glyph = _glyph(rng, images, by_class, cls, side)
-        body, h, w, head_top, head_left = _object(rng, cfg, side)
-        if h > size or w > size:
-            continue
-        for _ in range(30):  # rejection sampling for a free spot
+        for _ in range(30):  # rejection sampling: a body that fits the canvas, in a free spot
+            body, h, w, head_top, head_left = _object(rng, cfg, side)
+            if h > size or w > size:
+                continue
             top, left = (int(v) for v in rng.integers(0, [size - h + 1, size - w + 1]))
             if not occupied[top:top + h, left:left + w].any():
                 break
