@@ -194,12 +194,14 @@ def section(result: dict[str, Any] | None) -> str:
 
 
 def readme_block(result: dict[str, Any] | None) -> str:
-    """The README's block: provenance and the short stage table."""
+    """The README's block: what the scenes are, provenance and the short stage table."""
     from benchmarks.results import provenance
 
+    what = ("Scenes with the paper's premise (`benchmarks/bench_premise.py`: digit heads on larger, weakly "
+            "class-specific bodies, mask = head + body; mean ± sd over held-out seeds)")
     if result is None:
-        return f"No result of the scene benchmark with the paper's premise committed yet: `{HOWTO}`."
-    return "\n\n".join([provenance(result), stage_table(result, short=True)])
+        return f"{what}: no result committed yet: `{HOWTO}`."
+    return "\n\n".join([f"{what}. {provenance(result)}", stage_table(result, short=True)])
 
 
 def main() -> None:
