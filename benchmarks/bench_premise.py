@@ -190,7 +190,20 @@ def section(result: dict[str, Any] | None) -> str:
         per_seed.append(f"| {LABELS[key]} | " + " | ".join(f"{100 * r[key]['miou']:.1f}" for r in result["per_seed"])
                         + " |")
     return head + "\n\n".join([provenance(result), f"Made by `{HOWTO}`. " + scope(result), stage_table(result),
-                                "mIoU % per seed:", "\n".join(per_seed)]) + "\n"
+                                goal(result), "mIoU % per seed:", "\n".join(per_seed)]) + "\n"
+
+
+def goal(result: dict[str, Any]) -> str:
+    """Issue 24's goal for each RIB seed: the paired mean of RIB − CAM above twice its sd."""
+    if result["seeds_done"] < 2:
+        return "The goal (paired mean of RIB − CAM above twice its sd) needs two seeds or more."
+    verdicts = []
+    for key in ("rib_paper", "rib_first_step"):
+        d = result["paired"].get(f"{key} - cam", {}).get("miou")
+        if d is not None:
+            met = d["mean"] > 0 and d["mean"] > 2 * d["sd"]
+            verdicts.append(f"{LABELS[key]} − CAM {_pm(d, sign=True)} points: goal {'met' if met else 'not met'}")
+    return "Goal (paired mean of the seed's mIoU − CAM's above twice its sd): " + "; ".join(verdicts) + "."
 
 
 def readme_block(result: dict[str, Any] | None) -> str:

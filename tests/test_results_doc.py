@@ -129,7 +129,9 @@ def test_the_premise_section_and_block_show_each_stage_and_a_partial_run(tmp_pat
               "data": {"canvas": 112, "digit_size": [24, 34], "body_area": [1.5, 2.5], "body_style_p": 0.4},
               "classifier_map": one, "stages": {"cam": seed_row, "rib_paper_crf": {"miou": one, "precision": one,
                                                                                    "recall": one}},
-              "paired": {"rib_paper_crf - cam": {"miou": {"mean": 0.031, "sd": 0.01}}}, "per_seed": per_seed}
+              "paired": {"rib_paper_crf - cam": {"miou": {"mean": 0.031, "sd": 0.01}},
+                         "rib_paper - cam": {"miou": {"mean": 0.01, "sd": 0.004}},
+                         "rib_first_step - cam": {"miou": {"mean": 0.01, "sd": 0.006}}}, "per_seed": per_seed}
     (folder / "bench_premise.json").write_text(json.dumps(result))
     text, block = results_doc(folder), readme_blocks(folder)["premise"]
     for shown in (text, block):
@@ -138,4 +140,6 @@ def test_the_premise_section_and_block_show_each_stage_and_a_partial_run(tmp_pat
     assert "| RIB-GNDRP (8e-6) seed + CRF | 50.0 ± 12.5 | 50.0 ± 12.5 | 50.0 ± 12.5 | - | - | +3.1 ± 1.0 |" in text
     assert "seed + CRF" not in block  # the README's table has the seeds only
     assert "PARTIAL: 2 of the 3 planned seeds finished" in text
+    assert "RIB-GNDRP seed, lr 8e-6 (paper) − CAM +1.0 ± 0.4 points: goal met" in text
+    assert "RIB-GNDRP seed, first_step 0.3 − CAM +1.0 ± 0.6 points: goal not met" in text
     assert "| CAM seed | 40.0 | 41.0 |" in text
