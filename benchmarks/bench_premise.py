@@ -168,10 +168,11 @@ def scope(result: dict[str, Any]) -> str:
     planned, done = len(result["seeds"]), result["seeds_done"]
     partial = "" if done == planned else f" PARTIAL: {done} of the {planned} planned seeds finished."
     d = result["data"]
-    return (f"{done} seeds (scenes, classifier: {', '.join(f'{a}, {b}' for a, b in result['seeds'][:done])}); "
-            f"{result['images']} training scenes scored per seed; {d['canvas']} px part scenes, heads "
-            f"{d['digit_size'][0]}-{d['digit_size'][1]} px, bodies {d['body_area'][0]}-{d['body_area'][1]}x the head's "
-            f"box, preferred body style with p = {d['body_style_p']}; classifier val mAP "
+    pairs = ", ".join(f"({a}, {b})" for a, b in result["seeds"][:done])
+    return (f"Seeds done (scene seed, classifier seed): {pairs}; {result['images']} training scenes scored per "
+            f"seed; {d['canvas']} px part scenes, heads {d['digit_size'][0]}-{d['digit_size'][1]} px, bodies "
+            f"{d['body_area'][0]}-{d['body_area'][1]}x the head's square, preferred body style with p = "
+            f"{d['body_style_p']}; classifier val mAP "
             f"{_pm(result['classifier_map'])}%. Seeds at the best threshold of the sweep (chosen on the scored "
             f"images, as the paper); head / body recall: of the head's strokes and the body's pixels; mass: the "
             f"share of the labelled classes' maps on their own heads' squares / bodies.{partial}")
