@@ -53,8 +53,7 @@ CANVAS = 112
 # Chosen on the tuning seeds (scenes 100, classifier 101; docs/results/bench_premise_tuning.json): heads
 # of 24-34 px on 1,000 scenes left the classifier at 73% mAP; 28-40 px on 1,500 reached 91%, but with
 # bodies of 1.2-2.0 head squares CAM's recall stayed at the demo's (70%); at 2.0-3.0 it fell to 52%.
-DATA = PartSceneConfig(n_train=1500, n_val=100, canvas=CANVAS, digit_size=(28, 40), max_per_image=2,
-                       body_area=(2.0, 3.0))
+DATA = PartSceneConfig(n_train=1500, n_val=100, canvas=CANVAS, digit_size=(28, 40), max_per_image=2)
 # The demo's RIB with its sizes scaled to the canvas (crop = canvas, resize-long 0.75-1.25 of it).
 RIB = RibConfig(crop_size=CANVAS, resize_long=(round(0.75 * CANVAS), round(1.25 * CANVAS)), companions=8)
 SETTINGS = {"rib_paper": RIB, "rib_first_step": RIB.model_copy(update={"lr_rule": "first_step", "step_gain": 0.3})}
