@@ -11,7 +11,7 @@ scored images, as the paper reports seeds), each RIB seed + CRF, and with ``--ir
 precision, recall, the recall of head and body pixels, and where the map's mass sits (own heads,
 own bodies, elsewhere). Mean ± sd over seeds and the paired differences RIB − CAM::
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_premise --seeds 0 1 2 --work runs/premise \\
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_premise --seeds 0 1 2 --irn --work runs/premise \\
         --out docs/results/bench_premise.json
 
 The recipe's knobs (canvas, head and body sizes, ``body_style_p``) were chosen on tuning seeds
@@ -131,7 +131,7 @@ LABELS = {"cam": "CAM seed", "rib_paper": "RIB-GNDRP seed, lr 8e-6 (paper)",
           "rib_first_step": "RIB-GNDRP seed, first_step 0.3", "rib_paper_crf": "RIB-GNDRP (8e-6) seed + CRF",
           "rib_first_step_crf": "RIB-GNDRP (first_step) seed + CRF", "rib_paper_irn": "RIB-GNDRP (8e-6) + IRN mask",
           "rib_first_step_irn": "RIB-GNDRP (first_step) + IRN mask"}
-HOWTO = ("OMP_NUM_THREADS=1 python -m benchmarks.bench_premise --seeds 0 1 2 --work runs/premise "
+HOWTO = ("OMP_NUM_THREADS=1 python -m benchmarks.bench_premise --seeds 0 1 2 --irn --work runs/premise "
          "--out docs/results/bench_premise.json")
 
 

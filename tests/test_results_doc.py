@@ -119,7 +119,7 @@ def test_the_lr_section_shows_each_setting_and_the_choices(tmp_path):
 def test_the_premise_section_and_block_show_each_stage_and_a_partial_run(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
-    howto = "python -m benchmarks.bench_premise --seeds 0 1 2"
+    howto = "python -m benchmarks.bench_premise --seeds 0 1 2 --irn"
     assert howto in results_doc(folder) and howto in readme_blocks(folder)["premise"]
     one = {"mean": 0.5, "sd": 0.125}
     seed_row = {"miou": one, "precision": one, "recall": {"mean": 0.25, "sd": 0.01}, "head_recall": one,
