@@ -21,6 +21,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from benchmarks.bench_premise import readme_block as premise_block
+from benchmarks.bench_premise import section as premise_section
 from rib_core.data.datasets import load_manifest
 from rib_core.experiments.demo_job import report_rows
 from rib_core.experiments.study import ROWS
@@ -274,6 +276,7 @@ def results_doc(folder: Path = RESULTS_DIR) -> str:
         study_section(load(folder, "study")),
         lr_section(load(folder, "bench_lr")),
         length_section(load(folder, "bench_classifier_length")),
+        premise_section(load(folder, "bench_premise")),
         "## Benchmarks\n\nSpeed and resource figures; timings depend on the machine and on what else ran on "
         "it.\n",
         scale_section(load(folder, "bench_scale")),
@@ -293,8 +296,8 @@ def markers(name: str) -> tuple[str, str]:
 
 
 def readme_blocks(folder: Path = RESULTS_DIR, picture: Path = PICTURE) -> dict[str, str]:
-    """The README's generated blocks by name: the demo run's picture and its table with its date, and
-    the data-set scale benchmark's summary."""
+    """The README's generated blocks by name: the demo run's picture and its table with its date, the
+    premise benchmark's stage table, and the data-set scale benchmark's summary."""
     report = load(folder, "demo")
     if report is None:
         table = f"No demo result committed yet: {DEMO_HOWTO}."
@@ -310,7 +313,8 @@ def readme_blocks(folder: Path = RESULTS_DIR, picture: Path = PICTURE) -> dict[s
     performance = (f"No data-set scale result committed yet: {SCALE_HOWTO}." if scale is None
                    else "\n\n".join([provenance(scale), scale_summary(scale)]))
     performance += "\n\n" + submit_lines(load(folder, "bench_submit"))
-    return {"demo picture": shown, "demo table": table, "performance": performance}
+    return {"demo picture": shown, "demo table": table, "premise": premise_block(load(folder, "bench_premise")),
+            "performance": performance}
 
 
 def with_readme_blocks(readme: str, blocks: dict[str, str]) -> str:

@@ -138,3 +138,32 @@ def test_the_classifier_length_section_comes_from_its_file(tmp_path):
     assert "| texture-large-grey-128 | fixed | 1 | 89.3 | 3 | 0 of 1 |" in text
     assert "not risen by 0.5 points for 2 epochs" in text and result["run"]["date"] in text
     assert result["summary"]["texture-large-grey-128"]["paired_gain"] == {1: pytest.approx(0.93 - 0.893)}
+
+
+def test_the_premise_section_and_block_show_each_stage_and_a_partial_run(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    howto = "python -m benchmarks.bench_premise --seeds 0 1 2 --irn"
+    assert howto in results_doc(folder) and howto in readme_blocks(folder)["premise"]
+    one = {"mean": 0.5, "sd": 0.125}
+    seed_row = {"miou": one, "precision": one, "recall": {"mean": 0.25, "sd": 0.01}, "head_recall": one,
+                "body_recall": one, "mass_head": {"mean": 0.75, "sd": 0.05}, "mass_body": one}
+    per_seed = [{"data_seed": s, "cam": {"miou": 0.4 + s / 100}, "rib_paper_crf": {"miou": 0.6}} for s in (0, 1)]
+    result = {"run": run_record("cpu"), "seeds": [[0, 0], [1, 1], [2, 2]], "seeds_done": 2, "images": 16,
+              "data": {"canvas": 112, "digit_size": [24, 34], "body_area": [1.5, 2.5], "body_style_p": 0.4},
+              "classifier_map": one, "stages": {"cam": seed_row, "rib_paper_crf": {"miou": one, "precision": one,
+                                                                                   "recall": one}},
+              "paired": {"rib_paper_crf - cam": {"miou": {"mean": 0.031, "sd": 0.01}},
+                         "rib_paper - cam": {"miou": {"mean": 0.01, "sd": 0.004}},
+                         "rib_first_step - cam": {"miou": {"mean": 0.01, "sd": 0.006}}}, "per_seed": per_seed}
+    (folder / "bench_premise.json").write_text(json.dumps(result))
+    text, block = results_doc(folder), readme_blocks(folder)["premise"]
+    for shown in (text, block):
+        assert result["run"]["commit"] in shown and result["run"]["date"] in shown
+        assert "| CAM seed | 50.0 ± 12.5 |" in shown and "| 75.0 ± 5.0 / 50.0 ± 12.5 | - |" in shown
+    assert "| RIB-GNDRP (8e-6) seed + CRF | 50.0 ± 12.5 | 50.0 ± 12.5 | 50.0 ± 12.5 | - | - | +3.1 ± 1.0 |" in text
+    assert "seed + CRF" not in block  # the README's table has the seeds only
+    assert "PARTIAL: 2 of the 3 planned seeds finished" in text
+    assert "RIB-GNDRP seed, lr 8e-6 (paper) − CAM +1.0 ± 0.4 points: goal met" in text
+    assert "RIB-GNDRP seed, first_step 0.3 − CAM +1.0 ± 0.6 points: goal not met" in text
+    assert "| CAM seed | 40.0 | 41.0 |" in text

@@ -10,7 +10,8 @@ chosen on one kind of scene holds on others.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +46,21 @@ class DemoDataConfig(BaseModel):
         if self.min_per_image > self.max_per_image:
             raise ValueError(f"min_per_image {self.min_per_image} > max_per_image {self.max_per_image}")
         return self
+
+
+@dataclass
+class Scene:
+    """One drawn scene: the image, its label mask, the digit classes placed, and extra label
+    layers a recipe records beside the mask (e.g. part_scenes' head / body map), by name."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    placed: list[int]
+    layers: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# (rng, MNIST images, indices of each class's digits in this split) -> a scene
+SceneMaker = Callable[[np.random.Generator, np.ndarray, dict[int, np.ndarray]], Scene]
 
 
 @dataclass
@@ -90,8 +106,28 @@ def _background(rng: np.random.Generator, cfg: DemoDataConfig) -> np.ndarray:
     return np.clip(canvas, 0, 255)
 
 
+def _glyph(rng: np.random.Generator, images: np.ndarray, by_class: dict[int, np.ndarray], cls: int,
+           side: int) -> np.ndarray:
+    """A random digit of class ``cls`` at ``side`` px, thickened: float HxW alpha in [0, 1]."""
+    digit = images[rng.choice(by_class[cls])]
+    glyph = np.asarray(Image.fromarray(digit).resize((side, side), Image.BILINEAR))
+    return _thicken(glyph).astype(np.float32) / 255.0
+
+
+def _paste(canvas: np.ndarray, alpha: np.ndarray, top: int, left: int, colour: np.ndarray) -> None:
+    """Blend ``colour`` into ``canvas`` (in place) through ``alpha`` placed at (top, left)."""
+    h, w = alpha.shape
+    region = canvas[top:top + h, left:left + w]
+    canvas[top:top + h, left:left + w] = region * (1 - alpha[..., None]) + colour * alpha[..., None]
+
+
+def _digit_colour(rng: np.random.Generator, cfg: DemoDataConfig) -> np.ndarray:
+    """A digit's colour: bright (140-255), coloured or grey."""
+    return rng.uniform(140, 255, 3) if cfg.colour == "colour" else np.full(3, rng.uniform(140, 255))
+
+
 def _scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int, np.ndarray],
-           cfg: DemoDataConfig) -> tuple[np.ndarray, np.ndarray, list[int]]:
+           cfg: DemoDataConfig) -> Scene:
     size = cfg.canvas
     canvas = _background(rng, cfg)
     mask = np.zeros((size, size), np.uint8)
@@ -101,27 +137,30 @@ def _scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int, np.
     placed: list[int] = []
     for cls in classes:
         side = int(rng.integers(cfg.digit_size[0], min(cfg.digit_size[1], size) + 1))
-        digit = images[rng.choice(by_class[int(cls)])]
-        glyph = np.asarray(Image.fromarray(digit).resize((side, side), Image.BILINEAR))
-        glyph = _thicken(glyph).astype(np.float32) / 255.0
+        glyph = _glyph(rng, images, by_class, int(cls), side)
         for _ in range(30):  # rejection sampling for a free spot
             top, left = rng.integers(0, size - side + 1, 2)
             if not occupied[top:top + side, left:left + side].any():
                 break
         else:
             continue
-        colour = rng.uniform(140, 255, 3) if cfg.colour == "colour" else np.full(3, rng.uniform(140, 255))
-        region = canvas[top:top + side, left:left + side]
-        canvas[top:top + side, left:left + side] = region * (1 - glyph[..., None]) + colour * glyph[..., None]
+        _paste(canvas, glyph, top, left, _digit_colour(rng, cfg))
         mask[top:top + side, left:left + side][glyph > 0.5] = cfg.digits.index(int(cls)) + 1
         occupied[top:top + side, left:left + side] = True
         placed.append(int(cls))
-    return canvas.astype(np.uint8), mask, placed
+    return Scene(canvas.astype(np.uint8), mask, placed)
 
 
 def make_demo_dataset(root: str | Path, cfg: DemoDataConfig | None = None) -> DemoDataset:
     """Write images, masks and ``train.jsonl`` / ``val.jsonl`` manifests under ``root``."""
     cfg = cfg or DemoDataConfig()
+    return write_scenes(root, cfg, lambda rng, images, by_class: _scene(rng, images, by_class, cfg))
+
+
+def write_scenes(root: str | Path, cfg: DemoDataConfig, scene: SceneMaker) -> DemoDataset:
+    """Draw ``cfg.n_train`` + ``cfg.n_val`` scenes with ``scene`` and write their images, masks,
+    extra layers (``root/<layer>/<id>.png``) and manifests under ``root``: one writer for every scene
+    recipe, so that each draws its digits the same way."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)
@@ -138,11 +177,14 @@ def make_demo_dataset(root: str | Path, cfg: DemoDataConfig | None = None) -> De
         by_class = {d: idx[labels[idx] == d] for d in cfg.digits}
         records = []
         for k in range(count):
-            img, mask, placed = _scene(rng, images, by_class, cfg)
+            drawn = scene(rng, images, by_class)
             image_id = f"{split}_{k:05d}"
-            Image.fromarray(img).save(root / "images" / f"{image_id}.png")
-            (root / "masks" / f"{image_id}.png").write_bytes(label_png(mask))
-            names = sorted({DIGIT_CLASSES[c] for c in placed}, key=classes.index)
+            Image.fromarray(drawn.image).save(root / "images" / f"{image_id}.png")
+            (root / "masks" / f"{image_id}.png").write_bytes(label_png(drawn.mask))
+            for layer, values in drawn.layers.items():
+                (root / layer).mkdir(exist_ok=True)
+                (root / layer / f"{image_id}.png").write_bytes(label_png(values))
+            names = sorted({DIGIT_CLASSES[c] for c in drawn.placed}, key=classes.index)
             records.append(ManifestRecord(image_id, f"images/{image_id}.png", tuple(names),
                                           f"masks/{image_id}.png"))
         manifests[split] = Manifest(classes, records, str(root.resolve()))
