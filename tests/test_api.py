@@ -21,13 +21,14 @@ import pytest
 import redis
 from PIL import Image
 
-from contract.job_requests import JobItem
+from contract.job_requests import ImageJobSpec, JobItem, load_request, save_request
 from contract.job_status import progress
-from contract.tasks import ChunkPayload
+from contract.records import Records
 from contract.worker_reports import record_classifier
 from rib_core.config.rib_config import RibConfig
 from rib_core.config.stage_configs import RefineConfig
 from rib_core.data.demo_data import DemoDataset
+from rib_core.io.storage import LocalStorage
 from tests.api_inprocess import BUCKET, Api, inprocess_api
 from tests.test_service import API_KEY, MAX_PIXELS, MAX_UPLOAD, SMALL_RIB
 
@@ -203,11 +204,17 @@ def test_refinement_settings_travel_with_the_job(api: Api, demo: DemoDataset) ->
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "seed_threshold", r.text
 
 
-def test_a_chunk_payload_survives_the_broker() -> None:
-    payload = ChunkPayload(job_id="j", items=[JobItem("a", "s3://b/a.png", ("cat", "dog"))],
-                           rib=RibConfig(preset="coco", iterations=3), refine=RefineConfig(preset="coco"))
-    again = ChunkPayload.model_validate(json.loads(json.dumps(payload.model_dump(mode="json"))))
-    assert again == payload and again.items[0].labels == ("cat", "dog")
+def test_an_image_job_spec_survives_its_record(tmp_path: Path) -> None:
+    """A chunk task carries only the job id and its chunk: the worker reads the job's images and
+    settings back from its signed record."""
+    spec = ImageJobSpec("bulk", [JobItem("a", "s3://b/a.png", ("cat", "dog"))],
+                        RibConfig(preset="coco", iterations=3).model_dump(mode="json"),
+                        RefineConfig(preset="coco").model_dump(mode="json"), 8, "owner", None)
+    records = Records(LocalStorage(tmp_path), b"secret")
+    save_request(records, "j" * 32, spec)
+    again = ImageJobSpec.from_request(load_request(records, "j" * 32), records)
+    assert again == spec and again.items[0].labels == ("cat", "dog")
+    assert RibConfig.model_validate(again.rib) == RibConfig(preset="coco", iterations=3)
 
 
 def test_progress_reads_images_per_minute_and_the_time_to_go() -> None:
