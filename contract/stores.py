@@ -69,10 +69,11 @@ class RedisJobs:
         """Whether a process is rebuilding the job from storage right now (it is not in Redis yet)."""
         return bool(self._call(lambda: self.r.exists(self.key(job_id, "restoring")))) and not self.exists(job_id)
 
-    def claim(self, job_id: str, unit: str, token: str, lease_s: float) -> bool:
-        """Hold the lease of ``unit`` (a stage, or a chunk) for ``token``; False while another holds it."""
+    def claim(self, job_id: str, unit: str, token: str, lease_s: float, take_over: bool = False) -> bool:
+        """Hold the lease of ``unit`` (a stage, or a chunk) for ``token``; False while another holds it,
+        unless ``take_over`` (the broker redelivered the message: the holder is dead)."""
         key = self.key(job_id, f"lease:{unit}")
-        return bool(self._call(lambda: self.r.set(key, token, nx=True, px=int(lease_s * 1000)))) or \
+        return bool(self._call(lambda: self.r.set(key, token, nx=not take_over, px=int(lease_s * 1000)))) or \
             self._call(lambda: self.r.get(key)) == token
 
     def renew(self, job_id: str, unit: str, token: str, lease_s: float) -> None:

@@ -172,11 +172,11 @@ def test_bad_input_gets_a_4xx_and_never_reaches_a_worker(api: Api, demo: DemoDat
     assert 'rib_requests_rejected_total{status="422"}' in metrics and 'status="413"' in metrics
 
 
-def _queued_chunks(api: Api) -> list[dict[str, Any]]:
-    """The payloads waiting on the image queue (no worker consumes them here)."""
+def _queued_chunks(api: Api) -> list[list[Any]]:
+    """The arguments of the tasks waiting on the image queue (no worker consumes them here)."""
     broker = redis.Redis.from_url(f"{api.redis_url}/0")
     messages = [json.loads(raw) for raw in broker.lrange(api.settings.image_queue, 0, -1)]
-    return [json.loads(base64.b64decode(m["body"]))[0][0] for m in messages]  # Celery: body = [args, kwargs, ...]
+    return [json.loads(base64.b64decode(m["body"]))[0] for m in messages]  # Celery: body = [args, kwargs, ...]
 
 
 def test_refinement_settings_travel_with_the_job(api: Api, demo: DemoDataset) -> None:
@@ -190,9 +190,12 @@ def test_refinement_settings_travel_with_the_job(api: Api, demo: DemoDataset) ->
         # The service's default (RIB_REFINE_DEFAULTS) and the request's field, merged key by key.
         expected = RefineConfig.model_validate({"seed_threshold": 0.2, "crf": {"iterations": 3}})
         assert RefineConfig.model_validate(status["refine"]) == expected
-        payloads = [p for p in _queued_chunks(api) if p["job_id"] == r.json()["job_id"]]
-        assert len(payloads) == 1 and RefineConfig.model_validate(payloads[0]["refine"]) == expected
-        assert RibConfig.model_validate(payloads[0]["rib"]).iterations == SMALL_RIB["iterations"]
+        job_id = r.json()["job_id"]
+        assert [args for args in _queued_chunks(api) if args[0] == job_id] == [[job_id, 0]]  # one chunk
+        clients = api.client.app.state.clients  # type: ignore[attr-defined]
+        spec = clients.store.read_spec(job_id, Records(clients.storage, api.settings.signing_key()))
+        assert RefineConfig.model_validate(spec.refine) == expected  # what the worker reads back and runs
+        assert RibConfig.model_validate(spec.rib).iterations == SMALL_RIB["iterations"]
         for bad, message in (('{"crf": {"iterations": 0}}', "invalid refinement parameters"),
                              ('{"walk": {"preset": "ade"}}', "invalid refinement parameters"),
                              ("[1]", "refine must be a JSON object"), ("{x", "refine must be a JSON object")):

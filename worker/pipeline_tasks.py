@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 def deliver(task: Task, p: Pipelines, job_id: str, send: Send, body: Callable[[Any], None]) -> None:
     """Run ``body`` as the only live copy of ``send``'s unit, once its delivery is counted; then send
     what runs next. A copy delivered while another holds the lease is dropped (if that one dies, the
-    reaper sends the unit again); a delivery past the attempts budget fails the unit instead."""
+    reaper sends the unit again, or the broker redelivers a chunk of images); a delivery past the
+    attempts budget fails the unit instead."""
     store, settings = p.store, p.settings
     spec = p.ensure(job_id)
     if spec is None:
@@ -60,7 +61,11 @@ def deliver(task: Task, p: Pipelines, job_id: str, send: Send, body: Callable[[A
                     store.kind.name)
         return
     token = f"{task.request.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    if not store.claim(job_id, send.unit, token, settings.lease_s):
+    # A chunk of images the broker delivers again had its worker die (lost, past its time limit, or
+    # silent past the visibility timeout): it takes the dead delivery's lease over at once (its
+    # images done are skipped), as a stage waits for the lease to lapse.
+    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+    if not store.claim(job_id, send.unit, token, settings.lease_s, take_over=store.kind.per_image and redelivered):
         return
     attempts = settings.max_attempts if store.kind.per_image else settings.max_stage_attempts
     try:
