@@ -48,7 +48,7 @@ class ImageProgress(RedisJobs):
         self._mark_done = client.register_script(script("image_mark_done"))
         self._mark_failed = client.register_script(script("image_mark_failed"))
         self._give_up = client.register_script(script("image_give_up"))
-        self._skip = client.register_script(script("count_chunk", "image_cancel"))
+        self._settle = client.register_script(script("count_chunk", "image_settle"))
 
     def _image_keys(self, job_id: str) -> dict[str, str]:
         return {"job": self.key(job_id), **{n: self.key(job_id, n) for n in _PARTS}}
@@ -113,17 +113,23 @@ class ImageProgress(RedisJobs):
         return f"{noted or LOST_REASON} after {attempts} attempts"
 
     # ---------------------------------------------------------------- the job's end
-    def skip_images(self, job_id: str, stage: str) -> bool:
-        """A cancel: every image not started is skipped, every chunk with no image running counted;
-        True when that completed ``stage`` (``image_cancel.lua``)."""
+    def settle(self, job_id: str, stage: str, cancel: bool = False) -> bool:
+        """Count every chunk whose images are all accounted for (after a ``cancel`` skipped those not
+        started); True when that completed ``stage`` (``image_settle.lua``)."""
         k = self._image_keys(job_id)
         size, chunks = self._call(lambda: self.r.hmget(k["job"], ["chunk_size", "chunks"]))
         if size is None:
             return False
         keys = [k["job"], self.key(job_id, "units"), k["order"], k["running"], k["done"], k["failed"], k["skipped"],
                 STATS_KEY]
-        _, completed = self._call(lambda: self._skip(keys=keys, args=[stage, size, chunks, time.time()]))
+        args = [stage, size, chunks, time.time(), "1" if cancel else "0"]
+        _, completed = self._call(lambda: self._settle(keys=keys, args=args))
         return bool(completed)
+
+    def accounted(self, job_id: str) -> bool:
+        """Whether every image of the job is done, failed or skipped."""
+        counts = self.image_status(job_id, max_errors=0)["counts"]
+        return counts["queued"] == counts["running"] == 0
 
     def restore_images(self, job_id: str, storage: Storage) -> None:
         """A job rebuilt from its record: images whose files are all in storage (``meta.json``) are

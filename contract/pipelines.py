@@ -177,6 +177,8 @@ class PipelineStore(ImageProgress):
             storage.put(self.kind.folder(job_id, chunk_marker(send.stage, send.chunk or 0)),
                         json.dumps({"failures": failures}).encode(), "application/json")
         counted = self.chunk_done(job_id, send, failures, len(spec.chunks))
+        if counted == 0 and self.kind.per_image and self.accounted(job_id):
+            counted = int(self.settle(job_id, send.stage))  # another chunk's worker died after its last image
         if counted == 1:
             self._complete(job_id, send.stage, storage)
         return counted
@@ -215,7 +217,7 @@ class PipelineStore(ImageProgress):
             self._end_stages(job_id, ("pending",), "cancelled")
             return
         for stage in stages:  # an image job's one stage
-            if self.skip_images(job_id, stage):  # nothing was running: the cancel accounted for every image
+            if self.settle(job_id, stage, cancel=True):  # nothing was running: the cancel accounted for every image
                 self._complete(job_id, stage, storage)
                 self._ended(job_id)
 

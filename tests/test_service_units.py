@@ -97,8 +97,9 @@ def test_cancel_skips_only_images_not_started(store: PipelineStore, tmp_path: Pa
     status = store.status(job_id)
     assert status["state"] == "cancelled"
     assert status["counts"] == {"running": 0, "done": 2, "failed": 0, "skipped": 2, "queued": 0}
-    assert store.count_chunk(job_id, spec, Send("images", 1), {}, storage) == 0  # counted by the cancel
+    assert not storage.exists(index_key(job_id))  # img0's chunk has not counted itself yet
     assert store.count_chunk(job_id, spec, Send("images", 0), {}, storage) == 1  # img0's chunk ends the job
+    assert store.count_chunk(job_id, spec, Send("images", 1), {}, storage) == 0  # counted by the cancel
     assert json.loads(storage.get(index_key(job_id)))["state"] == "cancelled"
     store.cancel(job_id, storage)  # idempotent
     assert store.status(job_id)["counts"] == status["counts"]
@@ -118,6 +119,19 @@ def test_a_cancel_with_nothing_running_ends_the_job_itself(store: PipelineStore,
         "running": 0, "done": 1, "failed": 0, "skipped": 4, "queued": 0}
     assert store.advance(job_id, spec, 60) == []  # terminal: nothing more is sent
     assert job_id not in store.r.smembers(IMAGE.active_key)
+
+
+def test_the_job_ends_with_its_last_image_though_a_chunk_died_uncounted(store: PipelineStore, tmp_path: Path) -> None:
+    job_id, spec = job(store, 6, chunk_size=2)  # chunks [img0, img1], [img2, img3], [img4, img5]
+    storage = LocalStorage(tmp_path)
+    for n in range(6):
+        assert store.begin(job_id, f"img{n}") == "run"
+        store.mark_done(job_id, f"img{n}", ["meta.json"], 1.0)
+        if n == 3:  # chunk 0's worker died after its last image, before counting it
+            assert store.count_chunk(job_id, spec, Send("images", 1), {}, storage) == 0
+    assert store.count_chunk(job_id, spec, Send("images", 2), {}, storage) == 1  # it counts chunk 0 too
+    assert json.loads(storage.get(index_key(job_id)))["state"] == "done"
+    assert store.count_chunk(job_id, spec, Send("images", 0), {}, storage) == 0  # its redelivery: nothing more
 
 
 def test_all_failed_is_a_failed_job(store: PipelineStore) -> None:
