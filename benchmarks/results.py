@@ -158,8 +158,9 @@ def submit_lines(result: dict[str, Any] | None) -> str:
     largest = max(r["images"] for r in result["rows"])
     rows = [r for r in result["rows"] if r["images"] == largest]
     return (f"Submit latency of {largest:,}-image jobs, from the request to the 202 "
-            f"(`benchmarks/bench_submit.py`, median of {result['repeats']}; the chunk messages follow from a "
-            f"task): " + "; ".join(f"{r['kind']} {r['median_s']:.2f} s" for r in rows) + ". " + provenance(result)
+            f"(`benchmarks/bench_submit.py`, median of {result['repeats']}; the job's other chunk "
+            f"messages follow from the workers): "
+            + "; ".join(f"{r['kind']} {r['median_s']:.2f} s" for r in rows) + ". " + provenance(result)
             + f" Load average at the end: {result.get('load_average_1m_end')}.")
 
 

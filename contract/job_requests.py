@@ -1,6 +1,7 @@
-"""What an image job was asked, as the service keeps it: its images (:class:`JobItem`) and its
-signed ``request.json`` (with, for a job from a manifest, that manifest's bytes frozen beside it),
-from which a job Redis lost is rebuilt."""
+"""What an image job was asked, as the service keeps it: its images (:class:`JobItem`), its plan
+(:class:`ImageJobSpec`: a staged job of one chunked stage, ``images``) and its signed
+``request.json`` (with, for a job from a manifest, that manifest's bytes frozen beside it), from
+which a job Redis lost is rebuilt."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from contract.records import Records
+from contract.stages import STAGES, Stage
 from rib_core.data.datasets import parse_manifest
 from rib_core.io.artifacts import job_manifest_key, request_key
 
@@ -43,19 +45,56 @@ class SubmittedManifest:
         return [JobItem(r.id, manifest.image_uri(r), r.labels) for r in manifest.records]
 
 
-def save_request(records: Records, job_id: str, kind: str, items: Sequence[JobItem], rib: dict[str, Any],
-                 owner: str = "", refine: dict[str, Any] | None = None, callback_url: str | None = None,
-                 manifest: SubmittedManifest | None = None) -> None:
+@dataclass(frozen=True)
+class ImageJobSpec:
+    """What an image job runs (a :class:`contract.job_kinds.JobPlan`): its images, in chunks of
+    ``chunk_size`` (one message each), with its RIB and refinement settings (as JSON). ``kind``:
+    ``upload`` or ``bulk``."""
+
+    kind: str
+    items: Sequence[JobItem]
+    rib: dict[str, Any]
+    refine: dict[str, Any]
+    chunk_size: int
+    owner: str = ""
+    callback_url: str | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.items)
+
+    @property
+    def chunks(self) -> list[list[str]]:
+        return [[it.id for it in self.chunk_items(n)] for n in range(-(-self.total // self.chunk_size))]
+
+    def chunk_items(self, chunk: int) -> Sequence[JobItem]:
+        return self.items[chunk * self.chunk_size:(chunk + 1) * self.chunk_size]
+
+    def stages(self) -> list[Stage]:
+        return [s.name for s in STAGES if s.job == "image"]
+
+    def skipped(self) -> list[Stage]:
+        return []
+
+    @classmethod
+    def from_request(cls, request: dict[str, Any], records: Records) -> ImageJobSpec:
+        """The spec a kept ``request.json`` describes (its items read back: :func:`request_items`)."""
+        return cls(request["kind"], request_items(records, request), request["rib"], request.get("refine") or {},
+                   request["chunk_size"], request.get("owner", ""), request.get("callback_url"))
+
+
+def save_request(records: Records, job_id: str, spec: ImageJobSpec, manifest: SubmittedManifest | None = None,
+                 ) -> None:
     """Keep what a job was asked to do (and whose it is) next to its results, signed, so that a job
     Redis lost can be rebuilt (and only from a record the service wrote).
 
     A job from a ``manifest`` keeps that manifest's bytes frozen beside the record (its digest signed
     in it) instead of its items re-encoded: one write of bytes already in hand, which is most of what
     recording a 100,000-image job cost; :func:`request_items` reads them back either way."""
-    body = {"job_id": job_id, "kind": kind, "owner": owner, "rib": rib, "refine": refine or {},
-            "callback_url": callback_url}
+    body = {"job_id": job_id, "kind": spec.kind, "owner": spec.owner, "rib": spec.rib, "refine": spec.refine,
+            "callback_url": spec.callback_url, "chunk_size": spec.chunk_size}
     if manifest is None:
-        body["items"] = [it.to_json() for it in items]
+        body["items"] = [it.to_json() for it in spec.items]
     else:
         key = job_manifest_key(job_id)
         body["manifest"] = {"key": key, "sha256": records.put_frozen(key, manifest.text.encode()),

@@ -1,5 +1,5 @@
-"""An image job's status as the API shows it, from the counts its store reads: the state, the timing,
-the rate and the errors (a sample)."""
+"""A job's status as the API shows it, from what its store reads: an image job's from its images'
+counts (the state, the timing, the rate and the errors, a sample), a staged job's from its stages'."""
 
 from __future__ import annotations
 
@@ -58,3 +58,44 @@ def status_body(job_id: str, job: dict[str, str], counts: dict[str, int], errors
         "rib": json.loads(job["rib"]),
         "refine": json.loads(job.get("refine") or "{}"),
     }
+
+
+def pipeline_state(stages: dict[str, dict[str, Any]], cancelled: bool) -> str:
+    """The job's state from its stages': failed or cancelled once any stage is, done once all are
+    done (or skipped), cancelling while a cancelled job still runs a stage."""
+    states = [s["state"] for s in stages.values()]
+    if "failed" in states:
+        return "failed"
+    if cancelled:
+        return "cancelling" if "running" in states else "cancelled"
+    if all(s in ("done", "skipped") for s in states):
+        return "done"
+    return "running" if any(s != "pending" for s in states) else "queued"
+
+
+def staged_body(job_id: str, raw: dict[str, str], failures: dict[str, str], chunked: str | None) -> dict[str, Any]:
+    """The status of a staged job whose hash is ``raw``: each stage's state, times, progress, report and
+    error; ``chunked``: its stage run in chunks (if any), whose progress counts them, and
+    ``failures`` that stage's images without a result."""
+    now = time.time()
+    stages: dict[str, dict[str, Any]] = {}
+    for stage in json.loads(raw["stages"]):
+        started, finished = raw.get(f"{stage}.started"), raw.get(f"{stage}.finished")
+        stages[stage] = {
+            "state": raw.get(f"{stage}.state", "pending"),
+            "started_at": float(started) if started else None,
+            "finished_at": float(finished) if finished else None,
+            "seconds": round((float(finished) if finished else now) - float(started), 1) if started else None,
+            "progress": json.loads(raw[f"{stage}.progress"]) if f"{stage}.progress" in raw else None,
+            "report": json.loads(raw[f"{stage}.report"]) if f"{stage}.report" in raw else None,
+            "error": raw.get(f"{stage}.error"),
+        }
+    if chunked is not None:
+        stages[chunked]["progress"] = {"chunks_done": int(raw.get("chunks_done", 0)), "chunks": int(raw["chunks"]),
+                                       "images_failed": len(failures)}
+        if failures:
+            stages[chunked]["error"] = stages[chunked]["error"] or "; ".join(
+                f"{k}: {v}" for k, v in sorted(failures.items())[:10])
+    cancelled = raw.get("cancelled") == "1"
+    return {"job_id": job_id, "state": pipeline_state(stages, cancelled), "total": int(raw["total"]),
+            "created_at": float(raw["created_at"]), "cancelled": cancelled, "stages": stages}

@@ -74,11 +74,12 @@ class Settings(BaseSettings):
     chunk_time_limit_s: int = Field(1800, ge=1)    # hard limit of one chunk task; below the visibility timeout
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)   # job bookkeeping expires from Redis after this
     # delivery: every image ends done or failed, whatever happens to its worker, its chunk or Redis.
-    max_attempts: int = Field(3, ge=1)  # attempts per image (worker lost, time limit) before it fails with the reason
+    # deliveries of an image job's chunk (worker lost, time limit) before its images not done fail with the reason
+    max_attempts: int = Field(3, ge=1)
     # deliveries of one pipeline stage, map chunk or training job whose worker died (killed, out of
     # memory) before the stage fails with the reason: a message that kills workers is dead-lettered.
     max_stage_attempts: int = Field(3, ge=1, le=100)
-    lease_s: int = Field(300, ge=2)     # a running image without a heartbeat this long is handed out again
+    lease_s: int = Field(300, ge=2)  # a running unit (chunk, stage) whose lease is not renewed this long is sent again
     torch_threads: int | None = Field(None, ge=1)  # per worker; unset: OMP_NUM_THREADS, else cores / concurrency
     # Default RIB parameters of every request; a request overrides single fields.
     rib_defaults: RibConfig = Field(default_factory=RibConfig)

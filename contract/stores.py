@@ -1,4 +1,5 @@
-"""What every job store shares: job ids, owners, waiting out a Redis outage, and whether a job is known.
+"""What every job store shares: job ids, owners, waiting out a Redis outage, whether a job is known,
+and the leases that let one delivery of a unit (a stage, a chunk) run at a time.
 
 A job's record is a Redis hash, ``<prefix>:<id>``, with an ``owner`` field (:func:`owner_of` the
 API key that made it); its other keys are ``<prefix>:<id>:<part>``.
@@ -63,3 +64,24 @@ class RedisJobs:
             return bool(self._call(lambda: self.r.exists(self.key(job_id))))
         found = self._call(lambda: self.r.hget(self.key(job_id), "owner"))
         return found is not None and bool(owner) and hmac.compare_digest(found, owner)
+
+    def rebuilding(self, job_id: str) -> bool:
+        """Whether a process is rebuilding the job from storage right now (it is not in Redis yet)."""
+        return bool(self._call(lambda: self.r.exists(self.key(job_id, "restoring")))) and not self.exists(job_id)
+
+    def claim(self, job_id: str, unit: str, token: str, lease_s: float, take_over: bool = False) -> bool:
+        """Hold the lease of ``unit`` (a stage, or a chunk) for ``token``; False while another holds it,
+        unless ``take_over`` (the broker redelivered the message: the holder is dead)."""
+        key = self.key(job_id, f"lease:{unit}")
+        return bool(self._call(lambda: self.r.set(key, token, nx=not take_over, px=int(lease_s * 1000)))) or \
+            self._call(lambda: self.r.get(key)) == token
+
+    def renew(self, job_id: str, unit: str, token: str, lease_s: float) -> None:
+        key = self.key(job_id, f"lease:{unit}")
+        if self.r.get(key) == token:
+            self.r.pexpire(key, int(lease_s * 1000))
+
+    def release(self, job_id: str, unit: str, token: str) -> None:
+        key = self.key(job_id, f"lease:{unit}")
+        if self._call(lambda: self.r.get(key)) == token:
+            self._call(lambda: self.r.delete(key))

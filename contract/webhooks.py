@@ -1,10 +1,10 @@
 """Webhooks: a finished job's final state POSTed once to the ``callback_url`` its owner gave, signed
-and retried with backoff. Shared by every kind of job: image jobs call :func:`notify_finished` from
-:meth:`contract.jobs.JobStore.finalize`; pipeline and training jobs call it the same way, with
-their own ``kind``.
+and retried with backoff. Shared by every kind of job: the store calls :func:`notify_finished`
+once a job is terminal (:meth:`contract.pipelines.PipelineStore.advance`, or a cancel that
+accounts for an image job's last images), with the job's ``kind``.
 
-Delivery goes through an outbox in Redis, not a Celery task. A job is finalized by whichever
-process accounts for its last image (a worker, the reaper, or the API on a cancel), and each of
+Delivery goes through an outbox in Redis, not a Celery task. A job ends in whichever
+process accounts for its last unit (a worker, the reaper, or the API on a cancel), and each of
 them holds a Redis client but not necessarily a Celery app; an outbox entry is one atomic write
 next to the job's own state. The schedule lives in Redis too: the attempt count and the time the
 next attempt is due, so retries survive a worker restart (Celery retries with a countdown wait in

@@ -17,7 +17,7 @@ CLASSIFIER_KEY = "rib:model:classifier"  # what a worker read of its classifier 
 
 
 def stats(r: redis.Redis) -> dict[str, float]:
-    """The workers' counters (the image scripts of :mod:`contract.jobs` increment them)."""
+    """The workers' counters (the image scripts of :mod:`contract.image_jobs` increment them)."""
     return {key: float(v) for key, v in r.hgetall(STATS_KEY).items()}
 
 

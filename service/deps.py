@@ -1,4 +1,4 @@
-"""What the routes depend on, as FastAPI dependencies: settings, the job store, the results store,
+"""What the routes depend on, as FastAPI dependencies: settings, the job stores, the results store,
 the task queue, the broker, the model's class names and the caller's identity.
 
 :func:`service.main.create_app` builds the clients once (:class:`Clients`, in ``app.state``); each
@@ -18,8 +18,7 @@ from botocore.exceptions import BotoCoreError
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
 
-from contract.job_kinds import TRAINING
-from contract.jobs import JobStore
+from contract.job_kinds import IMAGE, TRAINING
 from contract.pipelines import PipelineStore
 from contract.records import Records
 from contract.settings import Settings
@@ -35,7 +34,7 @@ class Clients:
     """The API's clients, created once per app by its factory."""
 
     settings: Settings
-    store: JobStore
+    store: PipelineStore  # image jobs; the other kinds' stores share its Redis client
     storage: Storage
     broker: redis.Redis
     queue: TaskQueue
@@ -44,7 +43,8 @@ class Clients:
     @classmethod
     def connect(cls, settings: Settings) -> Clients:
         settings.export_s3_endpoint()
-        return cls(settings, JobStore.from_url(settings.state_redis_url, settings.job_ttl_s), settings.storage(),
+        return cls(settings, PipelineStore.from_url(settings.state_redis_url, settings.job_ttl_s, IMAGE),
+                   settings.storage(),
                    redis.Redis.from_url(settings.broker_url), TaskQueue(settings))
 
 
@@ -56,7 +56,7 @@ def app_settings(c: Annotated[Clients, Depends(clients)]) -> Settings:
     return c.settings
 
 
-def job_store(c: Annotated[Clients, Depends(clients)]) -> JobStore:
+def job_store(c: Annotated[Clients, Depends(clients)]) -> PipelineStore:
     return c.store
 
 
@@ -86,7 +86,7 @@ def model_classes(c: Annotated[Clients, Depends(clients)]) -> list[str]:
 
 
 SettingsDep = Annotated[Settings, Depends(app_settings)]
-StoreDep = Annotated[JobStore, Depends(job_store)]
+StoreDep = Annotated[PipelineStore, Depends(job_store)]
 
 
 def pipeline_store(store: StoreDep) -> PipelineStore:

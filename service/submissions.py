@@ -1,11 +1,12 @@
 """Recording, storing and queueing a job, and reading it back: the steps every job route shares.
 
-One submit policy for every kind of job: what a job was asked is stored (signed) before anything
-is queued, and a broker that refuses the job's messages cancels it (:func:`queued`: 503, resubmit
+One submit policy for every kind of job (all are staged jobs, one store's): what a job was asked
+is stored (signed) before anything is queued, its first units are sent by the store's one decision
+(:func:`send_next`), and a broker that refuses them cancels the job (:func:`queued`: 503, resubmit
 later). An image job is recorded in Redis first, then its request (and upload) stored: with Redis
 down nothing is stored, with storage down the job ends failed with the reason instead of waiting
-forever. A staged job (pipeline, training) is stored first (:func:`stored`: with storage down
-nothing is recorded or queued), then recorded and queued (:func:`submit_staged`).
+forever. A pipeline or training job is stored first (:func:`stored`: with storage down nothing is
+recorded or queued), then recorded and queued (:func:`submit_staged`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from contract.job_kinds import JobPlan
-from contract.job_requests import JobItem, SubmittedManifest, save_request
-from contract.jobs import JobStore
+from contract.job_requests import ImageJobSpec, JobItem, SubmittedManifest, save_request
 from contract.pipelines import PipelineStore
 from contract.records import Records
 from contract.settings import Settings
@@ -77,13 +77,16 @@ def submit_staged(job_id: str, spec: JobPlan, store: PipelineStore, records: Rec
 
 def find_staged(job_id: str, owner: str, store: PipelineStore, records: Records, queue: TaskQueue,
                 settings: Settings) -> None:
-    """Raise 404 unless ``job_id`` is the caller's staged job (of ``store``'s kind); a job Redis lost
-    is rebuilt from its signed record in storage first and what it needs next is sent. Another
-    key's job is as unknown as one that never was."""
-    unknown = HTTPException(404, f"no {store.kind.name} job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
+    """Raise 404 unless ``job_id`` is the caller's job (of ``store``'s kind); a job Redis lost is
+    rebuilt from its signed record in storage first (503 while another process rebuilds it) and
+    what it needs next is sent. Another key's job is as unknown as one that never was."""
+    what = "job" if store.kind.per_image else f"{store.kind.name} job"
+    unknown = HTTPException(404, f"no {what} {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
     if not store.exists(job_id):
         spec = store.restore(job_id, records)
         if spec is None or not store.exists(job_id):
+            if store.rebuilding(job_id):
+                raise HTTPException(503, f"job {job_id} is being rebuilt from storage; retry in a moment")
             raise unknown
         send_next(job_id, spec, store, queue, settings)
     if not store.exists(job_id, owner):
@@ -101,10 +104,10 @@ def accepted(job_id: str, **extra: Any) -> JSONResponse:
 
 @dataclass
 class Jobs:
-    """A request's view of the job store, the results store and the task queue."""
+    """A request's view of the image jobs' store, the results store and the task queue."""
 
     settings: Settings
-    store: JobStore
+    store: PipelineStore
     storage: Storage
     queue: TaskQueue
 
@@ -112,17 +115,15 @@ class Jobs:
     def records(self) -> Records:
         return Records(self.storage, self.settings.signing_key())
 
-    def record(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, refine: RefineConfig,
-               owner: str, callback_url: str | None = None, manifest: SubmittedManifest | None = None) -> None:
+    def record(self, job_id: str, spec: ImageJobSpec, manifest: SubmittedManifest | None = None) -> None:
         """Record the job in Redis, then keep the request (and the ``manifest`` its items came from) in
         storage, so that a job Redis loses can be rebuilt from it; with storage down the job ends
         failed (:meth:`fail_unstored`)."""
-        rib_json, refine_json = rib.model_dump(mode="json"), refine.model_dump(mode="json")
-        self.store.create(job_id, kind, items, rib_json, owner, refine_json, callback_url)
+        self.store.create(job_id, spec)
         try:
-            save_request(self.records, job_id, kind, items, rib_json, owner, refine_json, callback_url, manifest)
+            save_request(self.records, job_id, spec, manifest)
         except STORAGE_ERRORS as e:
-            self.fail_unstored(job_id, [it.id for it in items], e)
+            self.fail_unstored(job_id, [it.id for it in spec.items], e)
 
     def fail_unstored(self, job_id: str, image_ids: Sequence[str], error: Exception) -> None:
         """Storage refused a recorded job's input: its images end failed with the reason (a terminal
@@ -132,24 +133,23 @@ class Jobs:
         raise HTTPException(503, f"the results store is unreachable ({type(error).__name__}); job {job_id} "
                                  "is marked failed, submit it again later") from error
 
-    def queue_job(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig,
-                  refine: RefineConfig) -> None:
-        """Queue a recorded job in chunks; a broker failure cancels the job instead of half-queueing it."""
-        queued(lambda: self.queue.send_job(job_id, items, rib, refine), lambda: self.store.cancel(job_id))
-        SUBMITTED.labels(kind).inc(len(items))
-
     def submit(self, job_id: str, kind: str, items: Sequence[JobItem], rib: RibConfig, refine: RefineConfig,
                owner: str, callback_url: str | None = None, uploads: Mapping[str, bytes] | None = None,
                manifest: SubmittedManifest | None = None) -> None:
         """Record the job first, then store its uploaded images (``uploads``: image id -> bytes, for the
-        items made by :meth:`upload_item`), then queue it. ``manifest``: what the items were read from."""
-        self.record(job_id, kind, items, rib, refine, owner, callback_url, manifest)
+        items made by :meth:`upload_item`), then send its first chunks (a broker failure cancels the
+        job instead of half-queueing it). ``manifest``: what the items were read from."""
+        spec = ImageJobSpec(kind, items, rib.model_dump(mode="json"), refine.model_dump(mode="json"),
+                            self.settings.chunk_size, owner, callback_url)
+        self.record(job_id, spec, manifest)
         for image_id, data in (uploads or {}).items():
             try:
                 self.storage.put(upload_key(job_id, image_id), data)  # opaque bytes, whatever type was claimed
             except STORAGE_ERRORS as e:
                 self.fail_unstored(job_id, [it.id for it in items], e)
-        self.queue_job(job_id, kind, items, rib, refine)
+        queued(lambda: send_next(job_id, spec, self.store, self.queue, self.settings),
+               lambda: self.store.cancel(job_id, self.storage))
+        SUBMITTED.labels(kind).inc(len(items))
 
     def upload_item(self, job_id: str, image_id: str, labels: tuple[str, ...]) -> JobItem:
         """The item of an image the API stores itself (:meth:`submit`'s ``uploads``)."""
@@ -177,20 +177,9 @@ class Jobs:
             delay = min(1.0, delay * 1.5)
 
     def find(self, job_id: str, owner: str) -> None:
-        """Raise 404 unless the job is in Redis and belongs to ``owner``. A job Redis lost but storage
-        still holds is rebuilt first (its finished images from their files, the rest queued again).
-        Another key's job is as unknown as one that never was: 404 either way."""
-        unknown = HTTPException(404, f"no job {job_id!r} (unknown, or expired after RIB_JOB_TTL_S)")
-        if not self.store.exists(job_id):
-            todo = self.store.restore(job_id, self.records)
-            if todo is None:
-                raise unknown
-            if not self.store.exists(job_id):
-                raise HTTPException(503, f"job {job_id} is being rebuilt from storage; retry in a moment")
-            self.queue.send_fan_out(job_id)  # the images not done, from a worker
-            self.store.finalize(job_id, self.storage)
-        if not self.store.exists(job_id, owner):
-            raise unknown
+        """Raise 404 unless the job is the caller's (:func:`find_staged`: a job Redis lost but storage
+        still holds is rebuilt first, its finished images from their files, the rest queued again)."""
+        find_staged(job_id, owner, self.store, self.records, self.queue, self.settings)
 
     def link(self, key: str) -> dict[str, str]:
         return {"key": key, "uri": self.storage.uri(key),

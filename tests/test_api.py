@@ -21,13 +21,14 @@ import pytest
 import redis
 from PIL import Image
 
-from contract.job_requests import JobItem
+from contract.job_requests import ImageJobSpec, JobItem, load_request, save_request
 from contract.job_status import progress
-from contract.tasks import ChunkPayload
+from contract.records import Records
 from contract.worker_reports import record_classifier
 from rib_core.config.rib_config import RibConfig
 from rib_core.config.stage_configs import RefineConfig
 from rib_core.data.demo_data import DemoDataset
+from rib_core.io.storage import LocalStorage
 from tests.api_inprocess import BUCKET, Api, inprocess_api
 from tests.test_service import API_KEY, MAX_PIXELS, MAX_UPLOAD, SMALL_RIB
 
@@ -171,11 +172,11 @@ def test_bad_input_gets_a_4xx_and_never_reaches_a_worker(api: Api, demo: DemoDat
     assert 'rib_requests_rejected_total{status="422"}' in metrics and 'status="413"' in metrics
 
 
-def _queued_chunks(api: Api) -> list[dict[str, Any]]:
-    """The payloads waiting on the image queue (no worker consumes them here)."""
+def _queued_chunks(api: Api) -> list[list[Any]]:
+    """The arguments of the tasks waiting on the image queue (no worker consumes them here)."""
     broker = redis.Redis.from_url(f"{api.redis_url}/0")
     messages = [json.loads(raw) for raw in broker.lrange(api.settings.image_queue, 0, -1)]
-    return [json.loads(base64.b64decode(m["body"]))[0][0] for m in messages]  # Celery: body = [args, kwargs, ...]
+    return [json.loads(base64.b64decode(m["body"]))[0] for m in messages]  # Celery: body = [args, kwargs, ...]
 
 
 def test_refinement_settings_travel_with_the_job(api: Api, demo: DemoDataset) -> None:
@@ -189,9 +190,12 @@ def test_refinement_settings_travel_with_the_job(api: Api, demo: DemoDataset) ->
         # The service's default (RIB_REFINE_DEFAULTS) and the request's field, merged key by key.
         expected = RefineConfig.model_validate({"seed_threshold": 0.2, "crf": {"iterations": 3}})
         assert RefineConfig.model_validate(status["refine"]) == expected
-        payloads = [p for p in _queued_chunks(api) if p["job_id"] == r.json()["job_id"]]
-        assert len(payloads) == 1 and RefineConfig.model_validate(payloads[0]["refine"]) == expected
-        assert RibConfig.model_validate(payloads[0]["rib"]).iterations == SMALL_RIB["iterations"]
+        job_id = r.json()["job_id"]
+        assert [args for args in _queued_chunks(api) if args[0] == job_id] == [[job_id, 0]]  # one chunk
+        clients = api.client.app.state.clients  # type: ignore[attr-defined]
+        spec = clients.store.read_spec(job_id, Records(clients.storage, api.settings.signing_key()))
+        assert RefineConfig.model_validate(spec.refine) == expected  # what the worker reads back and runs
+        assert RibConfig.model_validate(spec.rib).iterations == SMALL_RIB["iterations"]
         for bad, message in (('{"crf": {"iterations": 0}}', "invalid refinement parameters"),
                              ('{"walk": {"preset": "ade"}}', "invalid refinement parameters"),
                              ("[1]", "refine must be a JSON object"), ("{x", "refine must be a JSON object")):
@@ -203,11 +207,17 @@ def test_refinement_settings_travel_with_the_job(api: Api, demo: DemoDataset) ->
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "seed_threshold", r.text
 
 
-def test_a_chunk_payload_survives_the_broker() -> None:
-    payload = ChunkPayload(job_id="j", items=[JobItem("a", "s3://b/a.png", ("cat", "dog"))],
-                           rib=RibConfig(preset="coco", iterations=3), refine=RefineConfig(preset="coco"))
-    again = ChunkPayload.model_validate(json.loads(json.dumps(payload.model_dump(mode="json"))))
-    assert again == payload and again.items[0].labels == ("cat", "dog")
+def test_an_image_job_spec_survives_its_record(tmp_path: Path) -> None:
+    """A chunk task carries only the job id and its chunk: the worker reads the job's images and
+    settings back from its signed record."""
+    spec = ImageJobSpec("bulk", [JobItem("a", "s3://b/a.png", ("cat", "dog"))],
+                        RibConfig(preset="coco", iterations=3).model_dump(mode="json"),
+                        RefineConfig(preset="coco").model_dump(mode="json"), 8, "owner", None)
+    records = Records(LocalStorage(tmp_path), b"secret")
+    save_request(records, "j" * 32, spec)
+    again = ImageJobSpec.from_request(load_request(records, "j" * 32), records)
+    assert again == spec and again.items[0].labels == ("cat", "dog")
+    assert RibConfig.model_validate(again.rib) == RibConfig(preset="coco", iterations=3)
 
 
 def test_progress_reads_images_per_minute_and_the_time_to_go() -> None:

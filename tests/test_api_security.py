@@ -26,7 +26,8 @@ import redis
 import torch
 from PIL import Image
 
-from contract.jobs import JobStore
+from contract.job_kinds import IMAGE
+from contract.pipelines import PipelineStore
 from contract.settings import Settings
 from rib_core.config.network_configs import DeepLabTrainConfig
 from rib_core.data.datasets import Manifest, ManifestRecord
@@ -155,7 +156,8 @@ def test_upload_is_stored_only_once_its_job_is_recorded(api: Api) -> None:
         return [key for key in api.objects("results/jobs/") if "/uploads/" in key]
 
     before = uploads()
-    with api.override(job_store, JobStore.from_url(f"redis://127.0.0.1:{free_port()}/0")):  # nothing listens
+    nowhere = PipelineStore.from_url(f"redis://127.0.0.1:{free_port()}/0", kind=IMAGE)  # nothing listens
+    with api.override(job_store, nowhere):
         r = upload(api)
     assert r.status_code == 503 and "job store is unavailable" in r.json()["detail"], r.text
     assert uploads() == before  # no orphan
@@ -271,7 +273,8 @@ def test_readyz_times_out_and_hides_internals_without_a_key(api: Api) -> None:
     silent.bind(("127.0.0.1", 0))
     silent.listen()
     try:
-        with (api.override(job_store, JobStore.from_url(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")),
+        mute = PipelineStore.from_url(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", kind=IMAGE)
+        with (api.override(job_store, mute),
               api.override(broker, redis.Redis(port=free_port()))):  # nothing listens
             anonymous = api.client.get("/readyz")
             detailed = api.client.get("/readyz", headers={"X-API-Key": API_KEY})

@@ -4,7 +4,7 @@ app under uvicorn for the ``rib-remote``/``rib remote`` command line; and the fu
 a Celery worker running RIB) for an upload and a bulk job end to end, with their export downloaded.
 
 In the in-process tests no worker runs: images are moved through the job store's own calls (the
-ones a worker makes: begin, mark_done, mark_failed, finalize), so the client sees a job progress.
+ones a worker makes: begin, mark_done, mark_failed, count_chunk), so the client sees a job progress.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from contract.jobs import JobStore
+from contract.pipelines import PipelineStore
+from contract.records import Records
+from contract.stages import Send
 from rib_client import ApiError, RibClient, WaitTimeoutError
 from rib_client.client import download
 from rib_client.progress import describe, duration
@@ -47,7 +49,7 @@ def client(api: Api) -> RibClient:
     return RibClient(api_key=API_KEY, http=api.client)
 
 
-def store(api: Api) -> JobStore:
+def store(api: Api) -> PipelineStore:
     return api.client.app.state.clients.store  # type: ignore[attr-defined]
 
 
@@ -125,7 +127,8 @@ def test_wait_draws_progress_and_results_page_through(api: Api, client: RibClien
     for image_id in ("im3", "im4"):
         assert jobs.begin(job.job_id, image_id) == "run"
         jobs.mark_done(job.job_id, image_id, FILES, 2.0)
-    assert jobs.finalize(job.job_id, client_storage(api))
+    spec = jobs.read_spec(job.job_id, Records(client_storage(api), api.settings.signing_key()))
+    assert jobs.count_chunk(job.job_id, spec, Send("images", 0), {}, client_storage(api)) == 1  # the job's end
     done = client.wait(job.job_id, progress=shown, interval=0.01)
     assert done.finished and done.state == "done" and (done.counts.done, done.counts.failed) == (4, 1)
     assert shown.getvalue().splitlines()[-1].startswith(f"job {job.job_id[:8]} [{'#' * 24}] 5/5, 1 failed, done")

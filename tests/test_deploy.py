@@ -219,7 +219,7 @@ def test_worker_commands_name_real_queues_tasks_and_options(tmp_path):
         for option in (arg for arg in cmd if arg.startswith("-")):
             assert option in help_text, (name, option)
     # The Celery app the containers name loads and registers the tasks the API sends.
-    check = ("from worker.celery_app import app; from contract.tasks import PROCESS_CHUNK, TRAINING_JOB; "
+    check = ("from worker.celery_app import app; from contract.stages import PROCESS_CHUNK, TRAINING_JOB; "
              "app.loader.import_default_modules(); "
              "assert PROCESS_CHUNK in app.tasks and TRAINING_JOB in app.tasks")
     subprocess.run([sys.executable, "-c", check], check=True, env=env, cwd=ROOT, timeout=120)

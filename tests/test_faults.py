@@ -26,9 +26,11 @@ import pytest
 import redis
 import torch
 
-from contract.job_requests import JobItem, SubmittedManifest, load_request, request_items, save_request
-from contract.jobs import ACTIVE_KEY, JobStore
+from contract.job_kinds import IMAGE
+from contract.job_requests import ImageJobSpec, JobItem, SubmittedManifest, load_request, request_items, save_request
+from contract.pipelines import PipelineStore
 from contract.records import Records, UntrustedRecordError
+from contract.stages import Send
 from rib_core.io.artifacts import MARKER, image_key, job_manifest_key, request_key
 from rib_core.io.storage import LocalStorage
 from rib_core.runtime.threads import available_cores, torch_threads
@@ -50,99 +52,118 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobStore]:
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineStore]:
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield JobStore.from_url(f"{url}/0", ttl_s=600)
+        yield PipelineStore.from_url(f"{url}/0", ttl_s=600, kind=IMAGE)
 
 
-def new_job(store: JobStore, n: int) -> tuple[str, list[JobItem]]:
+def image_spec(items: list[JobItem], chunk_size: int = 2) -> ImageJobSpec:
+    return ImageJobSpec("bulk", items, {"iterations": 2}, {}, chunk_size)
+
+
+def new_job(store: PipelineStore, n: int) -> tuple[str, ImageJobSpec]:
     job_id = os.urandom(16).hex()
-    items = [JobItem(f"img{i}", f"s3://b/img{i}.png", ("cat",)) for i in range(n)]
-    store.create(job_id, "bulk", items, {"iterations": 2})
-    return job_id, items
+    spec = image_spec([JobItem(f"img{i}", f"s3://b/img{i}.png", ("cat",)) for i in range(n)])
+    store.create(job_id, spec)
+    return job_id, spec
 
 
-def forget(store: JobStore, job_id: str) -> None:
+def forget(store: PipelineStore, job_id: str) -> None:
     """What a Redis restart without persistence (or an eviction) does to a job."""
     store.r.delete(*store.r.keys(f"rib:job:{job_id}*"))
 
 
-def test_a_worker_finishing_after_redis_lost_the_job_recreates_nothing(store: JobStore) -> None:
+def test_a_worker_finishing_after_redis_lost_the_job_recreates_nothing(store: PipelineStore) -> None:
     job_id, _ = new_job(store, 2)
     assert store.begin(job_id, "img0") == "run" and store.begin(job_id, "img1") == "run"
     forget(store, job_id)
     assert store.mark_done(job_id, "img0", ["meta.json"], 1.0) is False
     assert store.mark_failed(job_id, "img1", "boom") is False
+    assert store.give_up(job_id, ["img1"], "lost", 3) == 0
+    assert store.chunk_done(job_id, Send("images", 0), {}, 1) == -1
     assert not store.exists(job_id) and store.r.keys(f"rib:job:{job_id}*") == []
     assert store.begin(job_id, "img0") == "missing"
 
 
-def test_a_failure_never_overrides_a_success(store: JobStore) -> None:
+def test_a_failure_never_overrides_a_success(store: PipelineStore) -> None:
     job_id, _ = new_job(store, 1)
     store.begin(job_id, "img0")
     store.mark_done(job_id, "img0", ["meta.json"], 1.0)
     assert store.mark_failed(job_id, "img0", "a late duplicate failed") is False
+    assert store.give_up(job_id, ["img0"], "its chunk died", 3) == 0
     assert store.status(job_id)["counts"] == {"running": 0, "done": 1, "failed": 0, "skipped": 0, "queued": 0}
 
 
-def test_an_image_whose_attempts_all_died_fails_with_the_reason(store: JobStore) -> None:
-    job_id, _ = new_job(store, 2)
-    for _ in range(2):  # two attempts, each killed at its hard time limit
-        assert store.begin(job_id, "img0", max_attempts=2) == "run"
-        store.note_lost(job_id, ["img0", "img1"], "exceeded the chunk time limit (RIB_CHUNK_TIME_LIMIT_S=9 s)")
-    assert store.begin(job_id, "img0", max_attempts=2) == "failed"
-    assert store.begin(job_id, "img1", max_attempts=2) == "run"  # never started: not charged
-    store.mark_done(job_id, "img1", ["meta.json"], 1.0)
+def test_a_chunk_whose_deliveries_all_died_fails_its_images_with_the_reason(store: PipelineStore) -> None:
+    job_id, _ = new_job(store, 3)  # chunks [img0, img1] and [img2]
+    send = Send("images", 0)
+    assert store.begin(job_id, "img2") == "run"
+    store.mark_done(job_id, "img2", ["meta.json"], 1.0)
+    for _ in range(2):  # two deliveries, each killed at its hard time limit while on img0
+        assert store.start(job_id, send, max_attempts=2) == "run"
+        assert store.begin(job_id, "img0") == "run"
+        store.note_lost(job_id, send, "exceeded the chunk time limit (RIB_CHUNK_TIME_LIMIT_S=9 s)")
+    assert store.start(job_id, send, max_attempts=2) == "dead"  # the third is dead-lettered
+    assert store.give_up(job_id, ["img0", "img1"], store.lost_reason(job_id, send, 2), 2) == 2
     status = store.status(job_id)
-    assert status["state"] == "done" and status["counts"]["failed"] == 1
-    assert status["errors"] == [{"id": "img0", "error": "exceeded the chunk time limit "
-                                                         "(RIB_CHUNK_TIME_LIMIT_S=9 s) after 2 attempts"}]
+    assert status["state"] == "done" and status["counts"]["failed"] == 2 and status["counts"]["running"] == 0
+    reason = "exceeded the chunk time limit (RIB_CHUNK_TIME_LIMIT_S=9 s) after 2 attempts"
+    assert status["errors"] == [{"id": "img0", "error": reason}, {"id": "img1", "error": reason}]
+    assert [i["attempts"] for i in store.items(job_id)] == [2, 2, 1]  # each charged the chunk's attempts
+    assert store.lost_reason(job_id, Send("images", 1), 3).startswith("its worker stopped before finishing it")
 
 
-def test_the_reaper_hands_out_stale_images_again_then_fails_them(store: JobStore) -> None:
-    job_id, items = new_job(store, 3)
-    assert store.begin(job_id, "img0") == "run" and store.begin(job_id, "img1") == "run"
-    assert job_id in store.r.smembers(ACTIVE_KEY)
-    time.sleep(0.3)
-    store.heartbeat(job_id, ["img1"])  # img1's worker is alive, img0's is gone
-    assert store.reap(lease_s=0.2, max_attempts=2).get(job_id) == [items[0]]
-    assert store.items(job_id)[0]["status"] == "queued"  # until its new chunk starts
-    assert store.reap(lease_s=0.2, max_attempts=2).get(job_id, []) == []  # handed out once
-    time.sleep(0.3)
-    assert store.begin(job_id, "img0", max_attempts=2) == "run"  # its second attempt, lost as well
-    time.sleep(0.3)
-    store.heartbeat(job_id, ["img1"])
-    assert store.reap(lease_s=0.2, max_attempts=2)[job_id] == []  # failed, nothing to queue
+def test_the_reaper_sends_a_chunk_whose_worker_died_again_then_dead_letters_it(store: PipelineStore) -> None:
+    job_id, spec = new_job(store, 3)
+    assert job_id in store.r.smembers(IMAGE.active_key)
+    first, second = Send("images", 0), Send("images", 1)
+    assert store.advance(job_id, spec, dead_after_s=60) == [first, second]  # every chunk, once
+    assert store.advance(job_id, spec, dead_after_s=60) == []
+    assert store.claim(job_id, first.unit, "worker-a", lease_s=0.2)  # its worker dies: the lease runs out
+    assert store.claim(job_id, second.unit, "worker-b", lease_s=60)  # alive: never handed out again
+    for _ in range(2):
+        assert store.start(job_id, first, max_attempts=2) == "run" and store.start(job_id, second, 2) == "run"
+        assert store.begin(job_id, "img0") == "run"
+        assert store.advance(job_id, spec, dead_after_s=60) == []  # its lease still holds
+        time.sleep(0.3)
+        assert store.advance(job_id, spec, dead_after_s=60) == [first]  # sent again, once
+        assert store.advance(job_id, spec, dead_after_s=60) == []
+        assert store.items(job_id)[0]["status"] == "running"  # until its next delivery runs it
+        assert store.claim(job_id, first.unit, "worker-c", lease_s=0.2)
+    assert store.start(job_id, first, max_attempts=2) == "dead"
+    assert store.give_up(job_id, ["img0", "img1"], store.lost_reason(job_id, first, 2), 2) == 2
     assert store.items(job_id)[0]["status"] == "failed"
     assert "stopped before finishing it" in store.items(job_id)[0]["error"]
     assert "after 2 attempts" in store.items(job_id)[0]["error"]
-    assert store.items(job_id)[1]["status"] == "running"
+    assert store.items(job_id)[2]["status"] == "queued"
 
 
-def test_a_job_redis_lost_is_rebuilt_from_storage(store: JobStore, tmp_path: Path) -> None:
+def test_a_job_redis_lost_is_rebuilt_from_storage(store: PipelineStore, tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     records = Records(storage, b"the server's secret")
     job_id = os.urandom(16).hex()
     items = [JobItem(f"img{i}", f"s3://b/img{i}.png", ("cat",)) for i in range(3)]
-    save_request(records, job_id, "bulk", items, {"iterations": 2})
+    spec = image_spec(items)
+    save_request(records, job_id, spec)
     planted = os.urandom(16).hex()  # a request.json the service did not write is never adopted
     storage.put(request_key(planted), json.dumps({**load_request(records, job_id), "job_id": planted}).encode())
     assert store.restore(planted, records) is None and not store.exists(planted)
-    store.create(job_id, "bulk", items, {"iterations": 2})
+    store.create(job_id, spec)
     for name in ("map.npz", MARKER):  # img0 finished; img1 was cut off before its marker
         storage.put(image_key(job_id, "img0", name), b"x")
     storage.put(image_key(job_id, "img1", "map.npz"), b"x")
     forget(store, job_id)
     assert store.restore(os.urandom(16).hex(), records) is None  # storage has no such job
-    assert store.restore(job_id, records) == items[1:]
-    assert store.restore(job_id, records) == []  # rebuilt once
+    assert store.restore(job_id, records) == spec
+    assert store.restore(job_id, records) is None and not store.rebuilding(job_id)  # rebuilt once
     status = store.status(job_id)
     assert status["counts"] == {"running": 0, "done": 1, "failed": 0, "skipped": 0, "queued": 2}
     assert store.items(job_id)[0]["artifacts"] == ["map.npz", MARKER]
-    assert store.rib(job_id) == {"iterations": 2}
+    assert status["rib"] == {"iterations": 2}
+    assert store.advance(job_id, spec, dead_after_s=60) == [Send("images", 0), Send("images", 1)]  # queued again
 
 
-def test_a_manifest_job_is_rebuilt_from_its_frozen_manifest(store: JobStore, tmp_path: Path) -> None:
+def test_a_manifest_job_is_rebuilt_from_its_frozen_manifest(store: PipelineStore, tmp_path: Path) -> None:
     """A bulk job from a manifest keeps the manifest's bytes (digest signed in request.json), not its
     items re-encoded; the rebuild reads them back, and refuses a copy changed since."""
     storage = LocalStorage(tmp_path)
@@ -154,13 +175,14 @@ def test_a_manifest_job_is_rebuilt_from_its_frozen_manifest(store: JobStore, tmp
     items = manifest.items()
     assert items == [JobItem("a", "s3://b/set/a.jpg", ("cat",)), JobItem("b", "s3://other/b.jpg", ("dog", "cat"))]
     job_id = os.urandom(16).hex()
-    save_request(records, job_id, "bulk", items, {"iterations": 2}, manifest=manifest)
+    save_request(records, job_id, image_spec(items), manifest=manifest)
     request = load_request(records, job_id)
     assert "items" not in request and request_items(records, request) == items
-    assert store.restore(job_id, records) == items  # nothing finished: every image is queued again
+    restored = store.restore(job_id, records)
+    assert restored is not None and restored.items == items  # nothing finished: every image is queued again
     assert [it["id"] for it in store.items(job_id)] == ["a", "b"]
     changed = os.urandom(16).hex()
-    save_request(records, changed, "bulk", items, {"iterations": 2}, manifest=manifest)
+    save_request(records, changed, image_spec(items), manifest=manifest)
     storage.put(job_manifest_key(changed), text.replace("dog", "cat").encode())
     with pytest.raises(UntrustedRecordError):
         request_items(records, load_request(records, changed))

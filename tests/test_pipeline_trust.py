@@ -20,7 +20,6 @@ import redis
 
 import worker.pipeline_tasks as pt
 from contract.job_kinds import PIPELINE, TRAINING
-from contract.jobs import JobStore
 from contract.pipelines import PipelineStore, Send
 from contract.records import Records, UntrustedRecordError
 from contract.stores import owner_of
@@ -177,7 +176,7 @@ def worker(api: Api, monkeypatch: pytest.MonkeyPatch) -> pt.Pipelines:
     client = redis.Redis.from_url(f"{api.redis_url}/0", decode_responses=True)
     store = PipelineStore(client, settings.job_ttl_s, patience_s=30)
     pipes = pt.Pipelines(store, Records(storage, settings.signing_key()), TaskQueue(settings), settings)
-    rt = Runtime(settings, JobStore(client, settings.job_ttl_s), storage)
+    rt = Runtime(settings, client, storage)
     monkeypatch.setattr(staged, "pipes", lambda kind=PIPELINE: pipes)
     monkeypatch.setattr(pt, "runtime", lambda: rt)
     staged.frozen_text.cache_clear()
@@ -231,16 +230,16 @@ def test_a_redis_restart_is_waited_out_by_a_chunks_count(tmp_path: Path) -> None
     server = RedisServer(tmp_path)
     server.start()
     store = PipelineStore(redis.Redis.from_url(f"{server.url}/0", decode_responses=True), 600, patience_s=60)
-    from contract.pipelines import PipelineSpec
+    from contract.stages import PipelineSpec
 
     spec = PipelineSpec(manifest="m", image_ids=["a", "b"], chunks=[["a"], ["b"]], owner="o")
     store.create("a" * 32, spec)
-    assert store.chunk_done("a" * 32, 0, {}, 2) == 0
+    assert store.chunk_done("a" * 32, Send("maps", 0), {}, 2) == 0
     server.stop()
     restart = threading.Timer(2.0, server.start)
     restart.start()
     try:
-        assert store.chunk_done("a" * 32, 1, {}, 2) == 1  # waited for Redis, then completed the stage
+        assert store.chunk_done("a" * 32, Send("maps", 1), {}, 2) == 1  # waited for Redis, then completed the stage
         assert store.stage_state("a" * 32, "maps") == "done"
     finally:
         restart.join()
@@ -253,7 +252,7 @@ def test_a_redis_wipe_during_maps_is_rebuilt_from_storage_and_finishes(api: Api,
     spec = worker.spec(job)
     worker.store.finish(job, "classifier", "done", {"val_map": 0.5})
     worker.records.storage.put(pipeline_key(job, "stages/classifier.json"), b'{"val_map": 0.5}')
-    pt.count_chunk(job, spec, 0, {})  # the first chunk finished, then Redis was wiped
+    worker.store.count_chunk(job, spec, Send("maps", 0), {}, worker.records.storage)  # then Redis was wiped
     worker.store.r.flushall()
     assert not worker.store.exists(job)
     restored = worker.ensure(job)  # what the next task (or GET) that meets the job does
@@ -264,7 +263,7 @@ def test_a_redis_wipe_during_maps_is_rebuilt_from_storage_and_finishes(api: Api,
     sent = worker.store.r.llen(api.settings.image_queue)
     assert sent == len(spec.chunks) - 1  # the chunks not done, sent again (the wipe lost their messages)
     for n in range(1, len(spec.chunks)):
-        pt.count_chunk(job, spec, n, {})
+        worker.store.count_chunk(job, spec, Send("maps", n), {}, worker.records.storage)
     assert api.get(f"/v1/pipelines/{job}").json()["stages"]["maps"]["state"] == "done"
     assert worker.records.storage.exists(pipeline_key(job, "stages/maps.json"))
 

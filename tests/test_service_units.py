@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from contract.job_requests import JobItem
-from contract.jobs import JobStore
-from contract.pipelines import PipelineSpec, PipelineStore
+from contract.job_kinds import IMAGE
+from contract.job_requests import ImageJobSpec, JobItem
+from contract.pipelines import PipelineStore
 from contract.settings import Settings
+from contract.stages import PipelineSpec, Send
 from contract.worker_reports import stats
 from rib_core.config.network_configs import DEEPLAB_CRF
 from rib_core.config.rib_config import RibConfig
-from rib_core.io.artifacts import image_key
+from rib_core.io.artifacts import image_key, index_key
 from rib_core.io.storage import LocalStorage
 from service.validation import (
     InputError,
@@ -34,24 +35,24 @@ CLASSES = ["cat", "dog", "bird"]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobStore]:
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineStore]:
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield JobStore.from_url(f"{url}/0", ttl_s=600)
+        yield PipelineStore.from_url(f"{url}/0", ttl_s=600, kind=IMAGE)
 
 
 def items(*ids: str) -> list[JobItem]:
     return [JobItem(i, f"s3://b/{i}.png", ("cat",)) for i in ids]
 
 
-def job(store: JobStore, n: int) -> tuple[str, list[JobItem]]:
+def job(store: PipelineStore, n: int, chunk_size: int = 8) -> tuple[str, ImageJobSpec]:
     job_id = f"{n:032x}"
-    its = items(*[f"img{i}" for i in range(n)])
-    store.create(job_id, "bulk", its, {"iterations": 2})
-    return job_id, its
+    spec = ImageJobSpec("bulk", items(*[f"img{i}" for i in range(n)]), {"iterations": 2}, {}, chunk_size)
+    store.create(job_id, spec)
+    return job_id, spec
 
 
-def test_counts_stay_exact_when_a_chunk_runs_twice(store: JobStore, tmp_path: Path) -> None:
-    job_id, _ = job(store, 3)
+def test_counts_stay_exact_when_a_chunk_runs_twice(store: PipelineStore, tmp_path: Path) -> None:
+    job_id, spec = job(store, 3)
     assert store.status(job_id)["state"] == "queued"
     assert store.begin(job_id, "img0") == "run"
     store.mark_done(job_id, "img0", ["meta.json", "map.npz"], 1.5)
@@ -72,33 +73,68 @@ def test_counts_stay_exact_when_a_chunk_runs_twice(store: JobStore, tmp_path: Pa
         ("img0", "done", 1), ("img1", "done", 2), ("img2", "failed", 1)]
     assert [i["id"] for i in store.items(job_id, 1, 1)] == ["img1"]
     storage = LocalStorage(tmp_path)
-    assert store.finalize(job_id, storage)
+    assert store.count_chunk(job_id, spec, Send("images", 0), {}, storage) == 1  # the chunk completes the job
+    assert store.stage_state(job_id, "images") == "done"
     index = json.loads(storage.get(f"jobs/{job_id}/index.json"))
     assert index["counts"] == status["counts"] and index["rib"] == {"iterations": 2}
     assert index["images"][0]["artifacts"] == {"map.npz": image_key(job_id, "img0", "map.npz"),
                                                "meta.json": image_key(job_id, "img0", "meta.json")}
 
 
-def test_cancel_skips_only_images_not_started(store: JobStore, tmp_path: Path) -> None:
-    job_id, _ = job(store, 4)
+def test_cancel_skips_only_images_not_started(store: PipelineStore, tmp_path: Path) -> None:
+    job_id, spec = job(store, 4, chunk_size=2)  # chunks [img0, img1] and [img2, img3]
+    storage = LocalStorage(tmp_path)
     assert store.begin(job_id, "img0") == "run"
     assert store.begin(job_id, "img1") == "run"
     store.mark_done(job_id, "img1", ["meta.json"], 1.0)
-    assert store.finalize(job_id, LocalStorage(tmp_path)) is False  # not finished: no index yet
-    assert store.cancel(job_id) == 2
+    store.cancel(job_id, storage)
+    assert store.status(job_id)["counts"]["skipped"] == 2
     assert store.status(job_id)["state"] == "cancelling"  # img0 is still running
+    assert not storage.exists(index_key(job_id))          # not finished: no index yet
     assert store.begin(job_id, "img2") == "finished"      # skipped already: the worker does nothing
     assert store.begin(job_id, "img0") == "run"           # started before the cancel: finished whole
     store.mark_done(job_id, "img0", ["meta.json"], 1.0)
     status = store.status(job_id)
     assert status["state"] == "cancelled"
     assert status["counts"] == {"running": 0, "done": 2, "failed": 0, "skipped": 2, "queued": 0}
-    assert store.cancel(job_id) == 0  # idempotent
+    assert not storage.exists(index_key(job_id))  # img0's chunk has not counted itself yet
+    assert store.count_chunk(job_id, spec, Send("images", 0), {}, storage) == 1  # img0's chunk ends the job
+    assert store.count_chunk(job_id, spec, Send("images", 1), {}, storage) == 0  # counted by the cancel
+    assert json.loads(storage.get(index_key(job_id)))["state"] == "cancelled"
+    store.cancel(job_id, storage)  # idempotent
+    assert store.status(job_id)["counts"] == status["counts"]
     assert store.begin("f" * 32, "img0") == "missing"
-    assert store.cancel("f" * 32) == -1
+    store.cancel("f" * 32, storage)  # a job Redis does not have is not recreated
+    assert not store.exists("f" * 32)
 
 
-def test_all_failed_is_a_failed_job(store: JobStore) -> None:
+def test_a_cancel_with_nothing_running_ends_the_job_itself(store: PipelineStore, tmp_path: Path) -> None:
+    job_id, spec = job(store, 5, chunk_size=2)
+    storage = LocalStorage(tmp_path)
+    assert store.begin(job_id, "img0") == "run"
+    store.mark_done(job_id, "img0", ["meta.json"], 1.0)
+    store.cancel(job_id, storage)  # every chunk is accounted for: the cancel completes the stage
+    assert store.stage_state(job_id, "images") == "done"
+    assert json.loads(storage.get(index_key(job_id)))["counts"] == {
+        "running": 0, "done": 1, "failed": 0, "skipped": 4, "queued": 0}
+    assert store.advance(job_id, spec, 60) == []  # terminal: nothing more is sent
+    assert job_id not in store.r.smembers(IMAGE.active_key)
+
+
+def test_the_job_ends_with_its_last_image_though_a_chunk_died_uncounted(store: PipelineStore, tmp_path: Path) -> None:
+    job_id, spec = job(store, 6, chunk_size=2)  # chunks [img0, img1], [img2, img3], [img4, img5]
+    storage = LocalStorage(tmp_path)
+    for n in range(6):
+        assert store.begin(job_id, f"img{n}") == "run"
+        store.mark_done(job_id, f"img{n}", ["meta.json"], 1.0)
+        if n == 3:  # chunk 0's worker died after its last image, before counting it
+            assert store.count_chunk(job_id, spec, Send("images", 1), {}, storage) == 0
+    assert store.count_chunk(job_id, spec, Send("images", 2), {}, storage) == 1  # it counts chunk 0 too
+    assert json.loads(storage.get(index_key(job_id)))["state"] == "done"
+    assert store.count_chunk(job_id, spec, Send("images", 0), {}, storage) == 0  # its redelivery: nothing more
+
+
+def test_all_failed_is_a_failed_job(store: PipelineStore) -> None:
     job_id, _ = job(store, 1)
     store.begin(job_id, "img0")
     store.mark_failed(job_id, "img0", "bad")
@@ -184,16 +220,16 @@ def test_refine_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
         refine_params({"crf": {"unary": "softmax"}}, s.refine_defaults)
 
 
-def test_the_maps_stage_is_completed_once_by_the_chunk_that_completes_it(store: JobStore) -> None:
+def test_the_maps_stage_is_completed_once_by_the_chunk_that_completes_it(store: PipelineStore) -> None:
     """A chunk delivered twice counts once; exactly one call decides the maps stage is done."""
     pipelines = PipelineStore(store.r, ttl_s=600)
     job_id = "e" * 32
     spec = PipelineSpec(manifest="s3://b/m.jsonl", image_ids=["a", "b", "c"], chunks=[["a", "b"], ["c"]], owner="o")
     pipelines.create(job_id, spec)
-    assert pipelines.chunk_done(job_id, 0, {}, 2) == 0
-    assert pipelines.chunk_done(job_id, 0, {}, 2) == 0  # delivered again after its count
+    assert pipelines.chunk_done(job_id, Send("maps", 0), {}, 2) == 0
+    assert pipelines.chunk_done(job_id, Send("maps", 0), {}, 2) == 0  # delivered again after its count
     assert pipelines.stage_state(job_id, "maps") == "pending"  # chunk 1 has not run
-    assert pipelines.chunk_done(job_id, 1, {"c": "no map written"}, 2) == 1  # the one decision
-    assert pipelines.chunk_done(job_id, 1, {}, 2) == 0 and pipelines.stage_state(job_id, "maps") == "done"
+    assert pipelines.chunk_done(job_id, Send("maps", 1), {"c": "no map written"}, 2) == 1  # the one decision
+    assert pipelines.chunk_done(job_id, Send("maps", 1), {}, 2) == 0 and pipelines.stage_state(job_id, "maps") == "done"
     assert pipelines.status(job_id)["stages"]["maps"]["progress"] == {"chunks_done": 2, "chunks": 2,
                                                                       "images_failed": 1}

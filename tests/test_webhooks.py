@@ -18,10 +18,12 @@ import httpx
 import pytest
 import redis
 
-from contract.job_requests import JobItem, load_request
-from contract.jobs import JobStore
+from contract.job_kinds import IMAGE
+from contract.job_requests import ImageJobSpec, JobItem, load_request
+from contract.pipelines import PipelineStore
 from contract.records import Records
 from contract.settings import Settings
+from contract.stages import Send
 from contract.stores import owner_of
 from contract.webhooks import DELIVERIES, OUTBOX, callback_error, deliver_due, sign, signing_secret, verify
 from rib_core.data.demo_data import DemoDataset
@@ -103,14 +105,17 @@ def test_signatures_bind_the_body_the_timestamp_and_the_key() -> None:
     assert not verify(mine, "soon", body, signature)
 
 
-def finished_job(store: JobStore, storage: LocalStorage, url: str, owner: str) -> str:
-    """A one-image job with a callback, its image failed: finalized, so its callback is queued."""
+def finished_job(store: PipelineStore, storage: LocalStorage, url: str, owner: str) -> tuple[str, ImageJobSpec]:
+    """A one-image job with a callback, its image failed: its chunk counted, the job ended (what the
+    worker's next advance does), so its callback is queued."""
     job_id = f"{int(time.time() * 1e6):032x}"
-    store.create(job_id, "upload", [JobItem("a", "s3://rib/a.png", ("digit1",))], {}, owner, None, url)
+    spec = ImageJobSpec("upload", [JobItem("a", "s3://rib/a.png", ("digit1",))], {}, {}, 8, owner, url)
+    store.create(job_id, spec)
     assert store.begin(job_id, "a") == "run"
     store.mark_failed(job_id, "a", "boom")
-    assert store.finalize(job_id, storage)
-    return job_id
+    assert store.count_chunk(job_id, spec, Send("images", 0), {}, storage) == 1
+    assert store.advance(job_id, spec, 60) == []
+    return job_id, spec
 
 
 def test_a_finished_job_is_posted_once_signed_and_retried_until_the_receiver_is_up(tmp_path: Path) -> None:
@@ -119,10 +124,11 @@ def test_a_finished_job_is_posted_once_signed_and_retried_until_the_receiver_is_
     port = free_port()  # the receiver is down: nothing listens there yet
     owner = owner_of("key-a")
     with redis_server(tmp_path) as url:
-        store = JobStore(redis.Redis.from_url(f"{url}/2", decode_responses=True))
+        store = PipelineStore(redis.Redis.from_url(f"{url}/2", decode_responses=True), kind=IMAGE)
         r = store.r
-        job_id = finished_job(store, storage, f"http://127.0.0.1:{port}/hook", owner)
-        assert store.finalize(job_id, storage)  # finalized again (another worker, a cancel): still one delivery
+        job_id, spec = finished_job(store, storage, f"http://127.0.0.1:{port}/hook", owner)
+        assert store.advance(job_id, spec, 60) == []  # ended again (another worker, the reaper): still one delivery
+        store.cancel(job_id, storage)  # a cancel after the end: nothing more
         assert r.zcard(OUTBOX) == 1 and r.hlen(DELIVERIES) == 1
         t0 = time.time()
         assert deliver_due(r, settings, now=t0) == 0
@@ -151,7 +157,7 @@ def test_a_finished_job_is_posted_once_signed_and_retried_until_the_receiver_is_
         # A receiver that keeps failing gets the first attempt and one per countdown, then the delivery is dropped.
         failing = Receiver(free_port(), status=500)
         try:
-            job_id = finished_job(store, storage, failing.url, owner)
+            job_id, _ = finished_job(store, storage, failing.url, owner)
             t1 = time.time()
             for now in (t1, t1 + 5, t1 + 35):
                 assert deliver_due(r, settings, now=now) == 0

@@ -1,5 +1,5 @@
 """The tasks of staged jobs: a training stage of a pipeline job and the one stage of a training job
-(training queue), and a chunk of RIB maps (image queue).
+(training queue), a chunk of RIB maps and a chunk of an image job's images (image queue).
 
 All are thin: run the stage (:mod:`worker.stage_runners`), store its report
 (``stages/<stage>.json``, last) and record the unit's state in Redis; then ask
@@ -9,7 +9,8 @@ is in storage is not run again.
 Nothing a stage raises takes its worker down or comes back: any exception, MemoryError included,
 fails the stage (or the chunk's images) with the reason, and the message is acknowledged. A
 delivery whose worker died is counted (:meth:`PipelineStore.start`): past
-``RIB_MAX_STAGE_ATTEMPTS`` the unit fails with that reason instead of running again.
+``RIB_MAX_STAGE_ATTEMPTS`` (``RIB_MAX_ATTEMPTS`` for a chunk of images) the unit fails with that
+reason instead of running again.
 """
 
 from __future__ import annotations
@@ -25,12 +26,21 @@ from typing import Any
 
 from celery import Task, signals
 
-from contract.job_kinds import PIPELINE, TRAINING, JobKind
+from contract.job_kinds import IMAGE, PIPELINE, TRAINING, JobKind
 from contract.settings import get_settings
-from contract.stages import PIPELINE_MAPS, PIPELINE_STAGE, STAGE, TRAINING_JOB, PipelineSpec, Send
-from rib_core.io.artifacts import chunk_marker, pipeline_key, stage_marker
+from contract.stages import (
+    PIPELINE_MAPS,
+    PIPELINE_STAGE,
+    PROCESS_CHUNK,
+    STAGE,
+    TRAINING_JOB,
+    PipelineSpec,
+    Send,
+    chunk_stage,
+)
+from rib_core.io.artifacts import pipeline_key, stage_marker
 from rib_core.jobs.pipeline import resolve_device
-from worker import staged
+from worker import image_chunks, staged
 from worker.celery_app import app
 from worker.stage_runners import RUNNERS, chunk_maps
 from worker.staged import CancelledError, Pipelines
@@ -42,7 +52,8 @@ log = logging.getLogger(__name__)
 def deliver(task: Task, p: Pipelines, job_id: str, send: Send, body: Callable[[Any], None]) -> None:
     """Run ``body`` as the only live copy of ``send``'s unit, once its delivery is counted; then send
     what runs next. A copy delivered while another holds the lease is dropped (if that one dies, the
-    reaper sends the unit again); a delivery past the attempts budget fails the unit instead."""
+    reaper sends the unit again, or the broker redelivers a chunk of images); a delivery past the
+    attempts budget fails the unit instead."""
     store, settings = p.store, p.settings
     spec = p.ensure(job_id)
     if spec is None:
@@ -50,14 +61,21 @@ def deliver(task: Task, p: Pipelines, job_id: str, send: Send, body: Callable[[A
                     store.kind.name)
         return
     token = f"{task.request.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    if not store.claim(job_id, send.unit, token, settings.lease_s):
+    # A chunk of images the broker delivers again had its worker die (lost, past its time limit, or
+    # silent past the visibility timeout): it takes the dead delivery's lease over at once (its
+    # images done are skipped), as a stage waits for the lease to lapse.
+    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+    if not store.claim(job_id, send.unit, token, settings.lease_s, take_over=store.kind.per_image and redelivered):
         return
+    attempts = settings.max_attempts if store.kind.per_image else settings.max_stage_attempts
     try:
         with beating(lambda: store.renew(job_id, send.unit, token, settings.lease_s), settings.lease_s / 4,
                      "rib-lease"):
-            verdict = store.start(job_id, send, settings.max_stage_attempts)
-            if verdict == "dead":
-                fail_unit(p, job_id, spec, send, f"its worker stopped {settings.max_stage_attempts} times while "
+            verdict = store.start(job_id, send, attempts)
+            if verdict == "dead" and store.kind.per_image:
+                image_chunks.give_up(job_id, spec, send, attempts)  # type: ignore[arg-type]
+            elif verdict == "dead":
+                fail_unit(p, job_id, spec, send, f"its worker stopped {attempts} times while "
                                                  "running it (killed, or out of memory); not retried")
             elif verdict == "run":
                 body(spec)
@@ -74,7 +92,7 @@ def fail_unit(p: Pipelines, job_id: str, spec: Any, send: Send, reason: str) -> 
     if send.chunk is None:
         p.store.finish(job_id, send.stage, "failed", error=reason)
     else:
-        count_chunk(job_id, spec, send.chunk, dict.fromkeys(spec.chunks[send.chunk], reason))
+        p.store.count_chunk(job_id, spec, send, dict.fromkeys(spec.chunks[send.chunk], reason), runtime().storage)
 
 
 def run_stage(p: Pipelines, job_id: str, stage: str, spec: Any) -> None:
@@ -125,36 +143,37 @@ def training_job(self: Task, job_id: str, stage: str) -> None:
     run_staged(self, TRAINING, job_id, stage)
 
 
-def count_chunk(job_id: str, spec: PipelineSpec, chunk: int, failures: dict[str, str]) -> None:
-    """Keep the chunk's marker in storage (a rebuilt job counts it), then count it once in Redis;
-    the chunk that completes the maps stage records the stage done."""
-    rt, store = runtime(), staged.pipes().store
-    rt.storage.put(pipeline_key(job_id, chunk_marker(chunk)), json.dumps({"failures": failures}).encode(),
-                   "application/json")
-    if store.chunk_done(job_id, chunk, failures, len(spec.chunks)) == 1:
-        store.maps_complete(job_id, spec, rt.storage)
-
-
-def run_chunk(job_id: str, chunk: int, spec: PipelineSpec) -> None:
-    """RIB maps of one chunk's images; maps already in storage are kept."""
+def run_chunk(job_id: str, send: Send, spec: PipelineSpec) -> None:
+    """RIB maps of one chunk's images; maps already in storage are kept. The chunk that completes
+    the maps stage records it done."""
     rt, store = runtime(), staged.pipes().store
     failures: dict[str, str] = {}
     if not store.cancelled(job_id):
-        ids = spec.chunks[chunk]
+        ids = spec.chunks[send.chunk or 0]
         todo = [i for i in ids if not rt.storage.exists(pipeline_key(job_id, f"maps/{i}.npz"))]
         failures = chunk_maps(rt, job_id, spec, todo) if todo else {}
-    count_chunk(job_id, spec, chunk, failures)
+    store.count_chunk(job_id, spec, send, failures, rt.storage)
 
 
 @app.task(name=PIPELINE_MAPS, bind=True, acks_late=True, ignore_result=True)
 def pipeline_maps(self: Task, job_id: str, chunk: int) -> None:
     """RIB maps of one chunk of a pipeline job's images."""
-    deliver(self, staged.pipes(), job_id, Send("maps", chunk), lambda spec: run_chunk(job_id, chunk, spec))
+    send = Send(chunk_stage(PIPELINE_MAPS), chunk)
+    deliver(self, staged.pipes(), job_id, send, lambda spec: run_chunk(job_id, send, spec))
+
+
+@app.task(name=PROCESS_CHUNK, bind=True, acks_late=True, ignore_result=True,
+          time_limit=get_settings().chunk_time_limit_s)
+def process_chunk(self: Task, job_id: str, chunk: int) -> None:
+    """One chunk of an image job's images (:mod:`worker.image_chunks`)."""
+    send = Send(chunk_stage(PROCESS_CHUNK), chunk)
+    deliver(self, staged.pipes(IMAGE), job_id, send, lambda spec: image_chunks.run_images(job_id, send, spec))
 
 
 @signals.worker_ready.connect
-def start_pipeline_reaper(**_: Any) -> None:
-    """A reaper for each kind of staged job in every worker's main process, on clients of its own."""
+def start_reapers(**_: Any) -> None:
+    """A reaper for each kind of staged job in every worker's main process, on clients of its own:
+    jobs keep moving with no other process running (no Celery beat needed)."""
     settings = get_settings()
-    for kind in (PIPELINE, TRAINING):
+    for kind in (PIPELINE, TRAINING, IMAGE):
         every(settings.lease_s / 2, Pipelines.connect(settings, kind).reap, f"rib-{kind.name}-reaper")

@@ -1,4 +1,4 @@
-"""What the tasks of staged jobs (pipeline and training jobs) share in a worker process: each kind's
+"""What the tasks of staged jobs (pipeline, training and image jobs) share in a worker process: each kind's
 store, signed records and queue (:class:`Pipelines`), and the frozen inputs, read once per process."""
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class Pipelines:
                    settings)
 
     def spec(self, job_id: str) -> JobPlan:
-        """The job's spec (a :class:`PipelineSpec` or a :class:`contract.training.TrainingSpec`)."""
+        """The job's spec (a :class:`PipelineSpec`, a :class:`contract.training.TrainingSpec` or a
+        :class:`contract.job_requests.ImageJobSpec`)."""
         if job_id not in self.specs:
             if len(self.specs) >= SPECS_KEPT:
                 self.specs.pop(next(iter(self.specs)))
@@ -95,7 +96,7 @@ class Pipelines:
 def pipes(kind: JobKind = PIPELINE) -> Pipelines:
     """This worker process's, for jobs of ``kind``, on the process's own clients (the tasks')."""
     rt = runtime()
-    return Pipelines.connect(rt.settings, kind, rt.store.r, rt.storage)
+    return Pipelines.connect(rt.settings, kind, rt.r, rt.storage)
 
 
 @lru_cache(maxsize=4)

@@ -7,5 +7,5 @@ from importlib import resources
 
 def script(*names: str) -> str:
     """The text of ``<name>.lua`` for each name, in order: a script that calls a shared function
-    (``image_give_up``) is loaded after the file that defines it."""
+    (``count_chunk``) is loaded after the file that defines it."""
     return "\n".join(resources.files(__name__).joinpath(f"{name}.lua").read_text() for name in names)

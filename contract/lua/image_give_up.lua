@@ -1,11 +1,18 @@
--- give_up(id, reason): fail an image that has used up its attempts (KEYS: job, running, failed, beat,
--- lost, stats, attempts); the reason is the one recorded for its last lost attempt, if any. Loaded
--- ahead of image_begin.lua and image_reap.lua, which call it.
-local function give_up(id, default)
-  local reason = redis.call('HGET', KEYS[5], id) or default
-  local n = redis.call('HGET', KEYS[7], id) or '0'
-  redis.call('SREM', KEYS[2], id)
-  redis.call('HDEL', KEYS[4], id)
-  redis.call('HSET', KEYS[3], id, reason .. ' after ' .. n .. ' attempts')
-  redis.call('HINCRBY', KEYS[6], 'images_failed', 1)
+-- give_up(KEYS = job, running, done, failed, skipped, attempts, stats; ARGV = reason, attempts, id,
+-- id, ...): the images of a chunk whose deliveries all died, those not finished, fail with the
+-- reason; each is charged the chunk's attempts (none of them finished it). Returns how many failed.
+local job, running, done, failed, skipped, attempts = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+if redis.call('EXISTS', job) == 0 then return 0 end
+local n = 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('SISMEMBER', done, id) == 0 and redis.call('HEXISTS', failed, id) == 0
+     and redis.call('SISMEMBER', skipped, id) == 0 then
+    redis.call('SREM', running, id)
+    redis.call('HSET', failed, id, ARGV[1])
+    redis.call('HSET', attempts, id, ARGV[2])
+    n = n + 1
+  end
 end
+redis.call('HINCRBY', KEYS[7], 'images_failed', n)
+return n

@@ -1,5 +1,5 @@
 -- start(KEYS[1]=job hash, KEYS[2]=attempts hash, ARGV = unit, stage, now, max attempts, reason):
--- one delivery of a unit (a stage, or a chunk "maps-<n>") begins. 'missing' (Redis lost the job),
+-- one delivery of a unit (a stage, or a chunk "<stage>-<n>") begins. 'missing' (Redis lost the job),
 -- 'finished' (the unit or its stage already ended), 'dead' (its earlier deliveries all died: the
 -- unit is failed here, the message dead-lettered) or 'run' (its attempt counted, now running).
 local unit, stage = ARGV[1], ARGV[2]

@@ -103,8 +103,11 @@ def training_input_key(job_id: str, name: str) -> str:
     return training_key(job_id, f"inputs/{name}.jsonl")
 
 
+REQUEST = "request.json"  # an image job's signed record, in its folder
+
+
 def request_key(job_id: str) -> str:
-    return f"jobs/{job_id}/request.json"
+    return job_prefix(job_id) + REQUEST
 
 
 def job_manifest_key(job_id: str) -> str:
@@ -155,9 +158,9 @@ def stage_marker(stage: str) -> str:
     return f"stages/{stage}.json"
 
 
-def chunk_marker(chunk: int) -> str:
-    """A finished chunk of maps (its images without a map, and why), relative to the work folder."""
-    return f"stages/maps/{chunk}.json"
+def chunk_marker(stage: str, chunk: int) -> str:
+    """A finished chunk of a chunked stage (its images without a result, and why), relative to the work folder."""
+    return f"stages/{stage}/{chunk}.json"
 
 
 def pipeline_index(job_id: str, image_ids: Iterable[str], present: Iterable[str]) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from contract.jobs import JobStore
+from contract.pipelines import PipelineStore
 from contract.settings import Settings
 from contract.worker_reports import classifier
 from rib_core.io.storage import uri_exists
@@ -48,7 +48,7 @@ async def _check(fn: Callable[[], object], name: str, settings: Settings) -> str
     return "ok" if found else f"not found: {getattr(settings, name, None)!r}"
 
 
-async def _classifier(store: JobStore, settings: Settings) -> ClassifierInfo:
+async def _classifier(store: PipelineStore, settings: Settings) -> ClassifierInfo:
     """The configured classifier, with what a worker recorded of it (its validation mAP) when a
     worker has read this very checkpoint."""
     try:

@@ -18,7 +18,7 @@ from service.deps import ClassesDep, LocationsDep, Owner, SettingsDep
 from service.errors import error_responses
 from service.inputs import read_manifest
 from service.schemas import MAX_OFFSET, ExportImages, ExportLink, JobAccepted, JobStatus, ResultsPage
-from service.submissions import Jobs, JobsDep, accepted
+from service.submissions import STORAGE_ERRORS, Jobs, JobsDep, accepted
 from service.validation import InputError, callback_url, inline_items, manifest_items, refine_params, rib_params
 
 router = APIRouter(tags=["jobs"])
@@ -75,8 +75,11 @@ def cancel_job(job_id: str, jobs: OwnedJob) -> dict[str, Any]:
     state = jobs.store.status(job_id)["state"]
     if state in ("done", "failed"):
         raise HTTPException(409, f"job {job_id} already finished ({state}); nothing to cancel")
-    jobs.store.cancel(job_id)
-    jobs.store.finalize(job_id, jobs.storage)
+    try:
+        jobs.store.cancel(job_id, jobs.storage)
+    except STORAGE_ERRORS as e:
+        raise HTTPException(503, f"the results store is unreachable ({type(e).__name__}); job {job_id} "
+                                 "was not cancelled, try again later") from e
     return jobs.store.status(job_id)
 
 

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 
-from contract.pipelines import PipelineSpec, PipelineStore
+from contract.pipelines import PipelineStore
 from contract.records import UntrustedRecordError
+from contract.stages import PipelineSpec
 from rib_core.data.datasets import Manifest, parse_manifest
 from rib_core.io.artifacts import PIPELINE_MANIFEST, PIPELINE_SPEC, PIPELINE_VAL_MANIFEST, pipeline_index, pipeline_key
 from rib_core.io.export_sources import export_job, pipeline_masks, presigned_image_url
