@@ -76,10 +76,12 @@ class ImageProgress(RedisJobs):
         pipe.hincrby(STATS_KEY, f"jobs_{spec.kind}", 1)
 
     # ---------------------------------------------------------------- an image of a running chunk
-    def begin(self, job_id: str, image_id: str) -> str:
-        """``run`` (now running), ``skipped`` (job cancelled), ``finished`` (already accounted) or
-        ``missing`` (the job expired, never existed, or Redis lost it): ``image_begin.lua``."""
-        return str(self._call(lambda: self._begin(keys=self._ledger(job_id), args=[image_id, time.time()])))
+    def begin(self, job_id: str, image_id: str, max_attempts: int) -> str:
+        """``run`` (now running), ``skipped`` (job cancelled), ``finished`` (already accounted),
+        ``exhausted`` (begun ``max_attempts`` times, its worker lost every time: to be failed alone)
+        or ``missing`` (the job expired, never existed, or Redis lost it): ``image_begin.lua``."""
+        args = [image_id, time.time(), max_attempts]
+        return str(self._call(lambda: self._begin(keys=self._ledger(job_id), args=args)))
 
     def mark_done(self, job_id: str, image_id: str, artifacts: Iterable[str], seconds: float | None) -> bool:
         """``seconds`` is None when an earlier attempt had already written the results. False (and

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     chunk_time_limit_s: int = Field(1800, ge=1)    # hard limit of one chunk task; below the visibility timeout
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)   # job bookkeeping expires from Redis after this
     # delivery: every image ends done or failed, whatever happens to its worker, its chunk or Redis.
-    # deliveries of an image job's chunk (worker lost, time limit) before its images not done fail with the reason
+    # attempts of one image whose worker died on it (lost, time limit) before it fails alone with the reason
     max_attempts: int = Field(3, ge=1)
     # deliveries of one pipeline stage, map chunk or training job whose worker died (killed, out of
     # memory) before the stage fails with the reason: a message that kills workers is dead-lettered.

@@ -237,7 +237,7 @@ def test_job_status_shows_progress_while_it_runs(api: Api) -> None:
         assert c.get(f"/v1/jobs/{job_id}").json()["progress"] == {"images_per_minute": None, "eta_s": None,
                                                                     "remaining": 2}
         store = api.client.app.state.clients.store  # type: ignore[attr-defined]
-        assert store.begin(job_id, "a") == "run"
+        assert store.begin(job_id, "a", 3) == "run"
         store.r.hset(f"rib:job:{job_id}", "started_at", time.time() - 60)  # as if it started a minute ago
         store.mark_done(job_id, "a", ["meta.json"], 1.0)
         shown = c.get(f"/v1/jobs/{job_id}").json()

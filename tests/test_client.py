@@ -111,9 +111,9 @@ def test_wait_draws_progress_and_results_page_through(api: Api, client: RibClien
     job = client.submit_job(images=records(5, ["digit3"]))
     jobs = store(api)
     for image_id in ("im0", "im1"):
-        assert jobs.begin(job.job_id, image_id) == "run"
+        assert jobs.begin(job.job_id, image_id, 3) == "run"
         jobs.mark_done(job.job_id, image_id, FILES, 2.0)
-    assert jobs.begin(job.job_id, "im2") == "run"
+    assert jobs.begin(job.job_id, "im2", 3) == "run"
     shown = io.StringIO()
     with pytest.raises(WaitTimeoutError) as timed_out:
         client.wait(job.job_id, timeout=0, progress=shown)
@@ -125,7 +125,7 @@ def test_wait_draws_progress_and_results_page_through(api: Api, client: RibClien
 
     jobs.mark_failed(job.job_id, "im2", "ImageError: not a readable image")
     for image_id in ("im3", "im4"):
-        assert jobs.begin(job.job_id, image_id) == "run"
+        assert jobs.begin(job.job_id, image_id, 3) == "run"
         jobs.mark_done(job.job_id, image_id, FILES, 2.0)
     spec = jobs.read_spec(job.job_id, Records(client_storage(api), api.settings.signing_key()))
     assert jobs.count_chunk(job.job_id, spec, Send("images", 0), {}, client_storage(api)) == 1  # the job's end

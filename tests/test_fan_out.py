@@ -47,7 +47,7 @@ def test_a_large_job_is_answered_before_its_chunks_are_queued(api: Api) -> None:
     storage = api.client.app.state.clients.storage  # type: ignore[attr-defined]
     spec = store.read_spec(job_id, Records(storage, api.settings.signing_key()))
     last = len(spec.chunks) - 1
-    assert store.begin(job_id, f"i{IMAGES - 1}") == "run"
+    assert store.begin(job_id, f"i{IMAGES - 1}", 3) == "run"
     store.mark_done(job_id, f"i{IMAGES - 1}", ["meta.json"], 1.0)
     assert store.count_chunk(job_id, spec, Send("images", last), {}, storage) == 0
     TaskQueue(api.settings).send_pipeline(job_id, store.advance(job_id, spec, api.settings.visibility_timeout_s))

@@ -75,33 +75,47 @@ def forget(store: PipelineStore, job_id: str) -> None:
 
 def test_a_worker_finishing_after_redis_lost_the_job_recreates_nothing(store: PipelineStore) -> None:
     job_id, _ = new_job(store, 2)
-    assert store.begin(job_id, "img0") == "run" and store.begin(job_id, "img1") == "run"
+    assert store.begin(job_id, "img0", 3) == "run" and store.begin(job_id, "img1", 3) == "run"
     forget(store, job_id)
     assert store.mark_done(job_id, "img0", ["meta.json"], 1.0) is False
     assert store.mark_failed(job_id, "img1", "boom") is False
     assert store.give_up(job_id, ["img1"], "lost", 3) == 0
     assert store.chunk_done(job_id, Send("images", 0), {}, 1) == -1
     assert not store.exists(job_id) and store.r.keys(f"rib:job:{job_id}*") == []
-    assert store.begin(job_id, "img0") == "missing"
+    assert store.begin(job_id, "img0", 3) == "missing"
 
 
 def test_a_failure_never_overrides_a_success(store: PipelineStore) -> None:
     job_id, _ = new_job(store, 1)
-    store.begin(job_id, "img0")
+    store.begin(job_id, "img0", 3)
     store.mark_done(job_id, "img0", ["meta.json"], 1.0)
     assert store.mark_failed(job_id, "img0", "a late duplicate failed") is False
     assert store.give_up(job_id, ["img0"], "its chunk died", 3) == 0
     assert store.status(job_id)["counts"] == {"running": 0, "done": 1, "failed": 0, "skipped": 0, "queued": 0}
 
 
+def test_an_image_its_worker_died_on_every_attempt_fails_alone(store: PipelineStore) -> None:
+    """A poison image (one that kills its worker: out of memory, a crash in a native library) is
+    failed once its own attempts are spent; its chunk's other images still run."""
+    job_id, _ = new_job(store, 3)  # chunks [img0, img1] and [img2]
+    send = Send("images", 0)
+    for _ in range(2):  # two deliveries, each killed while on img0
+        assert store.start(job_id, send, max_attempts=2 * 2 + 1) == "run"
+        assert store.begin(job_id, "img0", 2) == "run"
+    assert store.start(job_id, send, max_attempts=2 * 2 + 1) == "run"  # the chunk is not dead-lettered ...
+    assert store.begin(job_id, "img0", 2) == "exhausted"                # ... the image is
+    assert store.begin(job_id, "img1", 2) == "run"                      # and the rest of the chunk runs
+    assert store.items(job_id)[0]["attempts"] == 2 and store.items(job_id)[1]["attempts"] == 1
+
+
 def test_a_chunk_whose_deliveries_all_died_fails_its_images_with_the_reason(store: PipelineStore) -> None:
     job_id, _ = new_job(store, 3)  # chunks [img0, img1] and [img2]
     send = Send("images", 0)
-    assert store.begin(job_id, "img2") == "run"
+    assert store.begin(job_id, "img2", 3) == "run"
     store.mark_done(job_id, "img2", ["meta.json"], 1.0)
     for _ in range(2):  # two deliveries, each killed at its hard time limit while on img0
         assert store.start(job_id, send, max_attempts=2) == "run"
-        assert store.begin(job_id, "img0") == "run"
+        assert store.begin(job_id, "img0", 3) == "run"
         store.note_lost(job_id, send, "exceeded the chunk time limit (RIB_CHUNK_TIME_LIMIT_S=9 s)")
     assert store.start(job_id, send, max_attempts=2) == "dead"  # the third is dead-lettered
     assert store.give_up(job_id, ["img0", "img1"], store.lost_reason(job_id, send, 2), 2) == 2
@@ -123,7 +137,7 @@ def test_the_reaper_sends_a_chunk_whose_worker_died_again_then_dead_letters_it(s
     assert store.claim(job_id, second.unit, "worker-b", lease_s=60)  # alive: never handed out again
     for _ in range(2):
         assert store.start(job_id, first, max_attempts=2) == "run" and store.start(job_id, second, 2) == "run"
-        assert store.begin(job_id, "img0") == "run"
+        assert store.begin(job_id, "img0", 3) == "run"
         assert store.advance(job_id, spec, dead_after_s=60) == []  # its lease still holds
         time.sleep(0.3)
         assert store.advance(job_id, spec, dead_after_s=60) == [first]  # sent again, once

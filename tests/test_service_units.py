@@ -54,15 +54,15 @@ def job(store: PipelineStore, n: int, chunk_size: int = 8) -> tuple[str, ImageJo
 def test_counts_stay_exact_when_a_chunk_runs_twice(store: PipelineStore, tmp_path: Path) -> None:
     job_id, spec = job(store, 3)
     assert store.status(job_id)["state"] == "queued"
-    assert store.begin(job_id, "img0") == "run"
+    assert store.begin(job_id, "img0", 3) == "run"
     store.mark_done(job_id, "img0", ["meta.json", "map.npz"], 1.5)
-    assert store.begin(job_id, "img1") == "run"  # ... and its worker dies here
+    assert store.begin(job_id, "img1", 3) == "run"  # ... and its worker dies here
     assert store.status(job_id)["counts"] == {"running": 1, "done": 1, "failed": 0, "skipped": 0, "queued": 1}
     # The chunk is delivered again: img0 is not redone, img1 is, img2 runs for the first time.
-    assert store.begin(job_id, "img0") == "finished"
-    assert store.begin(job_id, "img1") == "run"
+    assert store.begin(job_id, "img0", 3) == "finished"
+    assert store.begin(job_id, "img1", 3) == "run"
     store.mark_done(job_id, "img1", ["meta.json"], None)  # its results were already written
-    assert store.begin(job_id, "img2") == "run"
+    assert store.begin(job_id, "img2", 3) == "run"
     store.mark_failed(job_id, "img2", "cannot read s3://b/img2.png")
     store.mark_failed(job_id, "img2", "cannot read s3://b/img2.png")  # a rerun reports it again
     status = store.status(job_id)
@@ -84,15 +84,15 @@ def test_counts_stay_exact_when_a_chunk_runs_twice(store: PipelineStore, tmp_pat
 def test_cancel_skips_only_images_not_started(store: PipelineStore, tmp_path: Path) -> None:
     job_id, spec = job(store, 4, chunk_size=2)  # chunks [img0, img1] and [img2, img3]
     storage = LocalStorage(tmp_path)
-    assert store.begin(job_id, "img0") == "run"
-    assert store.begin(job_id, "img1") == "run"
+    assert store.begin(job_id, "img0", 3) == "run"
+    assert store.begin(job_id, "img1", 3) == "run"
     store.mark_done(job_id, "img1", ["meta.json"], 1.0)
     store.cancel(job_id, storage)
     assert store.status(job_id)["counts"]["skipped"] == 2
     assert store.status(job_id)["state"] == "cancelling"  # img0 is still running
     assert not storage.exists(index_key(job_id))          # not finished: no index yet
-    assert store.begin(job_id, "img2") == "finished"      # skipped already: the worker does nothing
-    assert store.begin(job_id, "img0") == "run"           # started before the cancel: finished whole
+    assert store.begin(job_id, "img2", 3) == "finished"      # skipped already: the worker does nothing
+    assert store.begin(job_id, "img0", 3) == "run"           # started before the cancel: finished whole
     store.mark_done(job_id, "img0", ["meta.json"], 1.0)
     status = store.status(job_id)
     assert status["state"] == "cancelled"
@@ -103,7 +103,7 @@ def test_cancel_skips_only_images_not_started(store: PipelineStore, tmp_path: Pa
     assert json.loads(storage.get(index_key(job_id)))["state"] == "cancelled"
     store.cancel(job_id, storage)  # idempotent
     assert store.status(job_id)["counts"] == status["counts"]
-    assert store.begin("f" * 32, "img0") == "missing"
+    assert store.begin("f" * 32, "img0", 3) == "missing"
     store.cancel("f" * 32, storage)  # a job Redis does not have is not recreated
     assert not store.exists("f" * 32)
 
@@ -111,7 +111,7 @@ def test_cancel_skips_only_images_not_started(store: PipelineStore, tmp_path: Pa
 def test_a_cancel_with_nothing_running_ends_the_job_itself(store: PipelineStore, tmp_path: Path) -> None:
     job_id, spec = job(store, 5, chunk_size=2)
     storage = LocalStorage(tmp_path)
-    assert store.begin(job_id, "img0") == "run"
+    assert store.begin(job_id, "img0", 3) == "run"
     store.mark_done(job_id, "img0", ["meta.json"], 1.0)
     store.cancel(job_id, storage)  # every chunk is accounted for: the cancel completes the stage
     assert store.stage_state(job_id, "images") == "done"
@@ -125,7 +125,7 @@ def test_the_job_ends_with_its_last_image_though_a_chunk_died_uncounted(store: P
     job_id, spec = job(store, 6, chunk_size=2)  # chunks [img0, img1], [img2, img3], [img4, img5]
     storage = LocalStorage(tmp_path)
     for n in range(6):
-        assert store.begin(job_id, f"img{n}") == "run"
+        assert store.begin(job_id, f"img{n}", 3) == "run"
         store.mark_done(job_id, f"img{n}", ["meta.json"], 1.0)
         if n == 3:  # chunk 0's worker died after its last image, before counting it
             assert store.count_chunk(job_id, spec, Send("images", 1), {}, storage) == 0
@@ -136,7 +136,7 @@ def test_the_job_ends_with_its_last_image_though_a_chunk_died_uncounted(store: P
 
 def test_all_failed_is_a_failed_job(store: PipelineStore) -> None:
     job_id, _ = job(store, 1)
-    store.begin(job_id, "img0")
+    store.begin(job_id, "img0", 3)
     store.mark_failed(job_id, "img0", "bad")
     assert store.status(job_id)["state"] == "failed"
     assert stats(store.r)["images_failed"] >= 1

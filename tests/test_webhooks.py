@@ -111,7 +111,7 @@ def finished_job(store: PipelineStore, storage: LocalStorage, url: str, owner: s
     job_id = f"{int(time.time() * 1e6):032x}"
     spec = ImageJobSpec("upload", [JobItem("a", "s3://rib/a.png", ("digit1",))], {}, {}, 8, owner, url)
     store.create(job_id, spec)
-    assert store.begin(job_id, "a") == "run"
+    assert store.begin(job_id, "a", 3) == "run"
     store.mark_failed(job_id, "a", "boom")
     assert store.count_chunk(job_id, spec, Send("images", 0), {}, storage) == 1
     assert store.advance(job_id, spec, 60) == []

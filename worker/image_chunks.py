@@ -76,10 +76,15 @@ def process_items(rt: Runtime, store: PipelineStore, job_id: str, items: Sequenc
         store.mark_done(job_id, item.id, artifacts, seconds + time.perf_counter() - image_started)
 
 
-def claim(rt: Runtime, store: PipelineStore, job_id: str, item: JobItem) -> bool:
-    """Mark the image running; False when there is nothing to do (cancelled, already accounted, or
-    an earlier attempt wrote every file, which is then recorded as done)."""
-    if store.begin(job_id, item.id) != "run":
+def claim(rt: Runtime, store: PipelineStore, job_id: str, send: Send, item: JobItem) -> bool:
+    """Mark the image running; False when there is nothing to do (cancelled, already accounted, an
+    earlier attempt wrote every file, which is then recorded as done, or its worker died on it on
+    each of its ``RIB_MAX_ATTEMPTS`` attempts, which fails it alone: one image that kills its worker
+    never takes the rest of its chunk down)."""
+    verdict = store.begin(job_id, item.id, rt.settings.max_attempts)
+    if verdict == "exhausted":
+        store.mark_failed(job_id, item.id, store.lost_reason(job_id, send, rt.settings.max_attempts))
+    if verdict != "run":
         return False
     if rt.storage.exists(image_key(job_id, item.id, MARKER)):
         names = [key.rsplit("/", 1)[1] for key in rt.storage.list(image_key(job_id, item.id))]
@@ -100,7 +105,7 @@ def run_images(job_id: str, send: Send, spec: ImageJobSpec) -> None:
     while True:
         try:
             for start in range(0, len(chunk), group):
-                todo = [item for item in chunk[start:start + group] if claim(rt, store, job_id, item)]
+                todo = [item for item in chunk[start:start + group] if claim(rt, store, job_id, send, item)]
                 if todo:
                     process_items(rt, store, job_id, todo, rib, refine)
             store.count_chunk(job_id, spec, send, {}, rt.storage)

@@ -67,7 +67,10 @@ def deliver(task: Task, p: Pipelines, job_id: str, send: Send, body: Callable[[A
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     if not store.claim(job_id, send.unit, token, settings.lease_s, take_over=store.kind.per_image and redelivered):
         return
-    attempts = settings.max_attempts if store.kind.per_image else settings.max_stage_attempts
+    attempts = settings.max_stage_attempts
+    if store.kind.per_image:  # each image is bounded on its own (image_chunks.claim); every death is charged
+        # to the images it was running, and one more delivery fails the last of them and counts the chunk
+        attempts = settings.max_attempts * len(spec.chunk_items(send.chunk or 0)) + 1
     try:
         with beating(lambda: store.renew(job_id, send.unit, token, settings.lease_s), settings.lease_s / 4,
                      "rib-lease"):

@@ -1,7 +1,8 @@
--- begin(KEYS = job, running, done, failed, skipped, attempts, stats; ARGV = id, now): one image of a
--- chunk being run starts. 'missing' (Redis lost the job), 'finished' (done, failed or skipped
--- already: a chunk delivered again skips it), 'skipped' (the job is cancelled and the image had not
--- started) or 'run' (now running, its attempt counted).
+-- begin(KEYS = job, running, done, failed, skipped, attempts, stats; ARGV = id, now, max attempts): one
+-- image of a chunk being run starts. 'missing' (Redis lost the job), 'finished' (done, failed or
+-- skipped already: a chunk delivered again skips it), 'skipped' (the job is cancelled and the image
+-- had not started), 'exhausted' (its worker died on it on every one of its attempts: the caller
+-- fails it alone, and the rest of its chunk goes on) or 'run' (now running, its attempt counted).
 local job, running, done, failed, skipped = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local id = ARGV[1]
 if redis.call('EXISTS', job) == 0 then return 'missing' end
@@ -15,6 +16,7 @@ if redis.call('HGET', job, 'cancelled') == '1' and redis.call('SISMEMBER', runni
   redis.call('HINCRBY', KEYS[7], 'images_skipped', 1)
   return 'skipped'
 end
+if tonumber(redis.call('HGET', KEYS[6], id) or '0') >= tonumber(ARGV[3]) then return 'exhausted' end
 redis.call('SADD', running, id)
 redis.call('HINCRBY', KEYS[6], id, 1)
 redis.call('HSETNX', job, 'started_at', ARGV[2])

@@ -69,7 +69,7 @@ def training_status(job_id: str, owner: Owner, trainings: TrainingsDep, records:
     """State and, once finished, the job's result (checkpoint, scores) or error."""
     find_staged(job_id, owner, trainings, records, queue, settings)
     status = trainings.status(job_id)
-    stage = status["stages"]["training"]
+    (stage,) = status["stages"].values()  # a training job is a job of one stage (contract.stages)
     body: dict[str, Any] = {"job_id": job_id, "state": status["state"], "spec": trainings.request(job_id),
                             "created_at": status["created_at"]}
     if status["state"] == "done":
