@@ -83,13 +83,16 @@ def pct(value: float | None) -> str:
 def demo_table(report: dict[str, Any]) -> str:
     """The demo's stage table: every row of its report, mIoU and pixel scores in percent."""
     lines = ["| stage | mIoU % | precision % | recall % | F1 % | how |", "|---|---|---|---|---|---|"]
-    for row in report["metrics"]:
-        lines.append(f"| {row['method']} | {pct(row['miou'])} | {pct(row.get('precision'))} | "
-                     f"{pct(row.get('recall'))} | {pct(row.get('f1'))} | {row['detail']} |")
     labels = report["refine"].get("ir_labels")
-    if labels:
-        lines.append(f"| IRN confident labels | {pct(labels['miou'])} | | | | "
-                     f"{pct(labels['ignored_fraction'])}% of pixels left unlabelled |")
+    share = f"{pct(labels['ignored_fraction'])}% of pixels left unlabelled" if labels else None
+    for row in report["metrics"]:
+        detail = row["detail"]
+        if share and row["method"] == "IRN confident labels":  # the share goes on the labels' own row
+            detail, share = f"{detail}; {share}", None
+        lines.append(f"| {row['method']} | {pct(row['miou'])} | {pct(row.get('precision'))} | "
+                     f"{pct(row.get('recall'))} | {pct(row.get('f1'))} | {detail} |")
+    if share:  # a report from before the labels had a row of their own
+        lines.append(f"| IRN confident labels | {pct(labels['miou'])} | | | | {share} |")
     return "\n".join(lines)
 
 

@@ -54,6 +54,13 @@ def test_every_figure_and_the_date_come_from_the_files(tmp_path):
         assert "| CAM seed | 1.2 | 50.0 | 25.0 | 33.0 | best threshold 0.60 |" in shown
         assert report["run"]["date"] in shown and report["run"]["commit"] in shown
         assert "mAP 90.1%" in shown and "12.5% of pixels left unlabelled" in shown
+    # a report whose rows hold the confident labels: their unlabelled share goes on that row, once
+    report["metrics"].append({"method": "IRN confident labels", "miou": 0.7, "precision": 0.6, "recall": 0.9,
+                              "f1": 0.72, "detail": "what IRN trains on"})
+    (folder / "demo.json").write_text(json.dumps(report))
+    table = readme_blocks(folder)["demo table"]
+    assert ("| IRN confident labels | 70.0 | 60.0 | 90.0 | 72.0 | what IRN trains on; 12.5% of pixels left "
+            "unlabelled |") in table and table.count("IRN confident labels") == 1
     del report["run"]
     (folder / "demo.json").write_text(json.dumps(report))
     assert "not recorded in this file" in results_doc(folder)
