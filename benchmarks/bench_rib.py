@@ -158,7 +158,8 @@ def main() -> None:
         "default_path": ("batched" if default.batched(str(device)) else "plain")
                         + (", bf16" if default.uses_bf16(str(device)) else ", fp32")
                         + (" (the plain path's figures)" if same_as_plain else ""),
-        "images_per_batched_step": batcher.images_per_batch((height, width, 3), batched, args.images),
+        "images_per_batched_step": batcher.images_per_batch((height, width, 3), batched, batched.plan(str(device)),
+                                                            args.images),
         "tflop_per_step": round(flops_step / 1e12, 4), "tflop_per_image": round(flops_image / 1e12, 4),
         "tflop_one_off_per_image": round((flops_image - args.iterations * flops_step) / 1e12, 4),
         "seconds_per_image": {name: round(s, 4) for name, s in seconds.items()},

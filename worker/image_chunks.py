@@ -27,7 +27,7 @@ from contract.job_requests import ImageJobSpec, JobItem
 from contract.pipelines import PipelineStore
 from contract.settings import get_settings
 from contract.stages import PROCESS_CHUNK, Send, chunk_stage
-from rib_core.config.rib_config import RibConfig
+from rib_core.config.rib_config import RibConfig, RibPlan
 from rib_core.config.stage_configs import RefineConfig
 from rib_core.data.datasets import ImageError, decode_image
 from rib_core.io.artifacts import MARKER, image_key, store_result
@@ -41,9 +41,9 @@ _INPUT_ERRORS = (ImageError, ValueError, ClientError)
 
 
 def process_items(rt: Runtime, store: PipelineStore, job_id: str, items: Sequence[JobItem], rib: RibConfig,
-                  refine: RefineConfig) -> None:
-    """RIB and refinement for a chunk's images, batched where ``rib.engine`` says (by default on
-    CUDA); each image's artifacts are all written before its marker."""
+                  plan: RibPlan, refine: RefineConfig) -> None:
+    """RIB and refinement for a chunk's images, batched where the task's ``plan`` says (by default
+    on CUDA); each image's artifacts are all written before its marker."""
     try:
         pipe = pipeline()
     except Exception as e:  # any load failure is reported on the images, not hidden in a worker log
@@ -60,7 +60,7 @@ def process_items(rt: Runtime, store: PipelineStore, job_id: str, items: Sequenc
         except _INPUT_ERRORS as e:
             store.mark_failed(job_id, item.id, f"cannot use {item.image}: {e}")
     results = pipe.process_many([image for _, image in ready], [item.labels for item, _ in ready], rib,
-                                [item.id for item, _ in ready], refine)
+                                [item.id for item, _ in ready], refine, plan)
     seconds = (time.perf_counter() - started) / max(len(ready), 1)
     for (item, image), result in zip(ready, results, strict=True):
         image_started = time.perf_counter()
@@ -100,14 +100,15 @@ def run_images(job_id: str, send: Send, spec: ImageJobSpec) -> None:
     rt, store = runtime(), staged.pipes(IMAGE).store
     rib, refine = RibConfig.model_validate(spec.rib), RefineConfig.model_validate(spec.refine)
     chunk = spec.chunk_items(send.chunk or 0)
-    group = len(chunk) if rib.batched(str(resolve_device(rt.settings.device))) else 1
+    plan = rib.plan(str(resolve_device(rt.settings.device)))  # resolved once for the task
+    group = len(chunk) if plan.batched else 1
     pause = 1.0
     while True:
         try:
             for start in range(0, len(chunk), group):
                 todo = [item for item in chunk[start:start + group] if claim(rt, store, job_id, send, item)]
                 if todo:
-                    process_items(rt, store, job_id, todo, rib, refine)
+                    process_items(rt, store, job_id, todo, rib, plan, refine)
             store.count_chunk(job_id, spec, send, {}, rt.storage)
             return
         except OUTAGES as e:  # the hard time limit bounds this wait

@@ -54,7 +54,8 @@ def image_seed(seed: int, image_id: str) -> int:
 
 @dataclass(frozen=True)
 class RibPlan:
-    """How RIB runs on one device: every "auto" of a :class:`RibConfig` resolved, once."""
+    """How RIB runs on one device: every "auto" of a :class:`RibConfig` resolved, once per task (an
+    image chunk, a ``run_rib`` run, a ``process_many`` call) and passed down to the engines."""
 
     batched: bool          # several images per step (batched engine), else one at a time (plain engine)
     bf16: bool             # bfloat16 compute in channels_last, else float32

@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rib_core.classifier.cam import LocalizationMap
-from rib_core.config.rib_config import RibConfig, image_seed
+from rib_core.config.rib_config import RibConfig, RibPlan, image_seed
 from rib_core.config.stage_configs import RefineConfig
 from rib_core.data.datasets import load_manifest
 from rib_core.io.artifacts import Artifacts, encode_result
@@ -119,13 +119,15 @@ class PseudoMaskPipeline:
 
     def process_many(self, images: Sequence[np.ndarray], labels: Sequence[Sequence[str]],
                      rib: RibConfig | None = None, image_ids: Sequence[str] | None = None,
-                     refine: RefineConfig | None = None) -> list[ImageResult | Exception]:
+                     refine: RefineConfig | None = None, plan: RibPlan | None = None,
+                     ) -> list[ImageResult | Exception]:
         """RIB (batched where ``rib.engine`` says so: by default on CUDA) and refinement for several
         images. Each image's RIB seed follows from its id (:func:`~rib_core.config.rib_config.image_seed`),
         as in ``rib rib``, so both paths give an image the same M; images without an id share the
         id "". An image with no labels gets the classifier's (:meth:`predict_labels`; its stats
-        say ``labels_from``). ``rib`` and ``refine`` default to the pipeline's config. A failing image
-        gets its exception in place of a result; the others go on."""
+        say ``labels_from``). ``rib`` and ``refine`` default to the pipeline's config; ``plan`` is
+        ``rib.plan`` on this device as the caller's task resolved it (resolved here when not given). A
+        failing image gets its exception in place of a result; the others go on."""
         cfg = rib or self.config.rib
         refine_cfg = refine or self.config.refine
         ids = list(image_ids) if image_ids is not None else [""] * len(images)
@@ -136,10 +138,11 @@ class PseudoMaskPipeline:
                 keys[j] = self.keys_for(names or self.predict_labels(images[j]))
             except (ValueError, RuntimeError) as e:  # unknown labels; the classifier out of memory
                 results[j] = e
-        engine = cfg.plan(str(self.device)).engine
+        plan = plan or cfg.plan(str(self.device))
+        engine = plan.engine
         todo = sorted(keys)
         outcomes = self.batcher.run_all([images[j] for j in todo], [keys[j] for j in todo], cfg,
-                                        [image_seed(cfg.seed, ids[j]) for j in todo])
+                                        [image_seed(cfg.seed, ids[j]) for j in todo], plan)
         for j, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 results[j] = outcome

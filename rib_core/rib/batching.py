@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rib_core.config.rib_config import MAX_IMAGES_PER_BATCH, RibConfig, image_seed
+from rib_core.config.rib_config import MAX_IMAGES_PER_BATCH, RibConfig, RibPlan, image_seed
 from rib_core.data.datasets import Manifest, load_image
 from rib_core.rib.companions import CompanionPool
 from rib_core.rib.process import RibOutcome, RibRunner
@@ -38,11 +38,13 @@ class RibBatcher:
         self.ceiling: dict[tuple, int] = {}          # halved after an out-of-memory batch
 
     def run_all(self, images: Sequence[np.ndarray], keys_list: Sequence[Sequence[int]], cfg: RibConfig,
-                seeds: Sequence[int]) -> list[RibOutcome | Exception]:
+                seeds: Sequence[int], plan: RibPlan | None = None) -> list[RibOutcome | Exception]:
         """RIB for every image with its seed (:func:`~rib_core.config.rib_config.image_seed`), in order;
-        an image that fails gets its exception instead."""
-        if not cfg.plan(str(self.device)).batched:
-            return [_guarded(lambda j=j: self.runner.run(images[j], keys_list[j], cfg, seeds[j]))
+        an image that fails gets its exception instead. ``plan``: ``cfg.plan`` on this device, as the
+        caller resolved it for its task (resolved here when not given)."""
+        plan = plan or cfg.plan(str(self.device))
+        if not plan.batched:
+            return [_guarded(lambda j=j: self.runner.run(images[j], keys_list[j], cfg, seeds[j], plan))
                     for j in range(len(images))]
         results: dict[int, RibOutcome | Exception] = {}
         by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -51,10 +53,10 @@ class RibBatcher:
         for shape, pending in by_size.items():
             key = _memory_key(shape, cfg)
             while pending:
-                n = self.images_per_batch(shape, cfg, len(pending))
+                n = self.images_per_batch(shape, cfg, plan, len(pending))
                 part, pending = pending[:n], pending[n:]
                 try:
-                    outcomes = self._measured_run(key, cfg, [images[j] for j in part],
+                    outcomes = self._measured_run(key, cfg, plan, [images[j] for j in part],
                                                   [keys_list[j] for j in part], [seeds[j] for j in part])
                 except torch.OutOfMemoryError as e:
                     if n > 1:  # the estimate was wrong: retry these at half the size
@@ -66,17 +68,17 @@ class RibBatcher:
                         torch.cuda.empty_cache()
                     continue
                 except Exception:  # isolate the image that fails, keep the others
-                    outcomes = [_guarded(lambda j=j: self.runner.run_many([images[j]], [keys_list[j]], cfg,
-                                                                          [seeds[j]])[0]) for j in part]
+                    outcomes = [_guarded(lambda j=j: self.runner.run_many([images[j]], [keys_list[j]], cfg, [seeds[j]],
+                                                                          plan=plan)[0]) for j in part]
                 results.update(zip(part, outcomes, strict=True))
         return [results[j] for j in range(len(images))]
 
-    def images_per_batch(self, shape: tuple[int, ...], cfg: RibConfig, pending: int) -> int:
+    def images_per_batch(self, shape: tuple[int, ...], cfg: RibConfig, plan: RibPlan, pending: int) -> int:
         """How many images of ``shape`` the next batched step takes: ``cfg.max_images_per_batch``
         when set, else what 90% of the free CUDA memory holds at the measured bytes per image (1
         until measured, and always 1 on the CPU); never more than an out-of-memory retry allows."""
         key = _memory_key(shape, cfg)
-        n = cfg.plan(str(self.device)).images_per_step
+        n = plan.images_per_step
         if not n:
             per_image = self.bytes_per_image.get(key)
             if per_image is None:
@@ -87,13 +89,13 @@ class RibBatcher:
                 n = int(free * FREE_MEMORY_SHARE // per_image)
         return max(1, min(n, pending, self.ceiling.get(key, MAX_IMAGES_PER_BATCH)))
 
-    def _measured_run(self, key: tuple, cfg: RibConfig, images: list[np.ndarray],
+    def _measured_run(self, key: tuple, cfg: RibConfig, plan: RibPlan, images: list[np.ndarray],
                       keys_list: list[Sequence[int]], seeds: list[int]) -> list[RibOutcome]:
         if self.device.type != "cuda":
-            return self.runner.run_many(images, keys_list, cfg, seeds)
+            return self.runner.run_many(images, keys_list, cfg, seeds, plan=plan)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        outcomes = self.runner.run_many(images, keys_list, cfg, seeds)
+        outcomes = self.runner.run_many(images, keys_list, cfg, seeds, plan=plan)
         per_image = -(-(torch.cuda.max_memory_allocated(self.device) - base) // len(images))
         self.bytes_per_image[key] = max(self.bytes_per_image.get(key, 1), per_image)
         return outcomes
@@ -114,7 +116,8 @@ def run_rib(model: CamNet, manifest: Manifest, pool: CompanionPool, out_dir: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     batcher = RibBatcher(RibRunner(model, pool, cfg, device))
-    block = cfg.plan(str(batcher.device)).images_loaded
+    plan = cfg.plan(str(batcher.device))  # resolved once for the whole run
+    block = plan.images_loaded
     todo = [r for r in manifest.records if not (out / f"{r.id}.npz").exists()]
     bar = ImageProgress(total=len(manifest.records), initial=len(manifest.records) - len(todo),
                         desc=f"rib-{cfg.pooling}", disable=not progress)
@@ -123,7 +126,7 @@ def run_rib(model: CamNet, manifest: Manifest, pool: CompanionPool, out_dir: str
         part = todo[start:start + block]
         outcomes = batcher.run_all([load_image(manifest.image_uri(r)) for r in part],
                                    [manifest.label_indices(r) for r in part], cfg,
-                                   [image_seed(cfg.seed, r.id) for r in part])
+                                   [image_seed(cfg.seed, r.id) for r in part], plan)
         for r, outcome in zip(part, outcomes, strict=True):
             bar.update(1)
             if isinstance(outcome, Exception):

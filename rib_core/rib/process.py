@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rib_core.classifier.cam import LocalizationMap, assemble_map, flip_fused
-from rib_core.config.rib_config import RibConfig
+from rib_core.config.rib_config import RibConfig, RibPlan
 from rib_core.rib.companions import CompanionPool, DeviceCompanions
 from rib_core.rib.engines import BatchedEngine, Engine, PlainEngine, TrainablePart, VmappedHead
 from rib_core.rib.objective import (
@@ -167,17 +167,18 @@ class RibRunner:
         return DeviceCompanions(self.pool, self.device)
 
     def run(self, image: np.ndarray, keys: Sequence[int], cfg: RibConfig | None = None,
-            seed: int | None = None) -> RibOutcome:
-        """RIB for one uint8 RGB image with its class indices ``keys`` (the plain engine)."""
+            seed: int | None = None, plan: RibPlan | None = None) -> RibOutcome:
+        """RIB for one uint8 RGB image with its class indices ``keys`` (the plain engine). ``plan``:
+        ``cfg.plan`` on this device as the caller resolved it (resolved here when not given)."""
         cfg = cfg or self.cfg
         if not len(keys):
             raise ValueError("RIB needs at least one class for the image")
         return self._run([image], [sorted(int(k) for k in keys)], cfg, [cfg.seed if seed is None else seed],
-                         batched=False, device_crops=False)[0]
+                         plan or cfg.plan(str(self.device)), batched=False, device_crops=False)[0]
 
     def run_many(self, images: Sequence[np.ndarray], keys_list: Sequence[Sequence[int]],
                  cfg: RibConfig | None = None, seeds: Sequence[int] | None = None,
-                 device_crops: bool = True) -> list[RibOutcome]:
+                 device_crops: bool = True, plan: RibPlan | None = None) -> list[RibOutcome]:
         """RIB for several images of one size in one batched step each (the batched engine).
 
         An image that stops (margin or explosion) keeps its weights from then on while the others
@@ -196,13 +197,14 @@ class RibRunner:
         if not all(keys_list):
             raise ValueError("RIB needs at least one class for every image")
         seeds = list(seeds) if seeds is not None else [cfg.seed] * n
-        return self._run(images, keys_list, cfg, seeds, batched=True, device_crops=device_crops)
+        return self._run(images, keys_list, cfg, seeds, plan or cfg.plan(str(self.device)), batched=True,
+                         device_crops=device_crops)
 
     def _run(self, images: Sequence[np.ndarray], keys_list: list[list[int]], cfg: RibConfig, seeds: list[int],
-             batched: bool, device_crops: bool) -> list[RibOutcome]:
+             plan: RibPlan, batched: bool, device_crops: bool) -> list[RibOutcome]:
         started = time.perf_counter()
         companions = self._companion_steps(keys_list, cfg, seeds, device_crops)  # starts reading them now
-        engine = self._engine(cfg, len(images) if batched else 0)
+        engine = self._engine(cfg, plan, len(images) if batched else 0)
         scales = list(cfg.map_scales)
         lows = [engine.low(torch.stack(per_image)) for per_image in
                 zip(*(multiscale_flip_batches(im, tuple(scales)) for im in images), strict=True)]
@@ -217,9 +219,8 @@ class RibRunner:
                            STOP_REASONS[reasons[j]], sums[j][: steps[j]], elapsed, len(images), lrs[j])
                 for j in range(len(images))]
 
-    def _engine(self, cfg: RibConfig, batch: int) -> Engine:
+    def _engine(self, cfg: RibConfig, plan: RibPlan, batch: int) -> Engine:
         """The engine of this run, from the shared weights: batched for ``batch`` images, plain when 0."""
-        plan = cfg.plan(str(self.device))
         if not batch:
             return PlainEngine(self.work, self.shared_state, self.head, cfg, plan, self.device)
         return BatchedEngine(self.work, self.shared_state, self.head, self.vmapped.function(cfg.compile), cfg, plan,
