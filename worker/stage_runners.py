@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from contract.stages import STAGES, PipelineSpec
+from contract.stages import STAGE, STAGES, PipelineSpec, Stage
 from contract.training import TrainingSpec
 from rib_core.io.artifacts import (
     PIPELINE_INDEX,
@@ -32,20 +32,23 @@ from worker.tasks import Runtime
 log = logging.getLogger(__name__)
 
 
-def pull(rt: Runtime, job_id: str, folder: str, work: Path) -> None:
-    """Copy the job's ``folder`` from storage into ``work`` (each file written whole, then renamed)."""
+def pull(rt: Runtime, job_id: str, stage: Stage, work: Path) -> None:
+    """Copy what ``stage`` wrote (its folders in the registry) from the job's prefix in storage into
+    ``work`` (each file written whole, then renamed)."""
     root = pipeline_key(job_id)
-    for key in rt.storage.list(pipeline_key(job_id, folder) + "/"):
-        path = work / key[len(root):]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_bytes(rt.storage.get(key))
-        os.replace(tmp, path)
+    for folder in STAGE[stage].folders:
+        for key in rt.storage.list(pipeline_key(job_id, folder) + "/"):
+            path = work / key[len(root):]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.part")
+            tmp.write_bytes(rt.storage.get(key))
+            os.replace(tmp, path)
 
 
-def push(rt: Runtime, job_id: str, work: Path, folder: str, only: Callable[[Path], bool] = lambda p: True) -> None:
-    """Copy ``work/folder`` to the job's prefix in storage (every object is written whole)."""
-    for path in sorted((work / folder).rglob("*")):
+def push(rt: Runtime, job_id: str, work: Path, stage: Stage, only: Callable[[Path], bool] = lambda p: True) -> None:
+    """Copy ``stage``'s folders (the registry's) from ``work`` to the job's prefix in storage (every
+    object is written whole)."""
+    for path in sorted(p for folder in STAGE[stage].folders for p in (work / folder).rglob("*")):
         if path.is_file() and not path.name.startswith(".") and only(path):
             rt.storage.put(pipeline_key(job_id, path.relative_to(work).as_posix()), path.read_bytes())
 
@@ -92,11 +95,11 @@ def run_refine(rt: Runtime, job_id: str, spec: PipelineSpec, work: Path, device:
     from rib_core.jobs.stages import refine_stage
 
     pull(rt, job_id, "maps", work)
-    pull(rt, job_id, "refined", work)
+    pull(rt, job_id, "refine", work)
     hook = epoch_hook(rt, job_id, "refine", work, "refined/irn_state.pth", spec.refine.irn.epochs)
     report = refine_stage(work, frozen_manifest(job_id, spec), classifier_uri(rt, job_id, spec), spec.refine,
                           device, hook)
-    push(rt, job_id, work, "refined")
+    push(rt, job_id, work, "refine")
     index = pipeline_index(job_id, spec.image_ids, rt.storage.list(pipeline_key(job_id)))
     rt.storage.put(pipeline_key(job_id, PIPELINE_INDEX), json.dumps(index, indent=1).encode(), "application/json")
     return report
