@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks import sections
 from benchmarks.classifier_recipes import SCENES, run_one
 from rib_core.experiments.demo_job import DemoJobConfig, scene_classifier
 from rib_core.runtime.provenance import run_record
@@ -100,13 +100,15 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(table)
 
 
-def section(result: dict[str, Any] | None, provenance: Callable[[dict[str, Any]], str]) -> str:
-    """docs/RESULTS.md's section (:mod:`benchmarks.results` passes its ``provenance`` line): the scene
-    classifier's length, fixed against the validation-curve rule, on recipes it was not chosen on."""
-    head = ("## The classifier's length: 3 epochs or the validation curve (`benchmarks/bench_classifier_length.py`, "
-            "`docs/results/bench_classifier_length.json`)\n\n")
-    if result is None:
-        return head + f"No result committed yet. To produce it: `{LENGTH_HOWTO}`.\n"
+def section(result: dict[str, Any] | None) -> str:
+    """docs/RESULTS.md's section: the scene classifier's length, fixed against the validation-curve
+    rule, on recipes it was not chosen on."""
+    return sections.section("## The classifier's length: 3 epochs or the validation curve "
+                            "(`benchmarks/bench_classifier_length.py`, `docs/results/bench_classifier_length.json`)",
+                            result, f"`{LENGTH_HOWTO}`", _paragraphs)
+
+
+def _paragraphs(result: dict[str, Any]) -> list[str]:
     rule = next((r["config"] for r in result["runs"] if r["arm"] == "plateau"), None)
     rule_text = "" if rule is None else (f" (ended when val mAP has not risen by {100 * rule['min_delta']:g} points "
                                          f"for {rule['patience']} epochs)")
@@ -116,7 +118,7 @@ def section(result: dict[str, Any] | None, provenance: Callable[[dict[str, Any]]
              f"rule{rule_text}, its best epoch kept; epochs run are out of the most the recipe allows. Seed "
              f"{', '.join(map(str, TUNING_SEEDS))} is the tuning seed; the others were never used to choose a "
              "setting. The gathering call's record:")
-    return head + "\n\n".join([intro, provenance(result), markdown(result)]) + "\n"
+    return [intro, sections.provenance(result), markdown(result)]
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import sections
 from benchmarks.bench_lr import spread
 from rib_core.classifier.cam import run_cam
 from rib_core.config.rib_config import RibConfig
@@ -179,18 +180,18 @@ def scope(result: dict[str, Any]) -> str:
 
 def section(result: dict[str, Any] | None) -> str:
     """docs/RESULTS.md's section: provenance, scope, the stage table, the per-seed mIoU."""
-    from benchmarks.results import provenance
+    return sections.section("## Scenes with the paper's premise (`benchmarks/bench_premise.py`, "
+                            "`docs/results/bench_premise.json`)", result, f"`{HOWTO}`", _paragraphs)
 
-    head = "## Scenes with the paper's premise (`benchmarks/bench_premise.py`, `docs/results/bench_premise.json`)\n\n"
-    if result is None:
-        return head + f"No result committed yet. To produce it: `{HOWTO}`.\n"
+
+def _paragraphs(result: dict[str, Any]) -> list[str]:
     per_seed = ["| stage | " + " | ".join(f"seed {r['data_seed']}" for r in result["per_seed"]) + " |",
                 "|---" * (1 + len(result["per_seed"])) + "|"]
     for key in result["stages"]:
         per_seed.append(f"| {LABELS[key]} | " + " | ".join(f"{100 * r[key]['miou']:.1f}" for r in result["per_seed"])
                         + " |")
-    return head + "\n\n".join([provenance(result), f"Made by `{HOWTO}`. " + scope(result), stage_table(result),
-                                goal(result), "mIoU % per seed:", "\n".join(per_seed)]) + "\n"
+    return [sections.provenance(result), f"Made by `{HOWTO}`. " + scope(result), stage_table(result), goal(result),
+            "mIoU % per seed:", "\n".join(per_seed)]
 
 
 def goal(result: dict[str, Any]) -> str:
@@ -208,13 +209,11 @@ def goal(result: dict[str, Any]) -> str:
 
 def readme_block(result: dict[str, Any] | None) -> str:
     """The README's block: what the scenes are, provenance and the short stage table."""
-    from benchmarks.results import provenance
-
     what = ("Scenes with the paper's premise (`benchmarks/bench_premise.py`: digit heads on larger, weakly "
             "class-specific bodies, mask = head + body; mean ± sd over held-out seeds)")
     if result is None:
         return f"{what}: no result committed yet: `{HOWTO}`."
-    return "\n\n".join([f"{what}. {provenance(result)}", stage_table(result, short=True)])
+    return "\n\n".join([f"{what}. {sections.provenance(result)}", stage_table(result, short=True)])
 
 
 def main() -> None:

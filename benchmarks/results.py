@@ -21,8 +21,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from benchmarks.bench_classifier_length import section as length_section
 from benchmarks.bench_premise import readme_block as premise_block
 from benchmarks.bench_premise import section as premise_section
+from benchmarks.sections import provenance, section
 from rib_core.data.datasets import load_manifest
 from rib_core.experiments.demo_job import report_rows
 from rib_core.experiments.study import ROWS
@@ -63,19 +65,6 @@ def load(folder: Path, stem: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def provenance(result: dict[str, Any]) -> str:
-    """One line: when, from which commit and on which machine the file's figures were measured."""
-    run = result.get("run")
-    if not run:
-        return "*Date, commit and machine: not recorded in this file.*"
-    m = run["machine"]
-    load = m.get("load_average_1m")
-    busy = "" if load is None else f", load average {load} at the start"
-    return (f"*Measured {run['date']} (UTC), commit `{run['commit']}`, on {m['device_name']} ({m['device']}; "
-            f"{m['cpus']} CPUs, torch threads: {m['torch_threads']}{busy}), Python {m['python']}, "
-            f"torch {m['torch']}.*")
-
-
 def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -106,25 +95,24 @@ def demo_summary(report: dict[str, Any]) -> str:
 
 
 def demo_section(report: dict[str, Any] | None) -> str:
-    head = "## The demo (`rib demo`, `docs/results/demo.json`)\n\n"
-    if report is None:
-        return head + f"No result committed yet. To produce it: {DEMO_HOWTO}.\n"
-    return head + "\n\n".join([provenance(report), demo_table(report), demo_summary(report)]) + "\n"
+    return section("## The demo (`rib demo`, `docs/results/demo.json`)", report, DEMO_HOWTO,
+                   lambda r: [provenance(r), demo_table(r), demo_summary(r)])
 
 
 def study_section(summary: dict[str, Any] | None) -> str:
-    head = "## Every stage's gain over seeds (`rib study`, `docs/results/study.json`)\n\n"
-    if summary is None:
-        return head + f"No result committed yet. To produce it: {STUDY_HOWTO}.\n"
+    return section("## Every stage's gain over seeds (`rib study`, `docs/results/study.json`)", summary,
+                   STUDY_HOWTO, study_paragraphs)
+
+
+def study_paragraphs(summary: dict[str, Any]) -> list[str]:
     labels = dict(ROWS)
     seeds = [str(s) for s in summary["seeds"]]
     per_seed = ["| stage | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for key in summary["table"]:
         per_seed.append(f"| {labels[key].strip()} | " + " | ".join(pct(summary["per_seed"][s][key]) for s in seeds)
                         + " |")
-    return head + "\n\n".join([provenance(summary), f"{summary['images']} scored training images, "
-                               f"{summary['val_images']} validation images; {summary['note']}.",
-                               study_markdown(summary).strip(), "\n".join(per_seed)]) + "\n"
+    return [provenance(summary), f"{summary['images']} scored training images, {summary['val_images']} "
+            f"validation images; {summary['note']}.", study_markdown(summary).strip(), "\n".join(per_seed)]
 
 
 SCALE_HOWTO = ("`OMP_NUM_THREADS=1 python -m benchmarks.bench_scale --sizes 1000 10000 100000 --submit "
@@ -200,11 +188,9 @@ def scale_summary(report: dict[str, Any]) -> str:
 def scale_section(report: dict[str, Any] | None) -> str:
     from benchmarks.bench_scale import table
 
-    head = "### Data-set scale: per-chunk overhead, memory, submit latency (`benchmarks/bench_scale.py`)\n\n"
-    if report is None:
-        return head + f"No result committed yet. To produce it: {SCALE_HOWTO}.\n"
-    return head + "\n\n".join([provenance(report), scale_summary(report), "Every figure of the run:",
-                                table(report)]) + "\n"
+    return section("### Data-set scale: per-chunk overhead, memory, submit latency (`benchmarks/bench_scale.py`)",
+                   report, SCALE_HOWTO,
+                   lambda r: [provenance(r), scale_summary(r), "Every figure of the run:", table(r)])
 
 
 def spread_text(value: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -215,11 +201,13 @@ def spread_text(value: dict[str, float] | None, scale: float = 1.0, digits: int 
 
 
 def lr_section(result: dict[str, Any] | None) -> str:
+    return section("## RIB's step size across classifier recipes (`benchmarks/bench_lr.py`, "
+                   "`docs/results/bench_lr.json`)", result, f"`{LR_HOWTO}`", lr_paragraphs)
+
+
+def lr_paragraphs(result: dict[str, Any]) -> list[str]:
     """RIB's step size across classifier recipes: every setting's movement and score, and the
     settings chosen on the tuning half, scored on the other half."""
-    head = "## RIB's step size across classifier recipes (`benchmarks/bench_lr.py`, `docs/results/bench_lr.json`)\n\n"
-    if result is None:
-        return head + f"No result committed yet. To produce it: `{LR_HOWTO}`.\n"
     images = result["images"]
     intro = (f"Made by `{LR_HOWTO}`. {result['seeds']} classifier seeds per recipe (mean ± sd over them); RIB on "
              f"{images['tuning'] + images['scored']} training scenes, settings chosen on {images['tuning']} and "
@@ -244,13 +232,7 @@ def lr_section(result: dict[str, Any] | None) -> str:
                           f"{spread_text(rows['cam_scored_miou'], 100)} | {rule.removeprefix('chosen_')} | "
                           f"{', '.join(pick['picked'])} | "
                           f"{spread_text(pick['scored_miou'], 100)} | {spread_text(pick['gain_over_cam'], 100)} |")
-    return head + "\n\n".join([provenance(result), intro, "\n".join(lines), "\n".join(chosen)]) + "\n"
-
-
-def length_section(result: dict[str, Any] | None) -> str:
-    from benchmarks.bench_classifier_length import section
-
-    return section(result, provenance)
+    return [provenance(result), intro, "\n".join(lines), "\n".join(chosen)]
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -261,12 +243,11 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def bench_section(stem: str, title: str, command: str, result: dict[str, Any] | None) -> str:
-    head = f"### {title} (`benchmarks/{stem}.py`)\n\n"
-    if result is None:
-        return head + f"No result committed yet. To produce it: `{command}`.\n"
-    rows = [f"| `{k}` | {v} |" for k, v in flatten({k: v for k, v in result.items() if k != "run"})]
-    table = "\n".join(["| figure | value |", "|---|---|", *rows])
-    return head + provenance(result) + f" Made by `{command}`.\n\n{table}\n"
+    def paragraphs(r: dict[str, Any]) -> list[str]:
+        rows = [f"| `{k}` | {v} |" for k, v in flatten({k: v for k, v in r.items() if k != "run"})]
+        return [provenance(r) + f" Made by `{command}`.", "\n".join(["| figure | value |", "|---|---|", *rows])]
+
+    return section(f"### {title} (`benchmarks/{stem}.py`)", result, f"`{command}`", paragraphs)
 
 
 def results_doc(folder: Path = RESULTS_DIR) -> str:

@@ -83,7 +83,7 @@ def _thicken(digit: np.ndarray) -> np.ndarray:
     return np.max([p[i:i + digit.shape[0], j:j + digit.shape[1]] for i in range(3) for j in range(3)], 0)
 
 
-def _background(rng: np.random.Generator, cfg: DemoDataConfig) -> np.ndarray:
+def draw_background(rng: np.random.Generator, cfg: DemoDataConfig) -> np.ndarray:
     """Float HxWx3 in [0, 255], darker than the digits (140-255)."""
     size = cfg.canvas
     base = rng.uniform(10, 60, 3)
@@ -106,7 +106,7 @@ def _background(rng: np.random.Generator, cfg: DemoDataConfig) -> np.ndarray:
     return np.clip(canvas, 0, 255)
 
 
-def _glyph(rng: np.random.Generator, images: np.ndarray, by_class: dict[int, np.ndarray], cls: int,
+def glyph_of(rng: np.random.Generator, images: np.ndarray, by_class: dict[int, np.ndarray], cls: int,
            side: int) -> np.ndarray:
     """A random digit of class ``cls`` at ``side`` px, thickened: float HxW alpha in [0, 1]."""
     digit = images[rng.choice(by_class[cls])]
@@ -114,14 +114,14 @@ def _glyph(rng: np.random.Generator, images: np.ndarray, by_class: dict[int, np.
     return _thicken(glyph).astype(np.float32) / 255.0
 
 
-def _paste(canvas: np.ndarray, alpha: np.ndarray, top: int, left: int, colour: np.ndarray) -> None:
+def paste(canvas: np.ndarray, alpha: np.ndarray, top: int, left: int, colour: np.ndarray) -> None:
     """Blend ``colour`` into ``canvas`` (in place) through ``alpha`` placed at (top, left)."""
     h, w = alpha.shape
     region = canvas[top:top + h, left:left + w]
     canvas[top:top + h, left:left + w] = region * (1 - alpha[..., None]) + colour * alpha[..., None]
 
 
-def _digit_colour(rng: np.random.Generator, cfg: DemoDataConfig) -> np.ndarray:
+def digit_colour(rng: np.random.Generator, cfg: DemoDataConfig) -> np.ndarray:
     """A digit's colour: bright (140-255), coloured or grey."""
     return rng.uniform(140, 255, 3) if cfg.colour == "colour" else np.full(3, rng.uniform(140, 255))
 
@@ -129,7 +129,7 @@ def _digit_colour(rng: np.random.Generator, cfg: DemoDataConfig) -> np.ndarray:
 def _scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int, np.ndarray],
            cfg: DemoDataConfig) -> Scene:
     size = cfg.canvas
-    canvas = _background(rng, cfg)
+    canvas = draw_background(rng, cfg)
     mask = np.zeros((size, size), np.uint8)
     occupied = np.zeros((size, size), bool)
     n = int(rng.integers(cfg.min_per_image, cfg.max_per_image + 1))
@@ -137,14 +137,14 @@ def _scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int, np.
     placed: list[int] = []
     for cls in classes:
         side = int(rng.integers(cfg.digit_size[0], min(cfg.digit_size[1], size) + 1))
-        glyph = _glyph(rng, images, by_class, int(cls), side)
+        glyph = glyph_of(rng, images, by_class, int(cls), side)
         for _ in range(30):  # rejection sampling for a free spot
             top, left = rng.integers(0, size - side + 1, 2)
             if not occupied[top:top + side, left:left + side].any():
                 break
         else:
             continue
-        _paste(canvas, glyph, top, left, _digit_colour(rng, cfg))
+        paste(canvas, glyph, top, left, digit_colour(rng, cfg))
         mask[top:top + side, left:left + side][glyph > 0.5] = cfg.digits.index(int(cls)) + 1
         occupied[top:top + side, left:left + side] = True
         placed.append(int(cls))

@@ -28,10 +28,10 @@ from rib_core.data.demo_data import (
     DemoDataConfig,
     DemoDataset,
     Scene,
-    _background,
-    _digit_colour,
-    _glyph,
-    _paste,
+    digit_colour,
+    draw_background,
+    glyph_of,
+    paste,
     write_scenes,
 )
 from rib_core.io.localization_map import LocalizationMap
@@ -101,7 +101,7 @@ def part_scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int,
     """One canvas of head-on-body objects: its mask (head strokes + body) and two layers, ``parts``
     (the head's square 1, the body 2) and ``objects`` (each object's label over its square and body)."""
     size = cfg.canvas
-    canvas = _background(rng, cfg)
+    canvas = draw_background(rng, cfg)
     mask = np.zeros((size, size), np.uint8)
     parts = np.zeros((size, size), np.uint8)
     objects = np.zeros((size, size), np.uint8)
@@ -111,7 +111,7 @@ def part_scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int,
     placed: list[int] = []
     for cls in (int(c) for c in classes):
         side = int(rng.integers(cfg.digit_size[0], min(cfg.digit_size[1], size) + 1))
-        glyph = _glyph(rng, images, by_class, cls, side)
+        glyph = glyph_of(rng, images, by_class, cls, side)
         for _ in range(30):  # rejection sampling: a body that fits the canvas, in a free spot
             body, h, w, head_top, head_left = _object(rng, cfg, side)
             if h > size or w > size:
@@ -125,8 +125,8 @@ def part_scene(rng: np.random.Generator, images: np.ndarray, by_class: dict[int,
         box[head_top:head_top + side, head_left:head_left + side] = True
         strokes = np.zeros((h, w), bool)
         strokes[head_top:head_top + side, head_left:head_left + side] = glyph > 0.5
-        _paste(canvas, body.astype(np.float32), top, left, _body(rng, cfg, cls, h, w))
-        _paste(canvas, glyph, top + head_top, left + head_left, _digit_colour(rng, cfg))
+        paste(canvas, body.astype(np.float32), top, left, _body(rng, cfg, cls, h, w))
+        paste(canvas, glyph, top + head_top, left + head_left, digit_colour(rng, cfg))
         label = cfg.digits.index(cls) + 1
         window = (slice(top, top + h), slice(left, left + w))
         mask[window][body | strokes] = label
