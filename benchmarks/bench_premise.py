@@ -32,41 +32,29 @@ import torch
 from benchmarks import sections
 from benchmarks.bench_lr import spread
 from rib_core.classifier.cam import run_cam
-from rib_core.config.rib_config import RibConfig
 from rib_core.data.datasets import Manifest, load_manifest, load_mask
 from rib_core.data.evaluation import seed_from_map, sweep_folder
 from rib_core.data.part_scenes import (
     OBJECTS,
     PARTS,
+    PREMISE_SCENES,
     PartSceneConfig,
     layer_path,
     make_part_scenes,
     part_mass,
     part_recall,
 )
-from rib_core.experiments.demo_job import DemoJobConfig, scene_classifier, train_demo_classifier
+from rib_core.experiments.demo_job import DemoJobConfig, canvas_rib, fitted_job, train_demo_classifier
 from rib_core.io.localization_map import LocalizationMap
 from rib_core.jobs.stages import maps_stage, refine_stage
 from rib_core.runtime.provenance import run_record
 from rib_core.training.checkpoints import load_classifier
 
-CANVAS = 112
-# Chosen on the tuning seeds (scenes 100, classifier 101; docs/results/bench_premise_tuning.json): heads
-# of 24-34 px on 1,000 scenes left the classifier at 73% mAP; 28-40 px on 1,500 reached 91%, but with
-# bodies of 1.2-2.0 head squares CAM's recall stayed at the demo's (70%); at 2.0-3.0 it fell to 52%.
-DATA = PartSceneConfig(n_train=1500, n_val=100, canvas=CANVAS, digit_size=(28, 40), max_per_image=2)
+DATA = PREMISE_SCENES
 # The demo's RIB with its sizes scaled to the canvas (crop = canvas, resize-long 0.75-1.25 of it).
-RIB = RibConfig(crop_size=CANVAS, resize_long=(round(0.75 * CANVAS), round(1.25 * CANVAS)), companions=8)
+RIB = canvas_rib(DATA.canvas)
 SETTINGS = {"rib_paper": RIB, "rib_first_step": RIB.model_copy(update={"lr_rule": "first_step", "step_gain": 0.3})}
 METRICS = ("miou", "precision", "recall", "head_recall", "body_recall", "mass_head", "mass_body", "mass_elsewhere")
-
-
-def job_config(data: PartSceneConfig, irn: bool) -> DemoJobConfig:
-    """The demo's job with the part scenes, the classifier recipe and IRN's crop fitted to the canvas."""
-    demo = DemoJobConfig()
-    refine = demo.refine.model_copy(update={"use_irn": irn, "irn": demo.refine.irn.model_copy(
-        update={"crop_size": data.canvas})})
-    return demo.model_copy(update={"data": data, "classifier": scene_classifier(data.canvas), "refine": refine})
 
 
 def score_maps(maps: Path, subset: Manifest, job: DemoJobConfig) -> dict[str, float]:
@@ -93,7 +81,7 @@ def mask_scores(report: dict[str, Any]) -> dict[str, float]:
 def run_seed(work: Path, data_seed: int, train_seed: int, data: PartSceneConfig, images: int, cam_only: bool,
              irn: bool) -> dict[str, Any]:
     """Every stage with one seed under ``work`` (resumable: each stage keeps what it wrote)."""
-    job = job_config(data.model_copy(update={"seed": data_seed}), irn)
+    job = fitted_job(DemoJobConfig(), data.model_copy(update={"seed": data_seed}), irn=irn)
     if not (work / "data" / "val.jsonl").exists():
         make_part_scenes(work / "data", job.data)
     train = load_manifest(work / "data" / "train.jsonl")

@@ -43,6 +43,10 @@ DEMO_HOWTO = ("`rib demo --out runs/demo` (or `bash scripts/demo.sh`), then "
               "`python -m benchmarks.results --demo runs/demo`")
 STUDY_HOWTO = ("`rib study --out runs/study` (about 50 min on 2 cores), then "
                "`cp runs/study/study.json docs/results/study.json` and `python -m benchmarks.results`")
+STUDY_AT_SIZE_HOWTO = ("`OMP_NUM_THREADS=1 python -m benchmarks.study_at_size --scenes {scenes} --out "
+                       "runs/study_{scenes}` (about 45 min per seed on one core), then "
+                       "`cp runs/study_{scenes}/study.json docs/results/study_{scenes}.json` and "
+                       "`python -m benchmarks.results`")
 LR_HOWTO = "OMP_NUM_THREADS=1 python -m benchmarks.bench_lr > docs/results/bench_lr.json"
 # (file stem, title, the command that writes the file)
 BENCHMARKS = (
@@ -99,9 +103,26 @@ def demo_section(report: dict[str, Any] | None) -> str:
                    lambda r: [provenance(r), demo_table(r), demo_summary(r)])
 
 
-def study_section(summary: dict[str, Any] | None) -> str:
-    return section("## Every stage's gain over seeds (`rib study`, `docs/results/study.json`)", summary,
-                   STUDY_HOWTO, study_paragraphs)
+# (file stem, title, how to make it): the 24-image study, and the study at size on both recipes
+STUDIES = (
+    ("study", "Every stage's gain over seeds (`rib study`, `docs/results/study.json`)", STUDY_HOWTO),
+    *((f"study_{scenes}", f"`rib study` at size on the {what} (`benchmarks/study_at_size.py`, "
+                          f"`docs/results/study_{scenes}.json`)", STUDY_AT_SIZE_HOWTO.format(scenes=scenes))
+      for scenes, what in (("demo", "demo's scenes"), ("parts", "premise benchmark's part scenes"))),
+)
+
+
+def study_section(title: str, summary: dict[str, Any] | None, howto: str) -> str:
+    return section(f"## {title}", summary, howto, study_paragraphs)
+
+
+def study_scope(summary: dict[str, Any]) -> str:
+    """Which images each row is scored on, and which seeds are in."""
+    held = summary.get("held_out_images", 0)
+    return (f"{summary['images']} training images per seed (RIB maps, IRN and DeepLab training, scored)"
+            + (f", {held} held-out training images (maps, refined by that IRN, scored apart)" if held else "")
+            + f", {summary['val_images']} validation images (DeepLab); seeds {', '.join(map(str, summary['seeds']))}"
+            f"; {summary['note']}.")
 
 
 def study_paragraphs(summary: dict[str, Any]) -> list[str]:
@@ -111,8 +132,43 @@ def study_paragraphs(summary: dict[str, Any]) -> list[str]:
     for key in summary["table"]:
         per_seed.append(f"| {labels[key].strip()} | " + " | ".join(pct(summary["per_seed"][s][key]) for s in seeds)
                         + " |")
-    return [provenance(summary), f"{summary['images']} scored training images, {summary['val_images']} "
-            f"validation images; {summary['note']}.", study_markdown(summary).strip(), "\n".join(per_seed)]
+    return [provenance(summary), study_scope(summary), study_markdown(summary).strip(), "\n".join(per_seed)]
+
+
+# The README's study rows: the chain's stages, then the gains the issue's goals name
+STUDY_BLOCK_ROWS = ("cam_seed", "rib_gndrp_seed", "seed_crf", "irn_mask", "seed_crf_held_out", "irn_mask_held_out",
+                    "deeplab_pseudo", "deeplab_full", "rib_gndrp_seed - cam_seed", "irn_mask - seed_crf",
+                    "irn_mask_held_out - seed_crf_held_out")
+
+
+def _mean_sd(stat: dict[str, float] | None, sign: str = "") -> str:
+    return "-" if stat is None else f"{100 * stat['mean']:{sign}.1f} ± {100 * stat['std']:.1f}"
+
+
+def study_block(folder: Path) -> str:
+    """The README's summary of the study at size: one column per recipe, stage means ± sd over its
+    seeds and the paired differences, with each file's provenance."""
+    studies = [(title.split(" (")[0].removeprefix("`rib study` at size on the "), load(folder, stem), howto)
+               for stem, title, howto in STUDIES[1:]]
+    missing = [f"{name}: no result committed yet ({howto})." for name, summary, howto in studies if summary is None]
+    done = [(name, summary) for name, summary, _ in studies if summary is not None]
+    if not done:
+        return "\n\n".join(missing)
+    labels = dict(ROWS)
+    lines = ["| stage (mIoU %, mean ± sd over seeds) | " + " | ".join(
+        f"{name} ({len(summary['seeds'])} seeds)" for name, summary in done) + " |", "|---|" + "---|" * len(done)]
+    for key in STUDY_BLOCK_ROWS:
+        a, _, b = key.partition(" - ")
+        name = f"{labels[a].strip()} − {labels[b].strip()} (points)" if b else labels[key].strip()
+        cells = [_mean_sd(summary["differences"].get(key), "+") if b else _mean_sd(summary["table"].get(key))
+                 for _, summary in done]
+        if any(c != "-" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    fractions = [summary.get("deeplab_fraction_of_full") for _, summary in done]
+    if any(fractions):
+        lines.append("| DeepLab on pseudo-masks / on true masks (%) | " + " | ".join(map(_mean_sd, fractions)) + " |")
+    head = " ".join(f"**{name}:** {provenance(summary)} {study_scope(summary)}" for name, summary in done)
+    return "\n\n".join([head, "\n".join(lines), *missing])
 
 
 SCALE_HOWTO = ("`OMP_NUM_THREADS=1 python -m benchmarks.bench_scale --sizes 1000 10000 100000 --submit "
@@ -258,7 +314,7 @@ def results_doc(folder: Path = RESULTS_DIR) -> str:
         "section states the date, commit and machine its file recorded. Scores are on MNIST scenes (the "
         "demo data), not on VOC or COCO; mIoU in percent.\n",
         demo_section(load(folder, "demo")),
-        study_section(load(folder, "study")),
+        *(study_section(title, load(folder, stem), howto) for stem, title, howto in STUDIES),
         lr_section(load(folder, "bench_lr")),
         length_section(load(folder, "bench_classifier_length")),
         premise_section(load(folder, "bench_premise")),
@@ -299,7 +355,7 @@ def readme_blocks(folder: Path = RESULTS_DIR, picture: Path = PICTURE) -> dict[s
                    else "\n\n".join([provenance(scale), scale_summary(scale)]))
     performance += "\n\n" + submit_lines(load(folder, "bench_submit"))
     return {"demo picture": shown, "demo table": table, "premise": premise_block(load(folder, "bench_premise")),
-            "performance": performance}
+            "study": study_block(folder), "performance": performance}
 
 
 def with_readme_blocks(readme: str, blocks: dict[str, str]) -> str:

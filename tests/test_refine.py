@@ -154,6 +154,15 @@ def test_confident_labels_on_demo(demo: DemoDataset) -> None:
         ConfidentLabelConfig(fg_threshold=0.1, bg_threshold=0.2)
 
 
+def test_confident_labels_follow_the_seed_threshold() -> None:
+    fixed = ConfidentLabelConfig()
+    assert fixed.at_seed(0.45) == fixed  # the official behaviour: the thresholds as given
+    low = ConfidentLabelConfig(follow_seed=True).at_seed(0.05)  # a third of RIB's 0.15
+    assert low.fg_threshold == pytest.approx(0.35 / 3) and low.bg_threshold == pytest.approx(0.17 / 3)
+    high = ConfidentLabelConfig(follow_seed=True).at_seed(0.60)  # 4x would put fg at 1.4
+    assert high.fg_threshold == pytest.approx(0.95) and 0 < high.bg_threshold < high.fg_threshold
+
+
 def test_apply_saliency_ignores_disagreement() -> None:
     mask = np.array([[0, 3, 3, 255], [0, 0, 3, 0]], np.uint8)
     saliency = np.array([[0, 255, 0, 255], [255, 0, 200, 100]], np.uint8)

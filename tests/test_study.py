@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -34,3 +35,52 @@ def test_deeplab_is_reported_as_a_fraction_of_full_supervision():
     per_seed = {0: {"deeplab_pseudo": 0.30, "deeplab_full": 0.60}, 1: {"deeplab_pseudo": 0.45, "deeplab_full": 0.50}}
     s = summarise(per_seed)
     assert s["deeplab_fraction_of_full"]["mean"] == pytest.approx((0.5 + 0.9) / 2)
+
+
+def test_a_tiny_study_on_part_scenes_scores_the_held_out_images_apart(tmp_path):
+    """The whole chain at study size's shape (issue 24 part 5), as small as it runs: part scenes, IRN
+    trained on the first images' confident labels (following the seed threshold) and applied to
+    held-out ones with the seed threshold and walk chosen on the first, both DeepLabs; a rerun
+    resumes every stage."""
+    from rib_core.config.network_configs import DeepLabTrainConfig
+    from rib_core.config.rib_config import RibConfig
+    from rib_core.config.stage_configs import ConfidentLabelConfig, IrnTrainConfig, RefineConfig
+    from rib_core.data.datasets import load_manifest
+    from rib_core.data.part_scenes import PREMISE_SCENES
+    from rib_core.experiments.demo_job import DemoJobConfig
+    from rib_core.experiments.study import StudyConfig, run_study
+
+    parts = PREMISE_SCENES.model_copy(update={"n_train": 24, "n_val": 8, "canvas": 64, "digit_size": (18, 24),
+                                              "digits": [0, 1, 2]})
+    demo = DemoJobConfig(pretrain=None, n_images=6, rib=RibConfig(iterations=3, companions=2), refine=RefineConfig(
+        irn=IrnTrainConfig(arch="resnet18", batch_size=4, epochs=1, radius=5),
+        labels=ConfidentLabelConfig(follow_seed=True)))
+    cfg = StudyConfig(seeds=[0], demo=demo, parts=parts, held_out=3, use_gap=False, walk_exp_times=[2, 4],
+                      walk_thresholds=[0.3, 0.7],
+                      deeplab=DeepLabTrainConfig(arch="resnet18", batch_size=4, iterations=2, lr=2e-3,
+                                                 freeze_bn=False, msc_scales=[]))
+    job = cfg.job()  # the sizes follow the scenes' canvas; the rest is the job's own
+    assert job.data.canvas == 64 and job.refine.irn.crop_size == 64 and job.rib.crop_size == 64
+    assert job.rib.iterations == 3 and job.classifier.crop_size < 64
+    first = run_study(tmp_path, cfg, progress=False)
+    row = first["per_seed"][0]
+    for key in ("cam_seed", "rib_gndrp_seed", "seed_crf", "irn_mask", "seed_crf_held_out", "irn_mask_held_out",
+                "deeplab_pseudo", "deeplab_full"):
+        assert 0 <= row[key] <= 1, key
+    assert "rib_gap_seed" not in row and first["held_out_images"] == 3 and first["scenes"] == "parts"
+    seed_dir = tmp_path / "seed_0"
+    held = json.loads((seed_dir / "refined_held_out" / "report.json").read_text())
+    refined = json.loads((seed_dir / "refined" / "report.json").read_text())
+    assert held["images"] == 3 and held["seed_threshold"] == refined["seed_threshold"]  # chosen on the first 6
+    assert held["irn_checkpoint"] == refined["irn_checkpoint"]  # IRN trained on the first images only
+    walk = held["config"]["walk"]  # chosen on the first images from the study's grid
+    assert (walk["exp_times"], walk["bg_threshold"]) == (row["walk_exp_times"], row["walk_bg_threshold"])
+    assert row["walk_exp_times"] in (2, 4) and row["walk_bg_threshold"] in (0.3, 0.7)
+    scale = min(refined["seed_threshold"] / 0.15, 0.95 / 0.35)  # the labels bracket the seed used
+    assert refined["ir_label_thresholds"]["bg"] == pytest.approx(0.17 * scale)
+    assert "irn_mask_held_out - seed_crf_held_out" in first["differences"]
+    train = load_manifest(tmp_path / "data" / "train.jsonl")
+    assert sorted(p.name for p in (seed_dir / "maps").iterdir()) == sorted(f"{r.id}.npz" for r in train.records[:9])
+    stamp = (seed_dir / "refined_held_out" / "report.json").stat().st_mtime_ns
+    assert run_study(tmp_path, cfg, progress=False)["per_seed"] == first["per_seed"]  # resumed, nothing redone
+    assert (seed_dir / "refined_held_out" / "report.json").stat().st_mtime_ns == stamp

@@ -62,6 +62,10 @@ class CrfConfig(StageConfig):
     bilateral_compat: float = Field(10.0, ge=0, description="appearance kernel: weight")
 
 
+# RIB run_sample.py --cam_eval_thres: the seed threshold the confident-label thresholds were set beside
+REFERENCE_SEED_THRESHOLD = 0.15
+
+
 class ConfidentLabelConfig(StageConfig):
     """Confident foreground / background labels for IRN (``step/cam_to_ir_label.py``)."""
 
@@ -73,12 +77,27 @@ class ConfidentLabelConfig(StageConfig):
                                 "whose CRF gives the confident background; pixels between the two are ignored")
     crf: CrfConfig = Field(default_factory=CrfConfig,  # crf_inference_label with its defaults
                            description="the CRF run on each of the two seeds")
+    # This project's option, off as in the official code: the two thresholds are read as multiples
+    # of the seed threshold over RIB's --cam_eval_thres (0.15), so 0.35 / 0.17 bracket the seed as
+    # they bracket 0.15 in run_sample.py. Maps whose best seed threshold sits far from 0.15 (a large
+    # lr raises every map; a part-only map stays low) then keep their confident labels around it.
+    follow_seed: bool = Field(False, description="scale both thresholds by seed_threshold / 0.15 (RIB's "
+                                                 "cam_eval_thres): confident labels bracket the seed actually used")
 
     @model_validator(mode="after")
     def _ordered(self) -> ConfidentLabelConfig:
         if self.bg_threshold >= self.fg_threshold:
             raise ValueError("bg_threshold must be below fg_threshold")
         return self
+
+    def at_seed(self, seed_threshold: float) -> ConfidentLabelConfig:
+        """The thresholds used with seeds at ``seed_threshold``: as given, or with ``follow_seed``
+        both scaled by ``seed_threshold / REFERENCE_SEED_THRESHOLD`` (at most to fg 0.95, the order kept)."""
+        if not self.follow_seed:
+            return self
+        scale = min(seed_threshold / REFERENCE_SEED_THRESHOLD, 0.95 / self.fg_threshold)
+        return self.model_copy(update={"fg_threshold": self.fg_threshold * scale,
+                                       "bg_threshold": self.bg_threshold * scale, "follow_seed": False})
 
 
 # VOC: the field defaults (run_sample.py). COCO: run_sample_coco.py --sem_seg_bg_thres 0.22.

@@ -45,10 +45,11 @@ from rib_core.training.checkpoints import load_classifier
 DEMO_CANVAS = 96
 
 
-def _demo_rib() -> RibConfig:
-    # Paper settings except the sizes, which follow the canvas (crop 512 with resize-long 320-640 on
-    # ~500 px VOC images becomes 96 with 72-120 here), and 8 companions instead of 20 for 2 CPU cores.
-    return RibConfig(crop_size=DEMO_CANVAS, resize_long=(72, 120), companions=8)
+def canvas_rib(canvas: int = DEMO_CANVAS) -> RibConfig:
+    """Paper settings except the sizes, which follow the canvas (crop 512 with resize-long 320-640 on
+    ~500 px VOC images becomes the canvas with 0.75-1.25 of it: 96 with 72-120 for the demo), and 8
+    companions instead of 20 for 2 CPU cores."""
+    return RibConfig(crop_size=canvas, resize_long=(round(0.75 * canvas), round(1.25 * canvas)), companions=8)
 
 
 # The scene recipe's length at 96 px: 3 epochs fixed, or at most PLATEAU_EPOCHS under the validation
@@ -85,7 +86,7 @@ class DemoJobConfig(BaseModel):
     # epochs on the tuning seed 100 only (docs/RESULTS.md, benchmarks/bench_classifier_length.py).
     classifier: ClassifierTrainConfig = Field(default_factory=lambda: scene_classifier(DEMO_CANVAS, stop="plateau"))
     cam: CamConfig = Field(default_factory=CamConfig)
-    rib: RibConfig = Field(default_factory=_demo_rib)
+    rib: RibConfig = Field(default_factory=canvas_rib)
     # The seed sweep is wide (0.05-0.90, not VOC's 0.20-0.49): with the VOC sweep the demo's best
     # threshold sat at its upper edge (0.49), so the sweep, not the maps, set the seed score.
     # IRN trains for 100 epochs (300 steps on the 24 images): IRN's 3 epochs are ~990 steps on VOC's
@@ -98,6 +99,19 @@ class DemoJobConfig(BaseModel):
         evaluation=EvalConfig(thresholds=wide_thresholds())))
     n_images: int = Field(24, ge=1, description="train images that get RIB maps and pseudo-masks (paper: all)")
     report_rows: int = Field(12, ge=0)
+
+
+def fitted_job(job: DemoJobConfig, data: DemoDataConfig, stop: Literal["fixed", "plateau"] = "fixed",
+               irn: bool = True) -> DemoJobConfig:
+    """``job`` on other scenes (``data``): the scene classifier's recipe (:func:`scene_classifier`
+    with ``stop``), RIB's sizes (those of :func:`canvas_rib`) and IRN's crop fitted to
+    ``data.canvas``; ``irn`` False stops the refinement at seed + CRF."""
+    refine = job.refine.model_copy(update={"use_irn": irn, "irn": job.refine.irn.model_copy(
+        update={"crop_size": data.canvas})})
+    sizes = canvas_rib(data.canvas)
+    rib = job.rib.model_copy(update={"crop_size": sizes.crop_size, "resize_long": sizes.resize_long})
+    return job.model_copy(update={"data": data, "classifier": scene_classifier(data.canvas, stop), "rib": rib,
+                                  "refine": refine})
 
 
 def scene_scale(cfg: ClassifierTrainConfig, canvas: int) -> float:

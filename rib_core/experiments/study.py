@@ -12,12 +12,19 @@ network reaches about 89% of full supervision on VOC).
 Seeds are scored at the best threshold of the sweep, as the paper reports them (section 4.2.1):
 that threshold is chosen on the scored images themselves, which the report says. Every other
 setting is fixed before the run (the demo's), never chosen on the images scored here.
+
+At size (``n_images`` a few hundred, issue 24 part 5) IRN and DeepLab learn from as many maps as
+the study makes; ``held_out`` more training images get maps too and are refined by that IRN at
+the seed threshold and with the walk chosen on the first ``n_images``, so their rows are scored on
+images no stage was fitted or tuned on. ``parts`` runs the chain on the premise benchmark's scenes
+(:mod:`rib_core.data.part_scenes`), with the job's sizes fitted to their canvas.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +33,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rib_core.classifier.cam import run_cam
 from rib_core.config.network_configs import DeepLabTrainConfig
+from rib_core.config.stage_configs import RandomWalkConfig, RefineConfig
 from rib_core.data.datasets import Manifest, load_manifest
 from rib_core.data.demo_data import make_demo_dataset
 from rib_core.data.evaluation import sweep_folder
+from rib_core.data.part_scenes import PartSceneConfig, make_part_scenes
 from rib_core.deeplab.inference import evaluate
 from rib_core.deeplab.model import load_deeplab
 from rib_core.deeplab.training import train_deeplab, train_with_retraining
-from rib_core.experiments.demo_job import DemoJobConfig, train_demo_classifier
+from rib_core.experiments.demo_job import DemoJobConfig, fitted_job, train_demo_classifier
+from rib_core.experiments.tune import walk_curve
+from rib_core.experiments.tune_config import walk_lengths, walk_thresholds
 from rib_core.jobs.stages import maps_stage, refine_stage
+from rib_core.refine.pseudo_masks import refine_maps
 from rib_core.rib.batching import run_rib
 from rib_core.rib.companions import CompanionPool
 from rib_core.runtime.provenance import run_record
@@ -49,6 +61,8 @@ ROWS = (
     ("confident_labels", "IRN confident labels"),
     ("unlabelled_share", "  share left unlabelled"),
     ("irn_mask", "IRN pseudo-mask"),
+    ("seed_crf_held_out", "seed + CRF, held-out images"),
+    ("irn_mask_held_out", "IRN pseudo-mask, held-out images"),
     ("deeplab_pseudo", "DeepLab on pseudo-masks (val)"),
     ("deeplab_full", "DeepLab on true masks (val)"),
 )
@@ -60,6 +74,7 @@ DIFFERENCES = (
     ("seed_crf", "rib_gndrp_seed"),
     ("irn_mask", "seed_crf"),
     ("irn_mask", "rib_gndrp_seed"),
+    ("irn_mask_held_out", "seed_crf_held_out"),
     ("deeplab_pseudo", "irn_mask"),
 )
 
@@ -78,11 +93,27 @@ class StudyConfig(BaseModel):
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     demo: DemoJobConfig = Field(default_factory=DemoJobConfig)
+    # The premise benchmark's scenes (rib_core.data.part_scenes.PREMISE_SCENES for its recipe) in
+    # place of demo.data; the classifier recipe (3 epochs, as bench_premise), RIB's sizes and IRN's
+    # crop follow their canvas (demo_job.fitted_job).
+    parts: PartSceneConfig | None = None
+    held_out: int = Field(0, ge=0, description="training images after the first demo.n_images that get maps and "
+                                               "are refined by the IRN trained on those, scored apart")
+    use_gap: bool = Field(True, description="the RIB-GAP row (one more RIB run per image)")
+    # The held-out rows' walk is chosen on the first images over rib tune's grid, as their seed threshold is.
+    walk_exp_times: list[int] = Field(default_factory=walk_lengths, min_length=1,
+                                      description="walk lengths (2^k steps) tried for the held-out rows")
+    walk_thresholds: list[float] = Field(default_factory=walk_thresholds, min_length=1,
+                                         description="walk background scores tried for the held-out rows")
     deeplab: DeepLabTrainConfig = Field(default_factory=_small_deeplab)
     # The paper starts DeepLab from ImageNet weights; none exist here, so the seed's classifier
     # backbone stands in (as for IRN). False: random initial weights.
     deeplab_from_classifier: bool = True
     use_deeplab: bool = True  # False: stop at the pseudo-masks (no DeepLab rows)
+
+    def job(self) -> DemoJobConfig:
+        """The chain's settings: the demo's, or fitted to the part scenes."""
+        return self.demo if self.parts is None else fitted_job(self.demo, self.parts)
 
 
 def _seed_score(maps: Path, manifest: Manifest, demo: DemoJobConfig) -> float:
@@ -103,27 +134,37 @@ def _deeplab_miou(train: Manifest, val: Manifest, out: Path, dl: DeepLabTrainCon
 def run_seed(seed: int, train: Manifest, val_path: Path, out: Path, cfg: StudyConfig, device: str,
              progress: bool) -> dict[str, float]:
     """The whole chain with one seed, as the demo runs it (the pipeline job's stages on one folder:
-    ``classifier/``, ``maps/`` for RIB-GNDRP, ``refined/``), plus the CAM and RIB-GAP baselines and
-    the two DeepLabs; each stage reuses what an earlier run left in ``out``."""
-    demo = cfg.demo
+    ``classifier/``, ``maps/`` for RIB-GNDRP, ``refined/``), plus the CAM and RIB-GAP baselines, the
+    held-out images' refinement and the two DeepLabs; each stage reuses what an earlier run left in ``out``."""
+    demo = cfg.job()
     classifier = train_demo_classifier(out, demo, train, val_path, device, progress, seed)
     ckpt = out / "classifier" / "classifier.pth"
     model, _, _ = load_classifier(ckpt)
     row = {"classifier_map": classifier["val_map"]}
     ids = [r.id for r in train.records[: demo.n_images]]
+    held_ids = [r.id for r in train.records[demo.n_images: demo.n_images + cfg.held_out]]
     subset = train.subset(ids)
     row["cam_seed"] = _seed_score(run_cam(model, subset, out / "cam", demo.cam, device, progress), subset, demo)
     gndrp = demo.rib.model_copy(update={"pooling": "gndrp", "seed": seed})
-    gap_maps = run_rib(model, subset, CompanionPool.from_manifest(train), out / "rib_gap",
-                       gndrp.model_copy(update={"pooling": "gap"}), device, progress)
-    row["rib_gap_seed"] = _seed_score(gap_maps, subset, demo)
-    row["rib_gndrp_seed"] = _seed_score(maps_stage(out, train, ids, ckpt, gndrp, device, progress), subset, demo)
+    if cfg.use_gap:
+        gap_maps = run_rib(model, subset, CompanionPool.from_manifest(train), out / "rib_gap",
+                           gndrp.model_copy(update={"pooling": "gap"}), device, progress)
+        row["rib_gap_seed"] = _seed_score(gap_maps, subset, demo)
+    maps = maps_stage(out, train, ids + held_ids, ckpt, gndrp, device, progress)
+    row["rib_gndrp_seed"] = _seed_score(maps, subset, demo)
     refine_cfg = demo.refine.model_copy(update={"irn": demo.refine.irn.model_copy(update={"seed": seed})})
-    refined_path = out / "refined" / "report.json"
-    refined = (json.loads(refined_path.read_text()) if refined_path.exists() else
-               refine_stage(out, subset, ckpt, refine_cfg, device, progress=progress))
+    refined = _saved_or(out / "refined", lambda: refine_stage(out, subset, ckpt, refine_cfg, device, progress=progress))
     row.update(seed_crf=refined["seeds_crf"]["miou"], confident_labels=refined["ir_labels"]["miou"],
                unlabelled_share=refined["ir_labels"]["ignored_fraction"], irn_mask=refined["masks"]["miou"])
+    if held_ids:  # this IRN, the seed threshold and the walk chosen on the first images: nothing fitted on these
+        walk, row["walk_exp_times"], row["walk_bg_threshold"] = _walk_chosen_on(refined, maps, subset, refine_cfg,
+                                                                              cfg, device)
+        at_seed = refine_cfg.model_copy(update={"seed_threshold": refined["seed_threshold"],
+                                                "threshold_from_sweep": False, "walk": walk})
+        held = _saved_or(out / "refined_held_out", lambda: refine_maps(
+            maps, train.subset(held_ids), out / "refined_held_out", at_seed, refined["irn_checkpoint"], device=device,
+            progress=progress))
+        row.update(seed_crf_held_out=held["seeds_crf"]["miou"], irn_mask_held_out=held["masks"]["miou"])
     if cfg.use_deeplab:
         dl = cfg.deeplab.model_copy(update={"seed": seed, "crop_size": demo.data.canvas,
                                             "init_weights": str(ckpt) if cfg.deeplab_from_classifier else None})
@@ -136,6 +177,21 @@ def run_seed(seed: int, train: Manifest, val_path: Path, out: Path, cfg: StudyCo
         full = dl.model_copy(update={"retrain": False, "iterations": steps})
         row["deeplab_full"] = _deeplab_miou(subset, val, out / f"deeplab_full_{steps}", full, device, progress)
     return row
+
+
+def _walk_chosen_on(refined: dict[str, Any], maps: Path, subset: Manifest, refine: RefineConfig,
+                    cfg: StudyConfig, device: str) -> tuple[RandomWalkConfig, int, float]:
+    """The walk (length, background score) whose IRN masks score best on IRN's own training images
+    (``rib tune``'s walk sweep, :func:`~rib_core.experiments.tune.walk_curve`)."""
+    curve = walk_curve(refined["irn_checkpoint"], maps, subset, refine, cfg.walk_thresholds, cfg.walk_exp_times, device)
+    exp_times, bg = max(curve, key=lambda key: curve[key])
+    return refine.walk.tuned(exp_times, bg), exp_times, bg
+
+
+def _saved_or(folder: Path, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A refinement's ``report.json`` when an earlier run finished it, else ``make()``."""
+    saved = folder / "report.json"
+    return json.loads(saved.read_text()) if saved.exists() else make()
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -176,20 +232,29 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def run_study(out_dir: str | os.PathLike[str], cfg: StudyConfig | None = None, device: str = "cpu",
               progress: bool = True) -> dict[str, Any]:
-    """Every seed under ``out_dir/seed_<s>/``; ``study.json`` and ``study.md`` at the top. Resumable."""
+    """Every seed under ``out_dir/seed_<s>/``; ``study.json`` and ``study.md`` at the top, rewritten
+    after each seed (``seeds_done``: a cut-off run leaves its finished seeds). Resumable."""
     cfg = cfg or StudyConfig()
+    job = cfg.job()
     out = Path(out_dir)
     run = run_record(device)  # at the start: the code that ran
     data_dir = out / "data"
     if not (data_dir / "val.jsonl").exists():
-        make_demo_dataset(data_dir, cfg.demo.data)
+        (make_demo_dataset if cfg.parts is None else make_part_scenes)(data_dir, job.data)
     train, val_path = load_manifest(data_dir / "train.jsonl"), data_dir / "val.jsonl"
-    per_seed = {s: run_seed(s, train, val_path, out / f"seed_{s}", cfg, device, progress) for s in cfg.seeds}
-    summary = {"run": run, **summarise(per_seed), "per_seed": per_seed, "images": min(cfg.demo.n_images, len(train)),
-               "val_images": len(load_manifest(val_path)),
-               "note": "seed rows: best threshold of the sweep, chosen on the scored images (as the paper); "
-                       "every other setting fixed before the run",
-               "config": cfg.model_dump(mode="json")}
-    (out / "study.json").write_text(json.dumps(summary, indent=2))
-    (out / "study.md").write_text(markdown(summary))
+    if job.n_images + cfg.held_out > len(train):
+        raise ValueError(f"n_images {job.n_images} + held_out {cfg.held_out} > {len(train)} training images")
+    per_seed: dict[int, dict[str, float]] = {}
+    summary: dict[str, Any] = {}
+    for s in cfg.seeds:
+        per_seed[s] = run_seed(s, train, val_path, out / f"seed_{s}", cfg, device, progress)
+        summary = {"run": run, **summarise(per_seed), "seeds_done": sorted(per_seed), "per_seed": per_seed,
+                   "images": job.n_images, "held_out_images": cfg.held_out, "val_images": len(load_manifest(val_path)),
+                   "scenes": "demo" if cfg.parts is None else "parts",
+                   "note": "seed rows: best threshold of the sweep, chosen on the scored images (as the paper); "
+                           "held-out rows: the seed threshold chosen on the first images; every other setting "
+                           "fixed before the run",
+                   "config": cfg.model_dump(mode="json")}
+        (out / "study.json").write_text(json.dumps(summary, indent=2))
+        (out / "study.md").write_text(markdown(summary))
     return summary

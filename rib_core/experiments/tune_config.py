@@ -14,10 +14,16 @@ from rib_core.config.rib_config import RibConfig
 from rib_core.config.stage_configs import ConfidentLabelConfig, EvalConfig, RefineConfig, wide_thresholds
 
 
-def _default_walk_thresholds() -> list[float]:
-    # 0.10-0.90: around IRN's 0.25 / RIB's 0.27 (VOC) and the authors' 0.22 (COCO), and wide enough
-    # for other data (on the demo's scenes the best lies near 0.7).
+def walk_thresholds() -> list[float]:
+    """The walk's background scores ``rib tune`` sweeps: 0.10-0.90, around IRN's 0.25 / RIB's 0.27
+    (VOC) and the authors' 0.22 (COCO), and wide enough for other data (on the demo's scenes the
+    best lies near 0.7)."""
     return [round(0.10 + 0.05 * i, 2) for i in range(17)]
+
+
+def walk_lengths() -> list[int]:
+    """The walk lengths (2^k steps) ``rib tune`` sweeps: IRN's 8 and shorter walks, for maps smaller than VOC's."""
+    return [2, 3, 4, 5, 6, 7, 8]
 
 
 class TuneConfig(BaseModel):
@@ -36,9 +42,8 @@ class TuneConfig(BaseModel):
     iterations: list[int] = Field(default_factory=lambda: [10], min_length=1)  # paper 4.1: K = 10
     poolings: list[Literal["gndrp", "gap"]] = Field(default_factory=lambda: ["gndrp"], min_length=1)
     evaluation: EvalConfig = Field(default_factory=lambda: EvalConfig(thresholds=wide_thresholds()))
-    walk_thresholds: list[float] = Field(default_factory=_default_walk_thresholds)
-    # IRN's 8 (2^8 steps) and shorter walks, for maps smaller than VOC's.
-    walk_exp_times: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8], min_length=1)
+    walk_thresholds: list[float] = Field(default_factory=walk_thresholds)
+    walk_exp_times: list[int] = Field(default_factory=walk_lengths, min_length=1)
     # IRN's confident-label thresholds (fg, bg), each pair swept with every RIB setting: RIB's 0.35 /
     # 0.17 and higher pairs for maps that a larger step raised everywhere. The starting pair
     # (refine.labels) is always tried.

@@ -152,8 +152,10 @@ def _train_irn_here(run: _FolderRun, cfg: RefineConfig, backbone: str, device: t
                     report: dict[str, Any], after_epoch: Callable[[int], None] | None = None) -> str:
     """Confident labels of every image (``ir_labels/``, scored), then IRN trained on them."""
     gts, scorer = run.truth(), MaskScorer(run.classes)
+    label_cfg = cfg.labels.at_seed(cfg.seed_threshold)
+    report["ir_label_thresholds"] = {"fg": label_cfg.fg_threshold, "bg": label_cfg.bg_threshold}
     for r, image, lmap in run.images("confident labels"):
-        labels = confident_labels(image, lmap, cfg.labels)
+        labels = confident_labels(image, lmap, label_cfg)
         run.write("ir_labels", r.id, label_png(labels))
         if r.id in gts:
             scorer.add(labels, load_mask(gts[r.id]))
