@@ -8,8 +8,8 @@ the 200. Fixed before the run, never chosen on the scored images:
 
 - IRN for 40 epochs: 1,000 steps at batch 8, about VOC's 990 (3 epochs on 10,582 images); the
   demo's 100 epochs are its rule for 24 images (300 steps), where 3 would be 9.
-- The demo's confident-label thresholds (RIB's 0.35 / 0.17). Labels that follow the seed threshold
-  (``labels.follow_seed``) were tried on the demo's seed 0 and broke IRN there (docs/RESULTS.md notes).
+- The demo's confident-label thresholds (RIB's 0.35 / 0.17; ``labels.follow_seed`` off, as the
+  official code).
 - No RIB-GAP row (one more RIB run per image; the 24-image study measured it).
 
 About 45 min per seed on one core for the demo's scenes, more for the part scenes (112 px)::

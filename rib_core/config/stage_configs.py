@@ -77,12 +77,13 @@ class ConfidentLabelConfig(StageConfig):
                                 "whose CRF gives the confident background; pixels between the two are ignored")
     crf: CrfConfig = Field(default_factory=CrfConfig,  # crf_inference_label with its defaults
                            description="the CRF run on each of the two seeds")
-    # This project's option, off as in the official code: the two thresholds are read as multiples
-    # of the seed threshold over RIB's --cam_eval_thres (0.15), so 0.35 / 0.17 bracket the seed as
-    # they bracket 0.15 in run_sample.py. Maps whose best seed threshold sits far from 0.15 (a large
-    # lr raises every map; a part-only map stays low) then keep their confident labels around it.
-    follow_seed: bool = Field(False, description="scale both thresholds by seed_threshold / 0.15 (RIB's "
-                                                 "cam_eval_thres): confident labels bracket the seed actually used")
+    # This project's option, off as in the official code: with a seed threshold t below RIB's
+    # --cam_eval_thres (0.15), both thresholds are scaled by t / 0.15, so that maps too faint to pass
+    # 0.35 over the object (a map that covers only its most discriminative part) still give confident
+    # foreground around the seed actually used. Above 0.15 they stay: scaled up, 0.35 went past 0.95
+    # on the demo's maps (seed 0.66) and IRN lost its foreground (docs/RESULTS.md notes).
+    follow_seed: bool = Field(False, description="below RIB's seed threshold 0.15, scale both thresholds by "
+                                                 "seed_threshold / 0.15 (confident labels from faint maps)")
 
     @model_validator(mode="after")
     def _ordered(self) -> ConfidentLabelConfig:
@@ -92,10 +93,10 @@ class ConfidentLabelConfig(StageConfig):
 
     def at_seed(self, seed_threshold: float) -> ConfidentLabelConfig:
         """The thresholds used with seeds at ``seed_threshold``: as given, or with ``follow_seed``
-        both scaled by ``seed_threshold / REFERENCE_SEED_THRESHOLD`` (at most to fg 0.95, the order kept)."""
-        if not self.follow_seed:
+        both scaled by ``seed_threshold / REFERENCE_SEED_THRESHOLD`` when that is below 1."""
+        scale = min(1.0, seed_threshold / REFERENCE_SEED_THRESHOLD)
+        if not self.follow_seed or scale == 1.0:
             return self
-        scale = min(seed_threshold / REFERENCE_SEED_THRESHOLD, 0.95 / self.fg_threshold)
         return self.model_copy(update={"fg_threshold": self.fg_threshold * scale,
                                        "bg_threshold": self.bg_threshold * scale, "follow_seed": False})
 
