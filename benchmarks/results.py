@@ -116,13 +116,13 @@ def study_section(title: str, summary: dict[str, Any] | None, howto: str) -> str
     return section(f"## {title}", summary, howto, study_paragraphs)
 
 
-def study_scope(summary: dict[str, Any]) -> str:
-    """Which images each row is scored on, and which seeds are in."""
+def study_scope(summary: dict[str, Any], note: bool = True) -> str:
+    """Which images each row is scored on, which seeds are in, and (``note``) how settings were chosen."""
     held = summary.get("held_out_images", 0)
-    return (f"{summary['images']} training images per seed (RIB maps, IRN and DeepLab training, scored)"
-            + (f", {held} held-out training images (maps, refined by that IRN, scored apart)" if held else "")
+    return (f"{summary['images']} training images per seed (maps, IRN and DeepLab training)"
+            + (f", {held} held-out training images (maps, refined by that IRN)" if held else "")
             + f", {summary['val_images']} validation images (DeepLab); seeds {', '.join(map(str, summary['seeds']))}"
-            f"; {summary['note']}.")
+            + (f"; {summary['note']}." if note else "."))
 
 
 def study_paragraphs(summary: dict[str, Any]) -> list[str]:
@@ -142,7 +142,10 @@ STUDY_BLOCK_ROWS = ("seed_crf_held_out", "irn_mask_held_out", "deeplab_pseudo", 
 
 
 def _mean_sd(stat: dict[str, float] | None, sign: str = "") -> str:
-    return "-" if stat is None else f"{100 * stat['mean']:{sign}.1f} ± {100 * stat['std']:.1f}"
+    if stat is None:
+        return "-"
+    mean = f"{100 * stat['mean']:{sign}.1f}"
+    return mean if stat["n"] < 2 else f"{mean} ± {100 * stat['std']:.1f}"
 
 
 def study_block(folder: Path) -> str:
@@ -156,7 +159,7 @@ def study_block(folder: Path) -> str:
         return "\n\n".join(missing)
     labels = dict(ROWS)
     lines = ["| stage (mIoU %, mean ± sd over seeds) | " + " | ".join(
-        f"{name} ({len(summary['seeds'])} seeds)" for name, summary in done) + " |", "|---|" + "---|" * len(done)]
+        f"{name} (seeds: {len(summary['seeds'])})" for name, summary in done) + " |", "|---|" + "---|" * len(done)]
     for key in STUDY_BLOCK_ROWS:
         a, _, b = key.partition(" - ")
         name = f"{labels[a].strip()} − {labels[b].strip()} (points)" if b else labels[key].strip()
@@ -168,7 +171,8 @@ def study_block(folder: Path) -> str:
     if any(fractions):
         lines.append("| DeepLab on pseudo-masks / on true masks (%) | " + " | ".join(map(_mean_sd, fractions)) + " |")
     head = "The whole chain at size (`benchmarks/study_at_size.py`). " + " ".join(
-        f"**{name}:** {provenance(summary)} {study_scope(summary)}" for name, summary in done)
+        f"**{name}:** {provenance(summary)} {study_scope(summary, note=False)}" for name, summary in done)
+    head += " Held-out rows: the seed threshold and the walk chosen on the first images."
     return "\n\n".join([head, "\n".join(lines), *missing])
 
 

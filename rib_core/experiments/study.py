@@ -252,8 +252,8 @@ def run_study(out_dir: str | os.PathLike[str], cfg: StudyConfig | None = None, d
                    "images": job.n_images, "held_out_images": cfg.held_out, "val_images": len(load_manifest(val_path)),
                    "scenes": "demo" if cfg.parts is None else "parts",
                    "note": "seed rows: best threshold of the sweep, chosen on the scored images (as the paper); "
-                           "held-out rows: the seed threshold chosen on the first images; every other setting "
-                           "fixed before the run",
+                           "held-out rows: the seed threshold and the walk chosen on the first images; every "
+                           "other setting fixed before the run",
                    "config": cfg.model_dump(mode="json")}
         (out / "study.json").write_text(json.dumps(summary, indent=2))
         (out / "study.md").write_text(markdown(summary))
