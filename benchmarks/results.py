@@ -44,7 +44,7 @@ DEMO_HOWTO = ("`rib demo --out runs/demo` (or `bash scripts/demo.sh`), then "
 STUDY_HOWTO = ("`rib study --out runs/study` (about 50 min on 2 cores), then "
                "`cp runs/study/study.json docs/results/study.json` and `python -m benchmarks.results`")
 STUDY_AT_SIZE_HOWTO = ("`OMP_NUM_THREADS=1 python -m benchmarks.study_at_size --scenes {scenes} --out "
-                       "runs/study_{scenes}` (about 45 min per seed on one core), then "
+                       "runs/study_{scenes}` (about an hour per seed on one core), then "
                        "`cp runs/study_{scenes}/study.json docs/results/study_{scenes}.json` and "
                        "`python -m benchmarks.results`")
 LR_HOWTO = "OMP_NUM_THREADS=1 python -m benchmarks.bench_lr > docs/results/bench_lr.json"

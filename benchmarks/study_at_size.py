@@ -3,8 +3,8 @@
 Two recipes, 3 seeds each: the demo's scenes and the premise benchmark's part scenes
 (:data:`~rib_core.data.part_scenes.PREMISE_SCENES`). Per seed, RIB-GNDRP maps of 200 training
 images (IRN trained on all of them, DeepLab on their pseudo-masks against DeepLab on their true
-masks) and of 40 more held-out training images that the IRN refines at the seed threshold chosen on
-the 200. Fixed before the run, never chosen on the scored images:
+masks) and of 40 more held-out training images that the IRN refines at the seed threshold and with
+the walk chosen on the 200. Fixed before the run, never chosen on the scored images:
 
 - IRN for 40 epochs: 1,000 steps at batch 8, about VOC's 990 (3 epochs on 10,582 images); the
   demo's 100 epochs are its rule for 24 images (300 steps), where 3 would be 9.
@@ -12,7 +12,7 @@ the 200. Fixed before the run, never chosen on the scored images:
   official code).
 - No RIB-GAP row (one more RIB run per image; the 24-image study measured it).
 
-About 45 min per seed on one core for the demo's scenes, more for the part scenes (112 px)::
+About an hour per seed and recipe with the two side by side on 2 cores (one thread each)::
 
     OMP_NUM_THREADS=1 python -m benchmarks.study_at_size --scenes demo --out runs/study_demo
     OMP_NUM_THREADS=1 python -m benchmarks.study_at_size --scenes parts --out runs/study_parts
