@@ -103,13 +103,15 @@ def demo_section(report: dict[str, Any] | None) -> str:
                    lambda r: [provenance(r), demo_table(r), demo_summary(r)])
 
 
+# The study at size's recipes: (file stem, name)
+AT_SIZE = (("study_demo", "demo's scenes"), ("study_parts", "premise benchmark's part scenes"))
 # (file stem, title, how to make it): the 24-image study, and the study at size on both recipes
 STUDIES = (
     ("study", "Every stage's gain over seeds (`rib study`, `docs/results/study.json`)", STUDY_HOWTO),
-    *((f"study_{scenes}", f"`rib study` at size on the {what} (`benchmarks/study_at_size.py`, "
-                          f"`docs/results/study_{scenes}.json`)", STUDY_AT_SIZE_HOWTO.format(scenes=scenes))
-      for scenes, what in (("demo", "demo's scenes"), ("parts", "premise benchmark's part scenes"))),
+    *((stem, f"`rib study` at size on the {name} (`benchmarks/study_at_size.py`, `docs/results/{stem}.json`)",
+       STUDY_AT_SIZE_HOWTO.format(scenes=stem.removeprefix("study_"))) for stem, name in AT_SIZE),
 )
+HOWTO_OF = {stem: howto for stem, _, howto in STUDIES}  # by file stem
 
 
 def study_section(title: str, summary: dict[str, Any] | None, howto: str) -> str:
@@ -151,8 +153,7 @@ def _mean_sd(stat: dict[str, float] | None, sign: str = "") -> str:
 def study_block(folder: Path) -> str:
     """The README's summary of the study at size: one column per recipe, stage means ± sd over its
     seeds and the paired differences, with each file's provenance."""
-    studies = [(title.split(" (")[0].removeprefix("`rib study` at size on the "), load(folder, stem), howto)
-               for stem, title, howto in STUDIES[1:]]
+    studies = [(name, load(folder, stem), HOWTO_OF[stem]) for stem, name in AT_SIZE]
     missing = [f"{name}: no result committed yet ({howto})." for name, summary, howto in studies if summary is None]
     done = [(name, summary) for name, summary, _ in studies if summary is not None]
     if not done:

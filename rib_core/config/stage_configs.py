@@ -238,10 +238,11 @@ class RefineConfig(StageConfig):
     """Everything from maps to pseudo-masks; ``preset`` is handed to the parts not given one."""
 
     preset: Preset = Field("voc", description=PRESET_HELP + " (handed to walk and evaluation)")
-    # Seed threshold of seed + CRF, this project's baseline (RIB's code has no such step; 0.15 is
-    # the value of --cam_eval_thres, its eval_cam threshold). With ground truth, refine_maps uses the
-    # best threshold of the seed sweep instead (paper 4.2.1, following SEAM).
-    seed_threshold: float = Field(0.15, gt=0, lt=1, description="background score of the seed that the CRF refines")
+    # Seed threshold of seed + CRF, this project's baseline (RIB's code has no such step; its
+    # --cam_eval_thres, the eval_cam threshold). With ground truth, refine_maps uses the best
+    # threshold of the seed sweep instead (paper 4.2.1, following SEAM).
+    seed_threshold: float = Field(REFERENCE_SEED_THRESHOLD, gt=0, lt=1,
+                                  description="background score of the seed that the CRF refines")
     threshold_from_sweep: bool = Field(True, description="with ground truth, use the best threshold of the seed "
                                                          "sweep instead of seed_threshold")
     crf: CrfConfig = Field(default_factory=CrfConfig, description="the CRF of seed + CRF")

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rib_core.classifier.cam import run_cam
 from rib_core.config.network_configs import DeepLabTrainConfig
-from rib_core.config.stage_configs import RandomWalkConfig, RefineConfig
+from rib_core.config.stage_configs import RefineConfig
 from rib_core.data.datasets import Manifest, load_manifest
 from rib_core.data.demo_data import make_demo_dataset
 from rib_core.data.evaluation import sweep_folder
@@ -157,14 +157,12 @@ def run_seed(seed: int, train: Manifest, val_path: Path, out: Path, cfg: StudyCo
     row.update(seed_crf=refined["seeds_crf"]["miou"], confident_labels=refined["ir_labels"]["miou"],
                unlabelled_share=refined["ir_labels"]["ignored_fraction"], irn_mask=refined["masks"]["miou"])
     if held_ids:  # this IRN, the seed threshold and the walk chosen on the first images: nothing fitted on these
-        walk, row["walk_exp_times"], row["walk_bg_threshold"] = _walk_chosen_on(refined, maps, subset, refine_cfg,
-                                                                              cfg, device)
-        at_seed = refine_cfg.model_copy(update={"seed_threshold": refined["seed_threshold"],
-                                                "threshold_from_sweep": False, "walk": walk})
-        held = _saved_or(out / "refined_held_out", lambda: refine_maps(
-            maps, train.subset(held_ids), out / "refined_held_out", at_seed, refined["irn_checkpoint"], device=device,
-            progress=progress))
-        row.update(seed_crf_held_out=held["seeds_crf"]["miou"], irn_mask_held_out=held["masks"]["miou"])
+        held = _saved_or(out / "refined_held_out", lambda: _refine_held_out(
+            refined, maps, subset, train.subset(held_ids), out / "refined_held_out", refine_cfg, cfg, device,
+            progress))
+        walk = held["config"]["walk"]  # the chosen walk, as the held-out refinement recorded it
+        row.update(seed_crf_held_out=held["seeds_crf"]["miou"], irn_mask_held_out=held["masks"]["miou"],
+                   walk_exp_times=walk["exp_times"], walk_bg_threshold=walk["bg_threshold"])
     if cfg.use_deeplab:
         dl = cfg.deeplab.model_copy(update={"seed": seed, "crop_size": demo.data.canvas,
                                             "init_weights": str(ckpt) if cfg.deeplab_from_classifier else None})
@@ -179,13 +177,16 @@ def run_seed(seed: int, train: Manifest, val_path: Path, out: Path, cfg: StudyCo
     return row
 
 
-def _walk_chosen_on(refined: dict[str, Any], maps: Path, subset: Manifest, refine: RefineConfig,
-                    cfg: StudyConfig, device: str) -> tuple[RandomWalkConfig, int, float]:
-    """The walk (length, background score) whose IRN masks score best on IRN's own training images
+def _refine_held_out(refined: dict[str, Any], maps: Path, first: Manifest, held: Manifest, out: Path,
+                     refine: RefineConfig, cfg: StudyConfig, device: str, progress: bool) -> dict[str, Any]:
+    """The held-out images refined by the IRN trained on ``first``, at the seed threshold chosen on
+    ``first`` and with the walk (length, background score) whose IRN masks score best on ``first``
     (``rib tune``'s walk sweep, :func:`~rib_core.experiments.tune.walk_curve`)."""
-    curve = walk_curve(refined["irn_checkpoint"], maps, subset, refine, cfg.walk_thresholds, cfg.walk_exp_times, device)
+    curve = walk_curve(refined["irn_checkpoint"], maps, first, refine, cfg.walk_thresholds, cfg.walk_exp_times, device)
     exp_times, bg = max(curve, key=lambda key: curve[key])
-    return refine.walk.tuned(exp_times, bg), exp_times, bg
+    chosen = refine.model_copy(update={"seed_threshold": refined["seed_threshold"], "threshold_from_sweep": False,
+                                       "walk": refine.walk.tuned(exp_times, bg)})
+    return refine_maps(maps, held, out, chosen, refined["irn_checkpoint"], device=device, progress=progress)
 
 
 def _saved_or(folder: Path, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -233,7 +234,7 @@ def markdown(summary: dict[str, Any]) -> str:
 def run_study(out_dir: str | os.PathLike[str], cfg: StudyConfig | None = None, device: str = "cpu",
               progress: bool = True) -> dict[str, Any]:
     """Every seed under ``out_dir/seed_<s>/``; ``study.json`` and ``study.md`` at the top, rewritten
-    after each seed (``seeds_done``: a cut-off run leaves its finished seeds). Resumable."""
+    after each seed (``seeds``: the seeds finished, so a cut-off run leaves them). Resumable."""
     cfg = cfg or StudyConfig()
     job = cfg.job()
     out = Path(out_dir)
@@ -244,12 +245,13 @@ def run_study(out_dir: str | os.PathLike[str], cfg: StudyConfig | None = None, d
     train, val_path = load_manifest(data_dir / "train.jsonl"), data_dir / "val.jsonl"
     if job.n_images + cfg.held_out > len(train):
         raise ValueError(f"n_images {job.n_images} + held_out {cfg.held_out} > {len(train)} training images")
+    val_images = len(load_manifest(val_path))
     per_seed: dict[int, dict[str, float]] = {}
     summary: dict[str, Any] = {}
     for s in cfg.seeds:
         per_seed[s] = run_seed(s, train, val_path, out / f"seed_{s}", cfg, device, progress)
-        summary = {"run": run, **summarise(per_seed), "seeds_done": sorted(per_seed), "per_seed": per_seed,
-                   "images": job.n_images, "held_out_images": cfg.held_out, "val_images": len(load_manifest(val_path)),
+        summary = {"run": run, **summarise(per_seed), "per_seed": per_seed,
+                   "images": job.n_images, "held_out_images": cfg.held_out, "val_images": val_images,
                    "scenes": "demo" if cfg.parts is None else "parts",
                    "note": "seed rows: best threshold of the sweep, chosen on the scored images (as the paper); "
                            "held-out rows: the seed threshold and the walk chosen on the first images; every "
