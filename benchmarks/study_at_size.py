@@ -19,15 +19,22 @@ About an hour per seed and recipe with the two side by side on 2 cores (one thre
 
 Each writes ``study.json`` after every seed (a cut-off run leaves its finished seeds, and a rerun
 resumes); copy it to ``docs/results/study_<scenes>.json`` and run ``python -m benchmarks.results``.
+Seeds run apart (``--seeds 2 --out runs/study_demo_s2``, in another session or on another machine)
+join the others with ``--merge``, which checks that the files differ in nothing but their seeds::
+
+    python -m benchmarks.study_at_size --merge docs/results/study_demo.json runs/study_demo_s2/study.json \
+        --out runs/study_demo
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from rib_core.data.part_scenes import PREMISE_SCENES
 from rib_core.experiments.demo_job import DemoJobConfig
-from rib_core.experiments.study import StudyConfig, run_study
+from rib_core.experiments.study import StudyConfig, merge_studies, run_study, write_study
 
 IMAGES, HELD_OUT, IRN_EPOCHS = 200, 40, 40
 
@@ -42,12 +49,19 @@ def study_config(scenes: str, seeds: list[int]) -> StudyConfig:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenes", choices=("demo", "parts"), required=True)
+    p.add_argument("--scenes", choices=("demo", "parts"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the study's folder (study.json and study.md at its top)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="STUDY_JSON",
+                   help="write the study of these files' seeds to --out instead of running one")
     args = p.parse_args()
-    run_study(args.out, study_config(args.scenes, args.seeds), args.device, progress=False)
+    if args.merge:
+        write_study(Path(args.out), merge_studies([json.loads(f.read_text()) for f in args.merge]))
+    elif args.scenes:
+        run_study(args.out, study_config(args.scenes, args.seeds), args.device, progress=False)
+    else:
+        p.error("give --scenes to run a study, or --merge to join studies")
 
 
 if __name__ == "__main__":

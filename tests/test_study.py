@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from rib_core.experiments.study import markdown, summarise
+from rib_core.experiments.study import markdown, merge_studies, summarise
 
 
 def test_summary_pairs_each_seed_before_averaging():
@@ -35,6 +36,31 @@ def test_deeplab_is_reported_as_a_fraction_of_full_supervision():
     per_seed = {0: {"deeplab_pseudo": 0.30, "deeplab_full": 0.60}, 1: {"deeplab_pseudo": 0.45, "deeplab_full": 0.50}}
     s = summarise(per_seed)
     assert s["deeplab_fraction_of_full"]["mean"] == pytest.approx((0.5 + 0.9) / 2)
+
+
+def test_seeds_run_apart_merge_into_one_study_and_nothing_else_does():
+    """The committed study at size, cut into one file per seed (as if each seed ran in its own
+    session), merges back into the same table; files that are not one study are refused."""
+    study = json.loads((Path(__file__).parents[1] / "docs/results/study_demo.json").read_text())
+    run_of = {s: r["run"] for r in study.get("seed_runs", [{"seeds": study["seeds"], "run": study.get("run")}])
+              for s in r["seeds"]}
+    apart = [{**{k: v for k, v in study.items() if k != "seed_runs"}, "run": run_of[int(s)], "per_seed": {s: row}}
+             for s, row in reversed(list(study["per_seed"].items()))]
+    merged = merge_studies(apart)
+    assert merged["seeds"] == sorted(int(s) for s in study["per_seed"]) and len(merged["seeds"]) > 1
+    for part in ("table", "differences"):
+        assert merged[part].keys() == study[part].keys()
+        for key, stat in study[part].items():
+            got = merged[part][key]
+            assert (got["mean"], got["std"], got["n"]) == (pytest.approx(stat["mean"]), pytest.approx(stat["std"]),
+                                                           stat["n"])
+    assert [r["seeds"] for r in merged["seed_runs"]] == [[s] for s in sorted(merged["seeds"], reverse=True)]
+    assert merged["config"]["seeds"] == merged["seeds"]
+    with pytest.raises(ValueError, match="more than one study"):
+        merge_studies([apart[0], apart[0]])
+    other = {**apart[1], "config": {**apart[1]["config"], "held_out": apart[1]["config"]["held_out"] + 1}}
+    with pytest.raises(ValueError, match="other than their seeds"):
+        merge_studies([apart[0], other])
 
 
 def test_a_tiny_study_on_part_scenes_scores_the_held_out_images_apart(tmp_path):

@@ -213,6 +213,34 @@ def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, Any]:
     return summary
 
 
+def merge_studies(studies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seeds of one study run apart (in other sessions or on other machines) as one study: the files
+    must agree on every setting but their seeds and hold each seed once. The summary is recomputed
+    over all seeds; ``seed_runs`` keeps each file's run record (date, commit, machine) with its seeds."""
+    if not studies:
+        raise ValueError("no study to merge")
+    fixed = ("images", "held_out_images", "val_images", "scenes", "note")
+
+    def settings(study: dict[str, Any]) -> dict[str, Any]:
+        config = {k: v for k, v in study["config"].items() if k != "seeds"}
+        return {**{k: study.get(k) for k in fixed}, "config": config}
+
+    first = settings(studies[0])
+    per_seed: dict[int, dict[str, float]] = {}
+    runs: list[dict[str, Any]] = []
+    for study in studies:
+        if settings(study) != first:
+            raise ValueError("the studies differ in a setting other than their seeds: they are not one study")
+        seeds = sorted(int(s) for s in study["per_seed"])
+        if per_seed.keys() & seeds:
+            raise ValueError(f"seed(s) {sorted(per_seed.keys() & seeds)} appear in more than one study")
+        per_seed.update({int(s): row for s, row in study["per_seed"].items()})
+        runs += study.get("seed_runs") or [{"seeds": seeds, "run": study["run"]}]
+    config = {**studies[0]["config"], "seeds": sorted(per_seed)}
+    return {"seed_runs": runs, **summarise(dict(sorted(per_seed.items()))), "per_seed": dict(sorted(per_seed.items())),
+            **{k: studies[0].get(k) for k in fixed}, "config": config}
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The table as Markdown (percent), for docs/RESULTS.md and study.md."""
     n = len(summary["seeds"])
@@ -257,6 +285,12 @@ def run_study(out_dir: str | os.PathLike[str], cfg: StudyConfig | None = None, d
                            "held-out rows: the seed threshold and the walk chosen on the first images; every "
                            "other setting fixed before the run",
                    "config": cfg.model_dump(mode="json")}
-        (out / "study.json").write_text(json.dumps(summary, indent=2))
-        (out / "study.md").write_text(markdown(summary))
+        write_study(out, summary)
     return summary
+
+
+def write_study(out: Path, summary: dict[str, Any]) -> None:
+    """``study.json`` and its table, ``study.md``, at the top of the study's folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(summary, indent=2))
+    (out / "study.md").write_text(markdown(summary))
