@@ -65,6 +65,11 @@ def propagate(x: torch.Tensor, transition: torch.Tensor, steps: int) -> torch.Te
     return z.T.reshape(c, h, w)
 
 
+def to_image_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Stride-4 maps [C, h, w] at the image's ``size``, as IRN upsamples the walk: bilinear x4, cropped."""
+    return F.interpolate(x[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :size[0], :size[1]]
+
+
 def walk_scores_at(lmap: LocalizationMap, boundary: torch.Tensor, cfg: RandomWalkConfig,
                    lengths: Sequence[int]) -> dict[int, np.ndarray]:
     """:func:`walk_scores` after 2^k steps for each k of ``lengths`` (``cfg.exp_times`` is not
@@ -79,7 +84,7 @@ def walk_scores_at(lmap: LocalizationMap, boundary: torch.Tensor, cfg: RandomWal
     walked, done, out = cam.clamp_min(0) ** cfg.power * (1 - boundary), 0, {}
     for k in sorted(set(lengths)):
         walked, done = propagate(walked, transition, 2 ** k - done), 2 ** k
-        up = F.interpolate(walked[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :size[0], :size[1]]
+        up = to_image_size(walked, size)
         peak = up.max()
         out[k] = (up / peak if peak > 0 else torch.zeros_like(up)).cpu().numpy()
     return out
