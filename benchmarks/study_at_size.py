@@ -39,12 +39,15 @@ from rib_core.experiments.study import StudyConfig, merge_studies, run_study, wr
 IMAGES, HELD_OUT, IRN_EPOCHS = 200, 40, 40
 
 
-def study_config(scenes: str, seeds: list[int]) -> StudyConfig:
-    """The study at size on ``scenes`` (demo or parts)."""
+def study_config(scenes: str, seeds: list[int], follow_seed: bool = False, deeplab: bool = True) -> StudyConfig:
+    """The study at size on ``scenes`` (demo or parts); ``follow_seed`` the variant with confident
+    labels that follow a faint seed (``labels.follow_seed``), ``deeplab`` False stops at the masks."""
     demo = DemoJobConfig(n_images=IMAGES)
-    refine = demo.refine.model_copy(update={"irn": demo.refine.irn.model_copy(update={"epochs": IRN_EPOCHS})})
+    irn = demo.refine.irn.model_copy(update={"epochs": IRN_EPOCHS})
+    labels = demo.refine.labels.model_copy(update={"follow_seed": follow_seed})
+    refine = demo.refine.model_copy(update={"irn": irn, "labels": labels})
     return StudyConfig(seeds=seeds, demo=demo.model_copy(update={"refine": refine}), held_out=HELD_OUT,
-                       use_gap=False, parts=PREMISE_SCENES if scenes == "parts" else None)
+                       use_gap=False, use_deeplab=deeplab, parts=PREMISE_SCENES if scenes == "parts" else None)
 
 
 def main() -> None:
@@ -53,13 +56,18 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", required=True, help="the study's folder (study.json and study.md at its top)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--follow-seed", action="store_true",
+                   help="confident labels that follow a faint seed (labels.follow_seed); to compare on the same "
+                        "maps, copy a finished seed folder's pretrain/, classifier/, cam/ and maps/ into --out first")
+    p.add_argument("--no-deeplab", action="store_true", help="stop at the pseudo-masks")
     p.add_argument("--merge", nargs="+", type=Path, metavar="STUDY_JSON",
                    help="write the study of these files' seeds to --out instead of running one")
     args = p.parse_args()
     if args.merge:
         write_study(Path(args.out), merge_studies([json.loads(f.read_text()) for f in args.merge]))
     elif args.scenes:
-        run_study(args.out, study_config(args.scenes, args.seeds), args.device, progress=False)
+        run_study(args.out, study_config(args.scenes, args.seeds, args.follow_seed, not args.no_deeplab),
+                  args.device, progress=False)
     else:
         p.error("give --scenes to run a study, or --merge to join studies")
 
