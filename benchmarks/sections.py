@@ -14,7 +14,8 @@ def provenance(result: dict[str, Any]) -> str:
     """One line: when, from which commit and on which machine the file's figures were measured (per
     run for a result merged from runs apart, e.g. a study's seeds)."""
     if "seed_runs" in result:
-        return " ".join(f"Seeds {', '.join(map(str, r['seeds']))}: {provenance(r)}" for r in result["seed_runs"])
+        return " ".join(f"Seed{'s' * (len(r['seeds']) > 1)} {', '.join(map(str, r['seeds']))}: {provenance(r)}"
+                        for r in result["seed_runs"])
     run = result.get("run")
     if not run:
         return "*Date, commit and machine: not recorded in this file.*"

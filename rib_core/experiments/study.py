@@ -219,7 +219,7 @@ def merge_studies(studies: list[dict[str, Any]]) -> dict[str, Any]:
     over all seeds; ``seed_runs`` keeps each file's run record (date, commit, machine) with its seeds."""
     if not studies:
         raise ValueError("no study to merge")
-    fixed = ("images", "held_out_images", "val_images", "scenes", "note")
+    fixed = ("images", "held_out_images", "val_images", "scenes")  # the note is prose: the last file's is kept
 
     def settings(study: dict[str, Any]) -> dict[str, Any]:
         config = {k: v for k, v in study["config"].items() if k != "seeds"}
@@ -238,7 +238,7 @@ def merge_studies(studies: list[dict[str, Any]]) -> dict[str, Any]:
         runs += study.get("seed_runs") or [{"seeds": seeds, "run": study["run"]}]
     config = {**studies[0]["config"], "seeds": sorted(per_seed)}
     return {"seed_runs": runs, **summarise(dict(sorted(per_seed.items()))), "per_seed": dict(sorted(per_seed.items())),
-            **{k: studies[0].get(k) for k in fixed}, "config": config}
+            **{k: studies[0].get(k) for k in fixed}, "note": studies[-1].get("note"), "config": config}
 
 
 def markdown(summary: dict[str, Any]) -> str:
