@@ -236,8 +236,9 @@ def merge_studies(studies: list[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"seed(s) {sorted(per_seed.keys() & seeds)} appear in more than one study")
         per_seed.update({int(s): row for s, row in study["per_seed"].items()})
         runs += study.get("seed_runs") or [{"seeds": seeds, "run": study["run"]}]
-    config = {**studies[0]["config"], "seeds": sorted(per_seed)}
-    return {"seed_runs": runs, **summarise(dict(sorted(per_seed.items()))), "per_seed": dict(sorted(per_seed.items())),
+    per_seed = dict(sorted(per_seed.items()))
+    config = {**studies[0]["config"], "seeds": list(per_seed)}
+    return {"seed_runs": runs, **summarise(per_seed), "per_seed": per_seed,
             **{k: studies[0].get(k) for k in fixed}, "note": studies[-1].get("note"), "config": config}
 
 
