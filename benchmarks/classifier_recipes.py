@@ -25,6 +25,7 @@ import torch
 
 from rib_core.classifier.train import ClassifierTrainConfig, train_classifier
 from rib_core.data.demo_data import DemoDataConfig, make_demo_dataset
+from rib_core.data.part_scenes import PREMISE_SCENES, PartSceneConfig, make_part_scenes
 from rib_core.experiments.demo_job import DemoJobConfig, digit_pretraining, scene_classifier, scene_scale
 from rib_core.training.checkpoints import load_classifier
 
@@ -37,7 +38,10 @@ SCENES: dict[str, dict[str, Any]] = {
                        "background": "flat", "colour": "grey"},
     # issue 24's unseen recipe (never used to choose a setting): large grey digits on textured 128 px canvases
     "texture-large-grey-128": {"canvas": 128, "digit_size": (60, 100), "background": "texture", "colour": "grey"},
+    # the premise benchmark's part scenes (rib_core.data.part_scenes), as the study at size uses them
+    "parts": PREMISE_SCENES.model_dump(exclude={"seed", "n_train", "n_val"}),
 }
+PART_SCENES = {"parts"}  # the recipes drawn by make_part_scenes (a digit head on a larger body)
 
 
 def classifier_for(canvas: int, overrides: dict[str, Any]) -> ClassifierTrainConfig:
@@ -49,9 +53,10 @@ def run_one(scene: str, seed: int, out: Path, n_train: int, n_val: int, override
             pretrain: bool, pretrain_overrides: dict[str, Any], name: str = "classifier") -> dict[str, Any]:
     """Fresh scenes of ``scene`` with data seed ``seed``, the digit pretraining (kept in the seed's
     folder and shared by every ``name``), then the scene training into ``out/<scene>-seed<seed>/<name>``."""
-    data_cfg = DemoDataConfig(**SCENES[scene], n_train=n_train, n_val=n_val, seed=seed)
+    config, make = (PartSceneConfig, make_part_scenes) if scene in PART_SCENES else (DemoDataConfig, make_demo_dataset)
+    data_cfg = config(**SCENES[scene], n_train=n_train, n_val=n_val, seed=seed)
     folder = out / f"{scene}-seed{seed}"
-    data = make_demo_dataset(folder / "data", data_cfg)
+    data = make(folder / "data", data_cfg)
     cfg = classifier_for(data_cfg.canvas, {**overrides, "seed": seed})
     started = time.perf_counter()
     demo = DemoJobConfig()

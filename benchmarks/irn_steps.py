@@ -1,6 +1,6 @@
 """IRN mask quality against IRN's training length and the walk's length, on the demo's tuning subset.
 
-After ``rib demo`` and ``python -m benchmarks.tune_demo`` (which writes ``tune.jsonl`` and the
+After ``rib demo`` and ``python -m benchmarks.tune_scenes`` (which writes ``tune.jsonl`` and the
 tuning subset's maps at the paper's lr under ``runs/tune/rib/gndrp_lr8e-06_k10``), this trains IRN
 for each number of epochs on those maps' confident labels (the demo's IRN settings otherwise) and
 scores the random walk's masks at a few lengths and background scores:

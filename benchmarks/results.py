@@ -25,6 +25,8 @@ from benchmarks.bench_classifier_length import section as length_section
 from benchmarks.bench_premise import readme_block as premise_block
 from benchmarks.bench_premise import section as premise_section
 from benchmarks.sections import provenance, section
+from benchmarks.tune_scenes import SCENE_NAMES
+from benchmarks.tune_scenes import section as tune_section
 from rib_core.data.datasets import load_manifest
 from rib_core.experiments.demo_job import report_rows
 from rib_core.experiments.study import ROWS
@@ -103,15 +105,24 @@ def demo_section(report: dict[str, Any] | None) -> str:
                    lambda r: [provenance(r), demo_table(r), demo_summary(r)])
 
 
-# The study at size's recipes: (file stem, name)
-AT_SIZE = (("study_demo", "demo's scenes"), ("study_parts", "premise benchmark's part scenes"))
+TUNED_HOWTO = ("`OMP_NUM_THREADS=1 python -m benchmarks.study_at_size --scenes {scenes} --seeds 0 --no-deeplab "
+               "--tuned docs/results/tune_{scenes}.json --out runs/study_{scenes}_tuned`, then "
+               "`cp runs/study_{scenes}_tuned/study.json docs/results/study_{scenes}_tuned.json` and "
+               "`python -m benchmarks.results`")
+# The study at size's recipes: (file stem, name, how to make it); each at the demo's settings and at
+# those rib tune chose on its tuning scenes (benchmarks/tune_scenes.py)
+AT_SIZE = (
+    ("study_demo", "demo's scenes", STUDY_AT_SIZE_HOWTO.format(scenes="demo")),
+    ("study_parts", "premise benchmark's part scenes", STUDY_AT_SIZE_HOWTO.format(scenes="parts")),
+    ("study_demo_tuned", "demo's scenes at `rib tune`'s settings", TUNED_HOWTO.format(scenes="demo")),
+    ("study_parts_tuned", "part scenes at `rib tune`'s settings", TUNED_HOWTO.format(scenes="parts")),
+)
 # (file stem, title, how to make it): the 24-image study, and the study at size on both recipes
 STUDIES = (
     ("study", "Every stage's gain over seeds (`rib study`, `docs/results/study.json`)", STUDY_HOWTO),
     *((stem, f"`rib study` at size on the {name} (`benchmarks/study_at_size.py`, `docs/results/{stem}.json`)",
-       STUDY_AT_SIZE_HOWTO.format(scenes=stem.removeprefix("study_"))) for stem, name in AT_SIZE),
+       howto) for stem, name, howto in AT_SIZE),
 )
-HOWTO_OF = {stem: howto for stem, _, howto in STUDIES}  # by file stem
 
 
 def study_section(title: str, summary: dict[str, Any] | None, howto: str) -> str:
@@ -153,7 +164,7 @@ def _mean_sd(stat: dict[str, float] | None, sign: str = "") -> str:
 def study_block(folder: Path) -> str:
     """The README's summary of the study at size: one column per recipe, stage means ± sd over its
     seeds and the paired differences, with each file's provenance."""
-    studies = [(name, load(folder, stem), HOWTO_OF[stem]) for stem, name in AT_SIZE]
+    studies = [(name, load(folder, stem), howto) for stem, name, howto in AT_SIZE]
     missing = [f"{name}: no result committed yet ({howto})." for name, summary, howto in studies if summary is None]
     done = [(name, summary) for name, summary, _ in studies if summary is not None]
     if not done:
@@ -173,7 +184,8 @@ def study_block(folder: Path) -> str:
         lines.append("| DeepLab on pseudo-masks / on true masks (%) | " + " | ".join(map(_mean_sd, fractions)) + " |")
     head = "The whole chain at size (`benchmarks/study_at_size.py`). " + " ".join(
         f"**{name}:** {provenance(summary)} {study_scope(summary, note=False)}" for name, summary in done)
-    head += " Held-out rows: the seed threshold and the walk chosen on the first images."
+    head += (" Held-out rows: the seed threshold and the walk chosen on the first images (at `rib tune`'s settings, "
+             "with or without the CRF after the walk, chosen the same way).")
     return "\n\n".join([head, "\n".join(lines), *missing])
 
 
@@ -324,6 +336,7 @@ def results_doc(folder: Path = RESULTS_DIR) -> str:
         lr_section(load(folder, "bench_lr")),
         length_section(load(folder, "bench_classifier_length")),
         premise_section(load(folder, "bench_premise")),
+        *(tune_section(scenes, load(folder, f"tune_{scenes}")) for scenes in SCENE_NAMES),
         "## Benchmarks\n\nSpeed and resource figures; timings depend on the machine and on what else ran on "
         "it.\n",
         scale_section(load(folder, "bench_scale")),

@@ -17,6 +17,10 @@ About an hour per seed and recipe with the two side by side on 2 cores (one thre
     OMP_NUM_THREADS=1 python -m benchmarks.study_at_size --scenes demo --out runs/study_demo
     OMP_NUM_THREADS=1 python -m benchmarks.study_at_size --scenes parts --out runs/study_parts
 
+``--tuned docs/results/tune_<scenes>.json`` runs the variant at what ``rib tune`` chose on its 24
+tuning scenes (``benchmarks/tune_scenes.py``): RIB's step, the confident labels, the walk, and the
+CRF after the walk as one more choice for the held-out rows.
+
 Each writes ``study.json`` after every seed (a cut-off run leaves its finished seeds, and a rerun
 resumes); copy it to ``docs/results/study_<scenes>.json`` and run ``python -m benchmarks.results``.
 Seeds run apart (``--seeds 2 --out runs/study_demo_s2``, in another session or on another machine)
@@ -31,23 +35,39 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from rib_core.data.part_scenes import PREMISE_SCENES
 from rib_core.experiments.demo_job import DemoJobConfig
 from rib_core.experiments.study import StudyConfig, merge_studies, run_study, write_study
+from rib_core.experiments.tune_config import SWEPT
 
 IMAGES, HELD_OUT, IRN_EPOCHS = 200, 40, 40
 
 
-def study_config(scenes: str, seeds: list[int], follow_seed: bool = False, deeplab: bool = True) -> StudyConfig:
+def study_config(scenes: str, seeds: list[int], follow_seed: bool = False, deeplab: bool = True,
+                 tuned: dict[str, Any] | None = None) -> StudyConfig:
     """The study at size on ``scenes`` (demo or parts); ``follow_seed`` the variant with confident
-    labels that follow a faint seed (``labels.follow_seed``), ``deeplab`` False stops at the masks."""
+    labels that follow a faint seed (``labels.follow_seed``), ``deeplab`` False stops at the masks;
+    ``tuned`` (a ``benchmarks.tune_scenes --record`` file of these scenes) the variant at what ``rib
+    tune`` chose on its tuning subset: RIB's setting, the confident labels and the walk (with the CRF
+    after it as one more choice for the held-out rows)."""
     demo = DemoJobConfig(n_images=IMAGES)
     irn = demo.refine.irn.model_copy(update={"epochs": IRN_EPOCHS})
     labels = demo.refine.labels.model_copy(update={"follow_seed": follow_seed})
     refine = demo.refine.model_copy(update={"irn": irn, "labels": labels})
-    return StudyConfig(seeds=seeds, demo=demo.model_copy(update={"refine": refine}), held_out=HELD_OUT,
-                       use_gap=False, use_deeplab=deeplab, parts=PREMISE_SCENES if scenes == "parts" else None)
+    rib, walk_crf = demo.rib, [False]
+    if tuned is not None:
+        if tuned["scenes"] != scenes:
+            raise ValueError(f"the tune record is of the {tuned['scenes']} scenes, not the {scenes} scenes")
+        chosen = next(row for row in tuned["rib_sweep"] if row["setting"] == tuned["chosen"])
+        rib = rib.model_copy(update={k: chosen[k] for k in SWEPT})
+        walk = refine.walk.tuned(tuned["walk_exp_times"], tuned["walk_bg_threshold"], tuned["walk_crf"])
+        refine = refine.model_copy(update={"labels": labels.model_copy(update=tuned["labels"]), "walk": walk})
+        walk_crf = [False, True]
+    return StudyConfig(seeds=seeds, demo=demo.model_copy(update={"rib": rib, "refine": refine}), held_out=HELD_OUT,
+                       use_gap=False, use_deeplab=deeplab, parts=PREMISE_SCENES if scenes == "parts" else None,
+                       walk_crf=walk_crf)
 
 
 def main() -> None:
@@ -60,13 +80,16 @@ def main() -> None:
                    help="confident labels that follow a faint seed (labels.follow_seed); to compare on the same "
                         "maps, copy a finished seed folder's pretrain/, classifier/, cam/ and maps/ into --out first")
     p.add_argument("--no-deeplab", action="store_true", help="stop at the pseudo-masks")
+    p.add_argument("--tuned", type=Path, metavar="TUNE_JSON",
+                   help="at the settings rib tune chose (docs/results/tune_<scenes>.json, benchmarks.tune_scenes)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="STUDY_JSON",
                    help="write the study of these files' seeds to --out instead of running one")
     args = p.parse_args()
     if args.merge:
         write_study(Path(args.out), merge_studies([json.loads(f.read_text()) for f in args.merge]))
     elif args.scenes:
-        run_study(args.out, study_config(args.scenes, args.seeds, args.follow_seed, not args.no_deeplab),
+        tuned = json.loads(args.tuned.read_text()) if args.tuned else None
+        run_study(args.out, study_config(args.scenes, args.seeds, args.follow_seed, not args.no_deeplab, tuned),
                   args.device, progress=False)
     else:
         p.error("give --scenes to run a study, or --merge to join studies")

@@ -15,7 +15,7 @@ from rib_core.config.stage_configs import CrfConfig
 from rib_core.data.datasets import load_image, load_mask
 from rib_core.data.demo_data import DemoDataset
 from rib_core.data.evaluation import confusion, scores, seed_from_map
-from rib_core.refine.crf import PSA_PROBABILITY_CRF, crf_seed
+from rib_core.refine.crf import PSA_PROBABILITY_CRF, crf_mask, crf_seed
 from rib_core.training.checkpoints import load_classifier
 
 
@@ -43,6 +43,11 @@ def test_crf_snaps_a_shifted_seed_to_the_colour_edge() -> None:
         assert refined.shape == truth.shape and refined.dtype == np.uint8
         assert set(np.unique(refined)) <= {0, 3}
         assert (refined != truth).sum() < (seed != truth).sum() / 4, cfg.unary
+    # a finished mask (the walk's, with walk.crf) is snapped the same way, and the label seed's CRF is that
+    snapped = crf_mask(image, seed, [2])
+    assert (snapped != truth).sum() < (seed != truth).sum() / 4
+    np.testing.assert_array_equal(snapped, crf_seed(image, lmap, 0.5))
+    assert not crf_mask(image, seed, []).any()  # no class: all background
 
 
 def test_crf_on_demo_refines_coarse_maps_along_edges(demo: DemoDataset) -> None:

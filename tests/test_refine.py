@@ -25,6 +25,7 @@ from rib_core.config.stage_configs import ConfidentLabelConfig, IrnTrainConfig, 
 from rib_core.data.datasets import Manifest, load_image, load_mask
 from rib_core.data.demo_data import DemoDataset
 from rib_core.refine.confident_labels import confident_labels
+from rib_core.refine.crf import crf_mask
 from rib_core.refine.irn import IrnNet, PathIndex, boundary_map, load_irn, save_irn, search_offsets, segment
 from rib_core.refine.irn_training import train_irn
 from rib_core.refine.pseudo_masks import refine_maps, refine_one
@@ -262,6 +263,13 @@ def test_refine_maps_trains_irn_and_writes_masks(subset: Manifest, demo: DemoDat
     np.testing.assert_array_equal(one["irn"], np.asarray(Image.open(out / "masks" / f"{first.id}.png")))
     np.testing.assert_array_equal(one["crf"], np.asarray(Image.open(out / "crf" / f"{first.id}.png")))
     assert set(refine_one(image, lmap, None, cfg)) == {"seed", "crf", "mask"}
+    # walk.crf: the walk's mask through the same dense CRF as seed + CRF, and that is the final mask
+    walk_crf = cfg.model_copy(update={"seed_threshold": report["seed_threshold"],
+                                      "walk": cfg.walk.model_copy(update={"crf": True})})
+    snapped = refine_one(image, lmap, model, walk_crf)
+    np.testing.assert_array_equal(snapped["irn"], crf_mask(image, one["irn"], lmap.keys, cfg.crf))
+    np.testing.assert_array_equal(snapped["mask"], snapped["irn"])
+    np.testing.assert_array_equal(snapped["crf"], one["crf"])
 
     # RIB-Sal with the trained checkpoint: saliency from the ground truth, no retraining.
     sal_dir = tmp_path / "saliency"

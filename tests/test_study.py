@@ -82,7 +82,7 @@ def test_a_tiny_study_on_part_scenes_scores_the_held_out_images_apart(tmp_path):
         irn=IrnTrainConfig(arch="resnet18", batch_size=4, epochs=1, radius=5),
         labels=ConfidentLabelConfig(follow_seed=True)))
     cfg = StudyConfig(seeds=[0], demo=demo, parts=parts, held_out=3, use_gap=False, walk_exp_times=[2, 4],
-                      walk_thresholds=[0.3, 0.7],
+                      walk_thresholds=[0.3, 0.7], walk_crf=[False, True],
                       deeplab=DeepLabTrainConfig(arch="resnet18", batch_size=4, iterations=2, lr=2e-3,
                                                  freeze_bn=False, msc_scales=[]))
     job = cfg.job()  # the sizes follow the scenes' canvas; the rest is the job's own
@@ -100,7 +100,8 @@ def test_a_tiny_study_on_part_scenes_scores_the_held_out_images_apart(tmp_path):
     assert held["images"] == 3 and held["seed_threshold"] == refined["seed_threshold"]  # chosen on the first 6
     assert held["irn_checkpoint"] == refined["irn_checkpoint"]  # IRN trained on the first images only
     walk = held["config"]["walk"]  # chosen on the first images from the study's grid
-    assert (walk["exp_times"], walk["bg_threshold"]) == (row["walk_exp_times"], row["walk_bg_threshold"])
+    assert (walk["exp_times"], walk["bg_threshold"], float(walk["crf"])) == (
+        row["walk_exp_times"], row["walk_bg_threshold"], row["walk_crf"])  # the CRF after the walk is a choice too
     assert row["walk_exp_times"] in (2, 4) and row["walk_bg_threshold"] in (0.3, 0.7)
     scale = min(refined["seed_threshold"] / 0.15, 1.0)  # faint maps: the labels follow the seed down
     assert refined["ir_label_thresholds"]["bg"] == pytest.approx(0.17 * scale)

@@ -57,10 +57,14 @@ def test_tune_scores_every_point_and_keeps_the_best(tuned):
     assert refine.seed_threshold == best["seed_threshold"] and not refine.threshold_from_sweep
     assert (refine.labels.fg_threshold, refine.labels.bg_threshold) == (top["fg_threshold"], top["bg_threshold"])
     assert all(0 <= m["labels_ignored_fraction"] <= 1 for m in masks)
-    curve = report["walk_curve"]  # mIoU by walk length (2^k steps), then background threshold
-    assert set(curve) == {"3", "8"} and all(set(c) == {"0.20", "0.50"} for c in curve.values())
-    points = {(int(e), float(t)): v for e, c in curve.items() for t, v in c.items()}
-    assert (refine.walk.exp_times, refine.walk.bg_threshold) == max(points, key=lambda k: points[k])
+    # mIoU by walk length (2^k steps; "+crf": the walk's mask through the dense CRF), then background threshold
+    curve = report["walk_curve"]
+    assert set(curve) == {"3", "8", "3+crf", "8+crf"} and all(set(c) == {"0.20", "0.50"} for c in curve.values())
+    points = {(int(e.removesuffix("+crf")), float(t), e.endswith("+crf")): v for e, c in curve.items()
+              for t, v in c.items()}
+    assert (refine.walk.exp_times, refine.walk.bg_threshold, refine.walk.crf) == max(points, key=lambda k: points[k])
+    assert (top["walk_exp_times"], top["walk_bg_threshold"], top["walk_crf"]) == max(points, key=lambda k: points[k])
+    assert top["mask_miou_without_crf"] == max(v for (_, _, crf), v in points.items() if not crf)
     shift = refine.walk.bg_threshold - 0.27  # re-training labels keep the paper's 0.3 / 0.2 around it
     assert (refine.walk.retrain_fg_threshold, refine.walk.retrain_bg_threshold) == pytest.approx(
         (min(0.99, 0.3 + shift), max(0.01, 0.2 + shift)))
@@ -68,10 +72,18 @@ def test_tune_scores_every_point_and_keeps_the_best(tuned):
     assert held["images"] == 3 and 0 <= held["tuned"]["seed_miou"] <= 1
     # the held-out masks: the starting walk (IRN's 2^8 steps, 0.27) against the chosen one
     assert (held["default"]["walk_exp_times"], held["default"]["walk_bg_threshold"]) == (8, 0.27)
-    assert (held["tuned"]["walk_exp_times"], held["tuned"]["walk_bg_threshold"]) == (
-        refine.walk.exp_times, refine.walk.bg_threshold)
+    assert (held["tuned"]["walk_exp_times"], held["tuned"]["walk_bg_threshold"], held["tuned"]["walk_crf"]) == (
+        refine.walk.exp_times, refine.walk.bg_threshold, refine.walk.crf)
+    assert held["default"]["walk_crf"] is False  # IRN's code: no CRF after the walk
     assert held["mask_gain"] == pytest.approx(held["tuned"]["mask_miou"] - held["default"]["mask_miou"])
     assert held["default"]["setting"] == "gndrp_lr8e-06_k2" and held["tuned"]["setting"] == top["setting"]
+    # each side's seed + CRF on the held-out images (the mask IRN has to beat), at that side's threshold
+    for side in (held["default"], held["tuned"]):
+        assert 0 < side["seed_crf_miou"] <= 1
+        assert side["mask_minus_seed_crf"] == pytest.approx(side["mask_miou"] - side["seed_crf_miou"])
+        crf = json.loads((out / "held_out" / f"crf_{side['setting']}" / "report.json").read_text())
+        assert crf["seed_threshold"] == side["seed_threshold"] and len(
+            list((out / "held_out" / f"crf_{side['setting']}" / "crf").glob("*.png"))) == 3
 
 
 def test_the_grid_sweeps_fixed_lrs_and_the_first_step_rule() -> None:

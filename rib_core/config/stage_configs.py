@@ -128,6 +128,11 @@ class RandomWalkConfig(StageConfig):
                                                                      "it is foreground")
     retrain_bg_threshold: float = Field(0.2, gt=0, lt=1, description="re-training labels: below it background; "
                                                                      "between the two, ignored (255)")
+    # Not in IRN's or RIB's code (false): their walk's mask is final. AffinityNet's paper (Ahn and
+    # Kwak, CVPR 2018), the walk's predecessor, reports its walk's labels refined by a dense CRF as
+    # well; rib tune tries both (TuneConfig.walk_crf).
+    crf: bool = Field(False, description="refine the walk's mask by a dense CRF (refine.crf's pairwise terms, "
+                                         "IRN's label unary), as seed + CRF is")
 
     @model_validator(mode="before")
     @classmethod
@@ -140,13 +145,13 @@ class RandomWalkConfig(StageConfig):
             raise ValueError("retrain_bg_threshold must be below retrain_fg_threshold")
         return self
 
-    def tuned(self, exp_times: int, bg_threshold: float) -> RandomWalkConfig:
-        """This walk with another length and background score (``rib tune``'s choice); DeepLab's
-        re-training thresholds keep their offsets from the background score (the paper's 0.3 / 0.2
-        around RIB's 0.27)."""
+    def tuned(self, exp_times: int, bg_threshold: float, crf: bool | None = None) -> RandomWalkConfig:
+        """This walk with another length and background score, and with or without the CRF after it
+        (``crf`` None: as it is; ``rib tune``'s choice); DeepLab's re-training thresholds keep their
+        offsets from the background score (the paper's 0.3 / 0.2 around RIB's 0.27)."""
         shift = bg_threshold - self.bg_threshold
         return self.model_copy(update={
-            "exp_times": exp_times, "bg_threshold": bg_threshold,
+            "exp_times": exp_times, "bg_threshold": bg_threshold, "crf": self.crf if crf is None else crf,
             "retrain_fg_threshold": round(min(0.99, self.retrain_fg_threshold + shift), 4),
             "retrain_bg_threshold": round(max(0.01, self.retrain_bg_threshold + shift), 4)})
 

@@ -92,7 +92,7 @@ class DemoJobConfig(BaseModel):
     # IRN trains for 100 epochs (300 steps on the 24 images): IRN's 3 epochs are ~990 steps on VOC's
     # 10,582 images but 9 on 24, after which its boundaries carry nothing (docs/RESULTS.md notes, "IRN and the walk").
     # The walk (2^4 steps, background 0.70; re-training labels around it as the paper's around 0.27)
-    # is what rib tune chose on 24 other training images (benchmarks/tune_demo.py).
+    # is what rib tune chose on 24 other training images (benchmarks/tune_scenes.py).
     refine: RefineConfig = Field(default_factory=lambda: RefineConfig(
         irn=IrnTrainConfig(arch="resnet18", crop_size=DEMO_CANVAS, batch_size=8, epochs=100, radius=5),
         walk=RandomWalkConfig().tuned(exp_times=4, bg_threshold=0.70),

@@ -105,6 +105,9 @@ class StudyConfig(BaseModel):
                                       description="walk lengths (2^k steps) tried for the held-out rows")
     walk_thresholds: list[float] = Field(default_factory=walk_thresholds, min_length=1,
                                          description="walk background scores tried for the held-out rows")
+    walk_crf: list[bool] = Field(default_factory=lambda: [False], min_length=1,
+                                 description="the walk's mask without (false) / through (true) the dense CRF "
+                                             "(walk.crf), tried for the held-out rows; [false]: IRN's code")
     deeplab: DeepLabTrainConfig = Field(default_factory=_small_deeplab)
     # The paper starts DeepLab from ImageNet weights; none exist here, so the seed's classifier
     # backbone stands in (as for IRN). False: random initial weights.
@@ -162,7 +165,8 @@ def run_seed(seed: int, train: Manifest, val_path: Path, out: Path, cfg: StudyCo
             progress))
         walk = held["config"]["walk"]  # the chosen walk, as the held-out refinement recorded it
         row.update(seed_crf_held_out=held["seeds_crf"]["miou"], irn_mask_held_out=held["masks"]["miou"],
-                   walk_exp_times=walk["exp_times"], walk_bg_threshold=walk["bg_threshold"])
+                   walk_exp_times=walk["exp_times"], walk_bg_threshold=walk["bg_threshold"],
+                   walk_crf=float(walk.get("crf", False)))
     if cfg.use_deeplab:
         dl = cfg.deeplab.model_copy(update={"seed": seed, "crop_size": demo.data.canvas,
                                             "init_weights": str(ckpt) if cfg.deeplab_from_classifier else None})
@@ -180,12 +184,14 @@ def run_seed(seed: int, train: Manifest, val_path: Path, out: Path, cfg: StudyCo
 def _refine_held_out(refined: dict[str, Any], maps: Path, first: Manifest, held: Manifest, out: Path,
                      refine: RefineConfig, cfg: StudyConfig, device: str, progress: bool) -> dict[str, Any]:
     """The held-out images refined by the IRN trained on ``first``, at the seed threshold chosen on
-    ``first`` and with the walk (length, background score) whose IRN masks score best on ``first``
-    (``rib tune``'s walk sweep, :func:`~rib_core.experiments.tune.walk_curve`)."""
-    curve = walk_curve(refined["irn_checkpoint"], maps, first, refine, cfg.walk_thresholds, cfg.walk_exp_times, device)
-    exp_times, bg = max(curve, key=lambda key: curve[key])
+    ``first`` and with the walk (length, background score, CRF or not) whose IRN masks score best on
+    ``first`` (``rib tune``'s walk sweep, :func:`~rib_core.experiments.tune.walk_curve`)."""
+    curve = {(e, t, crf): v for crf in cfg.walk_crf
+             for (e, t), v in walk_curve(refined["irn_checkpoint"], maps, first, refine, cfg.walk_thresholds,
+                                         cfg.walk_exp_times, device, crf).items()}
+    exp_times, bg, crf = max(curve, key=lambda key: curve[key])
     chosen = refine.model_copy(update={"seed_threshold": refined["seed_threshold"], "threshold_from_sweep": False,
-                                       "walk": refine.walk.tuned(exp_times, bg)})
+                                       "walk": refine.walk.tuned(exp_times, bg, crf)})
     return refine_maps(maps, held, out, chosen, refined["irn_checkpoint"], device=device, progress=progress)
 
 

@@ -3,19 +3,20 @@
 The paper's RIB learning rate (8e-6) was tuned for an ImageNet ResNet-50 at 512 px on VOC; another
 classifier, image size or data set needs its own. Given tens of images with ground-truth masks,
 :func:`tune` runs RIB at every point of its grid (lr x iterations x pooling, and the ``first_step``
-rule's gains, :class:`RibConfig`) and scores the seeds (each at its best background threshold).
-The choice is made on the **final pseudo-mask**, not on the seed: a larger step raises every map,
-and IRN's confident-label thresholds, fixed, can then leave most pixels unlabelled and the mask
-collapses while the seed still improves. So for each RIB setting (or the ``mask_candidates`` best
-by seed) and each pair of confident-label thresholds, IRN is trained on the tuning subset's
-labels and the random walk's length (``exp_times``: 2^k steps) and background threshold are
-swept; the (RIB setting, thresholds, walk) of the best mask wins, the starting setting winning
-ties. The walk's length is swept because its reach depends on the map's size: 2^8 steps of
-radius 5 spread a class over about a third of a VOC image's ~125 px stride-4 map, but over all of
-a small image's map. Only the tuning subset is used to choose; ``score_on`` (other images)
-reports how the choice holds on images it never saw, against the settings it started from (the
-paper's, by default): the seeds at the threshold chosen on the tuning subset, and the masks, each
-from the IRN trained on the tuning subset with its own maps and thresholds.
+rule's gains, :class:`RibConfig`) and scores the seeds (each at its best background threshold). The
+choice is made on the **final pseudo-mask**, not on the seed: a larger step raises every map, and
+IRN's confident-label thresholds, fixed, can then leave most pixels unlabelled and the mask
+collapses while the seed still improves. So for each RIB setting (or the ``mask_candidates`` best by
+seed) and each pair of confident-label thresholds, IRN is trained on the tuning subset's labels and
+the random walk's length (``exp_times``: 2^k steps) and background threshold are swept, its mask as
+IRN leaves it and through a dense CRF (``walk.crf``, ``TuneConfig.walk_crf``); the (RIB setting,
+thresholds, walk) of the best mask wins, the starting setting winning ties. The walk's length is
+swept because its reach depends on the map's size: 2^8 steps of radius 5 spread a class over about a
+third of a VOC image's ~125 px stride-4 map, but over all of a small image's map. Only the tuning
+subset is used to choose; ``score_on`` (other images) reports how the choice holds on images it
+never saw, against the settings it started from (the paper's, by default): the seeds at the
+threshold chosen on the tuning subset, those seeds + CRF (the mask IRN has to beat), and the masks,
+each from the IRN trained on the tuning subset with its own maps and thresholds.
 
 It writes ``rib.json`` (a :class:`RibConfig`, for ``rib rib --config``, ``RIB_RIB_DEFAULTS`` and a
 request's ``rib``), ``refine.json`` (a :class:`RefineConfig`, for ``rib refine --config``) and
@@ -40,8 +41,8 @@ from rib_core.data.datasets import Manifest, load_image, load_manifest, load_mas
 from rib_core.data.evaluation import confusion, scores, sweep_folder
 from rib_core.experiments.tune_config import SWEPT, TuneConfig, grid_of, setting_name
 from rib_core.refine.irn import boundary_map, load_irn
-from rib_core.refine.pseudo_masks import refine_maps
-from rib_core.refine.random_walk import mask_from_scores, walk_scores_at
+from rib_core.refine.pseudo_masks import refine_maps, walk_mask
+from rib_core.refine.random_walk import walk_scores_at
 from rib_core.rib.batching import run_rib
 from rib_core.rib.companions import CompanionPool
 from rib_core.training.checkpoints import load_classifier
@@ -72,27 +73,31 @@ def sweep_rib(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cf
 
 
 def walk_curve(irn_checkpoint: str, maps: Path, manifest: Manifest, refine: RefineConfig,
-               thresholds: Sequence[float], exp_times: Sequence[int], device: str) -> dict[tuple[int, float], float]:
-    """IRN mask mIoU at each walk length (``exp_times``) and background threshold; IRN's boundary
-    map is computed once per image, and one walk per image gives every length."""
+               thresholds: Sequence[float], exp_times: Sequence[int], device: str,
+               crf: bool = False) -> dict[tuple[int, float], float]:
+    """IRN mask mIoU at each walk length (``exp_times``) and background threshold, each mask through
+    ``refine.crf`` too with ``crf`` (``walk.crf``); IRN's boundary map is computed once per image,
+    and one walk per image gives every length."""
     model, _ = load_irn(irn_checkpoint)
     model.to(device)
     n = len(manifest.classes) + 1
     confs = {(e, t): np.zeros((n, n), np.int64) for e in exp_times for t in thresholds}
     for r in manifest.records:
         lmap = LocalizationMap.load(maps / f"{r.id}.npz")
-        boundary = boundary_map(model, load_image(manifest.image_uri(r)), device)
+        image = load_image(manifest.image_uri(r))
+        boundary = boundary_map(model, image, device)
         gt = load_mask(manifest.mask_uri(r))
         for e, walked in walk_scores_at(lmap, boundary, refine.walk, exp_times).items():
             for t in thresholds:
-                confs[e, t] += confusion(mask_from_scores(walked, lmap.keys, t), gt, n)
+                confs[e, t] += confusion(walk_mask(image, walked, lmap.keys, t, refine.crf if crf else None), gt, n)
     return {key: scores(c)["miou"] for key, c in confs.items()}
 
 
-def _curve_json(curve: dict[tuple[int, float], float]) -> dict[str, dict[str, float]]:
+def _curve_json(curve: dict[tuple[int, float, bool], float]) -> dict[str, dict[str, float]]:
+    """By walk length (``"3"``; ``"3+crf"`` with the CRF after the walk), then background score."""
     out: dict[str, dict[str, float]] = {}
-    for (e, t), v in curve.items():
-        out.setdefault(str(e), {})[f"{t:.2f}"] = v
+    for (e, t, crf), v in curve.items():
+        out.setdefault(f"{e}+crf" if crf else str(e), {})[f"{t:.2f}"] = v
     return out
 
 
@@ -115,11 +120,15 @@ def sweep_masks(rows: list[dict[str, Any]], manifest: Manifest, out: Path, cfg: 
         refine = _refine_for(cfg.refine, row["seed_threshold"], fg, bg)
         refined = refine_maps(row["maps"], manifest, out / "refine" / f"{row['setting']}_fg{fg:g}_bg{bg:g}", refine,
                               device=device, progress=progress, classifier=classifier)
-        curve = walk_curve(refined["irn_checkpoint"], Path(row["maps"]), manifest, refine, cfg.walk_thresholds,
-                           cfg.walk_exp_times, device)
-        exp_times, walk_bg = max(curve, key=lambda key: curve[key])
-        masks.append({"setting": row["setting"], "fg_threshold": fg, "bg_threshold": bg, "mask_miou": curve[exp_times,
-                      walk_bg], "walk_exp_times": exp_times, "walk_bg_threshold": walk_bg,
+        curve = {(e, t, crf): v for crf in cfg.walk_crf
+                 for (e, t), v in walk_curve(refined["irn_checkpoint"], Path(row["maps"]), manifest, refine,
+                                             cfg.walk_thresholds, cfg.walk_exp_times, device, crf).items()}
+        exp_times, walk_bg, walk_crf = max(curve, key=lambda key: curve[key])
+        plain = [v for (_, _, crf), v in curve.items() if not crf]
+        masks.append({"setting": row["setting"], "fg_threshold": fg, "bg_threshold": bg,
+                      "mask_miou": curve[exp_times, walk_bg, walk_crf], "walk_exp_times": exp_times,
+                      "walk_bg_threshold": walk_bg, "walk_crf": walk_crf,
+                      "mask_miou_without_crf": max(plain) if plain else None,
                       "labels_miou": refined["ir_labels"]["miou"],
                       "labels_ignored_fraction": refined["ir_labels"]["ignored_fraction"],
                       "seed_crf_miou": refined["seeds_crf"]["miou"], "irn_checkpoint": refined["irn_checkpoint"],
@@ -139,15 +148,22 @@ def _held_out(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cf
         # Both thresholds were chosen on the tuning subset from cfg.evaluation's, so one sweep here
         # gives the score at the chosen threshold and the best over these images (an oracle).
         sweep = sweep_folder(maps, manifest, cfg.evaluation)
+        # Seed + CRF as the refinement without IRN gives it: the mask to beat (and to use where IRN does not).
+        crf = refine_maps(maps, manifest, out / "held_out" / f"crf_{setting_name(rib)}",
+                          _refine_for(cfg.refine, threshold, cfg.refine.labels.fg_threshold,
+                                      cfg.refine.labels.bg_threshold).model_copy(update={"use_irn": False}),
+                          device=device, progress=progress)
         report[label] = {"setting": setting_name(rib), "seed_threshold": threshold,
                          "seed_miou": sweep["curve"][f"{threshold:.2f}"],
-                         "seed_miou_oracle_threshold": sweep["best"]["miou"]}
+                         "seed_miou_oracle_threshold": sweep["best"]["miou"], "seed_crf_miou": crf["seeds_crf"]["miou"]}
         if walks is not None:
             irn_checkpoint, walk = walks[label]
             curve = walk_curve(irn_checkpoint, maps, manifest, cfg.refine.model_copy(update={"walk": walk}),
-                               [walk.bg_threshold], [walk.exp_times], device)
+                               [walk.bg_threshold], [walk.exp_times], device, walk.crf)
+            mask = next(iter(curve.values()))
             report[label].update(walk_exp_times=walk.exp_times, walk_bg_threshold=walk.bg_threshold,
-                                 mask_miou=next(iter(curve.values())))
+                                 walk_crf=walk.crf, mask_miou=mask,
+                                 mask_minus_seed_crf=mask - report[label]["seed_crf_miou"])
     report["gain"] = report["tuned"]["seed_miou"] - report["default"]["seed_miou"]
     if walks is not None:
         report["mask_gain"] = report["tuned"]["mask_miou"] - report["default"]["mask_miou"]
@@ -186,11 +202,13 @@ def tune(classifier: str, manifest: Manifest | str, out_dir: str | os.PathLike[s
                      and (m["fg_threshold"], m["bg_threshold"]) == start_pair)
         best = next(row for row in rows if row["setting"] == top["setting"])
         refine = _refine_for(cfg.refine, best["seed_threshold"], top["fg_threshold"], top["bg_threshold"])
-        refine = refine.model_copy(update={"walk": refine.walk.tuned(top["walk_exp_times"], top["walk_bg_threshold"])})
+        refine = refine.model_copy(update={"walk": refine.walk.tuned(top["walk_exp_times"], top["walk_bg_threshold"],
+                                                                     top["walk_crf"])})
         report.update(chosen_by="final mask", mask_sweep=[{k: v for k, v in m.items() if k != "walk_curve"}
                                                           for m in masks],
                       walk_curve=top["walk_curve"], walk_bg_threshold=top["walk_bg_threshold"],
-                      walk_exp_times=top["walk_exp_times"], irn_checkpoint=top["irn_checkpoint"],
+                      walk_exp_times=top["walk_exp_times"], walk_crf=top["walk_crf"],
+                      irn_checkpoint=top["irn_checkpoint"],
                       labels={"fg_threshold": top["fg_threshold"], "bg_threshold": top["bg_threshold"]})
         walks = {"default": (start["irn_checkpoint"], cfg.refine.walk), "tuned": (top["irn_checkpoint"], refine.walk)}
     else:

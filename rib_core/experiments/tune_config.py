@@ -44,11 +44,16 @@ class TuneConfig(BaseModel):
     evaluation: EvalConfig = Field(default_factory=lambda: EvalConfig(thresholds=wide_thresholds()))
     walk_thresholds: list[float] = Field(default_factory=walk_thresholds)
     walk_exp_times: list[int] = Field(default_factory=walk_lengths, min_length=1)
+    # The walk's mask as IRN's code leaves it (False) and through a dense CRF (True, walk.crf). The
+    # CRF runs once per image and point of the walk grid: on large images, [False] or fewer points.
+    walk_crf: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
     # IRN's confident-label thresholds (fg, bg), each pair swept with every RIB setting: RIB's 0.35 /
-    # 0.17 and higher pairs for maps that a larger step raised everywhere. The starting pair
+    # 0.17, higher pairs for maps that a larger step raised everywhere, and a lower one (a third of
+    # RIB's) for maps that barely reach the object (seed thresholds near 0.05, as on the part
+    # scenes, where 0.35 / 0.17 labels most of each object background). The starting pair
     # (refine.labels) is always tried.
     label_thresholds: list[tuple[float, float]] = Field(default_factory=lambda: [(0.35, 0.17), (0.5, 0.3),
-                                                                                  (0.7, 0.5)])
+                                                                                  (0.7, 0.5), (0.12, 0.06)])
     # IRN is trained for this many RIB settings, the best by seed (the starting one always);
     # None = every setting of the grid.
     mask_candidates: int | None = Field(None, ge=1)

@@ -10,10 +10,13 @@ Two ways to build the unary term:
   normalised per pixel to sum to one, as a softmax unary (PSA's ``crf_inference``, ``tool/imutils.py``;
   SEAM uses the same). Its classic pairwise settings are in :data:`PSA_PROBABILITY_CRF`.
 
-Labels follow the project's convention: 0 background, class index i -> i + 1.
+The label unary also refines a finished mask (:func:`crf_mask`): the random walk's, where
+``walk.crf`` asks for it. Labels follow the project's convention: 0 background, class index i -> i + 1.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
@@ -56,6 +59,20 @@ def crf_probabilities(image: np.ndarray, scores: np.ndarray, cfg: CrfConfig) -> 
     return dense_crf(image, unary_from_softmax(probs), cfg).argmax(0)
 
 
+def crf_mask(image_uint8: np.ndarray, mask: np.ndarray, keys: Sequence[int], cfg: CrfConfig | None = None,
+             ) -> np.ndarray:
+    """A uint8 label map (0 background, class i -> i + 1, over the image's classes ``keys``) refined
+    by a dense CRF on the image with IRN's label unary (:func:`crf_labels`): uint8 label map."""
+    cfg = cfg or CrfConfig()
+    keys_ = np.asarray(keys, np.int64)
+    if len(keys_) == 0:
+        return np.zeros(image_uint8.shape[:2], np.uint8)
+    to_compact = np.zeros(256, np.int64)
+    to_compact[keys_ + 1] = np.arange(1, len(keys_) + 1)  # label i + 1 -> its row in the map
+    refined = crf_labels(image_uint8, to_compact[mask], len(keys_) + 1, cfg)
+    return np.concatenate([[0], keys_ + 1]).astype(np.uint8)[refined]
+
+
 def crf_seed(image_uint8: np.ndarray, lmap: LocalizationMap, threshold: float,
              cfg: CrfConfig | None = None) -> np.ndarray:
     """The seed of ``lmap`` at ``threshold`` refined by a dense CRF on the image: uint8 label map.
@@ -70,10 +87,7 @@ def crf_seed(image_uint8: np.ndarray, lmap: LocalizationMap, threshold: float,
     if len(keys) == 0:
         return np.zeros(image_uint8.shape[:2], np.uint8)
     if cfg.unary == "labels":
-        to_compact = np.zeros(256, np.int64)
-        to_compact[keys + 1] = np.arange(1, len(keys) + 1)  # label i + 1 -> its row in the map
-        refined = crf_labels(image_uint8, to_compact[seed_from_map(lmap, threshold)], len(keys) + 1, cfg)
-    else:
-        bg = np.full((1, *lmap.high_res.shape[1:]), threshold, np.float32)
-        refined = crf_probabilities(image_uint8, np.concatenate([bg, lmap.high_res]), cfg)
+        return crf_mask(image_uint8, seed_from_map(lmap, threshold), keys, cfg)
+    bg = np.full((1, *lmap.high_res.shape[1:]), threshold, np.float32)
+    refined = crf_probabilities(image_uint8, np.concatenate([bg, lmap.high_res]), cfg)
     return np.concatenate([[0], keys + 1]).astype(np.uint8)[refined]

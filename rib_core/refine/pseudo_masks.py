@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from rib_core.classifier.cam import LocalizationMap
-from rib_core.config.stage_configs import RefineConfig
+from rib_core.config.stage_configs import CrfConfig, RefineConfig
 from rib_core.data.classes import IGNORE_INDEX
 from rib_core.data.datasets import Manifest, ManifestRecord, load_image, load_manifest, load_mask
 from rib_core.data.evaluation import confusion, scores, seed_from_map, sweep_seeds, write_report
 from rib_core.io.storage import join_uri, read_bytes, uri_exists
 from rib_core.io.visualize import label_png, mask_overlay, png_bytes
 from rib_core.refine.confident_labels import confident_labels
-from rib_core.refine.crf import crf_seed
+from rib_core.refine.crf import crf_mask, crf_seed
 from rib_core.refine.irn import IrnNet, boundary_map, load_irn
 from rib_core.refine.irn_training import irn_backbone, train_irn
 from rib_core.refine.random_walk import mask_from_scores, three_way_labels, walk_scores
@@ -40,10 +40,19 @@ from rib_core.refine.saliency import apply_saliency, decode_saliency
 from rib_core.runtime.progress import ImageProgress
 
 
+def walk_mask(image_uint8: np.ndarray, walked: np.ndarray, keys: Sequence[int], bg_threshold: float,
+              crf: CrfConfig | None = None) -> np.ndarray:
+    """IRN's mask from the walk's values (:func:`mask_from_scores`), refined by a dense CRF on the
+    image when ``crf`` is given (``walk.crf``)."""
+    mask = mask_from_scores(walked, keys, bg_threshold)
+    return mask if crf is None else crf_mask(image_uint8, mask, keys, crf)
+
+
 def refine_one(image_uint8: np.ndarray, lmap: LocalizationMap, irn_model: IrnNet | None,
                cfg: RefineConfig | None = None, saliency: np.ndarray | None = None,
                device: torch.device | str = "cpu", retrain_labels: bool = False) -> dict[str, np.ndarray]:
-    """The per-image work: ``seed``, ``crf`` (seed + CRF), ``irn`` (when a model is given) and
+    """The per-image work: ``seed``, ``crf`` (seed + CRF), ``irn`` (when a model is given; the walk's
+    mask, through a CRF too with ``walk.crf``) and
     ``mask``, the final pseudo-mask (IRN's, else the CRF's; saliency applied if given). With
     ``retrain_labels`` and a model, also ``retrain``: the walk's three-way labels for DeepLab's
     re-training (appendix A.1)."""
@@ -52,7 +61,7 @@ def refine_one(image_uint8: np.ndarray, lmap: LocalizationMap, irn_model: IrnNet
            "crf": crf_seed(image_uint8, lmap, cfg.seed_threshold, cfg.crf)}
     if irn_model is not None:
         walked = walk_scores(lmap, boundary_map(irn_model, image_uint8, device), cfg.walk)
-        out["irn"] = mask_from_scores(walked, lmap.keys, cfg.walk.bg_threshold)
+        out["irn"] = walk_mask(image_uint8, walked, lmap.keys, cfg.walk.bg_threshold, cfg.crf if cfg.walk.crf else None)
         if retrain_labels:
             out["retrain"] = three_way_labels(walked, lmap.keys, cfg.walk.retrain_fg_threshold,
                                               cfg.walk.retrain_bg_threshold)
