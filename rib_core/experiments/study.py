@@ -42,7 +42,7 @@ from rib_core.deeplab.inference import evaluate
 from rib_core.deeplab.model import load_deeplab
 from rib_core.deeplab.training import train_deeplab, train_with_retraining
 from rib_core.experiments.demo_job import DemoJobConfig, fitted_job, train_demo_classifier
-from rib_core.experiments.tune import walk_curve
+from rib_core.experiments.tune import walk_sweep
 from rib_core.experiments.tune_config import walk_lengths, walk_thresholds
 from rib_core.jobs.stages import maps_stage, refine_stage
 from rib_core.refine.pseudo_masks import refine_maps
@@ -185,10 +185,9 @@ def _refine_held_out(refined: dict[str, Any], maps: Path, first: Manifest, held:
                      refine: RefineConfig, cfg: StudyConfig, device: str, progress: bool) -> dict[str, Any]:
     """The held-out images refined by the IRN trained on ``first``, at the seed threshold chosen on
     ``first`` and with the walk (length, background score, CRF or not) whose IRN masks score best on
-    ``first`` (``rib tune``'s walk sweep, :func:`~rib_core.experiments.tune.walk_curve`)."""
-    curve = {(e, t, crf): v for crf in cfg.walk_crf
-             for (e, t), v in walk_curve(refined["irn_checkpoint"], maps, first, refine, cfg.walk_thresholds,
-                                         cfg.walk_exp_times, device, crf).items()}
+    ``first`` (``rib tune``'s walk sweep, :func:`~rib_core.experiments.tune.walk_sweep`)."""
+    curve = walk_sweep(refined["irn_checkpoint"], maps, first, refine, cfg.walk_thresholds, cfg.walk_exp_times,
+                       cfg.walk_crf, device)
     exp_times, bg, crf = max(curve, key=lambda key: curve[key])
     chosen = refine.model_copy(update={"seed_threshold": refined["seed_threshold"], "threshold_from_sweep": False,
                                        "walk": refine.walk.tuned(exp_times, bg, crf)})

@@ -93,6 +93,16 @@ def walk_curve(irn_checkpoint: str, maps: Path, manifest: Manifest, refine: Refi
     return {key: scores(c)["miou"] for key, c in confs.items()}
 
 
+def walk_sweep(irn_checkpoint: str, maps: Path, manifest: Manifest, refine: RefineConfig,
+               thresholds: Sequence[float], exp_times: Sequence[int], crfs: Sequence[bool],
+               device: str) -> dict[tuple[int, float, bool], float]:
+    """:func:`walk_curve` without and/or with the CRF after the walk (``crfs``): IRN mask mIoU by
+    (walk length, background score, CRF)."""
+    return {(e, t, crf): v for crf in crfs
+            for (e, t), v in walk_curve(irn_checkpoint, maps, manifest, refine, thresholds, exp_times, device,
+                                        crf).items()}
+
+
 def _curve_json(curve: dict[tuple[int, float, bool], float]) -> dict[str, dict[str, float]]:
     """By walk length (``"3"``; ``"3+crf"`` with the CRF after the walk), then background score."""
     out: dict[str, dict[str, float]] = {}
@@ -120,9 +130,8 @@ def sweep_masks(rows: list[dict[str, Any]], manifest: Manifest, out: Path, cfg: 
         refine = _refine_for(cfg.refine, row["seed_threshold"], fg, bg)
         refined = refine_maps(row["maps"], manifest, out / "refine" / f"{row['setting']}_fg{fg:g}_bg{bg:g}", refine,
                               device=device, progress=progress, classifier=classifier)
-        curve = {(e, t, crf): v for crf in cfg.walk_crf
-                 for (e, t), v in walk_curve(refined["irn_checkpoint"], Path(row["maps"]), manifest, refine,
-                                             cfg.walk_thresholds, cfg.walk_exp_times, device, crf).items()}
+        curve = walk_sweep(refined["irn_checkpoint"], Path(row["maps"]), manifest, refine, cfg.walk_thresholds,
+                           cfg.walk_exp_times, cfg.walk_crf, device)
         exp_times, walk_bg, walk_crf = max(curve, key=lambda key: curve[key])
         plain = [v for (_, _, crf), v in curve.items() if not crf]
         masks.append({"setting": row["setting"], "fg_threshold": fg, "bg_threshold": bg,
@@ -149,10 +158,10 @@ def _held_out(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cf
         # gives the score at the chosen threshold and the best over these images (an oracle).
         sweep = sweep_folder(maps, manifest, cfg.evaluation)
         # Seed + CRF as the refinement without IRN gives it: the mask to beat (and to use where IRN does not).
-        crf = refine_maps(maps, manifest, out / "held_out" / f"crf_{setting_name(rib)}",
-                          _refine_for(cfg.refine, threshold, cfg.refine.labels.fg_threshold,
-                                      cfg.refine.labels.bg_threshold).model_copy(update={"use_irn": False}),
-                          device=device, progress=progress)
+        without_irn = cfg.refine.model_copy(update={"seed_threshold": threshold, "threshold_from_sweep": False,
+                                                    "use_irn": False})
+        crf = refine_maps(maps, manifest, out / "held_out" / f"crf_{setting_name(rib)}", without_irn, device=device,
+                          progress=progress)
         report[label] = {"setting": setting_name(rib), "seed_threshold": threshold,
                          "seed_miou": sweep["curve"][f"{threshold:.2f}"],
                          "seed_miou_oracle_threshold": sweep["best"]["miou"], "seed_crf_miou": crf["seeds_crf"]["miou"]}
