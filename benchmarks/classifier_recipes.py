@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from rib_core.classifier.train import ClassifierTrainConfig, train_classifier
-from rib_core.data.demo_data import DemoDataConfig, make_demo_dataset
-from rib_core.data.part_scenes import PREMISE_SCENES, PartSceneConfig, make_part_scenes
+from rib_core.data.demo_data import DemoDataConfig
+from rib_core.data.part_scenes import PREMISE_SCENES, PartSceneConfig, make_scenes
 from rib_core.experiments.demo_job import DemoJobConfig, digit_pretraining, scene_classifier, scene_scale
 from rib_core.training.checkpoints import load_classifier
 
@@ -53,10 +53,10 @@ def run_one(scene: str, seed: int, out: Path, n_train: int, n_val: int, override
             pretrain: bool, pretrain_overrides: dict[str, Any], name: str = "classifier") -> dict[str, Any]:
     """Fresh scenes of ``scene`` with data seed ``seed``, the digit pretraining (kept in the seed's
     folder and shared by every ``name``), then the scene training into ``out/<scene>-seed<seed>/<name>``."""
-    config, make = (PartSceneConfig, make_part_scenes) if scene in PART_SCENES else (DemoDataConfig, make_demo_dataset)
+    config = PartSceneConfig if scene in PART_SCENES else DemoDataConfig
     data_cfg = config(**SCENES[scene], n_train=n_train, n_val=n_val, seed=seed)
     folder = out / f"{scene}-seed{seed}"
-    data = make(folder / "data", data_cfg)
+    data = make_scenes(folder / "data", data_cfg)
     cfg = classifier_for(data_cfg.canvas, {**overrides, "seed": seed})
     started = time.perf_counter()
     demo = DemoJobConfig()

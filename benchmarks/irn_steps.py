@@ -47,7 +47,7 @@ def main() -> None:
                            "cpu")
         steps = load_irn(report["irn_checkpoint"])[1].get("steps")
         print(f"| {epochs} ({steps}) | {seconds:.0f} | "
-              + " | ".join(f"{100 * curve[e, t]:.1f}" for e in args.exp_times for t in args.thresholds) + " |")
+              + " | ".join(f"{100 * curve[e, t, False]:.1f}" for e in args.exp_times for t in args.thresholds) + " |")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,7 @@ from typing import Any
 
 from benchmarks import sections
 from rib_core.data.datasets import load_manifest
-from rib_core.data.demo_data import make_demo_dataset
-from rib_core.data.part_scenes import PREMISE_SCENES, make_part_scenes
+from rib_core.data.part_scenes import PREMISE_SCENES, make_scenes
 from rib_core.experiments.demo_job import DemoJobConfig, fitted_job, train_demo_classifier
 from rib_core.experiments.tune import tune
 from rib_core.experiments.tune_config import TuneConfig
@@ -39,16 +38,13 @@ def scenes_job(scenes: str) -> DemoJobConfig:
     return DemoJobConfig() if scenes == "demo" else fitted_job(DemoJobConfig(), PREMISE_SCENES)
 
 
-def prepared(work: Path, scenes: str, job: DemoJobConfig, device: str) -> Path:
+def prepared(work: Path, job: DemoJobConfig, device: str) -> Path:
     """``work``'s classifier checkpoint, after making the scenes and training it where missing."""
     data = work / "data"
     if not (data / "val.jsonl").exists():
-        (make_demo_dataset if scenes == "demo" else make_part_scenes)(data, job.data)
-    checkpoint = work / "classifier" / "classifier.pth"
-    if not checkpoint.exists():
-        train_demo_classifier(work, job, load_manifest(data / "train.jsonl"), data / "val.jsonl", device,
-                              progress=False)
-    return checkpoint
+        make_scenes(data, job.data)
+    train_demo_classifier(work, job, load_manifest(data / "train.jsonl"), data / "val.jsonl", device, progress=False)
+    return work / "classifier" / "classifier.pth"
 
 
 HOWTO = ("`OMP_NUM_THREADS=1 python -m benchmarks.tune_scenes --scenes {scenes} --work runs/tune_{scenes}_work "
@@ -84,7 +80,7 @@ def _paragraphs(result: dict[str, Any]) -> list[str]:
              "IRN mask, best walk without the CRF |", "|---|---|---|---|---|---|---|---|"]
     sweep += [f"| {m['setting']} | {m['fg_threshold']:g} / {m['bg_threshold']:g} | "
               f"{_pct(m['labels_ignored_fraction'])} | {_pct(m['labels_miou'])} | {_pct(m['seed_crf_miou'])} | "
-              f"{_pct(m['mask_miou'])} | {_walk(m)} | {_pct(m.get('mask_miou_without_crf'))} |"
+              f"{_pct(m['mask_miou'])} | {_walk(m)} | {_pct(m['mask_miou_without_crf'])} |"
               for m in result["mask_sweep"]]
     seeds = ", ".join(f"{r['setting']} {_pct(r['seed_miou'])} (threshold {r['seed_threshold']:.2f})"
                       for r in result["rib_sweep"])
@@ -114,7 +110,7 @@ def main() -> None:
     args = p.parse_args()
     work, job = Path(args.work), scenes_job(args.scenes)
     run = run_record(args.device)  # at the start: the code that ran
-    checkpoint = prepared(work, args.scenes, job, args.device)
+    checkpoint = prepared(work, job, args.device)
     train = load_manifest(work / "data" / "train.jsonl")
     ids, n = [r.id for r in train.records], job.n_images
     tuning, scored = train.subset(ids[n:2 * n]), train.subset(ids[:n])

@@ -31,6 +31,7 @@ from rib_core.data.demo_data import (
     digit_colour,
     draw_background,
     glyph_of,
+    make_demo_dataset,
     paste,
     write_scenes,
 )
@@ -149,6 +150,14 @@ def make_part_scenes(root: str | Path, cfg: PartSceneConfig | None = None) -> De
     """Write part scenes (images, masks, ``parts/`` layers, manifests) under ``root``."""
     cfg = cfg or PartSceneConfig()
     return write_scenes(root, cfg, lambda rng, images, by_class: part_scene(rng, images, by_class, cfg))
+
+
+def make_scenes(root: str | Path, cfg: DemoDataConfig) -> DemoDataset:
+    """The scenes ``cfg`` describes under ``root``: part scenes for a :class:`PartSceneConfig`, the
+    demo's otherwise."""
+    if isinstance(cfg, PartSceneConfig):
+        return make_part_scenes(root, cfg)
+    return make_demo_dataset(root, cfg)
 
 
 def layer_path(mask_path: str | Path, layer: str) -> Path:

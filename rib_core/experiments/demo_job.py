@@ -30,6 +30,7 @@ from rib_core.config.stage_configs import EvalConfig, IrnTrainConfig, RandomWalk
 from rib_core.data.datasets import Manifest, decode_mask, load_image, load_manifest, load_mask
 from rib_core.data.demo_data import DemoDataConfig, make_demo_dataset
 from rib_core.data.evaluation import all_background_miou, seed_from_map, sweep_folder
+from rib_core.data.part_scenes import make_scenes
 from rib_core.io.report import write_html_report
 from rib_core.io.visualize import label_png, map_overlay, png_bytes
 from rib_core.jobs.stages import classifier_stage, maps_stage, refine_stage
@@ -248,7 +249,7 @@ def run_demo(out_dir: str | Path, cfg: DemoJobConfig | None = None, device: str 
     data_dir = out / "data"
     with stage("data_s"):
         if not (data_dir / "val.jsonl").exists():
-            make_demo_dataset(data_dir, cfg.data)
+            make_scenes(data_dir, cfg.data)
         train = load_manifest(data_dir / "train.jsonl")
     with stage("classifier_s"):
         classifier = train_demo_classifier(out, cfg, train, data_dir / "val.jsonl", device, progress)

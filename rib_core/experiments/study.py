@@ -35,14 +35,13 @@ from rib_core.classifier.cam import run_cam
 from rib_core.config.network_configs import DeepLabTrainConfig
 from rib_core.config.stage_configs import RefineConfig
 from rib_core.data.datasets import Manifest, load_manifest
-from rib_core.data.demo_data import make_demo_dataset
 from rib_core.data.evaluation import sweep_folder
-from rib_core.data.part_scenes import PartSceneConfig, make_part_scenes
+from rib_core.data.part_scenes import PartSceneConfig, make_scenes
 from rib_core.deeplab.inference import evaluate
 from rib_core.deeplab.model import load_deeplab
 from rib_core.deeplab.training import train_deeplab, train_with_retraining
 from rib_core.experiments.demo_job import DemoJobConfig, fitted_job, train_demo_classifier
-from rib_core.experiments.tune import walk_sweep
+from rib_core.experiments.tune import walk_curve
 from rib_core.experiments.tune_config import walk_lengths, walk_thresholds
 from rib_core.jobs.stages import maps_stage, refine_stage
 from rib_core.refine.pseudo_masks import refine_maps
@@ -185,9 +184,9 @@ def _refine_held_out(refined: dict[str, Any], maps: Path, first: Manifest, held:
                      refine: RefineConfig, cfg: StudyConfig, device: str, progress: bool) -> dict[str, Any]:
     """The held-out images refined by the IRN trained on ``first``, at the seed threshold chosen on
     ``first`` and with the walk (length, background score, CRF or not) whose IRN masks score best on
-    ``first`` (``rib tune``'s walk sweep, :func:`~rib_core.experiments.tune.walk_sweep`)."""
-    curve = walk_sweep(refined["irn_checkpoint"], maps, first, refine, cfg.walk_thresholds, cfg.walk_exp_times,
-                       cfg.walk_crf, device)
+    ``first`` (``rib tune``'s walk sweep, :func:`~rib_core.experiments.tune.walk_curve`)."""
+    curve = walk_curve(refined["irn_checkpoint"], maps, first, refine, cfg.walk_thresholds, cfg.walk_exp_times,
+                       device, cfg.walk_crf)
     exp_times, bg, crf = max(curve, key=lambda key: curve[key])
     chosen = refine.model_copy(update={"seed_threshold": refined["seed_threshold"], "threshold_from_sweep": False,
                                        "walk": refine.walk.tuned(exp_times, bg, crf)})
@@ -275,7 +274,7 @@ def run_study(out_dir: str | os.PathLike[str], cfg: StudyConfig | None = None, d
     run = run_record(device)  # at the start: the code that ran
     data_dir = out / "data"
     if not (data_dir / "val.jsonl").exists():
-        (make_demo_dataset if cfg.parts is None else make_part_scenes)(data_dir, job.data)
+        make_scenes(data_dir, job.data)
     train, val_path = load_manifest(data_dir / "train.jsonl"), data_dir / "val.jsonl"
     if job.n_images + cfg.held_out > len(train):
         raise ValueError(f"n_images {job.n_images} + held_out {cfg.held_out} > {len(train)} training images")

@@ -74,33 +74,24 @@ def sweep_rib(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cf
 
 def walk_curve(irn_checkpoint: str, maps: Path, manifest: Manifest, refine: RefineConfig,
                thresholds: Sequence[float], exp_times: Sequence[int], device: str,
-               crf: bool = False) -> dict[tuple[int, float], float]:
-    """IRN mask mIoU at each walk length (``exp_times``) and background threshold, each mask through
-    ``refine.crf`` too with ``crf`` (``walk.crf``); IRN's boundary map is computed once per image,
-    and one walk per image gives every length."""
+               crfs: Sequence[bool] = (False,)) -> dict[tuple[int, float, bool], float]:
+    """IRN mask mIoU by (walk length, background threshold, CRF after the walk or not: ``crfs``,
+    ``walk.crf`` with ``refine.crf``); IRN's boundary map is computed once per image, and one walk
+    per image gives every length and both kinds of mask."""
     model, _ = load_irn(irn_checkpoint)
     model.to(device)
     n = len(manifest.classes) + 1
-    confs = {(e, t): np.zeros((n, n), np.int64) for e in exp_times for t in thresholds}
+    # Plain masks first, so that a tie goes to IRN's own walk (as the starting setting wins ties)
+    confs = {(e, t, c): np.zeros((n, n), np.int64) for c in crfs for e in exp_times for t in thresholds}
     for r in manifest.records:
         lmap = LocalizationMap.load(maps / f"{r.id}.npz")
         image = load_image(manifest.image_uri(r))
         boundary = boundary_map(model, image, device)
         gt = load_mask(manifest.mask_uri(r))
         for e, walked in walk_scores_at(lmap, boundary, refine.walk, exp_times).items():
-            for t in thresholds:
-                confs[e, t] += confusion(walk_mask(image, walked, lmap.keys, t, refine.crf if crf else None), gt, n)
+            for t, c in itertools.product(thresholds, crfs):
+                confs[e, t, c] += confusion(walk_mask(image, walked, lmap.keys, t, refine.crf if c else None), gt, n)
     return {key: scores(c)["miou"] for key, c in confs.items()}
-
-
-def walk_sweep(irn_checkpoint: str, maps: Path, manifest: Manifest, refine: RefineConfig,
-               thresholds: Sequence[float], exp_times: Sequence[int], crfs: Sequence[bool],
-               device: str) -> dict[tuple[int, float, bool], float]:
-    """:func:`walk_curve` without and/or with the CRF after the walk (``crfs``): IRN mask mIoU by
-    (walk length, background score, CRF)."""
-    return {(e, t, crf): v for crf in crfs
-            for (e, t), v in walk_curve(irn_checkpoint, maps, manifest, refine, thresholds, exp_times, device,
-                                        crf).items()}
 
 
 def _curve_json(curve: dict[tuple[int, float, bool], float]) -> dict[str, dict[str, float]]:
@@ -130,8 +121,8 @@ def sweep_masks(rows: list[dict[str, Any]], manifest: Manifest, out: Path, cfg: 
         refine = _refine_for(cfg.refine, row["seed_threshold"], fg, bg)
         refined = refine_maps(row["maps"], manifest, out / "refine" / f"{row['setting']}_fg{fg:g}_bg{bg:g}", refine,
                               device=device, progress=progress, classifier=classifier)
-        curve = walk_sweep(refined["irn_checkpoint"], Path(row["maps"]), manifest, refine, cfg.walk_thresholds,
-                           cfg.walk_exp_times, cfg.walk_crf, device)
+        curve = walk_curve(refined["irn_checkpoint"], Path(row["maps"]), manifest, refine, cfg.walk_thresholds,
+                           cfg.walk_exp_times, device, cfg.walk_crf)
         exp_times, walk_bg, walk_crf = max(curve, key=lambda key: curve[key])
         plain = [v for (_, _, crf), v in curve.items() if not crf]
         masks.append({"setting": row["setting"], "fg_threshold": fg, "bg_threshold": bg,
@@ -168,7 +159,7 @@ def _held_out(model: Any, manifest: Manifest, pool: CompanionPool, out: Path, cf
         if walks is not None:
             irn_checkpoint, walk = walks[label]
             curve = walk_curve(irn_checkpoint, maps, manifest, cfg.refine.model_copy(update={"walk": walk}),
-                               [walk.bg_threshold], [walk.exp_times], device, walk.crf)
+                               [walk.bg_threshold], [walk.exp_times], device, [walk.crf])
             mask = next(iter(curve.values()))
             report[label].update(walk_exp_times=walk.exp_times, walk_bg_threshold=walk.bg_threshold,
                                  walk_crf=walk.crf, mask_miou=mask,
