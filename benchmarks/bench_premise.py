@@ -44,7 +44,7 @@ from rib_core.data.part_scenes import (
     part_mass,
     part_recall,
 )
-from rib_core.experiments.demo_job import DemoJobConfig, canvas_rib, fitted_job, train_demo_classifier
+from rib_core.experiments.demo_job import DemoJobConfig, canvas_rib, fitted_job, starting_job, train_demo_classifier
 from rib_core.io.localization_map import LocalizationMap
 from rib_core.jobs.stages import maps_stage, refine_stage
 from rib_core.runtime.provenance import run_record
@@ -81,7 +81,7 @@ def mask_scores(report: dict[str, Any]) -> dict[str, float]:
 def run_seed(work: Path, data_seed: int, train_seed: int, data: PartSceneConfig, images: int, cam_only: bool,
              irn: bool) -> dict[str, Any]:
     """Every stage with one seed under ``work`` (resumable: each stage keeps what it wrote)."""
-    job = fitted_job(DemoJobConfig(), data.model_copy(update={"seed": data_seed}), irn=irn)
+    job = fitted_job(starting_job(), data.model_copy(update={"seed": data_seed}), irn=irn)
     if not (work / "data" / "val.jsonl").exists():
         make_part_scenes(work / "data", job.data)
     train = load_manifest(work / "data" / "train.jsonl")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rib_core.config.stage_configs import RandomWalkConfig
 from rib_core.data.datasets import load_manifest
-from rib_core.experiments.demo_job import DemoJobConfig
+from rib_core.experiments.demo_job import starting_refine
 from rib_core.experiments.tune import walk_curve
 from rib_core.refine.irn import load_irn
 from rib_core.refine.pseudo_masks import refine_maps
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.27, 0.5, 0.7])
     args = p.parse_args()
     tuning = load_manifest(Path(args.demo) / "data" / "tune.jsonl")
-    base = DemoJobConfig().refine.model_copy(update={"walk": RandomWalkConfig()})
+    base = starting_refine().model_copy(update={"walk": RandomWalkConfig()})
     print("| IRN epochs (steps) | train s | " + " | ".join(
         f"2^{e}, {t:.2f}" for e in args.exp_times for t in args.thresholds) + " |")
     for epochs in args.epochs:

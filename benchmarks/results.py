@@ -105,8 +105,9 @@ def demo_section(report: dict[str, Any] | None) -> str:
                    lambda r: [provenance(r), demo_table(r), demo_summary(r)])
 
 
-TUNED_HOWTO = ("`OMP_NUM_THREADS=1 python -m benchmarks.study_at_size --scenes {scenes} --seeds 0 --no-deeplab "
-               "--tuned docs/results/tune_{scenes}.json --out runs/study_{scenes}_tuned`, then "
+TUNED_HOWTO = ("`OMP_NUM_THREADS=1 python -m benchmarks.study_at_size --scenes {scenes} --no-deeplab "
+               "--tuned docs/results/tune_{scenes}.json --out runs/study_{scenes}_tuned` (about an hour per seed "
+               "on one core; seeds run apart join with `--merge`), then "
                "`cp runs/study_{scenes}_tuned/study.json docs/results/study_{scenes}_tuned.json` and "
                "`python -m benchmarks.results`")
 # The study at size's recipes: (file stem, name, how to make it); each at the demo's settings and at
@@ -117,11 +118,21 @@ AT_SIZE = (
     ("study_demo_tuned", "demo's scenes at `rib tune`'s settings", TUNED_HOWTO.format(scenes="demo")),
     ("study_parts_tuned", "part scenes at `rib tune`'s settings", TUNED_HOWTO.format(scenes="parts")),
 )
+# The DeepLab rows at rib tune's settings, one seed per recipe (docs/RESULTS.md only): the same
+# command as TUNED_HOWTO's without --no-deeplab
+DEEPLAB_TUNED_HOWTO = ("`OMP_NUM_THREADS=1 python -m benchmarks.study_at_size --scenes {scenes} --seeds 1 "
+                       "--tuned docs/results/tune_{scenes}.json --out runs/study_{scenes}_tuned_s1`, then "
+                       "`cp runs/study_{scenes}_tuned_s1/study.json docs/results/study_{scenes}_tuned_deeplab.json` "
+                       "and `python -m benchmarks.results`")
 # (file stem, title, how to make it): the 24-image study, and the study at size on both recipes
 STUDIES = (
     ("study", "Every stage's gain over seeds (`rib study`, `docs/results/study.json`)", STUDY_HOWTO),
     *((stem, f"`rib study` at size on the {name} (`benchmarks/study_at_size.py`, `docs/results/{stem}.json`)",
        howto) for stem, name, howto in AT_SIZE),
+    *((f"study_{scenes}_tuned_deeplab", f"`rib study` at size on the {name} with DeepLab, one seed "
+       f"(`docs/results/study_{scenes}_tuned_deeplab.json`)", DEEPLAB_TUNED_HOWTO.format(scenes=scenes))
+      for scenes, name in (("demo", "demo's scenes at `rib tune`'s settings"),
+                           ("parts", "part scenes at `rib tune`'s settings"))),
 )
 
 

@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from rib_core.data.part_scenes import PREMISE_SCENES
-from rib_core.experiments.demo_job import DemoJobConfig
+from rib_core.experiments.demo_job import starting_job, tuned_job
 from rib_core.experiments.study import StudyConfig, merge_studies, run_study, write_study
-from rib_core.experiments.tune_config import SWEPT
 
 IMAGES, HELD_OUT, IRN_EPOCHS = 200, 40, 40
 
@@ -52,20 +51,16 @@ def study_config(scenes: str, seeds: list[int], follow_seed: bool = False, deepl
     ``tuned`` (a ``benchmarks.tune_scenes --record`` file of these scenes) the variant at what ``rib
     tune`` chose on its tuning subset: RIB's setting, the confident labels and the walk (with the CRF
     after it as one more choice for the held-out rows)."""
-    demo = DemoJobConfig(n_images=IMAGES)
+    demo = starting_job(n_images=IMAGES)
     irn = demo.refine.irn.model_copy(update={"epochs": IRN_EPOCHS})
     labels = demo.refine.labels.model_copy(update={"follow_seed": follow_seed})
-    refine = demo.refine.model_copy(update={"irn": irn, "labels": labels})
-    rib, walk_crf = demo.rib, [False]
+    demo = demo.model_copy(update={"refine": demo.refine.model_copy(update={"irn": irn, "labels": labels})})
+    walk_crf = [False]
     if tuned is not None:
         if tuned["scenes"] != scenes:
             raise ValueError(f"the tune record is of the {tuned['scenes']} scenes, not the {scenes} scenes")
-        chosen = next(row for row in tuned["rib_sweep"] if row["setting"] == tuned["chosen"])
-        rib = rib.model_copy(update={k: chosen[k] for k in SWEPT})
-        walk = refine.walk.tuned(tuned["walk_exp_times"], tuned["walk_bg_threshold"], tuned["walk_crf"])
-        refine = refine.model_copy(update={"labels": labels.model_copy(update=tuned["labels"]), "walk": walk})
-        walk_crf = [False, True]
-    return StudyConfig(seeds=seeds, demo=demo.model_copy(update={"rib": rib, "refine": refine}), held_out=HELD_OUT,
+        demo, walk_crf = tuned_job(demo, tuned), [False, True]
+    return StudyConfig(seeds=seeds, demo=demo, held_out=HELD_OUT,
                        use_gap=False, use_deeplab=deeplab, parts=PREMISE_SCENES if scenes == "parts" else None,
                        walk_crf=walk_crf)
 

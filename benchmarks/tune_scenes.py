@@ -27,15 +27,16 @@ from typing import Any
 from benchmarks import sections
 from rib_core.data.datasets import load_manifest
 from rib_core.data.part_scenes import PREMISE_SCENES, make_scenes
-from rib_core.experiments.demo_job import DemoJobConfig, fitted_job, train_demo_classifier
+from rib_core.experiments.demo_job import DemoJobConfig, fitted_job, starting_job, train_demo_classifier
 from rib_core.experiments.tune import tune
 from rib_core.experiments.tune_config import TuneConfig
 from rib_core.runtime.provenance import run_record
 
 
 def scenes_job(scenes: str) -> DemoJobConfig:
-    """The demo's job, or the study's job on the part scenes (``study.StudyConfig.job``)."""
-    return DemoJobConfig() if scenes == "demo" else fitted_job(DemoJobConfig(), PREMISE_SCENES)
+    """The demo's job before rib tune's choice (its starting settings), or the study's job on the part
+    scenes (``study.StudyConfig.job``)."""
+    return starting_job() if scenes == "demo" else fitted_job(starting_job(), PREMISE_SCENES)
 
 
 def prepared(work: Path, job: DemoJobConfig, device: str) -> Path:

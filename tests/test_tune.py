@@ -14,6 +14,7 @@ from rib_core.config.rib_config import RibConfig
 from rib_core.config.stage_configs import IrnTrainConfig, RefineConfig
 from rib_core.data.datasets import Manifest, load_image, median_long_side
 from rib_core.data.demo_data import DemoDataset
+from rib_core.experiments.demo_job import DemoJobConfig, starting_job, tuned_job
 from rib_core.experiments.tune import tune
 from rib_core.experiments.tune_config import TuneConfig, grid_of, setting_name
 
@@ -96,6 +97,19 @@ def test_the_grid_sweeps_fixed_lrs_and_the_first_step_rule() -> None:
     assert {setting_name(r) for r in grid} >= {"gndrp_gain0.1_k5", "gndrp_lr0.0001_k2"}
     with pytest.raises(ValueError, match="bg_threshold must be below"):
         TuneConfig(label_thresholds=[(0.3, 0.5)])
+
+
+def test_the_demo_runs_at_what_rib_tune_chose_on_scenes_the_demo_does_not_score() -> None:
+    """The demo's RIB step, confident labels and walk are the committed tune record's choice, made on
+    training scenes n..2n (benchmarks/tune_scenes.py) while the demo scores scenes 0..n; the
+    starting settings (the paper's step, RIB's labels) stay what the studies at the paper's settings use."""
+    record = json.loads((Path(__file__).parents[1] / "docs" / "results" / "tune_demo.json").read_text())
+    demo, start = DemoJobConfig(), starting_job()
+    assert record["scenes"] == "demo" and record["tuning_images"] == demo.n_images
+    assert tuned_job(start, record) == demo != start
+    assert (start.rib.lr_rule, start.rib.lr) == ("fixed", RibConfig().lr)
+    labels = start.refine.labels
+    assert (labels.fg_threshold, labels.bg_threshold, start.refine.walk.crf) == (0.35, 0.17, False)
 
 
 def test_tuned_settings_are_accepted_by_rib_refine_and_the_service(tuned, demo, classifier_path, tmp_path,

@@ -40,7 +40,7 @@ from rib_core.data.part_scenes import PartSceneConfig, make_scenes
 from rib_core.deeplab.inference import evaluate
 from rib_core.deeplab.model import load_deeplab
 from rib_core.deeplab.training import train_deeplab, train_with_retraining
-from rib_core.experiments.demo_job import DemoJobConfig, fitted_job, train_demo_classifier
+from rib_core.experiments.demo_job import DemoJobConfig, fitted_job, starting_job, train_demo_classifier
 from rib_core.experiments.tune import walk_curve
 from rib_core.experiments.tune_config import walk_lengths, walk_thresholds
 from rib_core.jobs.stages import maps_stage, refine_stage
@@ -86,12 +86,13 @@ def _small_deeplab() -> DeepLabTrainConfig:
 
 
 class StudyConfig(BaseModel):
-    """The chain's settings are the demo's; the study adds seeds and the DeepLab stage."""
+    """The chain's settings are the demo's before rib tune's choice (:func:`starting_job`: the paper's RIB
+    step, RIB's confident labels); the study adds seeds and the DeepLab stage."""
 
     model_config = ConfigDict(extra="forbid")
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    demo: DemoJobConfig = Field(default_factory=DemoJobConfig)
+    demo: DemoJobConfig = Field(default_factory=starting_job)
     # The premise benchmark's scenes (rib_core.data.part_scenes.PREMISE_SCENES for its recipe) in
     # place of demo.data; the classifier recipe (3 epochs, as bench_premise), RIB's sizes and IRN's
     # crop follow their canvas (demo_job.fitted_job).
@@ -247,20 +248,23 @@ def merge_studies(studies: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    """The table as Markdown (percent), for docs/RESULTS.md and study.md."""
+    """The table as Markdown (percent), for docs/RESULTS.md and study.md; one seed has no sd ("-")."""
     n = len(summary["seeds"])
-    lines = [f"| stage ({n} seeds) | mean % | std |", "|---|---|---|"]
+
+    def sd(stat: dict[str, float]) -> str:
+        return f"{100 * stat['std']:.1f}" if stat["n"] > 1 else "-"
+
+    lines = [f"| stage ({n} seed{'s' * (n > 1)}) | mean % | std |", "|---|---|---|"]
     labels = dict(ROWS)
     for key, stat in summary["table"].items():
-        lines.append(f"| {labels[key].strip()} | {100 * stat['mean']:.1f} | {100 * stat['std']:.1f} |")
+        lines.append(f"| {labels[key].strip()} | {100 * stat['mean']:.1f} | {sd(stat)} |")
     lines += ["", "| paired difference | mean (points) | std |", "|---|---|---|"]
     for name, stat in summary["differences"].items():
         a, b = name.split(" - ")
-        lines.append(f"| {labels[a].strip()} - {labels[b].strip()} | {100 * stat['mean']:+.1f} | "
-                     f"{100 * stat['std']:.1f} |")
+        lines.append(f"| {labels[a].strip()} - {labels[b].strip()} | {100 * stat['mean']:+.1f} | {sd(stat)} |")
     if "deeplab_fraction_of_full" in summary:
         stat = summary["deeplab_fraction_of_full"]
-        lines.append(f"| DeepLab pseudo / full supervision | {100 * stat['mean']:.1f}% | {100 * stat['std']:.1f} |")
+        lines.append(f"| DeepLab pseudo / full supervision | {100 * stat['mean']:.1f}% | {sd(stat)} |")
     return "\n".join(lines) + "\n"
 
 
