@@ -165,11 +165,11 @@ STUDY_BLOCK_ROWS = ("seed_crf_held_out", "irn_mask_held_out", "deeplab_pseudo", 
                     "rib_gndrp_seed - cam_seed", "irn_mask_held_out - seed_crf_held_out")
 
 
-def _mean_sd(stat: dict[str, float] | None, sign: str = "") -> str:
+def _mean_sd(stat: dict[str, float] | None, sign: str = "", digits: int = 1) -> str:
     if stat is None:
         return "-"
-    mean = f"{100 * stat['mean']:{sign}.1f}"
-    return mean if stat["n"] < 2 else f"{mean} ± {100 * stat['std']:.1f}"
+    mean = f"{100 * stat['mean']:{sign}.{digits}f}"
+    return mean if stat["n"] < 2 else f"{mean} ± {100 * stat['std']:.{digits}f}"
 
 
 def study_block(folder: Path) -> str:
@@ -186,7 +186,7 @@ def study_block(folder: Path) -> str:
     for key in STUDY_BLOCK_ROWS:
         a, _, b = key.partition(" - ")
         name = f"{labels[a].strip()} − {labels[b].strip()} (points)" if b else labels[key].strip()
-        cells = [_mean_sd(summary["differences"].get(key), "+") if b else _mean_sd(summary["table"].get(key))
+        cells = [_mean_sd(summary["differences"].get(key), "+", 2) if b else _mean_sd(summary["table"].get(key))
                  for _, summary in done]
         if any(c != "-" for c in cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
