@@ -83,10 +83,11 @@ def scene_classifier(canvas: int, stop: Literal["fixed", "plateau"] = "fixed") -
 # What rib tune chose by the final pseudo-mask on the demo's training scenes 24-47, which the demo
 # does not score (docs/results/tune_demo.json, benchmarks/tune_scenes.py; tests/test_tune.py holds
 # these to that record): RIB's step by the first_step rule at gain 0.3 (the paper's fixed 8e-6
-# hardly moves this classifier, docs/RESULTS.md "The lr question"), confident labels 0.7 / 0.5
-# (RIB's 0.35 / 0.17 left 35% of pixels unlabelled at that step), and a walk of 2^3 steps with
-# background score 0.70 whose mask goes through the dense CRF (walk.crf). On the 24 scenes the demo
-# scores this was IRN 84.3 against seed + CRF 73.1, where the starting settings gave 70.6 / 72.7.
+# hardly moves this classifier: docs/RESULTS.md, "RIB's step size across classifier recipes"),
+# confident labels 0.7 / 0.5 (RIB's 0.35 / 0.17 left 35% of pixels unlabelled at that step), and a
+# walk of 2^3 steps with background score 0.70 whose mask goes through the dense CRF (walk.crf). On
+# the 24 scenes the demo scores this was IRN 84.3 against seed + CRF 73.1, where the starting
+# settings gave 70.6 / 72.7.
 TUNED_RIB: dict[str, Any] = {"lr_rule": "first_step", "step_gain": 0.3}
 TUNED_LABELS: dict[str, float] = {"fg_threshold": 0.7, "bg_threshold": 0.5}
 TUNED_WALK = (3, 0.70, True)  # 2^k steps, background score, CRF after the walk
@@ -105,7 +106,9 @@ def starting_refine() -> RefineConfig:
 
 
 class DemoJobConfig(BaseModel):
-    """Sizes of the demo run (this project's choices for 2 CPU cores)."""
+    """The demo run: sizes chosen for 2 CPU cores, and the RIB step, confident labels and walk that
+    rib tune chose on scenes the demo does not score (``TUNED_*``; :func:`starting_job` is the demo
+    before that choice)."""
 
     model_config = ConfigDict(extra="forbid")
 
