@@ -48,7 +48,7 @@ def run_arm(scene: str, seed: int, arm: str, work: Path, n_train: int, n_val: in
     if path.exists():
         return json.loads(path.read_text())
     run = run_record("cpu")
-    canvas = SCENES[scene]["canvas"]
+    canvas = SCENES[scene].canvas
     result = {"arm": arm, "run": run, **run_one(scene, seed, work, n_train, n_val, arm_overrides(arm, canvas),
                                                pretrain=True, pretrain_overrides={}, name=arm)}
     path.write_text(json.dumps(result, indent=2))

@@ -25,23 +25,23 @@ import torch
 
 from rib_core.classifier.train import ClassifierTrainConfig, train_classifier
 from rib_core.data.demo_data import DemoDataConfig
-from rib_core.data.part_scenes import PREMISE_SCENES, PartSceneConfig, make_scenes
+from rib_core.data.part_scenes import PREMISE_SCENES, make_scenes
 from rib_core.experiments.demo_job import DemoJobConfig, digit_pretraining, scene_classifier, scene_scale
 from rib_core.training.checkpoints import load_classifier
 
-# Scene recipes: the demo's, and others that differ in canvas, background, colour and count.
-SCENES: dict[str, dict[str, Any]] = {
-    "demo": DemoJobConfig().data.model_dump(exclude={"seed", "n_train", "n_val"}),
-    "old-demo-64": {"canvas": 64, "digit_size": (26, 40), "max_per_image": 2},
-    "texture-96": {"canvas": 96, "digit_size": (32, 48), "max_per_image": 3, "background": "texture"},
-    "grey-3-per-112": {"canvas": 112, "digit_size": (30, 44), "min_per_image": 3, "max_per_image": 3,
-                       "background": "flat", "colour": "grey"},
+# Scene recipes: the demo's, and others that differ in canvas, background, colour and count (their
+# sizes and seed are set per run).
+SCENES: dict[str, DemoDataConfig] = {
+    "demo": DemoJobConfig().data,
+    "old-demo-64": DemoDataConfig(canvas=64, digit_size=(26, 40), max_per_image=2),
+    "texture-96": DemoDataConfig(canvas=96, digit_size=(32, 48), max_per_image=3, background="texture"),
+    "grey-3-per-112": DemoDataConfig(canvas=112, digit_size=(30, 44), min_per_image=3, max_per_image=3,
+                                     background="flat", colour="grey"),
     # issue 24's unseen recipe (never used to choose a setting): large grey digits on textured 128 px canvases
-    "texture-large-grey-128": {"canvas": 128, "digit_size": (60, 100), "background": "texture", "colour": "grey"},
+    "texture-large-grey-128": DemoDataConfig(canvas=128, digit_size=(60, 100), background="texture", colour="grey"),
     # the premise benchmark's part scenes (rib_core.data.part_scenes), as the study at size uses them
-    "parts": PREMISE_SCENES.model_dump(exclude={"seed", "n_train", "n_val"}),
+    "parts": PREMISE_SCENES,
 }
-PART_SCENES = {"parts"}  # the recipes drawn by make_part_scenes (a digit head on a larger body)
 
 
 def classifier_for(canvas: int, overrides: dict[str, Any]) -> ClassifierTrainConfig:
@@ -53,8 +53,7 @@ def run_one(scene: str, seed: int, out: Path, n_train: int, n_val: int, override
             pretrain: bool, pretrain_overrides: dict[str, Any], name: str = "classifier") -> dict[str, Any]:
     """Fresh scenes of ``scene`` with data seed ``seed``, the digit pretraining (kept in the seed's
     folder and shared by every ``name``), then the scene training into ``out/<scene>-seed<seed>/<name>``."""
-    config = PartSceneConfig if scene in PART_SCENES else DemoDataConfig
-    data_cfg = config(**SCENES[scene], n_train=n_train, n_val=n_val, seed=seed)
+    data_cfg = SCENES[scene].model_copy(update={"n_train": n_train, "n_val": n_val, "seed": seed})
     folder = out / f"{scene}-seed{seed}"
     data = make_scenes(folder / "data", data_cfg)
     cfg = classifier_for(data_cfg.canvas, {**overrides, "seed": seed})

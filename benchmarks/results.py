@@ -129,10 +129,10 @@ STUDIES = (
     ("study", "Every stage's gain over seeds (`rib study`, `docs/results/study.json`)", STUDY_HOWTO),
     *((stem, f"`rib study` at size on the {name} (`benchmarks/study_at_size.py`, `docs/results/{stem}.json`)",
        howto) for stem, name, howto in AT_SIZE),
-    *((f"study_{scenes}_tuned_deeplab", f"`rib study` at size on the {name} with DeepLab, one seed "
-       f"(`docs/results/study_{scenes}_tuned_deeplab.json`)", DEEPLAB_TUNED_HOWTO.format(scenes=scenes))
-      for scenes, name in (("demo", "demo's scenes at `rib tune`'s settings"),
-                           ("parts", "part scenes at `rib tune`'s settings"))),
+    *((f"{stem}_deeplab",
+       f"`rib study` at size on the {name} with DeepLab, one seed (`docs/results/{stem}_deeplab.json`)",
+       DEEPLAB_TUNED_HOWTO.format(scenes=stem.removeprefix("study_").removesuffix("_tuned")))
+      for stem, name, _ in AT_SIZE if stem.endswith("_tuned")),
 )
 
 
